@@ -1,0 +1,160 @@
+"""The contract between services: the order fill on `orders.raw` and the Signal on `signals`.
+
+Models are frozen pydantic v2 classes, versioned by `v`. Readers ignore unknown fields so a newer
+producer never breaks an older consumer; writers validate strictly what the pipeline needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+SCHEMA_VERSION = 1
+SHARE_DECIMALS = 6
+
+_HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$", to_lower=True)]
+
+
+def normalize_address(value: str) -> str:
+    """Lower-case a 0x wallet address, or raise ValueError naming what is wrong with it."""
+    if not isinstance(value, str) or not _HEX_ADDRESS.match(value):
+        raise ValueError(f"not a 0x wallet address of 40 hex digits: {str(value)[:60]!r}")
+    return value.lower()
+
+
+class Side(StrEnum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class Source(StrEnum):
+    DOME_WS = "dome_ws"
+    DOME_REST = "dome_rest"
+    DATA_API = "data_api"
+
+
+class Contract(BaseModel):
+    """Base of every stream payload: frozen, strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+
+
+class DomeOrder(Contract):
+    """One fill as Dome sends it (WebSocket event `data`, or an item of REST `orders`).
+
+    Fields the pipeline needs are required; the rest are optional because the shorter shapes in the
+    wild omit them.
+    """
+
+    token_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    side: Side
+    market_slug: str = ""
+    condition_id: str = ""
+    token_label: str = ""
+    shares: int | None = None
+    shares_normalized: float = Field(gt=0)
+    price: float = Field(ge=0, le=1)
+    tx_hash: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    title: str = ""
+    timestamp: int = Field(gt=0)
+    order_hash: str | None = None
+    user: Address
+    taker: str | None = None
+    block_number: int | None = None
+    log_index: int | None = None
+
+    @field_validator("price", "shares_normalized", mode="before")
+    @classmethod
+    def _numbers_not_strings(cls, value: Any) -> Any:
+        # A price sent as a string is a producer bug we want to hear about, not silently coerce.
+        if isinstance(value, str | bool):
+            raise ValueError(f"must be a number, got {type(value).__name__}")
+        return value
+
+
+def order_key(tx_hash: str, user: str, token_id: str, side: str, shares: float, price: float) -> str:
+    """The identity of one fill, the same from every source (WS, REST backfill, Data API).
+
+    Built only from fields every source has; order_hash is missing from the Data API. Shares and
+    price are rounded so float noise between sources cannot split one fill into two keys.
+    """
+    micro_shares = round(shares * 10**SHARE_DECIMALS)
+    canonical = "|".join(
+        (tx_hash.lower(), user.lower(), token_id, side.upper(), str(micro_shares), f"{price:.6f}")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class OrderFill(DomeOrder):
+    """An entry of `orders.raw`: the Dome order plus where and when we got it."""
+
+    v: int = SCHEMA_VERSION
+    order_key: str
+    source: Source
+    received_at: float
+
+    @property
+    def notional_usd(self) -> float:
+        return self.shares_normalized * self.price
+
+    @classmethod
+    def from_dome(cls, order: DomeOrder, source: Source, received_at: float) -> OrderFill:
+        key = order_key(
+            order.tx_hash, order.user, order.token_id, order.side, order.shares_normalized,
+            order.price,
+        )
+        return cls(
+            **order.model_dump(), order_key=key, source=source, received_at=received_at
+        )
+
+
+class SignalKind(StrEnum):
+    TRADER_ENTRY = "trader_entry"
+    TRADER_EXIT = "trader_exit"
+    WHALE_ORDER = "whale_order"
+    CONSENSUS = "consensus"
+
+
+def signal_id(kind: str, *order_keys: str) -> str:
+    """Deterministic: the same kind over the same order(s) gives the same id on every replica."""
+    return hashlib.sha256("|".join((kind, *sorted(order_keys))).encode()).hexdigest()[:32]
+
+
+class Signal(Contract):
+    """An entry of `signals`: one thing a tracked wallet did that is worth acting on."""
+
+    v: int = SCHEMA_VERSION
+    signal_id: str
+    kind: SignalKind
+    wallet: Address
+    wallet_label: str = ""
+    market_slug: str = ""
+    title: str = ""
+    condition_id: str = ""
+    token_id: str
+    token_label: str = ""
+    side: Side
+    price: float
+    shares: float
+    notional_usd: float
+    confidence: float = Field(ge=0, le=1)
+    reasons: list[str] = Field(default_factory=list)
+    order_keys: list[str] = Field(default_factory=list)
+    source: Source
+    exchange_ts: int
+    received_at: float
+    detected_at: float
+
+
+class TrackedWallet(Contract):
+    """A wallet we follow, from the wallets file (and later the store's API)."""
+
+    address: Address
+    label: str = ""
+    score: float | None = Field(default=None, ge=0, le=1)

@@ -1,0 +1,75 @@
+"""The one Redis helper: connections, consumer groups and the plain entry format of public streams.
+
+Public streams hold plain entries, one field `data` with the JSON payload, so a consumer in any
+language reads them with a bare Redis client and a JSON decoder (FastStream's default binary format
+could not be read that way). FastStream subscribers read this shape too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+DATA_FIELD = b"data"
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+def encode(payload: Mapping[str, Any] | Any) -> dict[bytes, bytes]:
+    """The entry fields for a payload (a dict or a pydantic model)."""
+    if hasattr(payload, "model_dump"):
+        payload = payload.model_dump(mode="json")
+    return {DATA_FIELD: orjson.dumps(payload)}
+
+
+def decode(fields: Mapping[bytes, bytes]) -> Any:
+    """The JSON payload of an entry; raises ValueError when the entry is not in our format."""
+    raw = fields.get(DATA_FIELD)
+    if raw is None:
+        raise ValueError(f"entry has no 'data' field (fields: {sorted(k.decode() for k in fields)})")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"entry 'data' is not JSON: {exc}") from exc
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
+    """Create the consumer group (and the stream) unless it exists."""
+    try:
+        await client.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def dead_letter(
+    client: aioredis.Redis,
+    stream: str,
+    raw: bytes | str,
+    reason: str,
+    *,
+    origin: str,
+    deliveries: int = 1,
+    maxlen: int = 100_000,
+) -> None:
+    """Keep what could not be processed, with why, so people can inspect and replay it."""
+    payload = raw if isinstance(raw, bytes) else raw.encode("utf-8", "backslashreplace")
+    await client.xadd(
+        stream,
+        {
+            b"raw": payload,
+            b"reason": reason.encode()[:2000],
+            b"origin": origin.encode(),
+            b"deliveries": str(deliveries).encode(),
+            b"at": f"{time.time():.6f}".encode(),
+        },
+        maxlen=maxlen,
+        approximate=True,
+    )

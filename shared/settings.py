@@ -1,0 +1,35 @@
+"""One settings loader for every service: pydantic-settings from the environment and an optional .env.
+
+Each service subclasses `CommonSettings` with its own fields. Every field has a default that works
+with the bundled simulator and the local Redis/Postgres, so `make run` needs no configuration.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.streams import Streams
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every stream and key; lets tests and several deployments share one Redis.
+    stream_namespace: str = ""
+    # Approximate MAXLEN of the streams: sized so a group that keeps up never loses an unread entry.
+    stream_maxlen: int = 1_000_000
+    log_level: str = "INFO"
+    # Host and port of the service's /health and /metrics; port 0 picks a free one.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 0
+
+    @cached_property
+    def streams(self) -> Streams:
+        return Streams(self.stream_namespace)
+
+
+class DatabaseSettings(CommonSettings):
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"

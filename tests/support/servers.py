@@ -1,0 +1,121 @@
+"""Where the tests find real Redis and Postgres.
+
+In order: REDIS_URL / DATABASE_URL from the environment; a server already answering on the default
+local port; a testcontainers container when a Docker engine answers; a throwaway server started from
+the installed binaries. A server that cannot be had is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _wait_port(port: int, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open("127.0.0.1", port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout}s")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    if port_open("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    if docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise RuntimeError("no Redis: set REDIS_URL, start one on 6379, or install redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pg_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    if url := os.environ.get("DATABASE_URL"):
+        yield url
+        return
+    if port_open("127.0.0.1", 5432):
+        yield "postgresql://postgres@127.0.0.1:5432/postgres"
+        return
+    if docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    initdb, postgres = _pg_binary("initdb"), _pg_binary("postgres")
+    if not (initdb and postgres):
+        raise RuntimeError("no Postgres: set DATABASE_URL, start one on 5432, or install postgresql")
+    with tempfile.TemporaryDirectory(prefix="bb-pg-") as data:
+        # initdb refuses to run as root; the throwaway cluster is then owned by nobody.
+        subprocess.run([initdb, "-D", data, "-U", "postgres", "-A", "trust"], check=True,
+                       capture_output=True)
+        port = free_port()
+        proc = subprocess.Popen(
+            [postgres, "-D", data, "-p", str(port), "-k", data, "-c", "listen_addresses=127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_port(port, "postgres")
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            proc.terminate()
+            proc.wait(20)
