@@ -39,8 +39,8 @@ def http_server(app: Any, host: str, port: int) -> uvicorn.Server:
         ws_max_size=1 << 20,
     )
     server = uvicorn.Server(config)
-    # We own SIGTERM/SIGINT (see `stop_event`); uvicorn must not install its own handlers.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # We own SIGTERM/SIGINT (see `stop_event`); uvicorn must not swap in its own handlers.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     return server
 
 

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.streams import Streams
-from tests.support.servers import postgres_server, redis_server
+from devtools.servers import postgres_server, redis_server
 
 
 @pytest.fixture(scope="session")

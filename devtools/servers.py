@@ -1,4 +1,4 @@
-"""Where the tests find real Redis and Postgres.
+"""Where the tests and `make run` find real Redis and Postgres.
 
 In order: REDIS_URL / DATABASE_URL from the environment; a server already answering on the default
 local port; a testcontainers container when a Docker engine answers; a throwaway server started from
@@ -87,6 +87,18 @@ def _pg_binary(name: str) -> str | None:
     return str(candidates[-1]) if candidates else None
 
 
+def _unprivileged_prefix(data_dir: str) -> list[str]:
+    """initdb and postgres refuse to run as root: run them as the `postgres` user when we are root."""
+    if os.geteuid() != 0:
+        return []
+    runuser = shutil.which("runuser")
+    if not runuser:
+        raise RuntimeError("running as root without runuser: cannot start a throwaway Postgres")
+    shutil.chown(data_dir, user="postgres")
+    os.chmod(data_dir, 0o700)
+    return [runuser, "-u", "postgres", "--"]
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     if url := os.environ.get("DATABASE_URL"):
@@ -105,12 +117,13 @@ def postgres_server() -> Iterator[str]:
     if not (initdb and postgres):
         raise RuntimeError("no Postgres: set DATABASE_URL, start one on 5432, or install postgresql")
     with tempfile.TemporaryDirectory(prefix="bb-pg-") as data:
-        # initdb refuses to run as root; the throwaway cluster is then owned by nobody.
-        subprocess.run([initdb, "-D", data, "-U", "postgres", "-A", "trust"], check=True,
-                       capture_output=True)
+        as_user = _unprivileged_prefix(data)
+        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "-A", "trust"],
+                       check=True, capture_output=True)
         port = free_port()
         proc = subprocess.Popen(
-            [postgres, "-D", data, "-p", str(port), "-k", data, "-c", "listen_addresses=127.0.0.1"],
+            [*as_user, postgres, "-D", data, "-p", str(port), "-k", data,
+             "-c", "listen_addresses=127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:

@@ -1,0 +1,216 @@
+"""`make run`: the whole pipeline as local processes, no Docker.
+
+Uses the Redis and Postgres at REDIS_URL / DATABASE_URL (default: the local servers on 127.0.0.1);
+when nothing answers there it starts throwaway servers from the installed binaries. Starts the
+simulator and the four services, writes each one's log to .run/logs/, echoes their warnings, and
+prints every signal as the notifier pushes it. Ctrl-C (or SIGTERM) stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+import websockets
+
+from devtools import servers
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / ".run" / "logs"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    module: str
+    health_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def pipeline(notifier_port: int) -> list[Service]:
+    """The services in start order: consumers before the feed, so the first orders find them ready."""
+    return [
+        Service("simulator", "services.simulator", "http://127.0.0.1:8765/health"),
+        Service("store", "services.store", "http://127.0.0.1:8081/health", {"OPS_PORT": "8081"}),
+        Service("detector", "services.detector", "http://127.0.0.1:8083/health",
+                {"OPS_PORT": "8083"}),
+        Service("notifier", "services.notifier", f"http://127.0.0.1:{notifier_port}/health",
+                {"NOTIFIER_PORT": str(notifier_port)}),
+        Service("ingestor", "services.ingestor", "http://127.0.0.1:8082/health",
+                {"OPS_PORT": "8082"}),
+    ]
+
+
+@contextlib.contextmanager
+def backing_servers() -> Iterator[tuple[str, str]]:
+    """Redis and Postgres URLs: the configured or local ones, else throwaway servers."""
+    try:
+        with servers.redis_server() as redis_url, servers.postgres_server() as database_url:
+            yield redis_url, database_url
+    except RuntimeError as exc:
+        sys.exit(
+            f"make run: {exc}.\nInstall them (Debian: apt-get install redis-server postgresql) "
+            "or point REDIS_URL / DATABASE_URL at running servers."
+        )
+
+
+async def ensure_database(server_url: str, name: str = "betterbot") -> str:
+    """The URL of database `name` on the server, created when missing (a demo keeps its own)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(server_url)
+    return parts._replace(path=f"/{name}").geturl()
+
+
+def _address(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}"
+
+
+async def _echo_warnings(name: str, stream: asyncio.StreamReader, log_file: Path) -> None:
+    """Keep each service's full log in a file; show people only what needs their attention."""
+    with log_file.open("ab") as sink:
+        while line := await stream.readline():
+            sink.write(line)
+            sink.flush()
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                print(f"[{name}] {line.decode(errors='replace').rstrip()}", flush=True)
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
+                print(f"[{name}] {entry.get('level')}: {entry.get('event')} "
+                      f"{ {k: v for k, v in entry.items() if k not in _LOG_HEAD} }", flush=True)
+
+
+_LOG_HEAD = {"ts", "level", "service", "logger", "event"}
+
+
+async def _start(service: Service, base_env: dict[str, str]) -> asyncio.subprocess.Process:
+    env = {**base_env, **service.env}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", service.module, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    asyncio.ensure_future(_echo_warnings(service.name, proc.stderr, LOG_DIR / f"{service.name}.log"))
+    return proc
+
+
+async def _wait_healthy(service: Service, proc: asyncio.subprocess.Process, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=1) as http:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{service.name} exited with code {proc.returncode}; "
+                                   f"see {LOG_DIR / (service.name + '.log')}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(service.health_url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{service.name} not healthy after {timeout:.0f}s at {service.health_url}")
+
+
+def format_signal(message: dict[str, object]) -> str:
+    signal_ = message["signal"]
+    assert isinstance(signal_, dict)
+    latency_ms = (signal_["detected_at"] - signal_["received_at"]) * 1000
+    who = signal_.get("wallet_label") or signal_["wallet"][:10]
+    return (
+        f"SIGNAL {signal_['kind']:<13} {who:<18.18} {signal_['side']:<4} "
+        f"{signal_.get('token_label') or '?':<4.4} {signal_['shares']:>10.2f} @ {signal_['price']:.3f}"
+        f"  ${signal_['notional_usd']:>9.2f}  conf {signal_['confidence']:.2f}  "
+        f"{(signal_.get('title') or signal_.get('market_slug') or '')[:48]}  (+{latency_ms:.1f} ms)"
+    )
+
+
+async def _print_signals(url: str, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            async with websockets.connect(url) as socket:
+                async for raw in socket:
+                    message = orjson.loads(raw)
+                    if message.get("type") == "signal":
+                        print(format_signal(message), flush=True)
+        except (OSError, websockets.WebSocketException):
+            await asyncio.sleep(0.5)
+
+
+async def _stop_all(procs: list[tuple[Service, asyncio.subprocess.Process]]) -> None:
+    # Reverse start order: the feed stops first, so consumers drain what was already published.
+    for _, proc in reversed(procs):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for service, proc in reversed(procs):
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            print(f"[run] {service.name} ignored SIGTERM for 15 s; killing it", flush=True)
+            proc.kill()
+
+
+async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    base_env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
+                "PYTHONUNBUFFERED": "1"}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    procs: list[tuple[Service, asyncio.subprocess.Process]] = []
+    try:
+        for service in pipeline(notifier_port):
+            proc = await _start(service, base_env)
+            procs.append((service, proc))
+            await _wait_healthy(service, proc, timeout=30)
+            print(f"[run] {service.name} is up ({service.health_url})", flush=True)
+    except RuntimeError as exc:
+        print(f"[run] {exc}", flush=True)
+        await _stop_all(procs)
+        return 1
+    print(f"[run] pipeline running: dashboard http://127.0.0.1:{notifier_port}/  "
+          f"signals ws://127.0.0.1:{notifier_port}/ws  logs {LOG_DIR}  (Ctrl-C stops)", flush=True)
+    printer = asyncio.ensure_future(_print_signals(f"ws://127.0.0.1:{notifier_port}/ws", stop))
+    watchers = [asyncio.ensure_future(p.wait()) for _, p in procs]
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), *watchers],
+                       return_when=asyncio.FIRST_COMPLETED)
+    crashed = [s.name for s, p in procs if p.returncode is not None]
+    if crashed:
+        print(f"[run] {', '.join(crashed)} stopped unexpectedly; stopping the rest", flush=True)
+    printer.cancel()
+    await _stop_all(procs)
+    print("[run] stopped", flush=True)
+    return 1 if crashed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--notifier-port", type=int, default=8080)
+    args = parser.parse_args()
+    with backing_servers() as (redis_url, database_url):
+        if "DATABASE_URL" not in os.environ:
+            database_url = asyncio.run(ensure_database(database_url))
+        print(f"[run] Redis {_address(redis_url)}, Postgres {_address(database_url)}", flush=True)
+        sys.exit(asyncio.run(run(redis_url, database_url, args.notifier_port)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from services.ingestor.main import main
+
+main()

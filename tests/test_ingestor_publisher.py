@@ -1,0 +1,206 @@
+"""The publisher against real Redis: the atomic dedupe + XADD script, plain entries, one slot for
+the stream and its seen keys, and nothing lost while Redis is unreachable (through a TCP proxy the
+test switches off and on)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import cast
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from devtools.servers import free_port
+from services.ingestor.publisher import Publisher
+from shared.models import DomeOrder, OrderFill, Source
+from shared.streams import Streams
+
+TAPE = Path(__file__).resolve().parent.parent / "data" / "polymarket_trades_nobel2025.json"
+TTL_S = 3600
+
+
+def tape_fills(count: int) -> list[OrderFill]:
+    trades = json.loads(TAPE.read_bytes())[:count]
+    return [
+        OrderFill.from_dome(
+            DomeOrder(
+                token_id=trade["asset"],
+                side=trade["side"],
+                market_slug=trade["slug"],
+                condition_id=trade["conditionId"],
+                token_label=trade["outcome"],
+                shares_normalized=trade["size"],
+                price=trade["price"],
+                tx_hash=trade["transactionHash"],
+                title=trade["title"],
+                timestamp=trade["timestamp"],
+                user=trade["proxyWallet"],
+            ),
+            Source.DOME_WS,
+            time.time(),
+        )
+        for trade in trades
+    ]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within_s}s")
+        await asyncio.sleep(0.02)
+
+
+def make_publisher(client: aioredis.Redis, streams: Streams, **options: int) -> Publisher:
+    return Publisher(client, streams, stream_maxlen=10_000, dedupe_ttl_s=TTL_S, **options)
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+async def entries(client: aioredis.Redis, stream: str) -> list[Entry]:
+    return cast(list[Entry], await client.xrange(stream))
+
+
+async def stream_keys(client: aioredis.Redis, streams: Streams) -> list[str]:
+    found = await entries(client, streams.orders_raw)
+    assert all(set(fields) == {b"data"} for _, fields in found)
+    return [json.loads(fields[b"data"])["order_key"] for _, fields in found]
+
+
+async def test_script_adds_each_order_key_once(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    a, b, c = tape_fills(3)
+    publisher = make_publisher(redis_client, streams)
+    assert await publisher.publish([a, b, a]) == [True, True, False]
+    assert await publisher.publish([a, c]) == [False, True]
+    assert await stream_keys(redis_client, streams) == [a.order_key, b.order_key, c.order_key]
+    seen = streams.seen_order_prefix() + a.order_key
+    assert 0 < await redis_client.ttl(seen) <= TTL_S
+
+
+async def test_entries_are_plain_json_readable_without_our_code(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    (fill,) = tape_fills(1)
+    await make_publisher(redis_client, streams).publish([fill])
+    ((_, fields),) = await entries(redis_client, streams.orders_raw)
+    payload = json.loads(fields[b"data"])
+    assert payload == json.loads(fill.model_dump_json())
+    assert payload["v"] == 1 and payload["source"] == "dome_ws"
+    assert payload["user"] == fill.user and payload["price"] == fill.price
+
+
+def test_stream_and_seen_keys_share_a_cluster_slot() -> None:
+    for namespace in ("", "t1:", "prod-eu:"):
+        streams = Streams(namespace)
+        seen = streams.seen_order_prefix() + "0123456789abcdef"
+        assert key_slot(streams.orders_raw.encode()) == key_slot(seen.encode())
+
+
+async def test_queued_fills_go_out_in_batches(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    fills = tape_fills(30)
+    publisher = make_publisher(redis_client, streams, batch_max=8)
+    for fill in [*fills, *fills[:5]]:
+        await publisher.submit(fill)
+    runner = asyncio.create_task(publisher.run())
+    try:
+        assert await publisher.flush(10) == 0
+    finally:
+        runner.cancel()
+    assert await stream_keys(redis_client, streams) == [fill.order_key for fill in fills]
+    assert (publisher.published, publisher.duplicates) == (30, 5)
+
+
+class SwitchableProxy:
+    """A TCP proxy to Redis that the test turns off (refusing and cutting connections) and on."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self._writers |= {writer, upstream_writer}
+        await asyncio.gather(
+            self._copy(reader, upstream_writer), self._copy(upstream_reader, writer)
+        )
+
+    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+        self._writers.discard(writer)
+
+
+@pytest.fixture
+async def proxied_client(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, SwitchableProxy]]:
+    parts = urlsplit(redis_url)
+    proxy = SwitchableProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    client = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{proxy.port}{parts.path or '/0'}", socket_connect_timeout=1
+    )
+    yield client, proxy
+    await proxy.stop()
+    await client.aclose()
+
+
+async def test_nothing_is_lost_while_redis_is_unreachable(
+    redis_client: aioredis.Redis,
+    streams: Streams,
+    proxied_client: tuple[aioredis.Redis, SwitchableProxy],
+) -> None:
+    client, proxy = proxied_client
+    await proxy.start()
+    publisher = make_publisher(client, streams, queue_size=2, batch_max=2)
+    runner = asyncio.create_task(publisher.run())
+    first, *rest = tape_fills(7)
+    try:
+        await publisher.submit(first)
+        assert await publisher.flush(10) == 0
+        await proxy.stop()
+
+        # The queue holds 2 and the publisher's retried batch 2; the other submits must wait.
+        submits = [asyncio.create_task(publisher.submit(fill)) for fill in rest]
+        await eventually(lambda: _false_redis(publisher))
+        await asyncio.sleep(0.2)
+        assert not all(task.done() for task in submits)
+        assert not await publisher.ping()
+
+        await proxy.start()
+        await asyncio.gather(*submits)
+        assert await publisher.flush(20) == 0
+    finally:
+        runner.cancel()
+    assert publisher.redis_ok
+    keys = await stream_keys(redis_client, streams)
+    assert sorted(keys) == sorted(fill.order_key for fill in [first, *rest])
+
+
+async def _false_redis(publisher: Publisher) -> bool:
+    return not publisher.redis_ok
