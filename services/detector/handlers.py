@@ -1,0 +1,96 @@
+"""FastStream wiring: one batch subscriber of group `detector` on `orders.raw`.
+
+How FastStream 0.7.8 acknowledges here (read from `faststream/redis`): a batch `StreamSub` reads
+with XREADGROUP (COUNT `max_records`, BLOCK `polling_interval`) and hands the handler one
+`RedisBatchStreamMessage` whose `ack()` sends a single XACK for every entry id of the batch. Its
+default policy (REJECT_ON_ERROR) would ack after the handler returns and do nothing on an error.
+We use `AckPolicy.MANUAL` and call `ack()` ourselves once `BatchProcessor.process` has returned,
+that is once every signal of the batch is XADDed (inside the Lua step) and every bad entry is in
+`orders.dead`: the ack can never run ahead of the effects. When `process` raises (Redis
+unreachable past the retry window), nothing is acked and the entries stay pending here.
+
+Entries are plain (`data` = the OrderFill JSON). FastStream's batch parser would turn each entry
+into JSON and back (and its body into one more JSON document); the parser below skips that work
+and the decoder hands the handler the raw entries, so the handler code and `pipeline.py` see only
+(entry id, fields) and never FastStream's or Redis' types. The consumer group is created by
+`main.py` before the broker starts (XGROUP CREATE ... 0 MKSTREAM); the subscriber's own attempt then
+finds it and reads new entries (`>`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.params import NoCast
+from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage
+from faststream.redis.subscriber.usecases.stream_subscriber import StreamBatchSubscriber
+
+from services.detector.pipeline import BatchProcessor, RawEntry
+from shared.streams import DETECTOR_GROUP
+
+Parser = Callable[[Mapping[str, Any]], Awaitable[StreamMessage[Any]]]
+
+
+async def parse_plain_batch(raw: Mapping[str, Any], original: Parser) -> StreamMessage[Any]:
+    """FastStream's message for the batch (bound to the group for `ack`), minus its JSON work."""
+    message = await original({**raw, "data": []})
+    message.raw_message = raw
+    return message
+
+
+async def decode_plain_batch(message: StreamMessage[Any]) -> list[RawEntry]:
+    raw = message.raw_message
+    return [
+        RawEntry(entry_id.decode(), fields)
+        for entry_id, fields in zip(raw["message_ids"], raw["data"], strict=True)
+    ]
+
+
+def build_broker(
+    redis_url: str,
+    stream: str,
+    consumer: str,
+    processor: BatchProcessor,
+    *,
+    batch_size: int,
+    block_ms: int,
+    graceful_timeout: float,
+) -> tuple[RedisBroker, StreamBatchSubscriber]:
+    """The broker and its one subscriber; `consumer` must be unique per replica."""
+    broker = RedisBroker(
+        redis_url,
+        graceful_timeout=graceful_timeout,
+        # FastStream logs two lines per batch at its log_level: DEBUG keeps them off the hot path,
+        # while its errors still reach our JSON log through this logger.
+        logger=logging.getLogger("services.detector.faststream"),
+        log_level=logging.DEBUG,
+    )
+    subscriber = broker.subscriber(
+        stream=StreamSub(
+            stream,
+            group=DETECTOR_GROUP,
+            consumer=consumer,
+            batch=True,
+            max_records=batch_size,
+            polling_interval=block_ms,
+        ),
+        parser=parse_plain_batch,
+        decoder=decode_plain_batch,
+        ack_policy=AckPolicy.MANUAL,
+        title="detector",
+        description="Order fills of tracked wallets -> signals (trader_entry, whale_order)",
+    )
+
+    @subscriber
+    async def on_orders(
+        entries: NoCast[list[RawEntry]], message: RedisBatchStreamMessage
+    ) -> None:
+        await processor.process(entries)
+        await message.ack()
+
+    return broker, subscriber

@@ -1,0 +1,32 @@
+"""The detector's Prometheus metrics, prefixed `betterbot_detector_`, served on `/metrics`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+ORDERS = Counter(
+    "betterbot_detector_orders_processed_total",
+    "Valid order fills handled (every delivery, duplicates included)",
+)
+DUPLICATES = Counter(
+    "betterbot_detector_duplicates_total",
+    "Orders the state step had already decided (redeliveries, or one fill twice in the stream)",
+)
+SIGNALS = Counter(
+    "betterbot_detector_signals_emitted_total", "Signals written to the signals stream", ["kind"]
+)
+DEAD_LETTERED = Counter(
+    "betterbot_detector_dead_lettered_total",
+    "Entries of orders.raw sent to orders.dead",
+    ["reason"],
+)
+BATCH_SIZE = Histogram(
+    "betterbot_detector_batch_size",
+    "Entries per batch read from orders.raw",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+LATENCY = Histogram(
+    "betterbot_detector_processing_latency_seconds",
+    "detected_at - received_at of every order the state step decided (receipt to decision)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
