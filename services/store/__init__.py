@@ -1,0 +1,27 @@
+"""The store: `orders.raw` and `signals` -> Postgres, exactly once in effect.
+
+Group `store` reads both streams in batches (`STORE_BATCH_MAX` entries, `STORE_BLOCK_MS` block),
+validates every entry against the shared contract (`OrderFill`, `Signal`), writes the valid ones in
+one transaction with `ON CONFLICT DO NOTHING` on their deterministic keys (`order_key`,
+`signal_id`), dead-letters the rest (`orders.dead` / `signals.dead`, with the reason), and only
+then XACKs the batch. A crash at any point replays entries; the keys absorb the replay.
+
+Postgres outages: the batch in hand is retried with exponential backoff (`STORE_RETRY_MIN_S`
+doubling to `STORE_RETRY_MAX_S`), never acked meanwhile and never dropped; /health is 503 with the
+last error class until Postgres answers again, then the backlog in the stream is worked off.
+Entries left pending by a consumer that died are taken over after `STORE_CLAIM_IDLE_MS`.
+
+Modules, top-down:
+- `main.py`: wiring, startup order, graceful stop, /health.
+- `settings.py`: every setting with its env name and default.
+- `handlers.py`: FastStream subscribers and how FastStream acks (read from its source).
+- `batches.py`: one batch: validate, write, dead-letter; the caller acks after it.
+- `rows.py`: pure: entries -> typed rows for `orders` and `signals`.
+- `database.py`: the write (COPY + INSERT ... ON CONFLICT, with measurements), row-by-row fallback
+  for bad rows, retry and pool rebuild on outages.
+- `schema.py` + `migrations/NNN_*.sql`: versioned schema under an advisory lock.
+- `reclaim.py`: XAUTOCLAIM of abandoned entries.
+- `metrics.py`: `betterbot_store_*` Prometheus metrics.
+
+Run: `python -m services.store` (ops port 8081: /health, /metrics).
+"""

@@ -1,0 +1,3 @@
+from services.store.main import main
+
+main()

@@ -1,0 +1,305 @@
+"""Postgres side of the store: one batch = one transaction, retried until Postgres takes it.
+
+Write path, chosen by measurement (below): COPY the batch into a session temp table, then
+`INSERT INTO <table> SELECT ... ORDER BY <key> ON CONFLICT DO NOTHING`, commit. The INSERT's status
+gives the rows actually inserted, so duplicates are counted exactly; ordering by key makes replicas
+that insert overlapping batches lock rows in the same order (no deadlock cycles).
+
+Measured on this machine (2 cores, local Postgres 15, asyncpg 0.32), 500-row `orders` batches, each
+in its own committed transaction, medians of 55 batches per method, two runs, methods interleaved:
+
+| method                                           | new rows             | all duplicates |
+|--------------------------------------------------|----------------------|----------------|
+| COPY to temp table + INSERT ... SELECT ON CONFL. | 10.9-11.4 ms (~45k/s) | 6.3-6.6 ms     |
+| `executemany` INSERT ... ON CONFLICT (no count)  | 11.2-11.5 ms (~44k/s) | 6.7 ms         |
+| `fetchmany` INSERT ... RETURNING key (counts)    | 11.6-12.6 ms (~41k/s) | 7.0-7.1 ms     |
+| one INSERT ... SELECT FROM unnest($1::text[]...) | 12.0-12.7 ms (~40k/s) | 6.9-7.3 ms     |
+
+The four are within noise of each other; COPY was never slower and, unlike `executemany`, reports
+how many rows it inserted.
+
+Failures are sorted in two:
+- data errors (SQLSTATE classes 22 data exception, 23 integrity, 54 program limit, and client-side
+  encoding errors such as an int beyond bigint): one row is bad. The batch is redone row by row,
+  each row under a savepoint, in one transaction; refused rows come back with the reason.
+- anything else from the connection or the server (refused, reset, timeout, shutdown, read-only,
+  missing table...): the same batch is retried with exponential backoff, forever, the pool recreated
+  between attempts; `up` is false meanwhile. Only `stop()` ends the retrying (raising `Stopping`),
+  so a shutdown leaves the batch unacknowledged rather than lost. When the connection dies after
+  Postgres committed but before its reply arrived, the retry finds the rows there: they count as
+  duplicates, and the batch is still stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TypeVar
+
+import asyncpg
+
+from services.store import metrics
+from services.store.rows import REASON_MAX, Row, Table
+from services.store.schema import Migration, migrate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATA_ERROR_CLASSES = ("22", "23", "54")
+# Serialization failures and deadlocks: retry at once, Postgres itself is fine.
+CONFLICT_CLASS = "40"
+
+
+class Stopping(Exception):
+    """Raised by a retry loop once `Database.stop()` was called: the work was not done."""
+
+
+@dataclass
+class WriteResult:
+    inserted: int
+    rejected: list[tuple[Row, str]] = field(default_factory=list)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the error is about the values of a row, not about Postgres being reachable."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
+    # asyncpg's client-side encoding error (e.g. an int beyond bigint) is InterfaceError+ValueError.
+    return isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError) and not (
+        is_data_error(exc)
+    )
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "").startswith(
+        CONFLICT_CLASS
+    )
+
+
+@dataclass(frozen=True)
+class Statements:
+    create_staging: str
+    insert_from_staging: str
+    insert_one: str
+    staging: str
+
+
+@cache
+def statements(table: Table) -> Statements:
+    cols = ", ".join(table.columns)
+    staging = f"{table.name}_incoming"
+    params = ", ".join(f"${i}" for i in range(1, len(table.columns) + 1))
+    return Statements(
+        # LIKE copies the column types and NOT NULLs (hence the defaults, for `stored_at`), not the
+        # key: in-batch repeats are fine.
+        create_staging=(
+            f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) "
+            "ON COMMIT DELETE ROWS"
+        ),
+        insert_from_staging=(
+            f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {staging} "
+            f"ORDER BY {table.key} ON CONFLICT DO NOTHING"
+        ),
+        insert_one=f"INSERT INTO {table.name} ({cols}) VALUES ({params}) ON CONFLICT DO NOTHING",
+        staging=staging,
+    )
+
+
+def inserted_count(status: str) -> int:
+    """Rows inserted, from a command status such as `INSERT 0 42`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def db_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"row refused: {type(exc).__name__}: {text}"[:REASON_MAX]
+
+
+async def write_batch(
+    conn: asyncpg.Connection, table: Table, rows: Sequence[Row], copy_timeout: float
+) -> WriteResult:
+    """Insert the rows in one transaction; on a data error, redo them one by one."""
+    sql = statements(table)
+    try:
+        async with conn.transaction():
+            await conn.execute(sql.create_staging)
+            await conn.copy_records_to_table(
+                sql.staging, records=[row.values for row in rows], columns=table.columns,
+                timeout=copy_timeout,
+            )
+            return WriteResult(inserted_count(await conn.execute(sql.insert_from_staging)))
+    except Exception as exc:
+        # Binary COPY encodes values itself and raises plain OverflowError/ValueError/TypeError for
+        # a value its column cannot hold; the row-by-row pass re-checks each row with asyncpg's
+        # parameter encoding, which names the bad ones precisely.
+        if not (is_data_error(exc) or isinstance(exc, OverflowError | ValueError | TypeError)):
+            raise
+        log.info("batch_has_bad_rows", extra={"table": table.name, "error": type(exc).__name__})
+    return await write_rows_one_by_one(conn, table, rows)
+
+
+async def write_rows_one_by_one(
+    conn: asyncpg.Connection, table: Table, rows: Sequence[Row]
+) -> WriteResult:
+    sql = statements(table)
+    result = WriteResult(0)
+    async with conn.transaction():
+        for row in rows:
+            try:
+                async with conn.transaction():  # a savepoint: a bad row undoes only itself
+                    status = await conn.execute(sql.insert_one, *row.values)
+                result.inserted += inserted_count(status)
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                result.rejected.append((row, db_reason(exc)))
+    return result
+
+
+class Database:
+    """A pool that is rebuilt after failures, and retry loops around every use of it."""
+
+    def __init__(
+        self, dsn: str, *, pool_size: int, timeout: float, retry_min: float, retry_max: float
+    ) -> None:
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self.up = False
+        self.last_error: str | None = None
+
+    async def migrate(self, migrations: list[Migration]) -> list[str]:
+        """Apply pending migrations, waiting for Postgres as long as it takes (or until stop)."""
+        async def apply(conn: asyncpg.Connection) -> list[str]:
+            return await migrate(conn, migrations)
+
+        return await self._retrying("migrations", apply)
+
+    async def write(self, table: Table, rows: Sequence[Row]) -> WriteResult:
+        """Store the rows (idempotently); returns only once Postgres has committed them."""
+        if not rows:
+            return WriteResult(0)
+
+        async def attempt(conn: asyncpg.Connection) -> WriteResult:
+            started = time.perf_counter()
+            result = await write_batch(conn, table, rows, self._timeout)
+            metrics.COMMIT_SECONDS.labels(table.name).observe(time.perf_counter() - started)
+            return result
+
+        return await self._retrying(table.name, attempt)
+
+    async def ping(self) -> bool:
+        """One round trip; updates `up`. Never raises: whatever fails here means "down"."""
+        pool: asyncpg.Pool | None = None
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self._timeout) as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception as exc:
+            await self._failed(exc, pool)
+            return False
+        self._mark_up()
+        return True
+
+    async def watch(self, every: float) -> None:
+        """Ping until stopped, so `up` follows Postgres even when no batch is flowing."""
+        while not self._stopping.is_set():
+            await self.ping()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every)
+
+    def stop(self) -> None:
+        """Make retry loops give up (with `Stopping`) instead of waiting for Postgres."""
+        self._stopping.set()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+    async def _retrying(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            pool: asyncpg.Pool | None = None
+            try:
+                pool = await self._get_pool()
+                async with pool.acquire(timeout=self._timeout) as conn:
+                    result = await op(conn)
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                metrics.DB_RETRIES.labels(what).inc()
+                delay = await self._failed(exc, pool, attempt=attempt, what=what)
+            else:
+                self._mark_up()
+                return result
+            # Checked only after a failure: once stop() is called, work that can be done still is.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                raise Stopping(f"gave up on {what}: shutting down while Postgres is unavailable")
+            attempt += 1
+
+    async def _failed(
+        self, exc: BaseException, pool: asyncpg.Pool | None, *, attempt: int = 0, what: str = "ping"
+    ) -> float:
+        """Record a failure; returns how long to wait before the next attempt."""
+        if is_conflict(exc):
+            return min(self._retry_min, self._retry_max)
+        news = self.up or self.last_error is None
+        self.up = False
+        self.last_error = type(exc).__name__
+        metrics.DB_UP.set(0)
+        # One warning when Postgres goes away, then a reminder every 20 attempts of a waiting batch.
+        if news or (what != "ping" and attempt % 20 == 19):
+            log.warning("postgres_unavailable",
+                        extra={"during": what, "attempt": attempt + 1, "error": self.last_error})
+        else:
+            log.debug("postgres_unavailable",
+                      extra={"during": what, "attempt": attempt + 1, "error": self.last_error})
+        await self._drop_pool(pool)
+        return min(self._retry_max, self._retry_min * 2.0 ** min(attempt, 32))
+
+    def _mark_up(self) -> None:
+        if not self.up:
+            if self.last_error is not None:
+                log.warning("postgres_available_again")
+            self.up = True
+            metrics.DB_UP.set(1)
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=self._pool_size,
+                    timeout=self._timeout, command_timeout=self._timeout,
+                )
+            return self._pool
+
+    async def _drop_pool(self, pool: asyncpg.Pool | None) -> None:
+        """Forget a pool that failed, unless another task already replaced it."""
+        async with self._pool_lock:
+            current = pool is not None and self._pool is pool
+            if current:
+                self._pool = None
+        if current and pool is not None:
+            # Its connections may hang on a dead socket: terminate, do not wait for a clean close.
+            pool.terminate()

@@ -1,0 +1,116 @@
+"""FastStream wiring: two batch subscribers of group `store`, on `orders.raw` and on `signals`.
+
+What FastStream 0.7.8 does here (read in `faststream/redis/subscriber/usecases/
+stream_subscriber.py`, `faststream/redis/message.py`, `faststream/middlewares/acknowledgement/`):
+- A batch `StreamSub` with a group reads with XREADGROUP `>` (COUNT `max_records`, BLOCK
+  `polling_interval` ms) and calls the handler once per read with a `RedisBatchStreamMessage`, whose
+  `raw_message` holds `message_ids` (the entry ids, in order) and `data` (each entry's fields):
+  that is where `signals.stream_id` comes from.
+- Its `ack()` sends one XACK for all `message_ids`. Under the default policy for grouped streams
+  (REJECT_ON_ERROR) it is called after the handler returns, and on an exception `reject()` sends
+  nothing to Redis; a cancelled handler is not acked either. We set `AckPolicy.MANUAL` and call
+  `ack()` ourselves after `BatchStore.store` returned, so the XACK visibly follows the commit.
+- Its own parser turns every entry into JSON and back, and raises on an entry whose bytes are not
+  UTF-8 (seen with 0.7.8): the handler is then never called and the whole batch stays pending. The
+  parser below skips that work, so a malformed entry reaches `rows.prepare` and is dead-lettered.
+- On start it tries XGROUP CREATE at `$` (new entries only) and ignores "already exists": `main.py`
+  creates the group at `0` first (`ensure_group`), so entries written before the first start count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.params import NoCast
+from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage
+
+from services.store.batches import BatchStore, Entry, Feed
+from services.store.database import Stopping
+from shared.streams import STORE_GROUP
+
+log = logging.getLogger(__name__)
+
+Parser = Callable[[Mapping[str, Any]], Awaitable[StreamMessage[Any]]]
+Handler = Callable[..., Awaitable[None]]
+
+
+async def parse_plain_batch(raw: Mapping[str, Any], original: Parser) -> StreamMessage[Any]:
+    """FastStream's batch message (bound to the group, for `ack`), without decoding the entries."""
+    message = await original({**raw, "data": []})
+    message.raw_message = raw
+    return message
+
+
+async def decode_plain_batch(message: StreamMessage[Any]) -> list[Entry]:
+    raw = message.raw_message
+    return [
+        (entry_id.decode(), fields)
+        for entry_id, fields in zip(raw["message_ids"], raw["data"], strict=True)
+    ]
+
+
+def handler_for(feed: Feed, batches: BatchStore) -> Handler:
+    async def store_batch(entries: NoCast[list[Entry]], message: RedisBatchStreamMessage) -> None:
+        try:
+            outcome = await batches.store(feed, entries)
+        except Stopping:
+            # Shutting down while Postgres is away: no ack, the entries stay pending for a
+            # reclaimer. Not an error worth FastStream's traceback.
+            log.warning("batch_left_pending", extra={"stream": feed.stream, "count": len(entries)})
+            return
+        await message.ack()
+        log.debug("batch_stored", extra={
+            "stream": feed.stream, "entries": len(entries), "inserted": outcome.inserted,
+            "duplicates": outcome.duplicates, "dead_lettered": outcome.dead_lettered,
+        })
+
+    store_batch.__name__ = store_batch.__qualname__ = f"store_{feed.table.name}"
+    return store_batch
+
+
+def build_broker(
+    redis_url: str,
+    consumer: str,
+    feeds: Sequence[Feed],
+    batches: BatchStore,
+    *,
+    batch_max: int,
+    block_ms: int,
+    graceful_timeout: float,
+) -> RedisBroker:
+    """The broker with one subscriber per feed; `consumer` must be unique per process."""
+    faststream_log = logging.getLogger("services.store.faststream")
+    # Its INFO lines (task callbacks at shutdown) are noise; warnings and errors still get through.
+    faststream_log.setLevel(logging.WARNING)
+    broker = RedisBroker(
+        redis_url,
+        # On stop, the batch in flight gets this long to commit and ack before it is cancelled.
+        graceful_timeout=graceful_timeout,
+        # FastStream logs two lines per batch at `log_level`: DEBUG keeps them off the hot path,
+        # while its errors still reach our JSON log.
+        logger=faststream_log,
+        log_level=logging.DEBUG,
+    )
+    for feed in feeds:
+        subscriber = broker.subscriber(
+            stream=StreamSub(
+                feed.stream,
+                group=STORE_GROUP,
+                consumer=consumer,
+                batch=True,
+                max_records=batch_max,
+                polling_interval=block_ms,
+            ),
+            parser=parse_plain_batch,
+            decoder=decode_plain_batch,
+            ack_policy=AckPolicy.MANUAL,
+            title=f"store:{feed.table.name}",
+            description=f"Entries of {feed.stream} -> Postgres table {feed.table.name}",
+        )
+        subscriber(handler_for(feed, batches))
+    return broker

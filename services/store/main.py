@@ -1,0 +1,176 @@
+"""Wiring: settings, logging, Postgres, the broker and its subscribers, the reclaimer, /health.
+
+Start: migrations (waiting for Postgres as long as it takes, /health red meanwhile), consumer groups
+(`ensure_group` at `0`), then the subscribers. SIGTERM: the batch in flight finishes (commit, XACK)
+within `STORE_SHUTDOWN_TIMEOUT_S`; a batch waiting for an unavailable Postgres is abandoned
+unacknowledged (it stays pending and is reclaimed later). Entries a read in flight delivered after
+the subscribers stopped are stored and acked too (`Reclaimer.drain_own`); then the consumer leaves
+the group if it holds nothing pending, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.exceptions import RedisError
+
+from services.store.batches import BatchStore, feeds
+from services.store.database import Database, Stopping
+from services.store.handlers import build_broker
+from services.store.reclaim import Reclaimer
+from services.store.schema import load
+from services.store.settings import StoreSettings
+from shared.logs import configure_logging, redact_url, register_secret
+from shared.ops import ops_server, stop_event
+from shared.redis_streams import connect, ensure_group
+from shared.streams import STORE_GROUP
+
+log = logging.getLogger(__name__)
+
+# How often Postgres is pinged so /health follows it even when no batch is flowing.
+DB_WATCH_EVERY_S = 1.0
+
+
+def consumer_name() -> str:
+    """Unique per process, readable in XINFO CONSUMERS."""
+    return f"store-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Store:
+    def __init__(self, settings: StoreSettings, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.consumer = consumer or consumer_name()
+        self.feeds = feeds(settings.streams)
+        self.db = Database(
+            settings.database_url, pool_size=settings.store_pool_size,
+            timeout=settings.store_db_timeout_s, retry_min=settings.store_retry_min_s,
+            retry_max=settings.store_retry_max_s,
+        )
+        self.redis = connect(settings.redis_url)
+        self.batches = BatchStore(self.db, self.redis)
+        self.broker = build_broker(
+            settings.redis_url, self.consumer, self.feeds, self.batches,
+            batch_max=settings.store_batch_max, block_ms=settings.store_block_ms,
+            graceful_timeout=settings.store_shutdown_timeout_s,
+        )
+        self.reclaimer = Reclaimer(
+            self.redis, self.db, self.batches, group=STORE_GROUP, consumer=self.consumer,
+            min_idle_ms=settings.store_claim_idle_ms, count=settings.store_batch_max,
+            max_deliveries=settings.store_max_deliveries,
+        )
+        self.schema: list[str] = []
+        self.running = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Migrate, create the groups, start consuming. Raises `Stopping` if stopped meanwhile."""
+        migrations = load()
+        applied = await self.db.migrate(migrations)
+        self.schema = [m.version for m in migrations]
+        log.info("schema_ready", extra={"applied_now": applied, "versions": self.schema})
+        for feed in self.feeds:
+            await ensure_group(self.redis, feed.stream, STORE_GROUP)
+        self._tasks = [
+            asyncio.create_task(self.db.watch(DB_WATCH_EVERY_S)),
+            asyncio.create_task(
+                self.reclaimer.run(self.feeds, self.settings.store_claim_every_s, self._stop)
+            ),
+        ]
+        await self.broker.start()
+        self.running = True
+        log.info("store_started", extra={
+            "consumer": self.consumer, "streams": [f.stream for f in self.feeds],
+            "database": redact_url(self.settings.database_url),
+        })
+
+    async def stop(self) -> None:
+        self.running = False
+        self._stop.set()
+        self.db.stop()
+        await self.broker.stop()
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        drained = 0
+        if self.db.up:
+            with contextlib.suppress(RedisError, OSError, Stopping):
+                for feed in self.feeds:
+                    drained += await self.reclaimer.drain_own(feed)
+        with contextlib.suppress(RedisError, OSError):
+            await self.leave_group()
+        await self.db.close()
+        await self.redis.aclose()
+        log.info("store_stopped", extra={"consumer": self.consumer, "drained": drained})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, run until `stop` is set, stop. A stop during startup interrupts the wait for
+        Postgres."""
+        starting = asyncio.create_task(self.start())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                self.db.stop()
+            with contextlib.suppress(Stopping):
+                await starting
+                await stopped
+        finally:
+            stopped.cancel()
+            await self.stop()
+
+    async def leave_group(self) -> None:
+        """Remove this consumer from the group of each stream where it holds nothing pending, so
+        restarts do not pile up dead consumer names; pending entries stay for a reclaimer."""
+        for feed in self.feeds:
+            pending = await self.redis.xpending_range(
+                feed.stream, STORE_GROUP, min="-", max="+", count=1, consumername=self.consumer
+            )
+            if not pending:
+                await self.redis.xgroup_delconsumer(feed.stream, STORE_GROUP, self.consumer)
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), timeout=1.0))
+        except (RedisError, OSError):
+            redis_ok = False
+        # FastStream stops a subscriber for good when its group vanishes (NOGROUP).
+        consuming = self.running and all(sub.running for sub in self.broker.subscribers)
+        details: dict[str, Any] = {
+            "consuming": consuming,
+            "postgres": "up" if self.db.up else "down",
+            "redis": "up" if redis_ok else "down",
+            "consumer": self.consumer,
+            "schema": self.schema[-1] if self.schema else None,
+        }
+        if not self.db.up and self.db.last_error:
+            details["postgres_error"] = self.db.last_error
+        return consuming and self.db.up and redis_ok, details
+
+
+async def run(settings: StoreSettings) -> None:
+    stop = stop_event()
+    store = Store(settings)
+    ops = ops_server(store.health, settings.ops_host, settings.ops_port)
+    serving = asyncio.create_task(ops.serve())
+    try:
+        await store.run(stop)
+    finally:
+        ops.should_exit = True
+        await serving
+
+
+def main() -> None:
+    settings = StoreSettings()
+    for url in (settings.database_url, settings.redis_url):
+        register_secret(urlsplit(url).password)
+    configure_logging("store", settings.log_level)
+    asyncio.run(run(settings))

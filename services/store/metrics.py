@@ -1,0 +1,33 @@
+"""The store's Prometheus metrics (process-wide, default registry), labelled by table."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PREFIX = "betterbot_store_"
+
+ROWS_INSERTED = Counter(PREFIX + "rows_inserted", "Rows newly written", ["table"])
+DUPLICATES = Counter(
+    PREFIX + "duplicates_skipped",
+    "Valid entries whose key was already stored (or repeated within the batch)",
+    ["table"],
+)
+DEAD_LETTERED = Counter(
+    PREFIX + "dead_lettered",
+    "Entries sent to the dead-letter stream: invalid = failed the contract, "
+    "rejected = refused by Postgres, failing = kept failing after reclaims",
+    ["table", "reason"],
+)
+BATCH_SIZE = Histogram(
+    PREFIX + "batch_size", "Entries per batch", ["table"],
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+COMMIT_SECONDS = Histogram(
+    PREFIX + "commit_seconds", "Time to write and commit one batch (successful attempt)", ["table"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+DB_RETRIES = Counter(PREFIX + "db_retries", "Failed write attempts that will be retried", ["table"])
+RECLAIMED = Counter(
+    PREFIX + "reclaimed", "Entries taken over from a consumer that left them pending", ["table"]
+)
+DB_UP = Gauge(PREFIX + "db_up", "1 while Postgres answers, 0 while writes fail")

@@ -1,0 +1,154 @@
+"""Stream entries -> table rows: decode, validate with the shared contract, convert to columns.
+
+Pure functions, no I/O. An entry that is not our plain format (`data` holding JSON), fails the
+`OrderFill` / `Signal` contract, or carries a time outside what a timestamp can hold becomes a
+`Rejected` with a reason; everything else becomes a `Row` whose values follow `Table.columns`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from shared.models import OrderFill, Signal
+from shared.redis_streams import DATA_FIELD, decode
+
+REASON_MAX = 500
+
+Values = tuple[Any, ...]
+# (stream id, decoded payload, payload JSON text) -> (primary key, values in `Table.columns` order)
+Converter = Callable[[str, Any, str], tuple[str, Values]]
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    key: str
+    columns: tuple[str, ...]
+    convert: Converter = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Row:
+    stream_id: str
+    raw: bytes  # the entry's payload as received, kept for dead-lettering
+    key: str
+    values: Values
+
+
+@dataclass(frozen=True)
+class Rejected:
+    stream_id: str
+    raw: bytes
+    reason: str
+
+
+@dataclass
+class Prepared:
+    rows: list[Row]  # one per key, first occurrence kept
+    rejected: list[Rejected]
+    valid: int  # entries that passed validation, in-batch duplicates included
+
+
+def utc(seconds: float, name: str) -> datetime:
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise ValueError(f"{name} is not a usable Unix time: {seconds!r}") from exc
+
+
+def order_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
+    fill = OrderFill.model_validate(payload)
+    return fill.order_key, (
+        fill.order_key, fill.user, fill.token_id, fill.token_label, fill.side.value,
+        fill.market_slug, fill.condition_id, fill.title,
+        None if fill.shares is None else Decimal(fill.shares),
+        fill.shares_normalized, fill.price, fill.notional_usd,
+        fill.tx_hash, fill.order_hash, fill.taker, fill.block_number, fill.log_index,
+        utc(fill.timestamp, "timestamp"), utc(fill.received_at, "received_at"),
+        fill.source.value, fill.v, text,
+    )
+
+
+def signal_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
+    signal = Signal.model_validate(payload)
+    return signal.signal_id, (
+        signal.signal_id, signal.kind.value, signal.wallet, signal.wallet_label,
+        signal.market_slug, signal.title, signal.condition_id, signal.token_id,
+        signal.token_label, signal.side.value, signal.price, signal.shares, signal.notional_usd,
+        signal.confidence, list(signal.reasons), list(signal.order_keys), signal.source.value,
+        utc(signal.exchange_ts, "exchange_ts"), utc(signal.received_at, "received_at"),
+        utc(signal.detected_at, "detected_at"), stream_id, signal.v, text,
+    )
+
+
+ORDERS = Table(
+    "orders", "order_key",
+    (
+        "order_key", "wallet", "token_id", "token_label", "side", "market_slug", "condition_id",
+        "title", "shares", "shares_normalized", "price", "notional_usd", "tx_hash", "order_hash",
+        "taker", "block_number", "log_index", "exchange_ts", "received_at", "source", "v",
+        "payload",
+    ),
+    order_values,
+)
+
+SIGNALS = Table(
+    "signals", "signal_id",
+    (
+        "signal_id", "kind", "wallet", "wallet_label", "market_slug", "title", "condition_id",
+        "token_id", "token_label", "side", "price", "shares", "notional_usd", "confidence",
+        "reasons", "order_keys", "source", "exchange_ts", "received_at", "detected_at",
+        "stream_id", "v", "payload",
+    ),
+    signal_values,
+)
+
+
+def raw_payload(fields: Mapping[bytes, bytes]) -> bytes:
+    """What to keep of an entry for people to inspect: its `data`, else all its fields as JSON."""
+    data = fields.get(DATA_FIELD)
+    if data is not None:
+        return data
+    readable = {
+        k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
+        for k, v in fields.items()
+    }
+    return orjson.dumps(readable)
+
+
+def describe(exc: Exception) -> str:
+    """A one-line reason naming what is wrong, short enough for a dead-letter entry."""
+    if isinstance(exc, ValidationError):
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        ]
+        text = f"{exc.title} invalid: " + "; ".join(problems)
+    else:
+        text = str(exc) or type(exc).__name__
+    return text[:REASON_MAX]
+
+
+def prepare(table: Table, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]) -> Prepared:
+    """Rows for the valid entries of one batch (deduplicated by key), rejections for the rest."""
+    rows: dict[str, Row] = {}
+    rejected: list[Rejected] = []
+    valid = 0
+    for stream_id, fields in entries:
+        raw = raw_payload(fields)
+        try:
+            payload = decode(fields)
+            key, values = table.convert(stream_id, payload, raw.decode())
+        except ValueError as exc:  # ValidationError and JSON errors are ValueErrors
+            rejected.append(Rejected(stream_id, raw, describe(exc)))
+            continue
+        valid += 1
+        rows.setdefault(key, Row(stream_id, raw, key, values))
+    return Prepared(list(rows.values()), rejected, valid)

@@ -1,0 +1,76 @@
+"""Migrations on a real Postgres: applied once, re-run is a no-op, concurrent runners serialize."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.store.schema import MigrationError, load, migrate
+
+pytestmark = pytest.mark.integration
+
+
+async def test_applied_once_then_a_no_op(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await migrate(conn, load()) == ["001"]
+        assert await migrate(conn, load()) == []
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations")
+        assert [(r["version"], r["name"]) for r in rows] == [("001", "001_init.sql")]
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
+        assert {"orders", "signals", "schema_migrations"} <= tables
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname='public'")
+        }
+        assert {"orders_wallet_time", "orders_market_time", "orders_time", "signals_wallet_time",
+                "signals_market_time", "signals_kind_time", "signals_time"} <= indexes
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_runners_do_not_conflict(database_url: str) -> None:
+    conns = [await asyncpg.connect(database_url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(conn, load()) for conn in conns))
+        assert sorted(results) == [[], [], [], ["001"]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_later_migrations_run_in_order_and_changed_ones_are_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "001_first.sql").write_text("CREATE TABLE a (x int);")
+    (tmp_path / "010_third.sql").write_text("INSERT INTO a VALUES (2);")
+    (tmp_path / "002_second.sql").write_text("INSERT INTO a VALUES (1);")
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await migrate(conn, load(tmp_path)) == ["001", "002", "010"]
+        assert [r["x"] for r in await conn.fetch("SELECT x FROM a")] == [1, 2]
+        (tmp_path / "002_second.sql").write_text("INSERT INTO a VALUES (100);")
+        with pytest.raises(MigrationError, match=r"002_second\.sql changed"):
+            await migrate(conn, load(tmp_path))
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_applies_nothing(database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "001_ok.sql").write_text("CREATE TABLE b (x int);")
+    (tmp_path / "002_broken.sql").write_text("INSERT INTO missing_table VALUES (1);")
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(asyncpg.exceptions.UndefinedTableError):
+            await migrate(conn, load(tmp_path))
+        assert await conn.fetchval("SELECT to_regclass('b')") is None
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
