@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -52,7 +52,7 @@ async def publish(client: aioredis.Redis, stream: str, signals: list[Signal]) ->
     """XADD the signals as plain entries, in order; their stream ids."""
     async with client.pipeline(transaction=False) as pipe:
         for signal in signals:
-            pipe.xadd(stream, encode(signal))
+            pipe.xadd(stream, cast(Any, encode(signal)))
         ids = await pipe.execute()
     return [entry_id.decode() for entry_id in ids]
 
@@ -79,7 +79,8 @@ async def running_notifier(
 
 async def _until_serving(notifier: Notifier) -> None:
     await notifier.fanout.ready.wait()
-    while not notifier.server.started:
+    # uvicorn offers a flag, not an event, for "listening".
+    while not notifier.server.started:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
 
 

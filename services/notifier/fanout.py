@@ -1,0 +1,245 @@
+"""Reading `signals` and handing every entry to every connected client.
+
+Every notifier replica reads the whole stream itself with plain XREAD (no consumer group: each
+replica serves its own clients, and all of them want every signal). The reader starts at the
+stream's newest entry when the process starts and then follows the ids it has read, so a Redis
+outage or a dropped connection skips nothing while the process lives.
+
+Each entry is decoded and validated once and turned into one message text that all clients share.
+Handing it out never waits: a client whose bounded queue is full is marked to be closed as a slow
+consumer (see `clients.Client.offer`), so one slow client cannot hold the others back.
+
+`Backlog` reads the entries after a client's `last_id` for a resume (XRANGE, exclusive, in pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import RedisError, ResponseError
+
+from services.notifier.clients import Client, Delivery, StreamId
+from services.notifier.metrics import ENTRIES_INVALID, READ_ERRORS, SIGNALS_READ
+from services.notifier.protocol import Close, signal_message
+from shared.models import Signal
+from shared.redis_streams import DATA_FIELD, decode
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 500
+BACKLOG_PAGE = 500
+Entry = tuple[bytes, Mapping[bytes, bytes]]
+
+
+def to_delivery(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Delivery:
+    """The message for one stream entry; ValueError (with the reason) when it is not a Signal."""
+    signal = Signal.model_validate(decode(fields))
+    stream_id = StreamId.parse(entry_id)
+    return Delivery(signal_message(str(stream_id), fields[DATA_FIELD]), stream_id, signal)
+
+
+def rejection_reason(exc: ValueError) -> str:
+    """A short, single-line account of why an entry is not a Signal (no input values echoed)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'entry'}: {error['msg']}"
+            for error in exc.errors()[:5]
+        )
+    return str(exc)[:300]
+
+
+async def stream_tail(client: aioredis.Redis, stream: str) -> str:
+    """The id of the newest entry ever added (XREAD's `$`, made concrete); `0-0` for no stream.
+
+    A concrete id, unlike `$`, can be re-read after a reconnect without skipping what was added
+    in between.
+    """
+    try:
+        info = await client.xinfo_stream(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return "0-0"
+        raise
+    last: bytes = info["last-generated-id"]
+    return last.decode()
+
+
+def reader_connection(url: str, stream: str, block_ms: int) -> aioredis.Redis:
+    # A connection of its own, since a blocked XREAD holds it. The socket timeout sits above the
+    # block time, so a silently dead connection raises instead of hanging the reader for good.
+    name = "betterbot-notifier:" + re.sub(r"\s", "_", stream)
+    return aioredis.Redis.from_url(
+        url, socket_timeout=block_ms / 1000 + 5, socket_connect_timeout=5, client_name=name
+    )
+
+
+class Backoff:
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self._first, self._cap = first, cap
+        self._next = first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._cap, delay * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._first
+
+
+class Fanout:
+    """The stream reader and the set of clients it feeds."""
+
+    def __init__(
+        self, redis_url: str, stream: str, *, block_ms: int, count: int = READ_COUNT
+    ) -> None:
+        self._url = redis_url
+        self._stream = stream
+        self._block_ms = block_ms
+        self._count = count
+        self._clients: set[Client] = set()
+        self._no_clients = asyncio.Event()
+        self._no_clients.set()
+        self._refuse: Close | None = None
+        # Set once the start position is fixed: from then on no entry can slip past a new client.
+        self.ready = asyncio.Event()
+        self.status = "starting"
+        self.last_id: str | None = None
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def add(self, client: Client) -> None:
+        self._clients.add(client)
+        self._no_clients.clear()
+        if self._refuse is not None:
+            client.kick(self._refuse)
+
+    def remove(self, client: Client) -> None:
+        self._clients.discard(client)
+        if not self._clients:
+            self._no_clients.set()
+
+    async def close_all(self, close: Close, grace_s: float) -> None:
+        """Close every client (and any that still connects); wait up to `grace_s` for them."""
+        self._refuse = close
+        for client in tuple(self._clients):
+            client.kick(close)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_clients.wait(), grace_s)
+
+    async def run(self) -> None:
+        """Read the stream until cancelled; Redis errors are retried with backoff, never raised."""
+        reader = reader_connection(self._url, self._stream, self._block_ms)
+        backoff = Backoff()
+        try:
+            while True:
+                try:
+                    entries = await self._read(reader)
+                except (RedisError, OSError) as exc:
+                    READ_ERRORS.inc()
+                    self.status = "retrying"
+                    delay = backoff.next()
+                    log.warning("signals_read_failed", extra={
+                        "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay,
+                        "last_id": self.last_id,
+                    })
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                if entries:
+                    self.dispatch(entries)
+        finally:
+            self.status = "stopped"
+            with contextlib.suppress(RedisError, OSError):
+                await reader.aclose()
+
+    async def _read(self, reader: aioredis.Redis) -> Sequence[Entry]:
+        if self.last_id is None:
+            self.last_id = await stream_tail(reader, self._stream)
+            self.status = "reading"
+            self.ready.set()
+            log.info("signals_reader_started", extra={"stream": self._stream,
+                                                      "after": self.last_id})
+        response: Any = await reader.xread(
+            {self._stream: self.last_id}, count=self._count, block=self._block_ms
+        )
+        self.status = "reading"
+        # RESP2 shape, one stream asked: [[name, [(id, fields), ...]]], or empty on timeout.
+        return cast(Sequence[Entry], response[0][1]) if response else ()
+
+    def dispatch(self, entries: Sequence[Entry]) -> None:
+        """Hand each valid entry to every client; skip (and log) the ones that are not Signals."""
+        clients = tuple(self._clients)
+        for entry_id, fields in entries:
+            try:
+                delivery = to_delivery(entry_id, fields)
+            except ValueError as exc:
+                # The producer dead-letters what it cannot process; here we only refuse to forward.
+                ENTRIES_INVALID.inc()
+                log.warning("signal_entry_skipped", extra={
+                    "stream": self._stream, "id": entry_id.decode(),
+                    "reason": rejection_reason(exc),
+                })
+                continue
+            SIGNALS_READ.inc()
+            for client in clients:
+                client.offer(delivery)
+        self.last_id = entries[-1][0].decode()
+
+
+class Backlog:
+    """The entries of the stream after a given id, for clients that resume."""
+
+    def __init__(self, client: aioredis.Redis, stream: str, page: int = BACKLOG_PAGE) -> None:
+        self._client = client
+        self._stream = stream
+        self._page = page
+
+    async def trimmed_after(self, after: StreamId) -> StreamId | None:
+        """The oldest entry kept, when entries newer than `after` may have been trimmed away."""
+        try:
+            info = await self._client.xinfo_stream(self._stream)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            raise
+        first = info.get("first-entry")
+        removed = int(info.get("entries-added") or 0) > int(info["length"])
+        if not (removed and first):
+            return None
+        first_id = StreamId.parse(first[0])
+        return first_id if first_id > after else None
+
+    async def entries_after(
+        self, after: StreamId
+    ) -> AsyncIterator[tuple[StreamId, Delivery | None]]:
+        """Every entry after `after`, oldest first; None in place of an entry that is no Signal."""
+        cursor = str(after)
+        while True:
+            page = cast(Sequence[Entry], await self._client.xrange(
+                self._stream, min=f"({cursor}", max="+", count=self._page
+            ))
+            for entry_id, fields in page:
+                yield StreamId.parse(entry_id), _backlog_delivery(entry_id, fields)
+            if len(page) < self._page:
+                return
+            cursor = page[-1][0].decode()
+
+
+def _backlog_delivery(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Delivery | None:
+    try:
+        return to_delivery(entry_id, fields)
+    except ValueError as exc:
+        # The live reader already reported it (or would have, had it been running then).
+        log.debug("backlog_entry_skipped", extra={
+            "id": entry_id.decode(), "reason": rejection_reason(exc)})
+        return None
