@@ -38,16 +38,22 @@ class Service:
 
 
 def pipeline(notifier_port: int) -> list[Service]:
-    """The services in start order: consumers before the feed, so the first orders find them ready."""
+    """The services in start order: consumers first, so the first orders find them ready."""
     return [
         Service("simulator", "services.simulator", "http://127.0.0.1:8765/health"),
         Service("store", "services.store", "http://127.0.0.1:8081/health", {"OPS_PORT": "8081"}),
-        Service("detector", "services.detector", "http://127.0.0.1:8083/health",
-                {"OPS_PORT": "8083"}),
-        Service("notifier", "services.notifier", f"http://127.0.0.1:{notifier_port}/health",
-                {"NOTIFIER_PORT": str(notifier_port)}),
-        Service("ingestor", "services.ingestor", "http://127.0.0.1:8082/health",
-                {"OPS_PORT": "8082"}),
+        Service(
+            "detector", "services.detector", "http://127.0.0.1:8083/health", {"OPS_PORT": "8083"}
+        ),
+        Service(
+            "notifier",
+            "services.notifier",
+            f"http://127.0.0.1:{notifier_port}/health",
+            {"NOTIFIER_PORT": str(notifier_port)},
+        ),
+        Service(
+            "ingestor", "services.ingestor", "http://127.0.0.1:8082/health", {"OPS_PORT": "8082"}
+        ),
     ]
 
 
@@ -95,38 +101,56 @@ async def _echo_warnings(name: str, stream: asyncio.StreamReader, log_file: Path
                 print(f"[{name}] {line.decode(errors='replace').rstrip()}", flush=True)
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
-                print(f"[{name}] {entry.get('level')}: {entry.get('event')} "
-                      f"{ {k: v for k, v in entry.items() if k not in _LOG_HEAD} }", flush=True)
+                print(
+                    f"[{name}] {entry.get('level')}: {entry.get('event')} "
+                    f"{ {k: v for k, v in entry.items() if k not in _LOG_HEAD} }",
+                    flush=True,
+                )
 
 
+# Keeps the log-echo tasks referenced so they are not garbage-collected mid-run.
+_BACKGROUND: set[asyncio.Future[None]] = set()
 _LOG_HEAD = {"ts", "level", "service", "logger", "event"}
 
 
 async def _start(service: Service, base_env: dict[str, str]) -> asyncio.subprocess.Process:
     env = {**base_env, **service.env}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", service.module, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        service.module,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
-    asyncio.ensure_future(_echo_warnings(service.name, proc.stderr, LOG_DIR / f"{service.name}.log"))
+    _BACKGROUND.add(
+        asyncio.ensure_future(
+            _echo_warnings(service.name, proc.stderr, LOG_DIR / f"{service.name}.log")
+        )
+    )
     return proc
 
 
-async def _wait_healthy(service: Service, proc: asyncio.subprocess.Process, timeout: float) -> None:
+async def _wait_healthy(
+    service: Service, proc: asyncio.subprocess.Process, within_s: float
+) -> None:
     import httpx
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     async with httpx.AsyncClient(timeout=1) as http:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
-                raise RuntimeError(f"{service.name} exited with code {proc.returncode}; "
-                                   f"see {LOG_DIR / (service.name + '.log')}")
+                raise RuntimeError(
+                    f"{service.name} exited with code {proc.returncode}; "
+                    f"see {LOG_DIR / (service.name + '.log')}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if (await http.get(service.health_url)).status_code == 200:
                     return
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"{service.name} not healthy after {timeout:.0f}s at {service.health_url}")
+    raise RuntimeError(f"{service.name} not healthy after {within_s:.0f}s at {service.health_url}")
 
 
 def format_signal(message: dict[str, object]) -> str:
@@ -136,7 +160,8 @@ def format_signal(message: dict[str, object]) -> str:
     who = signal_.get("wallet_label") or signal_["wallet"][:10]
     return (
         f"SIGNAL {signal_['kind']:<13} {who:<18.18} {signal_['side']:<4} "
-        f"{signal_.get('token_label') or '?':<4.4} {signal_['shares']:>10.2f} @ {signal_['price']:.3f}"
+        f"{signal_.get('token_label') or '?':<4.4} {signal_['shares']:>10.2f} "
+        f"@ {signal_['price']:.3f}"
         f"  ${signal_['notional_usd']:>9.2f}  conf {signal_['confidence']:.2f}  "
         f"{(signal_.get('title') or signal_.get('market_slug') or '')[:48]}  (+{latency_ms:.1f} ms)"
     )
@@ -169,8 +194,12 @@ async def _stop_all(procs: list[tuple[Service, asyncio.subprocess.Process]]) -> 
 
 async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    base_env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                "PYTHONUNBUFFERED": "1"}
+    base_env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "PYTHONUNBUFFERED": "1",
+    }
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -180,18 +209,22 @@ async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
         for service in pipeline(notifier_port):
             proc = await _start(service, base_env)
             procs.append((service, proc))
-            await _wait_healthy(service, proc, timeout=30)
+            await _wait_healthy(service, proc, within_s=30)
             print(f"[run] {service.name} is up ({service.health_url})", flush=True)
     except RuntimeError as exc:
         print(f"[run] {exc}", flush=True)
         await _stop_all(procs)
         return 1
-    print(f"[run] pipeline running: dashboard http://127.0.0.1:{notifier_port}/  "
-          f"signals ws://127.0.0.1:{notifier_port}/ws  logs {LOG_DIR}  (Ctrl-C stops)", flush=True)
+    print(
+        f"[run] pipeline running: dashboard http://127.0.0.1:{notifier_port}/  "
+        f"signals ws://127.0.0.1:{notifier_port}/ws  logs {LOG_DIR}  (Ctrl-C stops)",
+        flush=True,
+    )
     printer = asyncio.ensure_future(_print_signals(f"ws://127.0.0.1:{notifier_port}/ws", stop))
     watchers = [asyncio.ensure_future(p.wait()) for _, p in procs]
-    await asyncio.wait([asyncio.ensure_future(stop.wait()), *watchers],
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [asyncio.ensure_future(stop.wait()), *watchers], return_when=asyncio.FIRST_COMPLETED
+    )
     crashed = [s.name for s, p in procs if p.returncode is not None]
     if crashed:
         print(f"[run] {', '.join(crashed)} stopped unexpectedly; stopping the rest", flush=True)

@@ -88,7 +88,7 @@ def _pg_binary(name: str) -> str | None:
 
 
 def _unprivileged_prefix(data_dir: str) -> list[str]:
-    """initdb and postgres refuse to run as root: run them as the `postgres` user when we are root."""
+    """initdb and postgres refuse to run as root: run them as the `postgres` user instead."""
     if os.geteuid() != 0:
         return []
     runuser = shutil.which("runuser")
@@ -115,16 +115,32 @@ def postgres_server() -> Iterator[str]:
         return
     initdb, postgres = _pg_binary("initdb"), _pg_binary("postgres")
     if not (initdb and postgres):
-        raise RuntimeError("no Postgres: set DATABASE_URL, start one on 5432, or install postgresql")
+        raise RuntimeError(
+            "no Postgres: set DATABASE_URL, start one on 5432, or install postgresql"
+        )
     with tempfile.TemporaryDirectory(prefix="bb-pg-") as data:
         as_user = _unprivileged_prefix(data)
-        subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "-A", "trust"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*as_user, initdb, "-D", data, "-U", "postgres", "-A", "trust"],
+            check=True,
+            capture_output=True,
+        )
         port = free_port()
         proc = subprocess.Popen(
-            [*as_user, postgres, "-D", data, "-p", str(port), "-k", data,
-             "-c", "listen_addresses=127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *as_user,
+                postgres,
+                "-D",
+                data,
+                "-p",
+                str(port),
+                "-k",
+                data,
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             _wait_port(port, "postgres")

@@ -1,1 +1,1 @@
-"""BetterBot's shared package: the contracts (models, stream names) and the plumbing every service uses."""
+"""BetterBot's shared package: the contracts (models, stream names) and common plumbing."""

@@ -78,7 +78,9 @@ class DomeOrder(Contract):
         return value
 
 
-def order_key(tx_hash: str, user: str, token_id: str, side: str, shares: float, price: float) -> str:
+def order_key(
+    tx_hash: str, user: str, token_id: str, side: str, shares: float, price: float
+) -> str:
     """The identity of one fill, the same from every source (WS, REST backfill, Data API).
 
     Built only from fields every source has; order_hash is missing from the Data API. Shares and
@@ -106,12 +108,14 @@ class OrderFill(DomeOrder):
     @classmethod
     def from_dome(cls, order: DomeOrder, source: Source, received_at: float) -> OrderFill:
         key = order_key(
-            order.tx_hash, order.user, order.token_id, order.side, order.shares_normalized,
+            order.tx_hash,
+            order.user,
+            order.token_id,
+            order.side,
+            order.shares_normalized,
             order.price,
         )
-        return cls(
-            **order.model_dump(), order_key=key, source=source, received_at=received_at
-        )
+        return cls(**order.model_dump(), order_key=key, source=source, received_at=received_at)
 
 
 class SignalKind(StrEnum):

@@ -35,7 +35,12 @@ def ops_routes(health: HealthCheck) -> list[Route]:
 
 def http_server(app: Any, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
         ws_max_size=1 << 20,
     )
     server = uvicorn.Server(config)

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 DATA_FIELD = b"data"
 
@@ -22,7 +23,7 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
 
 
-def encode(payload: Mapping[str, Any] | Any) -> dict[bytes, bytes]:
+def encode(payload: Mapping[str, Any] | Any) -> dict[FieldT, EncodableT]:
     """The entry fields for a payload (a dict or a pydantic model)."""
     if hasattr(payload, "model_dump"):
         payload = payload.model_dump(mode="json")
@@ -33,7 +34,9 @@ def decode(fields: Mapping[bytes, bytes]) -> Any:
     """The JSON payload of an entry; raises ValueError when the entry is not in our format."""
     raw = fields.get(DATA_FIELD)
     if raw is None:
-        raise ValueError(f"entry has no 'data' field (fields: {sorted(k.decode() for k in fields)})")
+        raise ValueError(
+            f"entry has no 'data' field (fields: {sorted(k.decode() for k in fields)})"
+        )
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -1,4 +1,4 @@
-"""One settings loader for every service: pydantic-settings from the environment and an optional .env.
+"""One settings loader for every service: pydantic-settings from the environment and .env.
 
 Each service subclasses `CommonSettings` with its own fields. Every field has a default that works
 with the bundled simulator and the local Redis/Postgres, so `make run` needs no configuration.

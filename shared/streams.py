@@ -1,8 +1,9 @@
 """Stream names and key layout: the public contract of the Redis side.
 
-Every key a service touches together with a stream carries that stream's name as a Redis Cluster hash
-tag (`{orders.raw}:seen:<key>`), so one Lua script or MULTI stays in one slot. `namespace` prefixes
-everything, which lets tests and several deployments share one Redis without seeing each other.
+Every key a service touches together with a stream carries that stream's name as a Redis Cluster
+hash tag (`{orders.raw}:seen:<key>`), so one Lua script or MULTI stays in one slot. `namespace`
+prefixes everything, which lets tests and several deployments share one Redis without seeing
+each other.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ class Streams:
     @property
     def signals_dead(self) -> str:
         return f"{self.namespace}signals.dead"
+
+    @property
+    def webhooks_dead(self) -> str:
+        return f"{self.namespace}webhooks.dead"
+
+    @property
+    def wallets_control(self) -> str:
+        """Changes to the tracked wallets (see shared.wallet_registry)."""
+        return f"{self.namespace}wallets.control"
+
+    def wallets_key(self) -> str:
+        """Hash address -> TrackedWallet JSON: the live set of tracked wallets."""
+        return f"{self.namespace}wallets:tracked"
 
     def seen_order_prefix(self) -> str:
         """Prefix of the ingestor's dedupe keys, in the slot of `orders.raw`."""

@@ -32,4 +32,6 @@ def load_wallets(path: str | Path) -> list[TrackedWallet]:
 
 
 def dump_wallets(wallets: list[TrackedWallet]) -> bytes:
-    return orjson.dumps([w.model_dump(exclude_none=True) for w in wallets], option=orjson.OPT_INDENT_2)
+    return orjson.dumps(
+        [w.model_dump(exclude_none=True) for w in wallets], option=orjson.OPT_INDENT_2
+    )

@@ -1,4 +1,4 @@
-"""Fixtures layered as server -> URL -> isolated namespace/database, so one override swaps the server."""
+"""Fixtures layered server -> URL -> isolated namespace/database: one override swaps the server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from shared.streams import Streams
 from devtools.servers import postgres_server, redis_server
+from shared.streams import Streams
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,15 @@ APP_SERVICES = {"simulator", "ingestor", "detector", "store", "notifier"}
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     binary = shutil.which("docker-compose")
-    assert binary, "docker-compose (the Compose parser) is not installed: apt-get install docker-compose"
+    assert binary, (
+        "docker-compose (the Compose parser) is not installed: apt-get install docker-compose"
+    )
     result = subprocess.run(
         [binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
     )
     assert result.returncode == 0, f"compose file invalid: {result.stderr}"
@@ -42,7 +47,9 @@ def test_commands_name_real_entry_points(compose: dict[str, Any]) -> None:
         assert command[:2] == ["python", "-m"], command
         module = command[2]
         assert module == f"services.{name}"
-        assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{module} has no __main__"
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, (
+            f"{module} has no __main__"
+        )
 
 
 def test_app_services_wait_for_healthy_backing_services(compose: dict[str, Any]) -> None:
@@ -50,7 +57,9 @@ def test_app_services_wait_for_healthy_backing_services(compose: dict[str, Any])
         depends = compose["services"][name]["depends_on"]
         assert depends["redis"]["condition"] == "service_healthy", name
         assert depends["postgres"]["condition"] == "service_healthy", name
-    assert compose["services"]["ingestor"]["depends_on"]["simulator"]["condition"] == "service_healthy"
+    assert (
+        compose["services"]["ingestor"]["depends_on"]["simulator"]["condition"] == "service_healthy"
+    )
 
 
 def test_detector_scales(compose: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """The whole pipeline as real processes on real Redis and Postgres, fed the real tape.
 
 The simulator replays the Nobel 2025 tape (all 1,000 trades, 20 of its wallets tracked); a WebSocket
-client on the notifier collects signals. At the end: every tracked-wallet trade is in `orders` exactly
-once, the signals the client got are exactly those in `signals` (table and stream), malformed frames
-were rejected with a reason while streaming went on, and the Dome key is in no log line.
+client on the notifier collects signals. At the end: every tracked-wallet trade is in `orders`
+exactly once, the signals the client got are exactly those in `signals` (table and stream),
+malformed frames were rejected with a reason while streaming went on, and the Dome key is in no
+log line.
 """
 
 from __future__ import annotations
@@ -35,9 +36,21 @@ WALLETS = ROOT / "config" / "wallets.example.json"
 BAD_FRAMES = [
     b"{not json",
     orjson.dumps({"type": "event", "subscription_id": "sub_x", "data": {"side": "BUY"}}),
-    orjson.dumps({"type": "event", "subscription_id": "sub_x", "data": {
-        "token_id": "1", "side": "BUY", "shares_normalized": 5, "price": "0.5", "tx_hash": "0xab",
-        "timestamp": 1760086772, "user": "0xe8dd7741ccb12350957ec71e9ee332e0d1e6ec86"}}),
+    orjson.dumps(
+        {
+            "type": "event",
+            "subscription_id": "sub_x",
+            "data": {
+                "token_id": "1",
+                "side": "BUY",
+                "shares_normalized": 5,
+                "price": "0.5",
+                "tx_hash": "0xab",
+                "timestamp": 1760086772,
+                "user": "0xe8dd7741ccb12350957ec71e9ee332e0d1e6ec86",
+            },
+        }
+    ),
 ]
 
 
@@ -46,9 +59,13 @@ class Pipeline:
         self.key = "e2e" + secrets.token_hex(12)
         self.sim_port, self.notifier_port = free_port(), free_port()
         self.namespace = namespace
-        self.env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                    "STREAM_NAMESPACE": namespace, "LOG_LEVEL": "DEBUG",
-                    "WALLETS_FILE": str(WALLETS)}
+        self.env = {
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "STREAM_NAMESPACE": namespace,
+            "LOG_LEVEL": "DEBUG",
+            "WALLETS_FILE": str(WALLETS),
+        }
         self.procs: list[ServiceProcess] = []
 
     @property
@@ -70,8 +87,9 @@ class Pipeline:
 
 
 @pytest.fixture
-async def pipeline(redis_url: str, database_url: str, namespace: str,
-                   redis_client: aioredis.Redis) -> AsyncIterator[Pipeline]:
+async def pipeline(
+    redis_url: str, database_url: str, namespace: str, redis_client: aioredis.Redis
+) -> AsyncIterator[Pipeline]:
     pipe = Pipeline(redis_url, database_url, namespace)
     try:
         yield pipe
@@ -88,37 +106,57 @@ async def _collect(url: str, into: list[dict[str, Any]], ready: asyncio.Event) -
                 into.append(message)
 
 
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(predicate: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if await predicate():
             return
         await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {within_s}s waiting for {what}")
 
 
 async def test_tape_flows_end_to_end_exactly_once(
     pipeline: Pipeline, redis_client: aioredis.Redis, database_url: str, namespace: str
 ) -> None:
-    await pipeline.start("simulator", {
-        "SIM_HOST": "127.0.0.1", "SIM_PORT": str(pipeline.sim_port), "SIM_SPEED": "400",
-        "SIM_LOOP": "false", "SIM_API_KEY": pipeline.key}, f"{pipeline.sim_url}/health")
+    await pipeline.start(
+        "simulator",
+        {
+            "SIM_HOST": "127.0.0.1",
+            "SIM_PORT": str(pipeline.sim_port),
+            "SIM_SPEED": "400",
+            "SIM_LOOP": "false",
+            "SIM_API_KEY": pipeline.key,
+        },
+        f"{pipeline.sim_url}/health",
+    )
     await pipeline.start_ops_service("store")
     await pipeline.start_ops_service("detector")
-    await pipeline.start("notifier", {"NOTIFIER_PORT": str(pipeline.notifier_port)},
-                         f"http://127.0.0.1:{pipeline.notifier_port}/health")
+    await pipeline.start(
+        "notifier",
+        {"NOTIFIER_PORT": str(pipeline.notifier_port)},
+        f"http://127.0.0.1:{pipeline.notifier_port}/health",
+    )
     received: list[dict[str, Any]] = []
     ready = asyncio.Event()
     client = asyncio.ensure_future(
-        _collect(f"ws://127.0.0.1:{pipeline.notifier_port}/ws", received, ready))
+        _collect(f"ws://127.0.0.1:{pipeline.notifier_port}/ws", received, ready)
+    )
     await asyncio.wait_for(ready.wait(), 10)
     ingestor_port = free_port()
-    await pipeline.start("ingestor", {
-        "OPS_PORT": str(ingestor_port), "DOME_WS_URL": f"ws://127.0.0.1:{pipeline.sim_port}",
-        "DOME_API_URL": f"{pipeline.sim_url}/v1", "DOME_API_KEY": pipeline.key,
-        "DOME_RECONNECT_MIN_S": "0.2"}, f"http://127.0.0.1:{ingestor_port}/health")
+    await pipeline.start(
+        "ingestor",
+        {
+            "OPS_PORT": str(ingestor_port),
+            "DOME_WS_URL": f"ws://127.0.0.1:{pipeline.sim_port}",
+            "DOME_API_URL": f"{pipeline.sim_url}/v1",
+            "DOME_API_KEY": pipeline.key,
+            "DOME_RECONNECT_MIN_S": "0.2",
+        },
+        f"http://127.0.0.1:{ingestor_port}/health",
+    )
 
     async with httpx.AsyncClient(base_url=pipeline.sim_url, timeout=5) as sim:
+
         async def started() -> bool:
             return bool((await sim.get("/_sim/status")).json()["started"])
 
@@ -134,14 +172,17 @@ async def test_tape_flows_end_to_end_exactly_once(
 
     tracked = {w.address for w in load_wallets(WALLETS)}
     expected_keys = {
-        order_key(t["tx_hash"], t["user"], t["token_id"], t["side"], t["shares_normalized"],
-                  t["price"])
-        for t in trades if t["user"].lower() in tracked
+        order_key(
+            t["tx_hash"], t["user"], t["token_id"], t["side"], t["shares_normalized"], t["price"]
+        )
+        for t in trades
+        if t["user"].lower() in tracked
     }
     assert len(trades) == 1000 and len(expected_keys) > 300
 
     db = await asyncpg.connect(database_url)
     try:
+
         async def orders_stored() -> bool:
             count = await db.fetchval("SELECT count(*) FROM orders")
             return bool(count >= len(expected_keys))

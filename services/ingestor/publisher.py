@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
 from services.ingestor import metrics
 from services.ingestor.backoff import Backoff
@@ -107,7 +108,7 @@ class Publisher:
         """One script call: add the fills whose order_key is new; True for each one added."""
         prefix = self._streams.seen_order_prefix()
         keys = [self._streams.orders_raw, *(prefix + fill.order_key for fill in fills)]
-        args: list[bytes | int] = [self._ttl, self._maxlen]
+        args: list[EncodableT] = [self._ttl, self._maxlen]
         args += [encode(fill)[DATA_FIELD] for fill in fills]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]

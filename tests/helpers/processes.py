@@ -26,15 +26,19 @@ class ServiceProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_healthy(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.health_url, timeout=1).status_code == 200:
                     return

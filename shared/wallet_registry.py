@@ -1,0 +1,118 @@
+"""The live set of tracked wallets, shared by every service through Redis.
+
+- The hash `streams.wallets_key()` maps address -> TrackedWallet JSON: the current set.
+- The stream `streams.wallets_control` announces each change as a plain `data` entry:
+  `{"v": 1, "op": "upsert" | "remove", "wallet": {address, label, score}, "at": <unix s>}`.
+
+The wallets file seeds the hash the first time any service starts (HSETNX, so concurrent starts
+agree); after that the hash is the truth and the file is only the seed. Writers (the store's API,
+the operator CLI) call `upsert`/`remove`, which change the hash and announce the change in one
+MULTI. Readers call `snapshot` and then `follow` from the id `snapshot` returned, so no change
+between the two is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+
+from shared.models import TrackedWallet, normalize_address
+from shared.redis_streams import decode, encode
+from shared.streams import Streams
+
+CONTROL_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class WalletChange:
+    op: Literal["upsert", "remove"]
+    wallet: TrackedWallet
+    stream_id: str
+
+
+async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[TrackedWallet]) -> None:
+    """Put the file's wallets in the registry unless it already knows them."""
+    key = streams.wallets_key()
+    if await client.exists(key):
+        return
+    pipe = client.pipeline(transaction=True)
+    for wallet in wallets:
+        pipe.hsetnx(key, wallet.address, wallet.model_dump_json())
+    await pipe.execute()
+
+
+async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[TrackedWallet], str]:
+    """The current wallets and the control-stream id to follow changes from."""
+    pipe = client.pipeline(transaction=True)
+    pipe.xrevrange(streams.wallets_control, count=1)
+    pipe.hgetall(streams.wallets_key())
+    last, entries = await pipe.execute()
+    last_id = last[0][0].decode() if last else "0-0"
+    wallets = [TrackedWallet.model_validate_json(raw) for raw in entries.values()]
+    return sorted(wallets, key=lambda w: w.address), last_id
+
+
+async def load(
+    client: aioredis.Redis, streams: Streams, seed_wallets: Iterable[TrackedWallet]
+) -> tuple[list[TrackedWallet], str]:
+    await seed(client, streams, seed_wallets)
+    return await snapshot(client, streams)
+
+
+async def _announce(
+    client: aioredis.Redis, streams: Streams, op: str, wallet: TrackedWallet, hash_op: str
+) -> str:
+    pipe = client.pipeline(transaction=True)
+    if hash_op == "set":
+        pipe.hset(streams.wallets_key(), wallet.address, wallet.model_dump_json())
+    else:
+        pipe.hdel(streams.wallets_key(), wallet.address)
+    change = {"v": 1, "op": op, "wallet": wallet.model_dump(mode="json"), "at": time.time()}
+    pipe.xadd(streams.wallets_control, encode(change), maxlen=CONTROL_MAXLEN, approximate=True)
+    result = await pipe.execute()
+    return str(result[-1].decode())
+
+
+async def upsert(client: aioredis.Redis, streams: Streams, wallet: TrackedWallet) -> str:
+    """Track a wallet (or change its label/score); returns the control entry id."""
+    return await _announce(client, streams, "upsert", wallet, "set")
+
+
+async def remove(client: aioredis.Redis, streams: Streams, address: str) -> str | None:
+    """Stop tracking a wallet; returns the control entry id, or None if it was not tracked."""
+    address = normalize_address(address)
+    raw = await client.hget(streams.wallets_key(), address)
+    if raw is None:
+        return None
+    return await _announce(client, streams, "remove", TrackedWallet.model_validate_json(raw), "del")
+
+
+def parse_change(stream_id: bytes, fields: dict[bytes, bytes]) -> WalletChange:
+    payload = decode(fields)
+    op = payload.get("op")
+    if op not in ("upsert", "remove"):
+        raise ValueError(f"unknown wallet change op: {op!r}")
+    return WalletChange(op, TrackedWallet.model_validate(payload["wallet"]), stream_id.decode())
+
+
+async def follow(
+    client: aioredis.Redis, streams: Streams, after_id: str, block_ms: int = 1000
+) -> AsyncIterator[WalletChange]:
+    """Every change after `after_id`, forever; malformed entries are skipped (no effect)."""
+    last = after_id
+    while True:
+        reply: Any = await client.xread({streams.wallets_control: last}, block=block_ms, count=100)
+        for _, entries in reply or []:
+            for stream_id, fields in entries:
+                last = stream_id.decode()
+                try:
+                    yield parse_change(stream_id, fields)
+                except (ValueError, KeyError, orjson.JSONDecodeError):
+                    continue
+        await asyncio.sleep(0)
