@@ -1,0 +1,194 @@
+"""Where the benchmark runs: Redis and Postgres as `make run` finds them, a throwaway database, a
+unique namespace for every scenario, and the facts about the machine that go into the results.
+
+Servers come from `devtools.servers` (REDIS_URL / DATABASE_URL, else the local ports, else
+throwaway servers). The database `bench_<random>` is created for the run, migrated with the
+store's own migrations, and dropped at the end; every stream and key the run wrote (all under
+`bench<random>-...`) is deleted, so a benchmark leaves nothing behind on a shared Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from devtools import servers
+from services.store.schema import load as load_migrations
+from services.store.schema import migrate
+from shared.redis_streams import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / ".run" / "bench"
+WALLETS_FILE = ROOT / "config" / "wallets.example.json"
+
+
+@dataclass
+class BenchEnv:
+    """One benchmark run's servers and names."""
+
+    redis_url: str
+    database_url: str
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    _scenarios: int = 0
+
+    def namespace(self, label: str) -> str:
+        """A fresh stream/key prefix: every scenario starts from empty streams and state."""
+        self._scenarios += 1
+        return f"bench{self.run_id}-{self._scenarios}{label}:"
+
+    @property
+    def prefix(self) -> str:
+        return f"bench{self.run_id}-"
+
+    def redis(self) -> aioredis.Redis:
+        return connect(self.redis_url)
+
+    async def pg(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.database_url)
+
+
+def _with_database(server_url: str, name: str) -> str:
+    return urlsplit(server_url)._replace(path=f"/{name}").geturl()
+
+
+@contextlib.contextmanager
+def backing_servers() -> Iterator[tuple[str, str]]:
+    """Redis and Postgres server URLs, found or started as `make run` does."""
+    with servers.redis_server() as redis_url, servers.postgres_server() as server_url:
+        yield redis_url, server_url
+
+
+@contextlib.asynccontextmanager
+async def bench_environment(redis_url: str, server_url: str) -> AsyncIterator[BenchEnv]:
+    """A throwaway, migrated database and a run id; both cleaned up afterwards."""
+    run_id = secrets.token_hex(4)
+    name = f"bench_{run_id}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    env = BenchEnv(redis_url, _with_database(server_url, name), run_id)
+    try:
+        conn = await env.pg()
+        try:
+            await migrate(conn, load_migrations())
+        finally:
+            await conn.close()
+        yield env
+    finally:
+        await _delete_keys(env)
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def _delete_keys(env: BenchEnv) -> None:
+    client = env.redis()
+    try:
+        # Keys in a stream's hash-tag slot start with "{" + namespace.
+        for pattern in (f"{env.prefix}*", f"{{{env.prefix}*"):
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    await client.unlink(*batch)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+    finally:
+        await client.aclose()
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _memory_total_mb() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def _git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            return out.stdout.strip() + ("+changes" if dirty else "")
+    return None
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def other_test_runs() -> int:
+    """pytest processes running beside the benchmark: a sign its figures were taken under load."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"pytest" in cmdline.read_bytes():
+                count += 1
+    return count
+
+
+async def machine_facts(env: BenchEnv) -> dict[str, Any]:
+    """Cores, CPU, memory, versions and the date: what a reader needs to compare two runs."""
+    client = env.redis()
+    try:
+        info = await client.info("server")
+    finally:
+        await client.aclose()
+    conn = await env.pg()
+    try:
+        pg_version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_mb": _memory_total_mb(),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "redis": str(info.get("redis_version")),
+        "postgres": str(pg_version),
+        "os": f"{platform.system()} {platform.release()}",
+        "commit": _git_commit(),
+        "load_average_at_start": load_average(),
+        "pytest_processes_at_start": other_test_runs(),
+    }

@@ -1,0 +1,220 @@
+"""The results: ratios to the ceilings, the issue's goals, the printed table and the JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.stats import ratio
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CEILING_KEYS = {
+    "xadd": "xadd_per_s",
+    "readgroup_ack": "readgroup_ack_per_s",
+    "copy": "copy_rows_per_s",
+}
+MEMORY_GOAL_MB = 150.0
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    """Every throughput figure also as a fraction of the ceiling that bounds it."""
+    ceilings = results.get("ceilings", {})
+    for stage in results.get("stages", []):
+        stage["ratio"] = ratio(stage.get("per_s"), ceilings.get(CEILING_KEYS[stage["ceiling"]]))
+    pipeline = results.get("pipeline")
+    if pipeline:
+        # Every order is read by two groups and makes at least one signal read by one more, so
+        # one group's XREADGROUP + XACK rate is the loosest bound the whole pipeline can meet.
+        pipeline["ceiling"] = "readgroup_ack"
+        pipeline["ratio"] = ratio(
+            pipeline.get("max_sustained_rate"), ceilings.get("readgroup_ack_per_s")
+        )
+        for step in pipeline.get("steps", []):
+            step["ratio"] = ratio(step.get("ingested_per_s"), ceilings.get("readgroup_ack_per_s"))
+
+
+def _latency_at(results: dict[str, Any], rate: float) -> dict[str, Any] | None:
+    return next((r for r in results.get("latency", []) if r["rate"] == rate), None)
+
+
+def _goal(name: str, figure: str, met: bool | None) -> dict[str, Any]:
+    return {"goal": name, "figure": figure, "met": met}
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where the issue's goals stand in this run (None: not measured)."""
+    out = []
+    for rate, bound in ((1000, 10.0), (5000, 50.0)):
+        run = _latency_at(results, rate)
+        name = f"p99 <= {bound:g} ms at {rate:,}/s, every order signalled"
+        if run is None or run.get("p99_ms") is None:
+            out.append(_goal(name, "not measured", None))
+            continue
+        p99 = float(run["p99_ms"])
+        figure = f"p99 {p99} ms, {run['received']:,}/{run['expected']:,} orders"
+        out.append(_goal(name, figure, p99 <= bound and run["missing"] == 0))
+    best = (results.get("pipeline") or {}).get("max_sustained_rate")
+    out.append(
+        _goal(
+            ">= 20,000 orders/s sustained end to end",
+            f"{best:,.0f}/s" if best else "none sustained",
+            None if "pipeline" not in results else bool(best and best >= 20_000),
+        )
+    )
+    detectors = [s for s in results.get("stages", []) if s["stage"] == "detector"]
+    one = next((s for s in detectors if s["replicas"] == 1), None)
+    out.append(
+        _goal(
+            "detector (1 replica) >= 0.5 of XREADGROUP+XACK ceiling",
+            "not measured" if not one else f"{one.get('ratio')}",
+            None if not one or one.get("ratio") is None else one["ratio"] >= 0.5,
+        )
+    )
+    by_replicas = {s["replicas"]: s.get("per_s") or 0 for s in detectors}
+    cores = (results.get("machine") or {}).get("cores") or 2
+    # "Until the cores are full": compare one replica with as many replicas as there are cores.
+    full = max((n for n in by_replicas if n <= cores), default=1)
+    out.append(
+        _goal(
+            f"detector rate rises with replicas up to {cores} (the cores)",
+            ", ".join(f"{n}x {r:,}/s" for n, r in sorted(by_replicas.items())) or "not measured",
+            None if 1 not in by_replicas or full == 1 else by_replicas[full] > by_replicas[1],
+        )
+    )
+    steady = (results.get("memory") or {}).get("steady", {})
+    services = {k: v for k, v in steady.items() if k != "simulator"}
+    worst = max(services.items(), key=lambda kv: kv[1]["rss_mb"], default=None)
+    out.append(
+        _goal(
+            f"each service < {MEMORY_GOAL_MB:g} MB resident at steady state",
+            "not measured" if worst is None else f"largest: {worst[0]} {worst[1]['rss_mb']} MB",
+            None if worst is None else worst[1]["rss_mb"] < MEMORY_GOAL_MB,
+        )
+    )
+    return out
+
+
+def _n(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and digits:
+        return f"{value:,.{digits}f}"
+    return f"{value:,.0f}" if isinstance(value, int | float) else str(value)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _stage_flag(stage: dict[str, Any]) -> str:
+    if stage.get("error"):
+        return f"  FAILED: {stage['error']}"
+    return "" if stage.get("complete") else "  INCOMPLETE (timed out or rows missing)"
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"BetterBot bench ({results['mode']}), {m['date']}: {m['cores']} cores ({m['cpu']}), "
+        f"Python {m['python']}, Redis {m['redis']}, Postgres {m['postgres']}, commit {m['commit']}",
+        f"load average start {m['load_average_at_start']} "
+        f"end {results.get('load_average_at_end')}; "
+        f"pytest processes start {m.get('pytest_processes_at_start')} "
+        f"end {results.get('pytest_processes_at_end')}"
+        + (f"; note: {results['note']}" if results.get("note") else ""),
+    ]
+    c = results.get("ceilings")
+    if c:
+        lines += [
+            "",
+            "Ceilings (one Python process, redis.asyncio / asyncpg)",
+            f"  XADD, pipelined              {_n(c['xadd_per_s']):>10} /s      "
+            f"({c['xadd_detail']})",
+            f"  XREADGROUP COUNT 500 + XACK  {_n(c['readgroup_ack_per_s']):>10} /s      "
+            f"({c['readgroup_detail']})",
+            f"  asyncpg COPY                 {_n(c['copy_rows_per_s']):>10} rows/s "
+            f"({c['copy_detail']})",
+        ]
+    if results.get("latency"):
+        lines += [
+            "",
+            "Latency, simulator send -> subscriber receipt (ms); p99 split feed/detect/deliver",
+            f"  {'rate/s':>7} {'secs':>5} {'emitted/s':>9} {'expected':>8} {'received':>8} "
+            f"{'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}   feed/detect/deliver p99",
+        ]
+        for r in results["latency"]:
+            b = r["breakdown"]
+            lines.append(
+                f"  {_n(r['rate']):>7} {r['seconds']:>5g} {_n(r['emitted_per_s']):>9} "
+                f"{_n(r['expected']):>8} {_n(r['received']):>8} {_ms(r['p50_ms']):>7} "
+                f"{_ms(r['p99_ms']):>7} {_ms(r['p999_ms']):>7} {_ms(r['max_ms']):>7}   "
+                f"{_ms(b['feed']['p99_ms'])}/{_ms(b['detect']['p99_ms'])}/"
+                f"{_ms(b['deliver']['p99_ms'])}"
+                + ("" if r["missing"] == 0 else f"  MISSING {r['missing']}")
+                + ("" if r.get("drained", True) else "  did not drain")
+                + (f"  subscriber {r['subscriber_closed']}" if r.get("subscriber_closed") else "")
+            )
+    p = results.get("pipeline")
+    if p:
+        lines += [
+            "",
+            "Throughput, end to end (all services; per second over each step)",
+            f"  {'target':>7} {'emitted':>8} {'ingested':>8} {'signals':>8} {'stored':>8} "
+            f"{'delivered':>9} {'ratio':>6}  verdict",
+        ]
+        for s in p["steps"]:
+            lines.append(
+                f"  {_n(s['rate']):>7} {_n(s['emitted_per_s']):>8} {_n(s['ingested_per_s']):>8} "
+                f"{_n(s['signalled_per_s']):>8} {_n(s['stored_per_s']):>8} "
+                f"{_n(s['delivered_per_s']):>9} {_n(s.get('ratio'), 3):>6}  {s['verdict']}"
+                + ("" if s["drained"] else "; did not drain")
+            )
+        if p.get("skipped_for_time"):
+            lines.append(f"  not run (time budget spent): {p['skipped_for_time']}")
+        lines.append(
+            f"  highest sustained: {_n(p['max_sustained_rate'])}/s "
+            f"(ratio to XREADGROUP+XACK ceiling {_n(p.get('ratio'), 3)})"
+        )
+    if results.get("stages"):
+        lines += [
+            "",
+            "Stages alone, from a pre-filled input",
+            f"  {'stage':<44} {'repl':>4} {'items':>8} {'secs':>7} {'per s':>9} {'ceiling':>14} "
+            f"{'ratio':>6}",
+        ]
+        for s in results["stages"]:
+            lines.append(
+                f"  {s['stage']:<44} {s.get('replicas', 1):>4} {_n(s['items']):>8} "
+                f"{_n(s['seconds'], 2):>7} {_n(s['per_s']):>9} {s['ceiling']:>14} "
+                f"{_n(s.get('ratio'), 3):>6}" + _stage_flag(s)
+            )
+    mem = results.get("memory")
+    if mem:
+        lines += ["", "Memory (MiB): resident at steady state / peak resident (VmHWM) over the run"]
+        for name in sorted(set(mem.get("steady", {})) | set(mem.get("peak", {}))):
+            steady = mem.get("steady", {}).get(name, {}).get("rss_mb")
+            peak = mem.get("peak", {}).get(name, {}).get("peak_mb")
+            lines.append(f"  {name:<10} {_ms(steady):>8} / {_ms(peak):>8}")
+    if results.get("consistency"):
+        lines += [
+            "",
+            "Consistency (pipeline, after draining): "
+            + ", ".join(f"{k} {v:,}" for k, v in results["consistency"].items()),
+        ]
+    for section, error in (results.get("errors") or {}).items():
+        lines += ["", f"{section} FAILED: {error}"]
+    if results.get("goals"):
+        lines += ["", "Goals (issue 7)"]
+        for g in results["goals"]:
+            mark = {True: "MET", False: "NOT MET", None: "n/a"}[g["met"]]
+            lines.append(f"  {mark:<8} {g['goal']:<55} {g['figure']}")
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    )
