@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
@@ -24,8 +26,12 @@ async def test_process_serves_and_closes_clients_on_sigterm(
     port = free_port()
     proc = ServiceProcess(
         "notifier",
-        {"REDIS_URL": redis_url, "STREAM_NAMESPACE": namespace, "NOTIFIER_PORT": str(port),
-         "NOTIFIER_HOST": "127.0.0.1"},
+        {
+            "REDIS_URL": redis_url,
+            "STREAM_NAMESPACE": namespace,
+            "NOTIFIER_PORT": str(port),
+            "NOTIFIER_HOST": "127.0.0.1",
+        },
         health_url=f"http://127.0.0.1:{port}/health",
         tag="notifier-process-",
     )
@@ -47,3 +53,32 @@ async def test_process_serves_and_closes_clients_on_sigterm(
         assert returncode == 0, proc.log_tail()
     finally:
         proc.stop()
+
+
+async def test_open_feed_is_announced_and_a_bad_webhooks_file_stops_the_start(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    hooks = tmp_path / "webhooks.yaml"
+    hooks.write_text("webhooks:\n  - url: https://example.com/h\n    secret: too-short\n")
+    port = free_port()
+    proc = ServiceProcess(
+        "notifier",
+        {
+            "REDIS_URL": redis_url,
+            "STREAM_NAMESPACE": namespace,
+            "NOTIFIER_PORT": str(port),
+            "WEBHOOKS_FILE": str(hooks),
+            "NOTIFIER_TOKENS": "",
+        },
+        health_url=f"http://127.0.0.1:{port}/health",
+        tag="notifier-badhooks-",
+    )
+    returncode = await asyncio.to_thread(proc.proc.wait, 30)
+    proc.stop()
+    lines = [orjson.loads(line) for line in proc.log_text().splitlines() if line.startswith("{")]
+    events = {line["event"]: line for line in lines}
+    assert returncode == 2, proc.log_tail()
+    assert events["notifier_open"]["level"] == "warning"
+    assert events["webhooks_file_invalid"]["error"] == (
+        f"{hooks}: webhook 1: secret: must be at least 16 characters"
+    )

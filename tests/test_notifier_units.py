@@ -11,15 +11,14 @@ from services.notifier.clients import Client, Delivery, StreamId
 from services.notifier.fanout import Backoff, rejection_reason, to_delivery
 from services.notifier.protocol import (
     HELLO,
-    MAX_CLIENT_MESSAGE_BYTES,
     PONG,
     Close,
     CloseCode,
+    Ping,
     ProtocolError,
-    reply_to,
+    read_client_message,
     slow_consumer,
 )
-from shared.redis_streams import encode
 from tests.helpers.notifier import make_signal
 
 
@@ -32,25 +31,40 @@ def test_stream_ids_parse_and_order() -> None:
             StreamId.parse(bad)
 
 
+MAX_BYTES = 64 * 1024
+
+
+def read(message: dict[str, object]) -> object:
+    return read_client_message(
+        {"type": "websocket.receive", **message}, max_bytes=MAX_BYTES, max_filter_values=10
+    )
+
+
 def test_hello_and_pong() -> None:
     assert orjson.loads(HELLO) == {"type": "hello", "server": "betterbot-notifier", "v": 1}
-    assert reply_to({"type": "websocket.receive", "text": '{"type":"ping","n":1}'}) == PONG
+    assert read({"text": '{"type":"ping","n":1}'}) == Ping()
     assert orjson.loads(PONG) == {"type": "pong"}
 
 
-@pytest.mark.parametrize(("message", "code"), [
-    ({"text": "x" * (MAX_CLIENT_MESSAGE_BYTES + 1)}, CloseCode.MESSAGE_TOO_BIG),
-    # Counted in bytes, not characters.
-    ({"text": '{"type":"ping","p":"' + "é" * 40_000 + '"}'}, CloseCode.MESSAGE_TOO_BIG),
-    ({"bytes": b"\0" * (MAX_CLIENT_MESSAGE_BYTES + 1)}, CloseCode.MESSAGE_TOO_BIG),
-    ({"bytes": b'{"type":"ping"}'}, CloseCode.UNSUPPORTED_DATA),
-    ({"text": "ping"}, CloseCode.UNSUPPORTED_DATA),
-    ({"text": '["ping"]'}, CloseCode.UNSUPPORTED_DATA),
-    ({"text": '{"type":"subscribe"}'}, CloseCode.UNSUPPORTED_DATA),
-])
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ({"text": "x" * (MAX_BYTES + 1)}, CloseCode.MESSAGE_TOO_BIG),
+        # Counted in bytes, not characters.
+        ({"text": '{"type":"ping","p":"' + "é" * 40_000 + '"}'}, CloseCode.MESSAGE_TOO_BIG),
+        ({"bytes": b"\0" * (MAX_BYTES + 1)}, CloseCode.MESSAGE_TOO_BIG),
+        ({"bytes": b'{"type":"ping"}'}, CloseCode.UNSUPPORTED_DATA),
+        ({"text": "ping"}, CloseCode.UNSUPPORTED_DATA),
+        ({"text": '["ping"]'}, CloseCode.UNSUPPORTED_DATA),
+        ({"text": '{"type":"unsubscribe"}'}, CloseCode.UNSUPPORTED_DATA),
+        ({"text": '{"type":"subscribe","filters":{"kinds":["nope"]}}'}, CloseCode.POLICY_VIOLATION),
+        ({"text": '{"type":"subscribe","filter":{}}'}, CloseCode.POLICY_VIOLATION),
+        ({"text": '{"type":"subscribe","token":7}'}, CloseCode.POLICY_VIOLATION),
+    ],
+)
 def test_client_messages_that_end_the_connection(message: dict[str, object], code: int) -> None:
     with pytest.raises(ProtocolError) as caught:
-        reply_to({"type": "websocket.receive", **message})
+        read(message)
     assert caught.value.close.code == code
 
 
@@ -98,7 +112,7 @@ async def test_after_a_backlog_queued_entries_it_covered_are_skipped() -> None:
 
 def test_entry_becomes_one_message_carrying_the_entry_json() -> None:
     signal = make_signal(3)
-    fields = encode(signal.model_dump(mode="json") | {"future_field": [1, 2]})
+    fields = {b"data": orjson.dumps(signal.model_dump(mode="json") | {"future_field": [1, 2]})}
     delivery = to_delivery(b"1700000000000-2", fields)
     assert delivery.stream_id == StreamId(1700000000000, 2)
     assert delivery.signal == signal
@@ -108,13 +122,18 @@ def test_entry_becomes_one_message_carrying_the_entry_json() -> None:
     assert message["signal"] == signal.model_dump(mode="json") | {"future_field": [1, 2]}
 
 
-@pytest.mark.parametrize(("fields", "reason"), [
-    ({b"data": b"{oops"}, "not JSON"),
-    ({b"payload": b"{}"}, "no 'data' field"),
-    ({b"data": b"[1, 2]"}, "entry: Input should be a valid dictionary"),
-    ({b"data": orjson.dumps(make_signal(1).model_dump(mode="json") | {"side": "HOLD"})},
-     "side: Input should be 'BUY' or 'SELL'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"data": b"{oops"}, "not JSON"),
+        ({b"payload": b"{}"}, "no 'data' field"),
+        ({b"data": b"[1, 2]"}, "entry: Input should be a valid dictionary"),
+        (
+            {b"data": orjson.dumps(make_signal(1).model_dump(mode="json") | {"side": "HOLD"})},
+            "side: Input should be 'BUY' or 'SELL'",
+        ),
+    ],
+)
 def test_entries_that_are_not_signals_are_refused(fields: dict[bytes, bytes], reason: str) -> None:
     with pytest.raises(ValueError) as caught:
         to_delivery(b"1-1", fields)

@@ -1,13 +1,21 @@
-"""The notifier's HTTP side: `/ws` (the signal feed), `/` (the live page), `/health`, `/metrics`.
+"""The notifier's HTTP side: `/ws` (the signal feed), `/` (the live page), `/api/status`,
+`/health`, `/metrics`.
 
-One connection runs two tasks: a sender, the only writer on the socket (hello, then the backlog of a
-resume, then the client's queue), and a receiver (pings, protocol violations, the disconnect).
-Whatever ends first ends the connection; when the server ends it, the client gets a close code and
-a reason saying why (see `protocol`).
+A connection first goes through its setup (see `protocol`): the URL's `last_id`, filters and
+token are checked before anything is sent; when the server needs a token the request did not
+carry, `hello` goes out and the client's first message (a `subscribe` with `token`) is read. Any
+problem closes the connection with a code and a reason saying what was wrong.
+
+Then it runs two tasks: a sender, the only writer on the socket (`hello` or the answer to the
+first message, the backlog of a resume, then the client's queue), and a receiver (pings, filter
+changes, protocol violations, the disconnect). Whatever ends first ends the connection; when
+the server ends it, the client gets a close code and a reason saying why.
 
 Resume without gap or repeat: the client is registered with the fan-out *before* the backlog is
 read, so every entry is either in the backlog or arrives in its queue (or both); queued entries at
-or below the last backlog id are then skipped.
+or below the last backlog id are then skipped. The backlog is filtered with the filters in force
+when it starts: a filter change meanwhile takes effect, like any change, from its `subscribed`
+answer on, which the sender sends after the backlog.
 """
 
 from __future__ import annotations
@@ -16,25 +24,39 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from services.notifier.clients import Client, Delivery, StreamId
+from services.notifier.auth import ConnectionSlots, Tokens, presented_token
+from services.notifier.clients import Client, Delivery, SignalFilter, StreamId
 from services.notifier.fanout import Backlog, Fanout
+from services.notifier.filters import FILTER_FIELDS, FilterError, Filters, filters_from_query
 from services.notifier.metrics import CLIENTS, CLIENTS_DROPPED, LATENCY, SENT_BACKLOG, SENT_LIVE
 from services.notifier.protocol import (
     HELLO,
+    MISSING_TOKEN,
+    PONG,
+    UNKNOWN_TOKEN,
     Close,
     CloseCode,
+    Ping,
     ProtocolError,
+    bad_filter,
+    bad_request,
     gap_message,
-    reply_to,
+    read_client_message,
+    setup_timeout,
+    subscribed_message,
+    too_many_connections,
 )
 from shared.ops import HealthCheck, ops_routes
 
@@ -51,37 +73,102 @@ NOT_READY = Close(
     CloseCode.TRY_AGAIN_LATER, "signal reader not connected to Redis yet; retry later", "not_ready"
 )
 BACKLOG_FAILED = Close(
-    CloseCode.TRY_AGAIN_LATER, "backlog read failed (Redis error); reconnect and resume",
+    CloseCode.TRY_AGAIN_LATER,
+    "backlog read failed (Redis error); reconnect and resume",
     "backlog_failed",
 )
 INTERNAL = Close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume", "internal_error")
+LATE_LAST_ID = bad_request("last_id is read only on the URL or in the first message")
+
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class FeedPolicy:
+    """Who may connect and what a connection may do."""
+
+    tokens: Tokens
+    slots: ConnectionSlots
+    queue_size: int
+    max_message_bytes: int
+    max_filter_values: int
+    setup_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a connection asked for, once its setup is done."""
+
+    token_id: str | None
+    filters: Filters
+    resume_after: StreamId | None
+    # The `subscribed` answer owed to a first message, sent before anything else; when there is
+    # one, `hello` went out before the first message.
+    first_reply: str | None = None
 
 
 def create_app(
-    fanout: Fanout, backlog: Backlog, health: HealthCheck, *, queue_size: int
+    fanout: Fanout,
+    backlog: Backlog,
+    health: HealthCheck,
+    status: StatusSource,
+    policy: FeedPolicy,
 ) -> Starlette:
     async def page(_: Request) -> HTMLResponse:
         return HTMLResponse(DASHBOARD_HTML)
 
+    async def api_status(_: Request) -> JSONResponse:
+        return JSONResponse(await status(), headers={"Cache-Control": "no-store"})
+
     async def feed(websocket: WebSocket) -> None:
         await websocket.accept()
-        await _serve(websocket, fanout, backlog, queue_size)
+        await _serve(websocket, fanout, backlog, policy)
 
     routes: list[BaseRoute] = [
-        Route("/", page), WebSocketRoute("/ws", feed), *ops_routes(health)
+        Route("/", page),
+        Route("/api/status", api_status),
+        WebSocketRoute("/ws", feed),
+        *ops_routes(health),
     ]
     return Starlette(routes=routes)
 
 
-async def _serve(websocket: WebSocket, fanout: Fanout, backlog: Backlog, queue_size: int) -> None:
+async def _serve(
+    websocket: WebSocket, fanout: Fanout, backlog: Backlog, policy: FeedPolicy
+) -> None:
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else ""
     try:
-        resume_after = _resume_point(websocket)
-    except ValueError as exc:
-        close = Close(CloseCode.POLICY_VIOLATION, f"bad last_id: {exc}"[:120], "bad_request")
-        await _close(websocket, peer, close)
+        setup = await _set_up(websocket, policy)
+    except ProtocolError as exc:
+        await _close(websocket, peer, exc.close)
         return
-    client = Client(queue_size, peer=peer, resume_after=resume_after)
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        return
+    token_id = setup.token_id
+    if token_id is not None and not policy.slots.acquire(token_id):
+        await _close(websocket, peer, too_many_connections(policy.slots.limit))
+        return
+    try:
+        await _stream(websocket, fanout, backlog, policy, setup, peer)
+    finally:
+        if token_id is not None:
+            policy.slots.release(token_id)
+
+
+async def _stream(
+    websocket: WebSocket,
+    fanout: Fanout,
+    backlog: Backlog,
+    policy: FeedPolicy,
+    setup: Setup,
+    peer: str,
+) -> None:
+    client = Client(
+        policy.queue_size,
+        peer=peer,
+        accepts=_accepts(setup.filters),
+        resume_after=setup.resume_after,
+    )
     try:
         await asyncio.wait_for(fanout.ready.wait(), READY_TIMEOUT_S)
     except TimeoutError:
@@ -90,20 +177,87 @@ async def _serve(websocket: WebSocket, fanout: Fanout, backlog: Backlog, queue_s
     fanout.add(client)
     CLIENTS.inc()
     try:
-        await _run_connection(websocket, client, backlog)
+        await _run_connection(websocket, client, backlog, policy, setup)
     finally:
         fanout.remove(client)
         CLIENTS.dec()
 
 
-def _resume_point(websocket: WebSocket) -> StreamId | None:
-    last_id = websocket.query_params.get("last_id")
-    return None if last_id is None else StreamId.parse(last_id)
+async def _set_up(websocket: WebSocket, policy: FeedPolicy) -> Setup:
+    """Check the request; when the token is owed, send `hello` and read the first message.
+
+    Otherwise `hello` is left to the sender, so that it goes out after the client is registered
+    with the fan-out: a client may rely on getting every signal published after its `hello`
+    (or after its `subscribed`, when it sent a first message).
+    """
+    query = websocket.query_params
+    resume_after = _stream_id(query.get("last_id"))
+    try:
+        filters = filters_from_query(
+            {name: query.getlist(name) for name in FILTER_FIELDS if name in query},
+            max_values=policy.max_filter_values,
+        )
+    except FilterError as exc:
+        raise ProtocolError(bad_filter(str(exc))) from None
+    token = presented_token(websocket.headers, query)
+    token_id = _identify(policy.tokens, token) if token is not None else None
+    if policy.tokens.open or token_id is not None:
+        return Setup(token_id, filters, resume_after)
+
+    await websocket.send_text(HELLO)
+    try:
+        message = await asyncio.wait_for(_receive_one(websocket), policy.setup_timeout_s)
+    except TimeoutError:
+        raise ProtocolError(setup_timeout(policy.setup_timeout_s)) from None
+    first = read_client_message(
+        message, max_bytes=policy.max_message_bytes, max_filter_values=policy.max_filter_values
+    )
+    if isinstance(first, Ping) or first.token is None:
+        raise ProtocolError(MISSING_TOKEN)
+    token_id = _identify(policy.tokens, first.token)
+    if first.last_id is not None:
+        if resume_after is not None:
+            raise ProtocolError(bad_request("last_id both on the URL and in the first message"))
+        resume_after = _stream_id(first.last_id)
+    if first.filters is not None:
+        filters = first.filters
+    return Setup(token_id, filters, resume_after, subscribed_message(filters))
 
 
-async def _run_connection(websocket: WebSocket, client: Client, backlog: Backlog) -> None:
-    sender = asyncio.ensure_future(_send(websocket, client, backlog))
-    receiver = asyncio.ensure_future(_receive(websocket, client))
+def _identify(tokens: Tokens, token: str) -> str | None:
+    if tokens.open:
+        return None
+    token_id = tokens.identify(token)
+    if token_id is None:
+        raise ProtocolError(UNKNOWN_TOKEN)
+    return token_id
+
+
+def _stream_id(text: str | None) -> StreamId | None:
+    if text is None:
+        return None
+    try:
+        return StreamId.parse(text)
+    except ValueError as exc:
+        raise ProtocolError(bad_request(f"bad last_id: {exc}")) from None
+
+
+async def _receive_one(websocket: WebSocket) -> Mapping[str, Any]:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message
+
+
+def _accepts(filters: Filters) -> SignalFilter | None:
+    return None if filters.matches_all else filters.matches
+
+
+async def _run_connection(
+    websocket: WebSocket, client: Client, backlog: Backlog, policy: FeedPolicy, setup: Setup
+) -> None:
+    sender = asyncio.ensure_future(_send(websocket, client, backlog, setup.first_reply))
+    receiver = asyncio.ensure_future(_receive(websocket, client, policy, setup.filters))
     kicked = asyncio.ensure_future(client.kicked.wait())
     tasks = (sender, receiver, kicked)
     try:
@@ -121,11 +275,13 @@ async def _run_connection(websocket: WebSocket, client: Client, backlog: Backlog
         await _close(websocket, client.peer, client.close)
 
 
-async def _send(websocket: WebSocket, client: Client, backlog: Backlog) -> None:
-    await websocket.send_text(HELLO)
+async def _send(
+    websocket: WebSocket, client: Client, backlog: Backlog, first_reply: str | None
+) -> None:
+    await websocket.send_text(HELLO if first_reply is None else first_reply)
     if client.resume_after is not None:
         try:
-            last = await _send_backlog(websocket, client.resume_after, backlog)
+            last = await _send_backlog(websocket, client.resume_after, backlog, client.accepts)
         except RedisError as exc:
             log.warning("backlog_read_failed", extra={"peer": client.peer, "error": repr(exc)})
             client.kick(BACKLOG_FAILED)
@@ -139,40 +295,61 @@ async def _send(websocket: WebSocket, client: Client, backlog: Backlog) -> None:
             LATENCY.observe(time.time() - delivery.signal.received_at)
 
 
-async def _send_backlog(websocket: WebSocket, after: StreamId, backlog: Backlog) -> StreamId:
-    """Send every entry after `after`; return the id of the last entry read."""
+async def _send_backlog(
+    websocket: WebSocket, after: StreamId, backlog: Backlog, accepts: SignalFilter | None
+) -> StreamId:
+    """Send every matching entry after `after`; return the id of the last entry read."""
     first_kept = await backlog.trimmed_after(after)
     if first_kept is not None:
         await websocket.send_text(gap_message(str(after), str(first_kept)))
     last = after
     async for stream_id, delivery in backlog.entries_after(after):
         last = stream_id
-        if delivery is not None:
+        if delivery is None or delivery.signal is None:
+            continue
+        if accepts is None or accepts(delivery.signal):
             await websocket.send_text(delivery.text)
             SENT_BACKLOG.inc()
     return last
 
 
-async def _receive(websocket: WebSocket, client: Client) -> None:
-    """Answer pings until the client disconnects or breaks the protocol (then kick it)."""
+async def _receive(
+    websocket: WebSocket, client: Client, policy: FeedPolicy, filters: Filters
+) -> None:
+    """Answer pings and filter changes until the client disconnects or breaks the protocol."""
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
         try:
-            reply = reply_to(message)
+            request = read_client_message(
+                message,
+                max_bytes=policy.max_message_bytes,
+                max_filter_values=policy.max_filter_values,
+            )
         except ProtocolError as exc:
             client.kick(exc.close)
             return
-        # Through the queue, so the sender stays the socket's only writer.
-        client.offer(Delivery(reply))
+        # Replies go through the queue, so the sender stays the socket's only writer.
+        if isinstance(request, Ping):
+            client.offer(Delivery(PONG))
+            continue
+        if request.last_id is not None:
+            client.kick(LATE_LAST_ID)
+            return
+        if request.filters is not None:
+            filters = request.filters
+        client.change_filter(_accepts(filters), Delivery(subscribed_message(filters)))
 
 
 async def _close(websocket: WebSocket, peer: str, close: Close) -> None:
     CLIENTS_DROPPED.labels(close.label).inc()
     level = logging.WARNING if close.label == "slow_consumer" else logging.INFO
-    log.log(level, "client_closed", extra={
-        "peer": peer, "code": int(close.code), "reason": close.reason})
+    log.log(
+        level,
+        "client_closed",
+        extra={"peer": peer, "code": int(close.code), "reason": close.reason},
+    )
     # A client that stopped reading may never take the close frame; don't wait for it forever.
     with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, TimeoutError):
         await asyncio.wait_for(websocket.close(close.code, close.reason), CLOSE_TIMEOUT_S)

@@ -90,6 +90,12 @@ class Client:
             return False
         return True
 
+    def change_filter(self, accepts: SignalFilter | None, reply: Delivery) -> bool:
+        """Swap the filter and queue `reply` in one step: signals queued before the reply were
+        chosen by the old filter, those after it by the new one. False if the queue was full."""
+        self.accepts = accepts
+        return self.offer(reply)
+
     def kick(self, close: Close) -> None:
         """Mark the client to be closed with this code and reason; the first reason wins."""
         if self.close is None:

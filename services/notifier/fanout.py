@@ -71,10 +71,12 @@ async def stream_tail(client: aioredis.Redis, stream: str) -> str:
     return last.decode()
 
 
-def reader_connection(url: str, stream: str, block_ms: int) -> aioredis.Redis:
+def reader_connection(
+    url: str, stream: str, block_ms: int, *, role: str = "betterbot-notifier"
+) -> aioredis.Redis:
     # A connection of its own, since a blocked XREAD holds it. The socket timeout sits above the
     # block time, so a silently dead connection raises instead of hanging the reader for good.
-    name = "betterbot-notifier:" + re.sub(r"\s", "_", stream)
+    name = f"{role}:" + re.sub(r"\s", "_", stream)
     return aioredis.Redis.from_url(
         url, socket_timeout=block_ms / 1000 + 5, socket_connect_timeout=5, client_name=name
     )
@@ -148,10 +150,14 @@ class Fanout:
                     READ_ERRORS.inc()
                     self.status = "retrying"
                     delay = backoff.next()
-                    log.warning("signals_read_failed", extra={
-                        "error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay,
-                        "last_id": self.last_id,
-                    })
+                    log.warning(
+                        "signals_read_failed",
+                        extra={
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "retry_in_s": delay,
+                            "last_id": self.last_id,
+                        },
+                    )
                     await asyncio.sleep(delay)
                     continue
                 backoff.reset()
@@ -167,8 +173,9 @@ class Fanout:
             self.last_id = await stream_tail(reader, self._stream)
             self.status = "reading"
             self.ready.set()
-            log.info("signals_reader_started", extra={"stream": self._stream,
-                                                      "after": self.last_id})
+            log.info(
+                "signals_reader_started", extra={"stream": self._stream, "after": self.last_id}
+            )
         response: Any = await reader.xread(
             {self._stream: self.last_id}, count=self._count, block=self._block_ms
         )
@@ -185,10 +192,14 @@ class Fanout:
             except ValueError as exc:
                 # The producer dead-letters what it cannot process; here we only refuse to forward.
                 ENTRIES_INVALID.inc()
-                log.warning("signal_entry_skipped", extra={
-                    "stream": self._stream, "id": entry_id.decode(),
-                    "reason": rejection_reason(exc),
-                })
+                log.warning(
+                    "signal_entry_skipped",
+                    extra={
+                        "stream": self._stream,
+                        "id": entry_id.decode(),
+                        "reason": rejection_reason(exc),
+                    },
+                )
                 continue
             SIGNALS_READ.inc()
             for client in clients:
@@ -225,9 +236,12 @@ class Backlog:
         """Every entry after `after`, oldest first; None in place of an entry that is no Signal."""
         cursor = str(after)
         while True:
-            page = cast(Sequence[Entry], await self._client.xrange(
-                self._stream, min=f"({cursor}", max="+", count=self._page
-            ))
+            page = cast(
+                Sequence[Entry],
+                await self._client.xrange(
+                    self._stream, min=f"({cursor}", max="+", count=self._page
+                ),
+            )
             for entry_id, fields in page:
                 yield StreamId.parse(entry_id), _backlog_delivery(entry_id, fields)
             if len(page) < self._page:
@@ -240,6 +254,8 @@ def _backlog_delivery(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Deliver
         return to_delivery(entry_id, fields)
     except ValueError as exc:
         # The live reader already reported it (or would have, had it been running then).
-        log.debug("backlog_entry_skipped", extra={
-            "id": entry_id.decode(), "reason": rejection_reason(exc)})
+        log.debug(
+            "backlog_entry_skipped",
+            extra={"id": entry_id.decode(), "reason": rejection_reason(exc)},
+        )
         return None

@@ -29,3 +29,30 @@ LATENCY = Histogram(
     "From the ingestor receiving the order (signal received_at) to the signal sent to a client",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+WEBHOOK_ATTEMPTS = Counter(
+    "betterbot_notifier_webhook_attempts",
+    "Webhook POSTs, by endpoint name and result (2xx, 4xx, 5xx, timeout, error, ...)",
+    ["webhook", "result"],
+)
+WEBHOOK_OUTCOMES = Counter(
+    "betterbot_notifier_webhook_outcomes",
+    "Signals finished per endpoint: delivered, or dead (dead-lettered on webhooks.dead)",
+    ["webhook", "outcome"],
+)
+WEBHOOK_LATENCY = Histogram(
+    "betterbot_notifier_webhook_latency_seconds",
+    "From the ingestor receiving the order (signal received_at) to the endpoint's 2xx",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+WEBHOOK_IN_FLIGHT = Gauge(
+    "betterbot_notifier_webhook_in_flight", "Signals being delivered to webhooks on this replica"
+)
+WEBHOOK_RECLAIMED = Counter(
+    "betterbot_notifier_webhook_reclaimed",
+    "Pending webhook entries taken over from a replica that stopped handling them",
+)
+WEBHOOK_SKIPPED = Counter(
+    "betterbot_notifier_webhook_entries_skipped",
+    "Entries of the signals stream acked without delivery because they are not a Signal",
+)

@@ -1,0 +1,144 @@
+"""Which signals a subscriber (a WebSocket client or a webhook) wants.
+
+```json
+{"wallets": ["0xabc…"], "markets": ["nobel-peace-prize-2025"], "kinds": ["whale_order"],
+ "min_confidence": 0.8}
+```
+
+- A field left out (or `null`) matches every signal; the fields combine with AND, the values of
+  one field with OR.
+- `wallets`: 0x addresses (any case). `markets`: market slugs or condition ids (any case).
+  `kinds`: `SignalKind` values. `min_confidence`: 0..1, inclusive.
+- An empty list is an error rather than "match nothing": leave the field out to match any.
+- Unknown fields are errors too, so a typo (`"wallet"`) is reported instead of silently matching
+  everything.
+
+On a URL (`/ws?wallets=0xa,0xb&kinds=whale_order&min_confidence=0.8`) list fields are
+comma-separated and may repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from shared.models import Address, Signal, SignalKind
+
+FILTER_FIELDS = ("wallets", "markets", "kinds", "min_confidence")
+_LIST_FIELDS = ("wallets", "markets", "kinds")
+
+Market = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=200)
+]
+
+
+class FilterError(ValueError):
+    """A filter that cannot be used; the message is short, single-line and echoes no values."""
+
+
+class Filters(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    wallets: frozenset[Address] | None = None
+    markets: frozenset[Market] | None = None
+    kinds: frozenset[SignalKind] | None = None
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator(*_LIST_FIELDS, mode="before")
+    @classmethod
+    def _no_empty_list(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple | set | frozenset) and not value:
+            raise ValueError("empty list matches nothing; leave the field out to match any")
+        return value
+
+    @property
+    def matches_all(self) -> bool:
+        return self == MATCH_ALL
+
+    def matches(self, signal: Signal) -> bool:
+        return (
+            signal.confidence >= self.min_confidence
+            and (self.kinds is None or signal.kind in self.kinds)
+            and (self.wallets is None or signal.wallet in self.wallets)
+            and (
+                self.markets is None
+                or signal.market_slug.lower() in self.markets
+                or signal.condition_id.lower() in self.markets
+            )
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The normalized filters as JSON (sorted lists, null for "any"), as clients get them."""
+        return {
+            "wallets": _sorted(self.wallets),
+            "markets": _sorted(self.markets),
+            "kinds": _sorted(self.kinds),
+            "min_confidence": self.min_confidence,
+        }
+
+    def size(self) -> int:
+        return sum(len(values or ()) for values in (self.wallets, self.markets, self.kinds))
+
+
+MATCH_ALL = Filters()
+
+
+def _sorted(values: Iterable[str] | None) -> list[str] | None:
+    return None if values is None else sorted(str(value) for value in values)
+
+
+def parse_filters(payload: Any, *, max_values: int) -> Filters:
+    """Filters from a JSON value (an object, or null for "everything"); FilterError otherwise."""
+    if payload is None:
+        return MATCH_ALL
+    if not isinstance(payload, dict):
+        raise FilterError("filters must be a JSON object")
+    # Counted before validation too, so an oversized filter costs nothing to refuse.
+    raw_size = sum(len(v) for k, v in payload.items() if k in _LIST_FIELDS and isinstance(v, list))
+    if raw_size > max_values:
+        raise FilterError(f"{raw_size} values, limit {max_values}")
+    try:
+        filters = Filters.model_validate(payload)
+    except ValidationError as exc:
+        raise FilterError(_first_problem(exc)) from None
+    if filters.size() > max_values:
+        raise FilterError(f"{filters.size()} values, limit {max_values}")
+    return filters
+
+
+def filters_from_query(params: Mapping[str, list[str]], *, max_values: int) -> Filters:
+    """Filters from URL query parameters (each name with all its values); FilterError if bad."""
+    payload: dict[str, Any] = {}
+    for name in _LIST_FIELDS:
+        if name in params:
+            payload[name] = [
+                part.strip() for value in params[name] for part in value.split(",") if part.strip()
+            ]
+    if "min_confidence" in params:
+        values = params["min_confidence"]
+        if len(values) != 1:
+            raise FilterError("min_confidence given more than once")
+        payload["min_confidence"] = values[0]
+    return parse_filters(payload, max_values=max_values)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "filters"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field (known: {', '.join(FILTER_FIELDS)})"
+    if error["type"] == "frozen_set_type":
+        return f"{where}: must be a list"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{where}: not a 0x wallet address of 40 hex digits"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}"
