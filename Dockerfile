@@ -8,6 +8,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY devtools ./devtools
+COPY cli ./cli
 RUN pip install -c constraints.txt . \
     && useradd --system --uid 10001 --no-create-home betterbot
 COPY config ./config

@@ -35,6 +35,7 @@ from services.notifier.webhooks.delivery import RetryPolicy
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, run_until_stopped, stop_event
 from shared.redis_streams import connect
+from shared.stream_metrics import public_streams, track_streams
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,12 @@ class Notifier:
             closed.set()
 
         try:
-            await run_until_stopped(closed, self.fanout.run(), lifecycle(), servers=(self.server,))
+            # Stream gauges (lag, pending, length) are the same from any replica; the notifier runs
+            # in every deployment, so it is the one that publishes them.
+            tracker = track_streams(self.redis, public_streams(self.settings.streams), closed)
+            await run_until_stopped(
+                closed, self.fanout.run(), lifecycle(), tracker, servers=(self.server,)
+            )
         finally:
             # run_until_stopped cancels uvicorn mid-loop, before it closes its listening sockets.
             for listener in getattr(self.server, "servers", ()):
