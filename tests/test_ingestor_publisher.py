@@ -1,6 +1,7 @@
 """The publisher against real Redis: the atomic dedupe + XADD script, plain entries, one slot for
-the stream and its seen keys, and nothing lost while Redis is unreachable (through a TCP proxy the
-test switches off and on)."""
+the stream, its seen keys and the watermarks, watermarks that only grow and only with what was
+published, and nothing lost while Redis is unreachable (through a TCP proxy the test switches off
+and on)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from devtools.servers import free_port
-from services.ingestor.publisher import Publisher
+from services.ingestor.publisher import Outgoing, Publisher, watermark_key
 from shared.models import DomeOrder, OrderFill, Source
 from shared.streams import Streams
 
@@ -80,8 +81,8 @@ async def test_script_adds_each_order_key_once(
 ) -> None:
     a, b, c = tape_fills(3)
     publisher = make_publisher(redis_client, streams)
-    assert await publisher.publish([a, b, a]) == [True, True, False]
-    assert await publisher.publish([a, c]) == [False, True]
+    assert await publisher.publish([Outgoing(a), Outgoing(b), Outgoing(a)]) == [True, True, False]
+    assert await publisher.publish([Outgoing(a), Outgoing(c)]) == [False, True]
     assert await stream_keys(redis_client, streams) == [a.order_key, b.order_key, c.order_key]
     seen = streams.seen_order_prefix() + a.order_key
     assert 0 < await redis_client.ttl(seen) <= TTL_S
@@ -91,7 +92,7 @@ async def test_entries_are_plain_json_readable_without_our_code(
     redis_client: aioredis.Redis, streams: Streams
 ) -> None:
     (fill,) = tape_fills(1)
-    await make_publisher(redis_client, streams).publish([fill])
+    await make_publisher(redis_client, streams).publish([Outgoing(fill)])
     ((_, fields),) = await entries(redis_client, streams.orders_raw)
     payload = json.loads(fields[b"data"])
     assert payload == json.loads(fill.model_dump_json())
@@ -99,11 +100,39 @@ async def test_entries_are_plain_json_readable_without_our_code(
     assert payload["user"] == fill.user and payload["price"] == fill.price
 
 
-def test_stream_and_seen_keys_share_a_cluster_slot() -> None:
+def test_stream_seen_keys_and_watermarks_share_a_cluster_slot() -> None:
     for namespace in ("", "t1:", "prod-eu:"):
         streams = Streams(namespace)
         seen = streams.seen_order_prefix() + "0123456789abcdef"
-        assert key_slot(streams.orders_raw.encode()) == key_slot(seen.encode())
+        slot = key_slot(streams.orders_raw.encode())
+        assert slot == key_slot(seen.encode()) == key_slot(watermark_key(streams).encode())
+
+
+async def test_watermarks_move_only_up_and_only_with_published_fills(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    early, late = sorted(tape_fills(40), key=lambda f: f.timestamp)[::39]
+    assert early.timestamp < late.timestamp
+    other = next(f for f in tape_fills(40) if f.user != late.user)
+    publisher = make_publisher(redis_client, streams)
+    # Published without a feed (a backfill page, or a live fill before its wallet's backfill):
+    # no watermark moves.
+    assert await publisher.publish_now([late]) == 1
+    assert await publisher.watermark("dome", late.user) is None
+    # A live fill of a caught-up wallet raises its feed's mark in the publishing script, even
+    # when it is a duplicate (it was read, and it is in the stream).
+    await publisher.publish([Outgoing(late, "dome"), Outgoing(other, "data_api")])
+    assert await publisher.watermark("dome", late.user) == late.timestamp
+    assert await publisher.watermark("data_api", other.user) == other.timestamp
+    assert await publisher.watermark("dome", other.user) is None
+    # Never lowered, by a live fill or by a backfill.
+    await publisher.publish([Outgoing(early.model_copy(update={"user": late.user}), "dome")])
+    await publisher.advance_watermark("dome", late.user, early.timestamp)
+    assert await publisher.watermark("dome", late.user) == late.timestamp
+    await publisher.advance_watermark("dome", late.user, late.timestamp + 5)
+    assert await publisher.watermark("dome", late.user) == late.timestamp + 5
+    fields = await redis_client.hgetall(watermark_key(streams))
+    assert set(fields) == {f"dome:{late.user}".encode(), f"data_api:{other.user}".encode()}
 
 
 async def test_queued_fills_go_out_in_batches(

@@ -1,6 +1,7 @@
 """The ingestor end to end against real Redis and a small Dome-protocol WebSocket server of the
 test's own (`FakeDome`): subscriptions and acks, fills on `orders.raw`, dedupe across reconnects,
-rejected frames, reconnects, the key kept out of every log line, and the process's SIGTERM path."""
+rejected frames, reconnects, the key kept out of every log line, and the process's SIGTERM path.
+FakeDome has no REST side, so gap backfill is off here (see test_ingestor_faults.py for it)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import inspect
 import itertools
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +26,7 @@ from websockets.http11 import Request, Response
 from devtools.servers import free_port
 from services.ingestor.service import Ingestor, StartupError
 from services.ingestor.settings import IngestorSettings
+from services.ingestor.sources.ws_connection import DomeConnection
 from shared.logs import JsonFormatter
 from shared.models import order_key
 from shared.streams import Streams
@@ -35,7 +35,8 @@ from tests.helpers.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-5f0c1e9a7b3d4c2e8f6a"
-WALLETS = [wallet.address for wallet in load_wallets(ROOT / "config" / "wallets.example.json")]
+# In the registry's order (by address), which is the order the ingestor subscribes them in.
+WALLETS = sorted(w.address for w in load_wallets(ROOT / "config" / "wallets.example.json"))
 TRADES = [
     trade
     for trade in json.loads((ROOT / "data" / "polymarket_trades_nobel2025.json").read_bytes())
@@ -165,6 +166,7 @@ def settings_for(redis_url: str, namespace: str, dome: FakeDome) -> Callable[...
             "status_interval_s": 0.05,
             "ops_port": 0,
             "shutdown_flush_timeout_s": 5,
+            "backfill_via": "off",
             **overrides,
         }
         return IngestorSettings(**values)
@@ -200,12 +202,19 @@ async def until(check: Callable[[], bool | Awaitable[bool]], within_s: float = 1
         await asyncio.sleep(0.01)
 
 
+def connection(ingestor: Ingestor) -> DomeConnection:
+    assert ingestor.websocket is not None
+    (only,) = ingestor.websocket.connections
+    return only
+
+
 async def subscribed(ingestor: Ingestor, dome: FakeDome, connections: int) -> None:
     await until(
         lambda: (
             len(dome.connections) == connections
-            and len(ingestor.source.registry.active) == len(CHUNKS)
-            and ingestor.source.registry.pending == 0
+            and ingestor.websocket is not None
+            and len(connection(ingestor).registry.active) == len(CHUNKS)
+            and connection(ingestor).registry.pending == 0
         )
     )
 
@@ -252,7 +261,7 @@ async def test_subscribes_in_chunks_and_matches_acks_in_order(
                 "version": 1,
                 "type": "orders",
             }
-        assert ingestor.source.registry.active == dict(zip(dome.ack_ids, CHUNKS, strict=True))
+        assert connection(ingestor).registry.active == dict(zip(dome.ack_ids, CHUNKS, strict=True))
         status_key = streams.feed_status_key()
         await until(lambda: _hash_has(redis_client, status_key, connected=b"1", subscriptions=b"3"))
 
@@ -265,8 +274,10 @@ async def _hash_has(client: aioredis.Redis, key: str, **expected: bytes) -> bool
 async def test_too_many_wallets_fail_at_startup_naming_the_numbers(
     dome: FakeDome, settings_for: Callable[..., IngestorSettings]
 ) -> None:
+    ingestor = Ingestor(settings_for(dome_max_subscriptions=2, dome_wallets_per_subscription=5))
     with pytest.raises(StartupError) as error:
-        Ingestor(settings_for(dome_max_subscriptions=2, dome_wallets_per_subscription=5))
+        await ingestor.start()
+    await ingestor.redis.aclose()
     assert "20 tracked wallets exceed the capacity of 2 subscriptions x 5 wallets = 10" in str(
         error.value
     )
@@ -280,7 +291,7 @@ async def test_events_reach_orders_raw_as_plain_json(
     streams: Streams,
 ) -> None:
     trades = TRADES[:3]
-    published_before = metric("betterbot_ingestor_published_total")
+    published_before = metric("betterbot_ingestor_published_total", source="dome_ws")
     async with running(settings_for()) as ingestor:
         await subscribed(ingestor, dome, connections=1)
         await dome.send(*(event(trade) for trade in trades))
@@ -296,7 +307,7 @@ async def test_events_reach_orders_raw_as_plain_json(
     status = await redis_client.hgetall(streams.feed_status_key())
     assert status[b"state"] == b"stopped" and status[b"connected"] == b"0"
     assert status[b"last_exchange_ts"] == str(trades[-1]["timestamp"]).encode()
-    assert metric("betterbot_ingestor_published_total") - published_before == 3
+    assert metric("betterbot_ingestor_published_total", source="dome_ws") - published_before == 3
 
 
 async def test_a_fill_is_published_once_even_when_repeated_after_a_reconnect(
@@ -313,7 +324,7 @@ async def test_a_fill_is_published_once_even_when_repeated_after_a_reconnect(
 
         await dome.connections[-1].close()
         await subscribed(ingestor, dome, connections=2)
-        assert set(ingestor.source.registry.active) == {"sub_4", "sub_5", "sub_6"}
+        assert set(connection(ingestor).registry.active) == {"sub_4", "sub_5", "sub_6"}
         await dome.send(event(first, "sub_4"), event(second, "sub_5"))
         await until(lambda: count(redis_client, streams.orders_raw, 2))
         await until(lambda: ingestor.publisher.duplicates == 2)
@@ -336,8 +347,8 @@ async def test_reconnects_and_resubscribes_after_close_and_abrupt_drop(
         dome.connections[-1].transport.abort()
         await subscribed(ingestor, dome, connections=3)
         assert [tuple(r["filters"]["users"]) for r in dome.subscribes] == CHUNKS * 3
-        assert ingestor.status.reconnects == 2
-        assert ingestor.source.backoff.attempt == 2  # short-lived connections: no reset
+        assert connection(ingestor).status.reconnects == 2
+        assert connection(ingestor).backoff.attempt == 2  # short-lived connections: no reset
         await dome.send(event(TRADES[5], "sub_7"))
         await until(lambda: count(redis_client, streams.orders_raw, 1))
     lost = [r for r in caplog.records if r.getMessage() == "connection_lost"]
@@ -353,8 +364,8 @@ async def test_a_connection_that_stayed_up_resets_the_backoff(
         for connections in (2, 3):
             dome.connections[-1].transport.abort()
             await subscribed(ingestor, dome, connections=connections)
-        assert ingestor.status.reconnects == 2
-        assert ingestor.source.backoff.attempt == 1
+        assert connection(ingestor).status.reconnects == 2
+        assert connection(ingestor).backoff.attempt == 1
 
 
 async def test_malformed_frames_are_rejected_dead_lettered_and_streaming_goes_on(
@@ -499,6 +510,7 @@ async def test_sigterm_closes_the_socket_flushes_and_exits_zero(
             "LOG_LEVEL": "DEBUG",
             "DOME_RECONNECT_MIN_S": "0.05",
             "DOME_RECONNECT_MAX_S": "0.5",
+            "BACKFILL_VIA": "off",
         },
         health_url=f"http://127.0.0.1:{ops_port}/health",
         tag=namespace.rstrip(":") + "-",
@@ -516,7 +528,7 @@ async def test_sigterm_closes_the_socket_flushes_and_exits_zero(
     assert code == 0, service.log_tail()
     assert health["ok"] is True and health["state"] == "connected"
     assert health["subscriptions"] == 1 and health["redis"] == "ok"
-    assert "betterbot_ingestor_published_total 1.0" in metrics_text
+    assert 'betterbot_ingestor_published_total{source="dome_ws"} 1.0' in metrics_text
     assert 'betterbot_ingestor_connected{source="dome_ws"} 1.0' in metrics_text
     assert dome.connections[-1].close_code == 1001  # going away
     status = await redis_client.hgetall(streams.feed_status_key())
@@ -524,16 +536,3 @@ async def test_sigterm_closes_the_socket_flushes_and_exits_zero(
     log_text = service.log_text()
     assert KEY not in log_text
     assert '"event":"stopping"' in log_text
-
-
-def test_polling_mode_is_refused_at_startup_with_exit_code_2(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "services.ingestor"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "DOME_USE_WEBSOCKET": "false", "HOME": str(tmp_path)},
-    )
-    assert result.returncode == 2
-    assert "startup_failed" in result.stderr and "REST polling" in result.stderr

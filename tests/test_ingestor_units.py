@@ -1,5 +1,5 @@
 """Unit tests of the ingestor's pure parts: backoff, frame parsing, subscription planning, the ack
-registry, settings and startup checks, health evaluation."""
+registry, settings, health evaluation. (More pure logic in test_ingestor_logic.py.)"""
 
 from __future__ import annotations
 
@@ -12,17 +12,34 @@ import pytest
 from pydantic import ValidationError
 
 from services.ingestor.backoff import Backoff, backoff_bound
-from services.ingestor.feed_status import ConnectionState, FeedStatus, evaluate_health
-from services.ingestor.frames import Ack, Fill, Rejected, RejectKind, ServerError, parse_frame
-from services.ingestor.service import StartupError, plan
+from services.ingestor.dialects import subscribe_message
+from services.ingestor.feed_status import (
+    ConnectionState,
+    FeedStatus,
+    evaluate_health,
+    status_fields,
+)
+from services.ingestor.frames import (
+    Ack,
+    Fill,
+    Ignored,
+    Rejected,
+    RejectKind,
+    ServerError,
+    parse_frame,
+)
 from services.ingestor.settings import IngestorSettings
+from services.ingestor.sources.dome_ws import limits_of
 from services.ingestor.subscriptions import (
+    Slot,
+    Subscribe,
+    SubscriptionLimits,
     SubscriptionPlanError,
     SubscriptionRegistry,
     plan_subscriptions,
-    subscribe_message,
 )
 from shared.models import Source, order_key
+from shared.wallets import load_wallets
 
 WALLET = "0x6031b6eed1c97e853c6e0f03ad3ce3529351f96d"
 OTHER_WALLET = "0x8d4e7a9c2b1f3e5d6a7b8c9d0e1f2a3b4c5d6e7f"
@@ -35,6 +52,9 @@ SETTINGS_ENV = (
     "DOME_WALLETS_PER_SUBSCRIPTION",
     "WALLETS_FILE",
     "OPS_PORT",
+    "DOME_TIER",
+    "INGEST_SOURCES",
+    "DOME_DIALECT",
 )
 
 
@@ -199,6 +219,17 @@ def test_untracked_wallet_is_rejected() -> None:
     assert OTHER_WALLET in frame.reason
 
 
+def test_a_just_removed_wallet_is_ignored_not_rejected() -> None:
+    frame = parse_frame(
+        event_frame(order_data(user=OTHER_WALLET)),
+        tracked=TRACKED,
+        received_at=1.0,
+        max_bytes=1 << 20,
+        ignored={OTHER_WALLET},
+    )
+    assert frame == Ignored(OTHER_WALLET)
+
+
 def test_oversized_frame_is_rejected_before_parsing() -> None:
     raw = event_frame(order_data(title="x" * 5000))
     frame = parse(raw, max_bytes=4096)
@@ -222,19 +253,31 @@ def wallets(count: int) -> list[str]:
     return [f"0x{index:040x}" for index in range(count)]
 
 
+def limits(
+    per: int, subs: int, per_connection: int = 500, connections: int = 10
+) -> SubscriptionLimits:
+    return SubscriptionLimits(per, subs, per_connection, connections)
+
+
 def test_wallets_are_chunked_in_order() -> None:
-    chunks = plan_subscriptions(wallets(20), per_subscription=7, max_subscriptions=3)
+    (chunks,) = plan_subscriptions(wallets(20), limits(7, 3))
     assert [len(chunk) for chunk in chunks] == [7, 7, 6]
     assert [w for chunk in chunks for w in chunk] == wallets(20)
 
 
 def test_exactly_the_capacity_fits() -> None:
-    assert len(plan_subscriptions(wallets(10), per_subscription=5, max_subscriptions=2)) == 2
+    (chunks,) = plan_subscriptions(wallets(10), limits(5, 2))
+    assert len(chunks) == 2
+
+
+def test_subscriptions_spread_over_connections() -> None:
+    plan = plan_subscriptions(wallets(1200), limits(500, 500, per_connection=2))
+    assert [[len(chunk) for chunk in conn] for conn in plan] == [[500, 500], [200]]
 
 
 def test_too_many_wallets_names_the_numbers() -> None:
     with pytest.raises(SubscriptionPlanError) as error:
-        plan_subscriptions(wallets(11), per_subscription=5, max_subscriptions=2)
+        plan_subscriptions(wallets(11), limits(5, 2))
     message = str(error.value)
     assert "11 tracked wallets" in message
     assert "2 subscriptions x 5 wallets = 10" in message
@@ -242,9 +285,15 @@ def test_too_many_wallets_names_the_numbers() -> None:
     assert "need 3 subscriptions" in message
 
 
-def test_no_wallets_is_an_error() -> None:
-    with pytest.raises(SubscriptionPlanError, match="no tracked wallets"):
-        plan_subscriptions([], per_subscription=5, max_subscriptions=2)
+def test_too_few_connections_names_the_numbers() -> None:
+    with pytest.raises(SubscriptionPlanError) as error:
+        plan_subscriptions(wallets(30), limits(5, 10, per_connection=2, connections=2))
+    message = str(error.value)
+    assert "need 6 subscriptions" in message and "2 connections x 2 subscriptions = 4" in message
+
+
+def test_no_wallets_plan_no_connection() -> None:
+    assert plan_subscriptions([], limits(5, 2)) == []
 
 
 def test_subscribe_message_is_domes_shape() -> None:
@@ -259,20 +308,22 @@ def test_subscribe_message_is_domes_shape() -> None:
 
 def test_acks_match_subscribes_first_in_first_out() -> None:
     registry = SubscriptionRegistry()
-    for chunk in (("a",), ("b", "c"), ("d",)):
-        registry.sent(chunk)
+    slots = [Slot(1, ["a"]), Slot(2, ["b", "c"]), Slot(3, ["d"])]
+    sent = registry.reconcile(slots)
+    assert sent == [Subscribe(1, ("a",)), Subscribe(2, ("b", "c")), Subscribe(3, ("d",))]
+    assert registry.reconcile(slots) == []  # waiting for acks: nothing sent twice
     assert registry.acked("sub_x") == ("a",)
     assert registry.acked("sub_y") == ("b", "c")
     assert registry.pending == 1
     assert registry.acked("sub_z") == ("d",)
     assert registry.acked("sub_extra") is None
     assert registry.active == {"sub_x": ("a",), "sub_y": ("b", "c"), "sub_z": ("d",)}
-    assert registry.wallets == 4
+    assert registry.wallets == 4 and registry.confirmed() == {"a", "b", "c", "d"}
     registry.clear()
     assert registry.active == {} and registry.pending == 0
 
 
-# --- settings and startup ------------------------------------------------------------------------
+# --- settings ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -290,6 +341,8 @@ def test_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert settings.dome_max_frame_bytes == 1 << 20
     assert settings.dedupe_ttl_s == 7 * 24 * 3600
     assert settings.dome_use_websocket is True
+    assert settings.sources() == ("dome_ws",) and settings.backfill_via == "dome_rest"
+    assert settings.backfill_initial_lookback_s == 3600
 
 
 def test_settings_read_unprefixed_env_and_hide_the_key(clean_env: pytest.MonkeyPatch) -> None:
@@ -304,40 +357,66 @@ def test_settings_read_unprefixed_env_and_hide_the_key(clean_env: pytest.MonkeyP
         assert "s3cret-dome-key" not in text
 
 
+def test_a_tier_fills_in_the_limits_not_set_explicitly(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DOME_TIER", "Free")
+    free = IngestorSettings(_env_file=None)
+    assert (free.dome_max_subscriptions, free.dome_wallets_per_subscription) == (2, 5)
+    assert (free.dome_rest_rate_per_s, free.dome_rest_rate_per_10s) == (10, 100)
+    clean_env.setenv("DOME_MAX_SUBSCRIPTIONS", "3")
+    assert IngestorSettings(_env_file=None).dome_max_subscriptions == 3
+    clean_env.delenv("DOME_MAX_SUBSCRIPTIONS")
+    dev = IngestorSettings(_env_file=None, dome_tier="dev", dome_rest_rate_per_s=7)
+    assert (dev.dome_max_subscriptions, dev.dome_rest_rate_per_10s) == (500, 500)
+    assert dev.dome_rest_rate_per_s == 7
+
+
+def test_sources_and_the_seeds_polling_switch(clean_env: pytest.MonkeyPatch) -> None:
+    assert IngestorSettings(_env_file=None, dome_use_websocket=False).sources() == ("dome_rest",)
+    both = IngestorSettings(_env_file=None, ingest_sources=" Dome_WS , data_api,dome_ws")
+    assert both.sources() == ("dome_ws", "data_api")
+    with pytest.raises(ValidationError, match="INGEST_SOURCES"):
+        IngestorSettings(_env_file=None, ingest_sources="dome_ws,kalshi")
+
+
+def test_polynode_dialect_puts_its_own_key_in_the_query(clean_env: pytest.MonkeyPatch) -> None:
+    settings = IngestorSettings(
+        _env_file=None,
+        dome_dialect="polynode",
+        dome_ws_url="wss://ws.polynode.dev/ws",
+        polynode_api_key="pn/key+1",
+        dome_api_key="dome-key",
+    )
+    assert settings.dome_ws_endpoint() == "wss://ws.polynode.dev/ws?key=pn%2Fkey%2B1"
+    assert {"pn/key+1", "pn%2Fkey%2B1", "dome-key"} <= set(settings.secrets())
+    for text in (str(settings), repr(settings)):
+        assert "pn/key" not in text and "dome-key" not in text
+
+
 def test_settings_reject_bad_values(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="ws://"):
         IngestorSettings(_env_file=None, dome_ws_url="http://x")
+    with pytest.raises(ValidationError, match="http://"):
+        IngestorSettings(_env_file=None, data_api_url="ftp://x")
     with pytest.raises(ValidationError, match="DOME_RECONNECT_MAX_S"):
         IngestorSettings(_env_file=None, dome_reconnect_min_s=5, dome_reconnect_max_s=1)
 
 
-def test_polling_mode_is_a_clear_startup_error(clean_env: pytest.MonkeyPatch) -> None:
-    settings = IngestorSettings(_env_file=None, dome_use_websocket=False)
-    with pytest.raises(StartupError, match=r"REST polling.*does not have"):
-        plan(settings)
-
-
-def test_free_tier_limits_with_the_example_wallets_fail_at_startup(
+def test_free_tier_limits_with_the_example_wallets_are_refused(
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    settings = IngestorSettings(
-        _env_file=None, dome_max_subscriptions=2, dome_wallets_per_subscription=5
-    )
-    with pytest.raises(StartupError, match=r"20 tracked wallets exceed .* 2 subscriptions x 5"):
-        plan(settings)
-
-
-def test_missing_wallets_file_is_a_startup_error(
-    clean_env: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    settings = IngestorSettings(_env_file=None, wallets_file=str(tmp_path / "nope.json"))
-    with pytest.raises(StartupError, match="not found"):
-        plan(settings)
+    settings = IngestorSettings(_env_file=None, dome_tier="free")
+    with pytest.raises(
+        SubscriptionPlanError, match=r"20 tracked wallets exceed .* 2 subscriptions x 5"
+    ):
+        limits_of(settings).check(len(load_wallets(settings.wallets_path())))
 
 
 def test_example_wallets_fit_one_dev_tier_subscription(clean_env: pytest.MonkeyPatch) -> None:
-    chunks = plan(IngestorSettings(_env_file=None))
-    assert [len(chunk) for chunk in chunks] == [20]
+    settings = IngestorSettings(_env_file=None)
+    addresses = [w.address for w in load_wallets(settings.wallets_path())]
+    assert [
+        [len(c) for c in conn] for conn in plan_subscriptions(addresses, limits_of(settings))
+    ] == [[20]]
 
 
 # --- health --------------------------------------------------------------------------------------
@@ -363,11 +442,29 @@ def test_status_fields_are_strings_for_the_hash() -> None:
     status.mark_connected()
     status.subscriptions = 2
     status.mark_event(1002.5, 1762480391)
-    fields = status.as_fields(1004.0, published=5, duplicates=1, queued=0)
-    assert fields["connected"] == "1" and fields["state"] == "connected"
+    poller = FeedStatus(source="data_api", wallets=3, started_at=1000.0)
+    fields = status_fields([status, poller], 1004.0, published=5, duplicates=1, queued=0)
+    assert fields["source"] == "dome_ws,data_api" and fields["published"] == "5"
+    assert fields["connected"] == "0" and fields["state"] == "starting"
     assert fields["subscriptions"] == "2" and fields["last_exchange_ts"] == "1762480391"
     assert fields["seconds_since_last_event"] == "1.500"
     assert all(isinstance(value, str) for value in fields.values())
+    per_source = orjson.loads(fields["sources"])
+    assert (
+        per_source["dome_ws"]["connected"] == "1" and per_source["data_api"]["state"] == "starting"
+    )
+
+
+def test_a_source_without_wallets_is_never_stale_and_silence_is_opt_in() -> None:
+    idle = FeedStatus(source="dome_ws", wallets=0, started_at=1000.0)
+    assert evaluate_health([idle], redis_ok=True, now=9000.0, max_down_s=60)[0]
+    quiet = FeedStatus(source="data_api", wallets=5, started_at=1000.0)
+    quiet.mark_connected()
+    assert evaluate_health([quiet], redis_ok=True, now=9000.0, max_down_s=60)[0]
+    ok, details = evaluate_health(
+        [quiet], redis_ok=True, now=9000.0, max_down_s=60, max_event_silence_s=600
+    )
+    assert not ok and "no event for 8000s" in details["problems"][0]
 
 
 def test_relative_wallets_file_is_found_from_any_directory(
@@ -376,4 +473,4 @@ def test_relative_wallets_file_is_found_from_any_directory(
     clean_env.chdir(tmp_path)
     settings = IngestorSettings(_env_file=None)
     assert settings.wallets_path().is_file()
-    assert [len(chunk) for chunk in plan(settings)] == [20]
+    assert len(load_wallets(settings.wallets_path())) == 20

@@ -1,19 +1,29 @@
-"""The feed's state: what `/health`, the metrics and the dashboard's status hash report.
+"""The feeds' state: what `/health`, the metrics and the dashboard's status hash report.
+
+Each source keeps a `FeedStatus` (the WebSocket source one per connection, combined with
+`combine`). "Down" means no open connection (WebSocket) or failing requests (pollers); a source
+down longer than HEALTH_MAX_DISCONNECTED_S is a stale feed and turns `/health` red, as do an
+unreachable Redis, tracked wallets the tier has no room for, and (when HEALTH_MAX_EVENT_SILENCE_S
+is set) a source without any event for that long.
 
 The status hash (`Streams.feed_status_key()`, refreshed every `STATUS_INTERVAL_S`, expiring when
-the ingestor stops refreshing it) holds string fields:
-`source`, `state` (starting | connecting | connected | disconnected | auth_failed | stopped),
-`connected` ("1"/"0"), `subscriptions`, `wallets`, `pending_subscribes`, `last_event_at` (Unix s
-of the last valid event's receipt, "" when none), `last_exchange_ts`, `seconds_since_last_event`,
-`reconnects`, `published`, `duplicates`, `queued`, `last_error`, `updated_at`.
+the ingestor stops refreshing it) holds string fields: `source` (the sources, comma-separated),
+`state` (starting | connecting | connected | disconnected | auth_failed | stopped, combined over
+the sources), `connected` ("1"/"0"), `subscriptions`, `wallets`, `pending_subscribes`,
+`last_event_at` (Unix s of the last valid event's receipt, "" when none), `last_exchange_ts`,
+`seconds_since_last_event`, `reconnects`, `published`, `duplicates`, `queued`, `last_error`,
+`updated_at`, and `sources`: a JSON object with the same fields per source.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 
 class ConnectionState(StrEnum):
@@ -23,6 +33,17 @@ class ConnectionState(StrEnum):
     DISCONNECTED = "disconnected"
     AUTH_FAILED = "auth_failed"
     STOPPED = "stopped"
+
+
+# When parts disagree, the combined state is the first of these that any part is in.
+_PRECEDENCE = (
+    ConnectionState.AUTH_FAILED,
+    ConnectionState.DISCONNECTED,
+    ConnectionState.CONNECTING,
+    ConnectionState.STARTING,
+    ConnectionState.CONNECTED,
+    ConnectionState.STOPPED,
+)
 
 
 @dataclass
@@ -38,10 +59,12 @@ class FeedStatus:
     subscriptions: int = 0
     pending_subscribes: int = 0
     reconnects: int = 0
+    connections: int = 0
+    over_capacity: int = 0
     last_error: str = ""
 
     def __post_init__(self) -> None:
-        if self.down_since is None:
+        if self.down_since is None and self.state is not ConnectionState.CONNECTED:
             self.down_since = self.started_at
 
     @property
@@ -73,9 +96,7 @@ class FeedStatus:
     def seconds_down(self, now: float) -> float:
         return 0.0 if self.down_since is None else max(0.0, now - self.down_since)
 
-    def as_fields(
-        self, now: float, *, published: int, duplicates: int, queued: int
-    ) -> dict[str, str]:
+    def as_fields(self, now: float) -> dict[str, str]:
         return {
             "source": self.source,
             "state": self.state.value,
@@ -87,32 +108,120 @@ class FeedStatus:
             "last_exchange_ts": "" if self.last_exchange_ts is None else str(self.last_exchange_ts),
             "seconds_since_last_event": f"{self.seconds_since_last_event(now):.3f}",
             "reconnects": str(self.reconnects),
-            "published": str(published),
-            "duplicates": str(duplicates),
-            "queued": str(queued),
             "last_error": self.last_error,
-            "updated_at": f"{now:.6f}",
         }
 
 
+def _latest(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
+
+
+def combine(source: str, parts: Sequence[FeedStatus], *, wallets: int) -> FeedStatus:
+    """Several connections (or sources) seen as one: connected only when every part is."""
+    if not parts:
+        return FeedStatus(source=source, wallets=wallets)
+    states = {part.state for part in parts}
+    state = next(candidate for candidate in _PRECEDENCE if candidate in states)
+    down = [part.down_since for part in parts if part.down_since is not None]
+    latest = max(parts, key=lambda part: part.last_event_at or 0.0)
+    return FeedStatus(
+        source=source,
+        wallets=wallets,
+        state=state,
+        started_at=min(part.started_at for part in parts),
+        down_since=min(down) if down else None,
+        last_event_at=_latest([part.last_event_at for part in parts]),
+        last_exchange_ts=latest.last_exchange_ts,
+        subscriptions=sum(part.subscriptions for part in parts),
+        pending_subscribes=sum(part.pending_subscribes for part in parts),
+        reconnects=sum(part.reconnects for part in parts),
+        connections=sum(part.connections for part in parts),
+        over_capacity=sum(part.over_capacity for part in parts),
+        last_error=next((part.last_error for part in parts if part.last_error), ""),
+    )
+
+
+def status_fields(
+    statuses: Sequence[FeedStatus],
+    now: float,
+    *,
+    published: int,
+    duplicates: int,
+    queued: int,
+) -> dict[str, str]:
+    """The status hash: the sources combined, plus each source in `sources` (JSON)."""
+    overall = combine(
+        ",".join(s.source for s in statuses),
+        statuses,
+        wallets=max((s.wallets for s in statuses), default=0),
+    )
+    fields = overall.as_fields(now)
+    fields.update(
+        published=str(published),
+        duplicates=str(duplicates),
+        queued=str(queued),
+        updated_at=f"{now:.6f}",
+        sources=orjson.dumps({s.source: s.as_fields(now) for s in statuses}).decode(),
+    )
+    return fields
+
+
 def evaluate_health(
-    status: FeedStatus, *, redis_ok: bool, now: float, max_down_s: float
+    statuses: FeedStatus | Sequence[FeedStatus],
+    *,
+    redis_ok: bool,
+    now: float,
+    max_down_s: float,
+    max_event_silence_s: float = 0.0,
 ) -> tuple[bool, dict[str, Any]]:
-    """Healthy unless Redis is unreachable or the feed has been down longer than `max_down_s`."""
-    down_s = status.seconds_down(now)
-    problems = []
-    if not redis_ok:
-        problems.append("redis unreachable")
-    if down_s > max_down_s:
-        problems.append(f"not connected for {down_s:.0f}s (limit {max_down_s:.0f}s)")
+    """Healthy unless Redis is unreachable or a feed is stale (see the module docstring)."""
+    parts = [statuses] if isinstance(statuses, FeedStatus) else list(statuses)
+    problems = [] if redis_ok else ["redis unreachable"]
+    for status in parts:
+        problems += _feed_problems(status, now, max_down_s, max_event_silence_s)
+    overall = combine(",".join(s.source for s in parts), parts, wallets=0)
     details: dict[str, Any] = {
-        "source": status.source,
-        "state": status.state.value,
-        "subscriptions": status.subscriptions,
-        "wallets": status.wallets,
-        "seconds_since_last_event": round(status.seconds_since_last_event(now), 3),
-        "seconds_disconnected": round(down_s, 3),
+        "source": overall.source,
+        "state": overall.state.value,
+        "subscriptions": overall.subscriptions,
+        "wallets": max((s.wallets for s in parts), default=0),
+        "seconds_since_last_event": round(overall.seconds_since_last_event(now), 3),
+        "seconds_disconnected": round(overall.seconds_down(now), 3),
+        "sources": {
+            s.source: {
+                "state": s.state.value,
+                "wallets": s.wallets,
+                "subscriptions": s.subscriptions,
+                "connections": s.connections,
+                "seconds_since_last_event": round(s.seconds_since_last_event(now), 3),
+                "seconds_down": round(s.seconds_down(now), 3),
+            }
+            for s in parts
+        },
         "redis": "ok" if redis_ok else "unreachable",
         "problems": problems,
     }
     return not problems, details
+
+
+def _feed_problems(
+    status: FeedStatus, now: float, max_down_s: float, max_event_silence_s: float
+) -> list[str]:
+    problems = []
+    down_s = status.seconds_down(now)
+    # A source with no wallet has nothing to connect for (every wallet was removed, say).
+    if down_s > max_down_s and status.wallets:
+        what = "auth failing" if status.state is ConnectionState.AUTH_FAILED else "not connected"
+        problems.append(f"{status.source}: {what} for {down_s:.0f}s (limit {max_down_s:.0f}s)")
+    if status.over_capacity:
+        problems.append(
+            f"{status.source}: {status.over_capacity} tracked wallets over the tier's capacity "
+            "are not followed"
+        )
+    silence = status.seconds_since_last_event(now)
+    if max_event_silence_s and status.wallets and silence > max_event_silence_s:
+        problems.append(
+            f"{status.source}: no event for {silence:.0f}s (limit {max_event_silence_s:.0f}s)"
+        )
+    return problems

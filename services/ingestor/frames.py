@@ -1,9 +1,11 @@
 """One frame from the Dome WebSocket -> what it means for us. Pure: no I/O, no clock.
 
 A frame is an `Ack` (a subscribe was accepted), a `Fill` (a valid order event of a tracked wallet),
-a `ServerError` (the server's `error` frame, to be logged), or a `Rejected` with a reason class (a
-fixed set, safe as a metric label) and a reason people can read. Rejected frames are dead-lettered
-by the caller; nothing here raises on bad input.
+a `ServerError` (the server's `error` frame, to be logged), an `Ignored` event (a wallet removed a
+moment ago, whose unsubscribe the server may not have applied yet), or a `Rejected` with a reason
+class (a fixed set, safe as a metric label) and a reason people can read. Rejected frames are
+dead-lettered by the caller; nothing here raises on bad input. Both dialects (dome, polynode) send
+the same frames.
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ class ServerError:
 
 
 @dataclass(frozen=True, slots=True)
+class Ignored:
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     kind: RejectKind
     reason: str
     subscription_id: str | None = None
 
 
-Frame = Ack | Fill | ServerError | Rejected
+Frame = Ack | Fill | ServerError | Ignored | Rejected
 
 
 def frame_size(raw: bytes | str) -> int:
@@ -66,9 +73,14 @@ def frame_size(raw: bytes | str) -> int:
 
 
 def parse_frame(
-    raw: bytes | str, *, tracked: Container[str], received_at: float, max_bytes: int
+    raw: bytes | str,
+    *,
+    tracked: Container[str],
+    received_at: float,
+    max_bytes: int,
+    ignored: Container[str] = (),
 ) -> Frame:
-    """Classify one frame. `tracked` holds lower-case wallet addresses."""
+    """Classify one frame. `tracked` and `ignored` hold lower-case wallet addresses."""
     size = frame_size(raw)
     if size > max_bytes:
         return Rejected(
@@ -83,7 +95,7 @@ def parse_frame(
     subscription_id = _subscription_id(message)
     kind = message.get("type")
     if kind == "event":
-        return _event(message, subscription_id, tracked, received_at)
+        return _event(message, subscription_id, tracked, ignored, received_at)
     if kind == "ack":
         if subscription_id is None:
             return Rejected(RejectKind.INVALID_ACK, "ack without a string subscription_id")
@@ -97,8 +109,9 @@ def _event(
     message: dict[str, Any],
     subscription_id: str | None,
     tracked: Container[str],
+    ignored: Container[str],
     received_at: float,
-) -> Fill | Rejected:
+) -> Fill | Ignored | Rejected:
     data = message.get("data")
     if not isinstance(data, dict):
         return Rejected(RejectKind.INVALID_EVENT, "event without an object 'data'", subscription_id)
@@ -107,6 +120,8 @@ def _event(
     except ValidationError as exc:
         return Rejected(RejectKind.INVALID_EVENT, _validation_reason(exc), subscription_id)
     if order.user not in tracked:
+        if order.user in ignored:
+            return Ignored(order.user)
         reason = f"user {order.user} is not a tracked wallet"
         return Rejected(RejectKind.UNTRACKED_WALLET, reason, subscription_id)
     return Fill(OrderFill.from_dome(order, Source.DOME_WS, received_at), subscription_id)

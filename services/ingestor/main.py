@@ -28,7 +28,8 @@ def main() -> None:
         log.error("startup_failed", extra={"reason": f"invalid settings: {exc}"})
         sys.exit(2)
     configure_logging("ingestor", settings.log_level)
-    register_secret(settings.dome_api_key.get_secret_value())
+    for secret in settings.secrets():
+        register_secret(secret)
     try:
         left = asyncio.run(_serve(settings))
     except StartupError as exc:
@@ -41,6 +42,11 @@ async def _serve(settings: IngestorSettings) -> int:
     ingestor = Ingestor(settings)
     log.info(
         "starting",
-        extra={"wallets": ingestor.status.wallets, "stream": settings.streams.orders_raw},
+        extra={
+            "sources": ",".join(settings.sources()),
+            "dialect": settings.dome_dialect,
+            "seed_wallets": len(ingestor.seed),
+            "stream": settings.streams.orders_raw,
+        },
     )
     return await ingestor.run(stop_event())

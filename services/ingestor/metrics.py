@@ -1,5 +1,11 @@
 """The ingestor's Prometheus metrics (process-wide, default registry). Labels never hold a key or
-a URL: only fixed reason classes and source names."""
+a URL: only source names (dome_ws, dome_rest, data_api), fixed reason classes and HTTP status
+codes.
+
+Per source: events received, published (new order_keys), deduplicated (seen before, from this or
+another source), dead-lettered, backfilled (new fills recovered by gap backfill), reconnects,
+seconds since the last event, subscriptions, and the HTTP requests and 429s of the REST sources.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +16,52 @@ PREFIX = "betterbot_ingestor_"
 EVENTS_RECEIVED = Counter(
     PREFIX + "events_received", "Valid order events received from a source", ["source"]
 )
-PUBLISHED = Counter(PREFIX + "published", "Fills added to orders.raw (new order_keys)")
-DUPLICATES = Counter(PREFIX + "duplicates", "Fills skipped because their order_key was seen")
+PUBLISHED = Counter(PREFIX + "published", "Fills added to orders.raw (new order_keys)", ["source"])
+DUPLICATES = Counter(
+    PREFIX + "duplicates", "Fills skipped because their order_key was already seen", ["source"]
+)
+DEAD_LETTERED = Counter(PREFIX + "dead_lettered", "Entries written to orders.dead", ["source"])
+BACKFILLED = Counter(
+    PREFIX + "backfilled",
+    "Fills the live feed had missed, recovered by gap backfill (new order_keys)",
+    ["source"],
+)
 REJECTED = Counter(
     PREFIX + "rejected", "Frames rejected and dead-lettered, by reason class", ["source", "reason"]
 )
+IGNORED = Counter(
+    PREFIX + "ignored", "Events of wallets removed a moment ago (not dead-lettered)", ["source"]
+)
 SERVER_ERRORS = Counter(PREFIX + "server_errors", "Error frames sent by the server", ["source"])
 RECONNECTS = Counter(PREFIX + "reconnects", "Connection attempts after the first", ["source"])
-AUTH_FAILURES = Counter(PREFIX + "auth_failures", "Handshakes rejected with 401/403", ["source"])
-CONNECTED = Gauge(PREFIX + "connected", "1 while the source's connection is open", ["source"])
+AUTH_FAILURES = Counter(
+    PREFIX + "auth_failures", "Requests or handshakes refused for the key", ["source"]
+)
+SILENCE_TIMEOUTS = Counter(
+    PREFIX + "silence_timeouts", "Connections replaced after a silence while subscribed", ["source"]
+)
+CONNECTED = Gauge(
+    PREFIX + "connected", "1 while every connection of the source is open", ["source"]
+)
+CONNECTIONS = Gauge(PREFIX + "connections", "Open connections of the source", ["source"])
 SUBSCRIPTIONS = Gauge(
-    PREFIX + "subscriptions", "Subscriptions acknowledged on the current connection", ["source"]
+    PREFIX + "subscriptions", "Subscriptions acknowledged over the open connections", ["source"]
+)
+WALLETS = Gauge(PREFIX + "wallets", "Wallets the source follows", ["source"])
+OVER_CAPACITY = Gauge(
+    PREFIX + "wallets_over_capacity",
+    "Tracked wallets the tier has no subscription room for (not followed)",
+    ["source"],
 )
 SECONDS_SINCE_LAST_EVENT = Gauge(
     PREFIX + "seconds_since_last_event",
     "Seconds since the last valid event (since start when none yet)",
     ["source"],
 )
+HTTP_REQUESTS = Counter(
+    PREFIX + "http_requests", "REST requests by source and HTTP status", ["source", "status"]
+)
+RATE_LIMITED = Counter(PREFIX + "rate_limited", "HTTP 429 answers honoured", ["source"])
 REDIS_ERRORS = Counter(PREFIX + "redis_errors", "Failed Redis calls (each is retried)")
 QUEUE_DEPTH = Gauge(PREFIX + "queue_depth", "Fills and dead letters waiting for Redis")
 PUBLISH_BATCH = Histogram(

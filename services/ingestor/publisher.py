@@ -1,4 +1,5 @@
-"""Fills -> `orders.raw`, each order_key once, with dedupe and XADD in one atomic Lua step.
+"""Fills -> `orders.raw`, each order_key once, with dedupe and XADD in one atomic Lua step; and the
+per-wallet watermarks that gap backfill starts from. The one module that knows Redis tricks.
 
 The script sets `<seen prefix><order_key>` with NX and a TTL, and only when that key was new adds
 the fill to the stream. Both happen in one script, so a crash or a lost reply can neither lose a
@@ -6,12 +7,21 @@ fill nor double it: a retried batch finds its keys set and adds nothing twice. T
 the stream's name as their Redis Cluster hash tag (`{<ns>orders.raw}:seen:<order_key>`), so they
 hash to the stream's slot and the script runs unchanged on a cluster.
 
+Watermarks: the hash `{<ns>orders.raw}:watermark` (same slot) maps `<feed>:<wallet>` (feed `dome`
+for the Dome WebSocket, its backfill and REST polling; `data_api` for the Data API poller) to the
+newest exchange `timestamp` read and published for that wallet. It only ever grows, and only to
+what was actually read: a live fill moves it in the same script that publishes it, and only once
+the wallet's backfill since the last (re)connect is complete (the caller passes no feed before);
+a backfill or poll moves it with `advance_watermark` after reading every page. A restarted
+ingestor therefore backfills from where it was.
+
 Sources hand fills to `submit`, which waits when the bounded queue is full: backpressure reaches
 the socket reader instead of memory growing or fills being dropped. One task drains the queue,
 taking everything already waiting (up to `batch_max`) into one script call, so a lone fill goes
-out at once and a burst costs one round trip. While Redis is down the task retries the same batch
-with backoff; dead letters go through the same queue so they survive an outage too (a dead letter
-whose reply was lost may be written twice: they are for people, not for the pipeline).
+out at once and a burst costs one round trip. Backfill and polling call `publish_now`, which
+returns once the fills are in Redis. While Redis is down both retry the same batch with backoff;
+dead letters go through the queue so they survive an outage too (a dead letter whose reply was
+lost may be written twice: they are for people, not for the pipeline).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,19 +51,38 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# KEYS[1] = the stream, KEYS[2..n+1] = the seen keys; ARGV[1] = TTL (s), ARGV[2] = MAXLEN,
-# ARGV[3..n+2] = the fills' JSON. Returns 1 (added) or 0 (duplicate) per fill, in order.
+# KEYS[1] = the stream, KEYS[2] = the watermark hash, KEYS[3..n+2] = the seen keys;
+# ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then three per fill: its JSON, the watermark field to raise
+# ('' = none) and its exchange timestamp. Returns 1 (added) or 0 (duplicate) per fill, in order.
 DEDUPE_XADD = """
 local added = {}
-for i = 2, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[i + 1])
-    added[i - 1] = 1
+for i = 1, #KEYS - 2 do
+  local base = 3 * i
+  if redis.call('SET', KEYS[i + 2], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[base])
+    added[i] = 1
   else
-    added[i - 1] = 0
+    added[i] = 0
+  end
+  local field = ARGV[base + 1]
+  if field ~= '' then
+    local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+    if tonumber(ARGV[base + 2]) > current then
+      redis.call('HSET', KEYS[2], field, ARGV[base + 2])
+    end
   end
 end
 return added
+"""
+
+# KEYS[1] = the watermark hash; ARGV[1] = field, ARGV[2] = timestamp. Raises it, never lowers it.
+RAISE_WATERMARK = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
 """
 
 REDIS_RETRY_MIN_S = 0.05
@@ -61,12 +91,29 @@ DEAD_LETTER_ORIGIN = "ingestor"
 
 
 @dataclass(frozen=True, slots=True)
+class Outgoing:
+    fill: OrderFill
+    # The watermark feed this fill may raise (None: publish only).
+    watermark: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadFrame:
     raw: bytes
     reason: str
+    source: str
 
 
-QueueItem = OrderFill | DeadFrame
+QueueItem = Outgoing | DeadFrame
+
+
+def watermark_key(streams: Streams) -> str:
+    """The watermark hash, in the slot of `orders.raw` (its hash tag) so one script touches both."""
+    return "{" + streams.orders_raw + "}:watermark"
+
+
+def watermark_field(feed: str, wallet: str) -> str:
+    return f"{feed}:{wallet}"
 
 
 class Publisher:
@@ -83,6 +130,8 @@ class Publisher:
         self._client = client
         self._streams = streams
         self._script = client.register_script(DEDUPE_XADD)
+        self._raise = client.register_script(RAISE_WATERMARK)
+        self._watermarks = watermark_key(streams)
         self._maxlen = stream_maxlen
         self._ttl = dedupe_ttl_s
         self._batch_max = batch_max
@@ -92,26 +141,51 @@ class Publisher:
         self.redis_ok = True
         self.published = 0
         self.duplicates = 0
+        self.published_by_source: Counter[str] = Counter()
+        self.duplicates_by_source: Counter[str] = Counter()
 
     @property
     def unfinished(self) -> int:
         """Items submitted and not yet in Redis (queued or in the batch being written)."""
         return self._unfinished
 
-    async def submit(self, fill: OrderFill) -> None:
-        await self._put(fill)
+    async def submit(self, fill: OrderFill, watermark: str | None = None) -> None:
+        """Queue a live fill; with `watermark`, its publication also raises that feed's mark."""
+        await self._put(Outgoing(fill, watermark))
 
-    async def submit_dead(self, raw: bytes, reason: str) -> None:
-        await self._put(DeadFrame(raw, reason))
+    async def submit_dead(self, raw: bytes, reason: str, source: str) -> None:
+        await self._put(DeadFrame(raw, reason, source))
 
-    async def publish(self, fills: Sequence[OrderFill]) -> list[bool]:
+    async def publish(self, items: Sequence[Outgoing]) -> list[bool]:
         """One script call: add the fills whose order_key is new; True for each one added."""
         prefix = self._streams.seen_order_prefix()
-        keys = [self._streams.orders_raw, *(prefix + fill.order_key for fill in fills)]
+        keys = [self._streams.orders_raw, self._watermarks]
+        keys += [prefix + item.fill.order_key for item in items]
         args: list[EncodableT] = [self._ttl, self._maxlen]
-        args += [encode(fill)[DATA_FIELD] for fill in fills]
+        for item in items:
+            field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
+            args += [encode(item.fill)[DATA_FIELD], field, item.fill.timestamp]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]
+
+    async def publish_now(self, fills: Sequence[OrderFill]) -> int:
+        """Publish (retrying while Redis is down) and return how many were new."""
+        new = 0
+        for start in range(0, len(fills), self._batch_max):
+            chunk = [Outgoing(fill) for fill in fills[start : start + self._batch_max]]
+            new += sum(await self._publish_items(chunk, live=False))
+        return new
+
+    async def watermark(self, feed: str, wallet: str) -> int | None:
+        """The newest exchange timestamp read and published for this wallet and feed."""
+        field = watermark_field(feed, wallet)
+        raw = await self._retrying(lambda: self._client.hget(self._watermarks, field))
+        return int(raw) if raw is not None else None
+
+    async def advance_watermark(self, feed: str, wallet: str, timestamp: int) -> None:
+        """Raise the wallet's mark to `timestamp` (never lower it)."""
+        field = watermark_field(feed, wallet)
+        await self._retrying(lambda: self._raise(keys=[self._watermarks], args=[field, timestamp]))
 
     async def run(self) -> None:
         """Drain the queue forever, one script call per batch of what is waiting."""
@@ -146,33 +220,43 @@ class Publisher:
         metrics.QUEUE_DEPTH.set(self._unfinished)
 
     async def _deliver(self, batch: list[QueueItem]) -> None:
-        fills: list[OrderFill] = []
+        items: list[Outgoing] = []
         for item in batch:
-            if isinstance(item, OrderFill):
-                fills.append(item)
+            if isinstance(item, Outgoing):
+                items.append(item)
                 continue
             # Keep the batch's order: fills before a dead letter go first.
-            await self._publish_fills(fills)
-            fills = []
+            if items:
+                await self._publish_items(items, live=True)
+            items = []
             await self._retrying(functools.partial(self._dead_letter, item))
-        await self._publish_fills(fills)
+            metrics.DEAD_LETTERED.labels(item.source).inc()
+        if items:
+            await self._publish_items(items, live=True)
 
-    async def _publish_fills(self, fills: list[OrderFill]) -> None:
-        if not fills:
-            return
-        added = await self._retrying(lambda: self.publish(fills))
+    async def _publish_items(self, items: list[Outgoing], *, live: bool) -> list[bool]:
+        added = await self._retrying(lambda: self.publish(items))
         now = time.time()
-        new = sum(added)
-        self.published += new
-        self.duplicates += len(fills) - new
-        metrics.PUBLISHED.inc(new)
-        metrics.DUPLICATES.inc(len(fills) - new)
-        metrics.PUBLISH_BATCH.observe(len(fills))
-        for fill, was_new in zip(fills, added, strict=True):
+        metrics.PUBLISH_BATCH.observe(len(items))
+        new: Counter[str] = Counter()
+        seen: Counter[str] = Counter()
+        for item, was_new in zip(items, added, strict=True):
             if was_new:
-                metrics.PUBLISH_LATENCY.observe(max(0.0, now - fill.received_at))
+                new[item.fill.source.value] += 1
+                if live:
+                    metrics.PUBLISH_LATENCY.observe(max(0.0, now - item.fill.received_at))
             else:
-                log.debug("duplicate_fill", extra={"order_key": fill.order_key})
+                seen[item.fill.source.value] += 1
+                log.debug("duplicate_fill", extra={"order_key": item.fill.order_key})
+        for source, count in new.items():
+            metrics.PUBLISHED.labels(source).inc(count)
+        for source, count in seen.items():
+            metrics.DUPLICATES.labels(source).inc(count)
+        self.published_by_source.update(new)
+        self.duplicates_by_source.update(seen)
+        self.published += new.total()
+        self.duplicates += seen.total()
+        return added
 
     async def _dead_letter(self, item: DeadFrame) -> None:
         await dead_letter(

@@ -1,12 +1,17 @@
 """The ingestor's settings, from the environment (unprefixed names) or `.env`.
 
 Defaults work with the bundled simulator on 127.0.0.1:8765 and the local Redis. The tier limits
-default to Dome's Dev tier (500 subscriptions x 500 wallets); the Free tier is 2 x 5.
+default to Dome's Dev tier; `DOME_TIER=free|dev` fills in that tier's limits (subscriptions,
+wallets per subscription, REST rate) for every limit not set explicitly, `custom` (the default)
+takes each limit from its own setting. docs/ingestion.md explains every setting.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlencode
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -15,24 +20,88 @@ from shared.settings import CommonSettings
 MIB = 1 << 20
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
+IngestSource = Literal["dome_ws", "dome_rest", "data_api"]
+INGEST_SOURCES: tuple[IngestSource, ...] = ("dome_ws", "dome_rest", "data_api")
+
+
+@dataclass(frozen=True)
+class Tier:
+    max_subscriptions: int
+    wallets_per_subscription: int
+    subscriptions_per_connection: int
+    rest_rate_per_s: float
+    rest_rate_per_10s: int
+
+
+# Dome's published limits (feeds.md): subscriptions x wallets, and REST requests per s / per 10 s.
+TIERS: dict[str, Tier] = {
+    "free": Tier(2, 5, 2, 10, 100),
+    "dev": Tier(500, 500, 500, 100, 500),
+}
+_TIER_FIELDS = {
+    "dome_max_subscriptions": "max_subscriptions",
+    "dome_wallets_per_subscription": "wallets_per_subscription",
+    "dome_subscriptions_per_connection": "subscriptions_per_connection",
+    "dome_rest_rate_per_s": "rest_rate_per_s",
+    "dome_rest_rate_per_10s": "rest_rate_per_10s",
+}
+
 
 class IngestorSettings(CommonSettings):
     ops_port: int = 8082
 
+    # Which feeds to read, comma-separated: dome_ws (WebSocket + REST gap backfill), dome_rest
+    # (REST polling), data_api (Polymarket's public Data API, no key). Overlaps are deduplicated.
+    ingest_sources: str = "dome_ws"
+    # The seed's switch: false turns dome_ws into dome_rest (polling).
+    dome_use_websocket: bool = True
+
+    # free | dev fill in that tier's limits below unless set explicitly; custom uses them as set.
+    dome_tier: Literal["free", "dev", "custom"] = "custom"
     # Dome puts the key in the URL path (`<DOME_WS_URL>/<key>`); it is never logged or shown.
     dome_api_key: SecretStr = SecretStr("demo-key")
+    # dome: Dome's protocol; polynode: its Dome-compatible successor (`<DOME_WS_URL>?key=<key>`,
+    # subscribe `{"action":"subscribe","type":"dome","filters":{"wallets":[..]}}`).
+    dome_dialect: Literal["dome", "polynode"] = "dome"
+    # The polynode key; empty: DOME_API_KEY is used for the WebSocket in that dialect too.
+    polynode_api_key: SecretStr = SecretStr("")
     dome_ws_url: str = "ws://127.0.0.1:8765"
-    # REST base for polling and gap backfill (a later version); kept here so one config serves both.
+    # REST base for polling and gap backfill (`Authorization: Bearer <DOME_API_KEY>`).
     dome_api_url: str = "http://127.0.0.1:8765/v1"
-    # False selects REST polling, which this version does not have: startup fails saying so.
-    dome_use_websocket: bool = True
+
     dome_max_subscriptions: int = Field(default=500, ge=1)
     dome_wallets_per_subscription: int = Field(default=500, ge=1)
-    # A relative path is read from the working directory, else from the project root.
+    # Subscriptions one connection carries; more subscriptions open more connections.
+    dome_subscriptions_per_connection: int = Field(default=500, ge=1)
+    dome_max_connections: int = Field(default=10, ge=1)
+    dome_rest_rate_per_s: float = Field(default=100.0, gt=0)
+    dome_rest_rate_per_10s: int = Field(default=500, ge=1)
+    # Orders per REST page (Dome allows 1..1000).
+    dome_rest_page_limit: int = Field(default=1000, ge=1, le=1000)
+    # REST polling: the shortest time between two polls of the same wallet.
+    dome_poll_interval_s: float = Field(default=2.0, ge=0)
+    # A relative path is read from the working directory, else from the project root. The file
+    # seeds the wallet registry in Redis the first time; after that the registry is the truth.
     wallets_file: str = "config/wallets.example.json"
 
+    # Polymarket's Data API (`https://data-api.polymarket.com` in production; the simulator
+    # serves `/trades` too). Public limit reported near 200 requests per 10 s.
+    data_api_url: str = "http://127.0.0.1:8765"
+    data_api_rate_per_s: float = Field(default=10.0, gt=0)
+    data_api_rate_per_10s: int = Field(default=150, ge=1)
+    data_api_page_limit: int = Field(default=500, ge=1, le=10_000)
+    data_api_poll_interval_s: float = Field(default=5.0, ge=0)
+
+    # Gap backfill after every (re)connect: where from, how far back.
+    backfill_via: Literal["dome_rest", "data_api", "off"] = "dome_rest"
+    # Re-read this much before a wallet's watermark, for fills indexed late or out of order.
+    backfill_overlap_s: int = Field(default=120, ge=0)
+    # A wallet with no watermark yet (first start, newly tracked) is read this far back.
+    backfill_initial_lookback_s: int = Field(default=3600, ge=0)
+    http_timeout_s: float = Field(default=10.0, gt=0)
+
     # Reconnect backoff: doubles from min to max, with jitter; reset once a connection has stayed
-    # up for `dome_stable_after_s`.
+    # up for `dome_stable_after_s`. Auth failures wait the maximum.
     dome_reconnect_min_s: float = Field(default=1.0, gt=0)
     dome_reconnect_max_s: float = Field(default=60.0, gt=0)
     dome_stable_after_s: float = Field(default=30.0, ge=0)
@@ -40,8 +109,12 @@ class IngestorSettings(CommonSettings):
     dome_ping_interval_s: float = Field(default=10.0, gt=0)
     dome_ping_timeout_s: float = Field(default=10.0, gt=0)
     dome_open_timeout_s: float = Field(default=10.0, gt=0)
+    dome_close_timeout_s: float = Field(default=2.0, gt=0)
+    # No frame at all for this long while subscribed = a frozen feed: replace the connection (and
+    # so backfill). Pings prove the link, not the feed. 0 turns it off. See docs/ingestion.md.
+    dome_silence_timeout_s: float = Field(default=300.0, ge=0)
     # Frames above this are rejected and dead-lettered (their first bytes); the socket's own hard
-    # limit is a multiple of it, see `sources.dome_ws.HARD_LIMIT_FACTOR`.
+    # limit is a multiple of it, see `sources.ws_connection.HARD_LIMIT_FACTOR`.
     dome_max_frame_bytes: int = Field(default=MIB, ge=1024)
 
     # How long an order_key is remembered for dedupe (s): covers reconnect replays and backfill.
@@ -50,12 +123,28 @@ class IngestorSettings(CommonSettings):
     publish_queue_size: int = Field(default=10_000, ge=1)
     # Most fills published in one Lua call when several are already waiting.
     publish_batch_max: int = Field(default=500, ge=1, le=5_000)
-    # /health turns red after this long without a connection.
+    # /health turns red after a source has been down (no connection, failing polls) this long.
     health_max_disconnected_s: float = Field(default=60.0, gt=0)
+    # /health also turns red after this long without any event; 0 = off (quiet wallets are normal).
+    health_max_event_silence_s: float = Field(default=0.0, ge=0)
     # How often the feed status hash is written for the dashboard.
     status_interval_s: float = Field(default=1.0, gt=0)
     # On SIGTERM, how long to keep trying to publish what is queued before giving up.
     shutdown_flush_timeout_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tier_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        tier_name = data.get("dome_tier")
+        if isinstance(tier_name, str):
+            data["dome_tier"] = tier_name = tier_name.strip().lower()
+        tier = TIERS.get(tier_name) if isinstance(tier_name, str) else None
+        if tier is not None:
+            for field, attribute in _TIER_FIELDS.items():
+                data.setdefault(field, getattr(tier, attribute))
+        return data
 
     @field_validator("dome_ws_url")
     @classmethod
@@ -64,15 +153,61 @@ class IngestorSettings(CommonSettings):
             raise ValueError("DOME_WS_URL must start with ws:// or wss://")
         return value.rstrip("/")
 
+    @field_validator("dome_api_url", "data_api_url")
+    @classmethod
+    def _http_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("DOME_API_URL and DATA_API_URL must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("ingest_sources")
+    @classmethod
+    def _known_sources(cls, value: str) -> str:
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in INGEST_SOURCES]
+        if unknown or not names:
+            raise ValueError(
+                f"INGEST_SOURCES must list some of {', '.join(INGEST_SOURCES)}; got {value!r}"
+            )
+        return ",".join(dict.fromkeys(names))
+
     @model_validator(mode="after")
     def _backoff_bounds(self) -> IngestorSettings:
         if self.dome_reconnect_max_s < self.dome_reconnect_min_s:
             raise ValueError("DOME_RECONNECT_MAX_S must be at least DOME_RECONNECT_MIN_S")
         return self
 
+    def sources(self) -> tuple[IngestSource, ...]:
+        """The feeds to run, with DOME_USE_WEBSOCKET=false turning dome_ws into dome_rest."""
+        names: list[IngestSource] = []
+        for name in self.ingest_sources.split(","):
+            source: IngestSource = name  # type: ignore[assignment]
+            if source == "dome_ws" and not self.dome_use_websocket:
+                source = "dome_rest"
+            if source not in names:
+                names.append(source)
+        return tuple(names)
+
+    def websocket_key(self) -> str:
+        polynode = self.polynode_api_key.get_secret_value()
+        if self.dome_dialect == "polynode" and polynode:
+            return polynode
+        return self.dome_api_key.get_secret_value()
+
     def dome_ws_endpoint(self) -> str:
         """The URL to connect to, key included: pass it to the client only, never to a log."""
-        return f"{self.dome_ws_url}/{self.dome_api_key.get_secret_value()}"
+        key = self.websocket_key()
+        if self.dome_dialect == "polynode":
+            separator = "&" if "?" in self.dome_ws_url else "?"
+            return f"{self.dome_ws_url}{separator}{urlencode({'key': key})}"
+        return f"{self.dome_ws_url}/{key}"
+
+    def secrets(self) -> list[str]:
+        """Every key this configuration holds, to be scrubbed from logs."""
+        values = [self.dome_api_key.get_secret_value(), self.polynode_api_key.get_secret_value()]
+        # The polynode key travels URL-encoded in the query string.
+        values += [urlencode({"k": value})[2:] for value in values]
+        return [value for value in dict.fromkeys(values) if value]
 
     def wallets_path(self) -> Path:
         path = Path(self.wallets_file)

@@ -3,8 +3,11 @@
 Dome-compatible:
 - `WS /<API_KEY>`: the order feed (see `protocol`). A wrong or missing key is refused during the
   handshake with HTTP 401 and `{"error":"unauthorized","message":..}`.
+- `WS /ws?key=<API_KEY>`: the same feed in the polynode dialect (see `protocol`); so a Dome key
+  spelled `ws` cannot be used on the Dome path.
 - `GET /v1/polymarket/orders` with `Authorization: Bearer <key>` (see `history`); 401 without it.
   With SIM_API_KEY empty any non-empty key is accepted.
+- `GET /trades`: Polymarket's Data API trades (see `data_api`); no key, as at Polymarket.
 
 Control API, not part of Dome, unauthenticated (bind to loopback; meant for tests and benchmarks):
 - `GET /_sim/status` -> `{"emitted", "clients", "subscriptions", "started", "tape_done", "loops",
@@ -17,6 +20,18 @@ Control API, not part of Dome, unauthenticated (bind to loopback; meant for test
 - `POST /_sim/drop` -> closes every WebSocket with 1012 (service restart) -> `{"dropped": n}`.
 - `POST /_sim/emit` (a JSON list of Dome-shaped trades, missing fields filled) -> emitted now
   through the normal path -> `{"emitted": n, "trades": [ground truth]}`.
+
+Fault injection (see `faults`; trades keep being emitted on the clock whatever the faults, so a
+client that was away can only recover them by backfill):
+- `POST /_sim/stall` -> every open socket freezes: nothing more is sent, pings go unanswered, the
+  TCP connection stays open -> `{"stalled": n}`. New connections are healthy.
+- `POST /_sim/auth` `{"reject": bool, "drop": bool}` -> while `reject`, handshakes and REST
+  requests get 401 even with the right key; `drop` also closes the open sockets with 4001
+  ("unauthorized: ...") -> `{"reject": bool, "dropped": n}`.
+- `POST /_sim/rate_limit` `{"requests": n, "retry_after": s}` -> the next n REST requests (orders
+  and trades) get 429 with `Retry-After: s` -> the fault state.
+- `GET /_sim/faults` -> the fault state; `GET /_sim/requests` -> the REST request log (oldest
+  first: `at`, `path`, `params`, `status`).
 """
 
 from __future__ import annotations
@@ -33,8 +48,11 @@ from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import SecretStr
 
-from services.simulator.feed import Connection, Hub
+from services.simulator.data_api import parse_trades_query, trades_page
+from services.simulator.faults import AUTH_CLOSE_CODE, AUTH_CLOSE_REASON, Faults
+from services.simulator.feed import Connection, Hub, Transport
 from services.simulator.history import History, QueryError, parse_orders_query
+from services.simulator.protocol import Dialect
 from services.simulator.replay import Emitter
 from services.simulator.settings import SimulatorSettings
 from services.simulator.trades import Injected, TradeInputError, injected_trade
@@ -43,7 +61,8 @@ from shared.ops import ops_routes
 log = logging.getLogger(__name__)
 
 REST_REQUESTS = Counter(
-    "betterbot_sim_rest_requests_total", "REST orders requests by status", ["status"]
+    "betterbot_sim_rest_requests_total", "REST requests by endpoint and status",
+    ["endpoint", "status"],
 )
 DROP_CODE, DROP_REASON = 1012, "service restart"
 
@@ -76,6 +95,7 @@ def json_response(body: Any) -> Response:
 
 
 UNAUTHORIZED = ("unauthorized", "missing or invalid API key")
+RATE_LIMITED = ("rate_limited", "too many requests")
 
 
 async def _read_loop(websocket: WebSocket, conn: Connection, hub: Hub) -> None:
@@ -83,8 +103,35 @@ async def _read_loop(websocket: WebSocket, conn: Connection, hub: Hub) -> None:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
+        if conn.stalled:
+            # Receiving may have let the server resume reading: a frozen peer reads nothing.
+            conn.hold_reading()
+            continue
         text = message.get("text")
         hub.handle(conn, text if text is not None else message.get("bytes") or b"")
+
+
+def _transport(websocket: WebSocket) -> Transport | None:
+    """The socket's transport, for the stall fault.
+
+    Starlette hands the app the server's own bound `receive`; with uvicorn that is a method of the
+    protocol object, which holds the transport. Another server: None, and a stall then only stops
+    sending (pings are still answered)."""
+    owner = getattr(getattr(websocket, "_receive", None), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    has_api = hasattr(transport, "pause_reading") and hasattr(transport, "abort")
+    return transport if has_api else None
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        parsed = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError as exc:
+        raise QueryError(f"body is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise QueryError("body must be a JSON object")
+    return parsed
 
 
 async def _refuse(websocket: WebSocket) -> None:
@@ -101,7 +148,25 @@ def create_app(
         title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None
     )
     api_key = ApiKey(settings.sim_api_key)
+    faults = Faults()
+    app.state.faults = faults
     inject_salt = secrets.token_hex(8)
+
+    def refused(path: str, params: Any) -> Response | None:
+        """The 429 of the rate-limit fault, or None to answer normally."""
+        retry_after = faults.take_throttle()
+        if retry_after is None:
+            return None
+        faults.record(path, params, 429)
+        REST_REQUESTS.labels(path, "429").inc()
+        response = error_response(429, *RATE_LIMITED)
+        response.headers["Retry-After"] = retry_after
+        return response
+
+    def answered(path: str, params: Any, status: int, response: Response) -> Response:
+        faults.record(path, params, status)
+        REST_REQUESTS.labels(path, str(status)).inc()
+        return response
 
     async def health() -> tuple[bool, dict[str, Any]]:
         return True, {
@@ -111,13 +176,15 @@ def create_app(
 
     app.router.routes.extend(ops_routes(health))
 
-    async def feed(websocket: WebSocket, api_key_path: str = "") -> None:
-        if not api_key.accepts(api_key_path):
+    async def feed(
+        websocket: WebSocket, presented: str = "", dialect: Dialect = Dialect.DOME
+    ) -> None:
+        if faults.reject_auth or not api_key.accepts(presented):
             await _refuse(websocket)
             return
         await websocket.accept()
-        conn = hub.connect(websocket)
-        log.info("client_connected", extra={"connection": conn.id})
+        conn = hub.connect(websocket, dialect, _transport(websocket))
+        log.info("client_connected", extra={"connection": conn.id, "dialect": dialect.value})
         writer = asyncio.create_task(conn.write_loop())
         reader = asyncio.create_task(_read_loop(websocket, conn, hub))
         try:
@@ -133,22 +200,39 @@ def create_app(
     async def feed_without_key(websocket: WebSocket) -> None:
         await feed(websocket)
 
+    # Declared before `/{api_key_path}`, which would otherwise take `ws` for a Dome key.
+    @app.websocket("/ws")
+    async def polynode_feed(websocket: WebSocket) -> None:
+        await feed(websocket, websocket.query_params.get("key", ""), Dialect.POLYNODE)
+
     @app.websocket("/{api_key_path}")
     async def feed_with_key(websocket: WebSocket, api_key_path: str) -> None:
         await feed(websocket, api_key_path)
 
     @app.get("/v1/polymarket/orders")
     async def orders(request: Request) -> Response:
-        if not api_key.accepts_header(request.headers.get("authorization")):
-            REST_REQUESTS.labels("401").inc()
-            return error_response(401, *UNAUTHORIZED)
+        path, params = "/v1/polymarket/orders", request.query_params
+        if (limited := refused(path, params)) is not None:
+            return limited
+        authorized = api_key.accepts_header(request.headers.get("authorization"))
+        if faults.reject_auth or not authorized:
+            return answered(path, params, 401, error_response(401, *UNAUTHORIZED))
         try:
-            query = parse_orders_query(request.query_params)
+            query = parse_orders_query(params)
         except QueryError as exc:
-            REST_REQUESTS.labels("400").inc()
-            return error_response(400, "bad_request", str(exc))
-        REST_REQUESTS.labels("200").inc()
-        return json_response(history.page(query))
+            return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
+        return answered(path, params, 200, json_response(history.page(query)))
+
+    @app.get("/trades")
+    async def data_api_trades(request: Request) -> Response:
+        path, params = "/trades", request.query_params
+        if (limited := refused(path, params)) is not None:
+            return limited
+        try:
+            query = parse_trades_query(params)
+        except QueryError as exc:
+            return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
+        return answered(path, params, 200, json_response(trades_page(history, query)))
 
     @app.get("/_sim/status")
     async def status() -> Response:
@@ -185,6 +269,43 @@ def create_app(
     @app.post("/_sim/drop")
     async def drop() -> Response:
         return json_response({"dropped": await hub.close_all(DROP_CODE, DROP_REASON)})
+
+    @app.post("/_sim/stall")
+    async def stall() -> Response:
+        return json_response({"stalled": hub.stall_all()})
+
+    @app.post("/_sim/auth")
+    async def auth(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+        except QueryError as exc:
+            return error_response(400, "bad_request", str(exc))
+        reject, close = body.get("reject", True), body.get("drop", False)
+        if not isinstance(reject, bool) or not isinstance(close, bool):
+            return error_response(400, "bad_request", "reject and drop must be booleans")
+        faults.reject_auth = reject
+        dropped = await hub.close_all(AUTH_CLOSE_CODE, AUTH_CLOSE_REASON) if close else 0
+        return json_response({"reject": reject, "dropped": dropped})
+
+    @app.post("/_sim/rate_limit")
+    async def rate_limit(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            requests, retry_after = body.get("requests", 1), body.get("retry_after", 1)
+            if not isinstance(requests, int) or not isinstance(retry_after, int | float):
+                raise QueryError("requests must be an integer and retry_after a number")
+            faults.throttle(requests, float(retry_after))
+        except (QueryError, ValueError) as exc:
+            return error_response(400, "bad_request", str(exc))
+        return json_response(faults.state())
+
+    @app.get("/_sim/faults")
+    async def fault_state() -> Response:
+        return json_response(faults.state())
+
+    @app.get("/_sim/requests")
+    async def requests_log() -> Response:
+        return json_response([record.to_json() for record in faults.requests])
 
     @app.post("/_sim/emit")
     async def emit(request: Request) -> Response:

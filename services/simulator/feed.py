@@ -7,6 +7,11 @@ JSON is built once and framed per subscription by string concatenation.
 Each connection has its own bounded send queue drained by its own writer task. Fan-out never
 waits: a client whose queue overflows (it reads slower than trades arrive) is cut off with close
 code 1013 (try again later) and a reason, and nothing more is queued for it.
+
+A stalled connection (fault injection, `Hub.stall_all`) imitates a socket that froze without an
+error: its subscriptions are dropped so no frame is sent any more, its transport stops reading (so
+pings go unanswered, see `Transport`), and the TCP connection stays open until the client gives up
+or the simulator stops (then it is aborted, not closed politely).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from services.simulator.protocol import (
+    Dialect,
     Filters,
     ProtocolError,
     Subscribe,
@@ -63,15 +69,31 @@ class Socket(Protocol):
     def close(self, code: int = 1000, reason: str | None = None) -> Awaitable[None]: ...
 
 
+class Transport(Protocol):
+    """The byte stream under a WebSocket, for the stall fault (asyncio's Transport fits)."""
+
+    def pause_reading(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class Connection:
     """One client: its subscriptions and its send queue."""
 
     _ids = itertools.count(1)
 
     def __init__(
-        self, socket: Socket, max_queue: int, on_overflow: Callable[[Connection], None]
+        self,
+        socket: Socket,
+        max_queue: int,
+        on_overflow: Callable[[Connection], None],
+        dialect: Dialect = Dialect.DOME,
+        transport: Transport | None = None,
     ) -> None:
         self.id = next(self._ids)
+        self.dialect = dialect
+        self.stalled = False
+        self._transport = transport
         self.subscriptions: dict[str, Subscription] = {}
         self._socket = socket
         self._max_queue = max_queue
@@ -86,8 +108,8 @@ class Connection:
         return self._close_with is not None
 
     def push(self, frame: str | bytes) -> bool:
-        """Queue a frame; False if the connection is closing or just overflowed."""
-        if self._close_with is not None:
+        """Queue a frame; False if the connection is closing, stalled or just overflowed."""
+        if self._close_with is not None or self.stalled:
             return False
         if len(self._queue) >= self._max_queue:
             self._on_overflow(self)
@@ -97,8 +119,26 @@ class Connection:
             self._wakeup.set()
         return True
 
+    def stall(self) -> None:
+        """Send nothing more and stop reading (no pongs), keeping the TCP connection open."""
+        self.stalled = True
+        self._queue.clear()
+        self.hold_reading()
+
+    def hold_reading(self) -> None:
+        """While stalled, keep the transport from reading (the server may resume it on its own)."""
+        if self.stalled and self._transport is not None:
+            self._transport.pause_reading()
+
     def close(self, code: int, reason: str) -> None:
         """Drop what is queued and close with this code once the frame being sent is out."""
+        if self.stalled:
+            # A frozen peer sends no close frame: the socket just goes away.
+            if self._transport is not None:
+                self._transport.abort()
+            self._close_with = (code, reason)
+            self._wakeup.set()
+            return
         if self._close_with is None:
             self._close_with = (code, reason)
             self._queue.clear()
@@ -107,7 +147,7 @@ class Connection:
     async def write_loop(self) -> None:
         try:
             await self._drain()
-            if self._close_with is not None:
+            if self._close_with is not None and not self.stalled:
                 code, reason = self._close_with
                 # A client that stopped reading may never take the close frame: don't wait forever.
                 with contextlib.suppress(Exception):
@@ -148,6 +188,8 @@ class Hub:
 
     def __init__(self, max_queue: int, max_subscriptions: int, max_filter_values: int) -> None:
         self.connections: set[Connection] = set()
+        # Stalled: open at the TCP level, dead for the protocol (not counted as clients).
+        self.stalled: set[Connection] = set()
         self.first_subscription = asyncio.Event()
         self._max_queue = max_queue
         self._max_subscriptions = max_subscriptions
@@ -167,8 +209,13 @@ class Hub:
 
     # Connections
 
-    def connect(self, socket: Socket) -> Connection:
-        conn = Connection(socket, self._max_queue, self._overflowed)
+    def connect(
+        self,
+        socket: Socket,
+        dialect: Dialect = Dialect.DOME,
+        transport: Transport | None = None,
+    ) -> Connection:
+        conn = Connection(socket, self._max_queue, self._overflowed, dialect, transport)
         self.connections.add(conn)
         CLIENTS.set(len(self.connections))
         return conn
@@ -176,14 +223,30 @@ class Hub:
     def disconnect(self, conn: Connection) -> None:
         self._drop_subscriptions(conn)
         self.connections.discard(conn)
+        self.stalled.discard(conn)
         CLIENTS.set(len(self.connections))
+
+    def stall_all(self) -> int:
+        """Freeze every open connection (see the module docstring); returns how many."""
+        conns = list(self.connections)
+        for conn in conns:
+            self._drop_subscriptions(conn)
+            self.connections.discard(conn)
+            self.stalled.add(conn)
+            conn.stall()
+        CLIENTS.set(len(self.connections))
+        return len(conns)
 
     def close(self, conn: Connection, code: int, reason: str) -> None:
         self.disconnect(conn)
         conn.close(code, reason)
 
     async def close_all(self, code: int, reason: str, grace: float = CLOSE_TIMEOUT) -> int:
-        """Close every connection with this code; wait (at most `grace` s) for the frames to go."""
+        """Close every connection with this code; wait (at most `grace` s) for the frames to go.
+
+        Stalled connections are aborted instead, and not counted."""
+        for stalled in list(self.stalled):
+            self.close(stalled, code, reason)
         conns = list(self.connections)
         for conn in conns:
             self.close(conn, code, reason)
@@ -203,7 +266,7 @@ class Hub:
 
     def handle(self, conn: Connection, raw: str | bytes) -> None:
         try:
-            message = parse_client_message(raw, self._max_filter_values)
+            message = parse_client_message(raw, self._max_filter_values, conn.dialect)
             if isinstance(message, Subscribe):
                 self._subscribe(conn, message.filters)
             elif isinstance(message, Update):

@@ -30,14 +30,16 @@ SHUTDOWN_CODE, SHUTDOWN_REASON = 1001, "server shutting down"
 
 
 class HideWebSocketPath(logging.Filter):
-    """Uvicorn logs each WebSocket handshake with its path, and Dome keeps the key in the path."""
+    """Uvicorn logs each WebSocket handshake with its path, and at DEBUG the websockets protocol
+    under it logs the request line; Dome keeps the key in the path, polynode in the query."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (
-            isinstance(record.msg, str) and '"WebSocket %s"' in record.msg
-            and isinstance(record.args, tuple) and len(record.args) >= 2
-        ):
+        if not isinstance(record.msg, str) or not isinstance(record.args, tuple):
+            return True
+        if '"WebSocket %s"' in record.msg and len(record.args) >= 2:
             record.args = (record.args[0], "/***", *record.args[2:])
+        elif record.msg == "< %s %s %s" and len(record.args) == 3:
+            record.args = (record.args[0], "/***", record.args[2])
         return True
 
 

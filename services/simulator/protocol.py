@@ -18,6 +18,12 @@ matching subscription.
 Errors: Dome does not document its error frame. This simulator answers a message it cannot apply
 with `{"type":"error","message":"..."}` and keeps the connection open; clients should treat any
 unknown `type` as informational.
+
+The polynode dialect (feeds.md; served on `/ws?key=<KEY>`) differs only in the client messages:
+`{"action":"subscribe","type":"dome","filters":{"wallets":[...]}}` (no `platform` or `version`;
+filters `wallets`, `condition_ids`, `slugs`), `update` is that plus `subscription_id`, and
+`{"action":"unsubscribe","subscription_id":..}`. polynode does not document its ack, update or
+unsubscribe replies: this simulator answers them as Dome does (the assumption our client makes).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import secrets
 import string
 from collections.abc import Container
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -33,6 +40,27 @@ import orjson
 ID_ALPHABET = string.ascii_lowercase + string.digits
 ID_LENGTH = 11
 FILTER_KEYS = ("users", "condition_ids", "market_slugs")
+
+
+class Dialect(StrEnum):
+    DOME = "dome"
+    POLYNODE = "polynode"
+
+
+# Per dialect: the filter names on the wire -> ours, and the `type` a subscribe carries.
+_WIRE_FILTERS = {
+    Dialect.DOME: {
+        "users": "users",
+        "condition_ids": "condition_ids",
+        "market_slugs": "market_slugs",
+    },
+    Dialect.POLYNODE: {
+        "wallets": "users",
+        "condition_ids": "condition_ids",
+        "slugs": "market_slugs",
+    },
+}
+_CHANNEL_TYPE = {Dialect.DOME: "orders", Dialect.POLYNODE: "dome"}
 
 
 class ProtocolError(ValueError):
@@ -95,17 +123,17 @@ def _string_list(filters: dict[str, Any], key: str, max_values: int) -> frozense
     return frozenset(values)
 
 
-def parse_filters(raw: Any, max_values: int) -> Filters:
+def parse_filters(raw: Any, max_values: int, dialect: Dialect = Dialect.DOME) -> Filters:
     if not isinstance(raw, dict):
         raise ProtocolError("filters must be an object")
-    unknown = sorted(set(raw) - set(FILTER_KEYS))
+    wire = _WIRE_FILTERS[dialect]
+    unknown = sorted(set(raw) - set(wire))
     if unknown:
-        raise ProtocolError(f"unknown filter(s) {unknown}; supported: {list(FILTER_KEYS)}")
-    users = _string_list(raw, "users", max_values)
-    condition_ids = _string_list(raw, "condition_ids", max_values)
-    market_slugs = _string_list(raw, "market_slugs", max_values)
+        raise ProtocolError(f"unknown filter(s) {unknown}; supported: {list(wire)}")
+    named = {ours: _string_list(raw, name, max_values) for name, ours in wire.items()}
+    users, condition_ids, market_slugs = (named[key] for key in FILTER_KEYS)
     if users is None and condition_ids is None and market_slugs is None:
-        raise ProtocolError(f"filters need one of {list(FILTER_KEYS)}")
+        raise ProtocolError(f"filters need one of {list(wire)}")
     return Filters(
         users=frozenset(u.lower() for u in users) if users is not None else None,
         condition_ids=(
@@ -123,14 +151,17 @@ def _subscription_id(message: dict[str, Any]) -> str:
     return value
 
 
-def _check_channel(message: dict[str, Any]) -> None:
-    if message.get("platform") != "polymarket":
+def _check_channel(message: dict[str, Any], dialect: Dialect) -> None:
+    if dialect is Dialect.DOME and message.get("platform") != "polymarket":
         raise ProtocolError('platform must be "polymarket"')
-    if message.get("type") != "orders":
-        raise ProtocolError('type must be "orders"')
+    expected = _CHANNEL_TYPE[dialect]
+    if message.get("type") != expected:
+        raise ProtocolError(f'type must be "{expected}"')
 
 
-def parse_client_message(raw: str | bytes, max_filter_values: int) -> ClientMessage:
+def parse_client_message(
+    raw: str | bytes, max_filter_values: int, dialect: Dialect = Dialect.DOME
+) -> ClientMessage:
     try:
         message = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -140,14 +171,12 @@ def parse_client_message(raw: str | bytes, max_filter_values: int) -> ClientMess
     if "version" in message and message["version"] != 1:
         raise ProtocolError("version must be 1")
     action = message.get("action")
-    if action == "subscribe":
-        _check_channel(message)
-        return Subscribe(parse_filters(message.get("filters"), max_filter_values))
-    if action == "update":
-        _check_channel(message)
-        return Update(
-            _subscription_id(message), parse_filters(message.get("filters"), max_filter_values)
-        )
+    if action in ("subscribe", "update"):
+        _check_channel(message, dialect)
+        filters = parse_filters(message.get("filters"), max_filter_values, dialect)
+        if action == "subscribe":
+            return Subscribe(filters)
+        return Update(_subscription_id(message), filters)
     if action == "unsubscribe":
         return Unsubscribe(_subscription_id(message))
     raise ProtocolError('action must be "subscribe", "update" or "unsubscribe"')

@@ -1,24 +1,14 @@
-"""The Dome WebSocket source: connect, subscribe the tracked wallets, stream their fills.
+"""The Dome WebSocket source: the tracked wallets spread over subscriptions and connections within
+the tier's limits, each connection streaming its share (see `ws_connection`).
 
-One connection carries every subscription (chunks of at most DOME_WALLETS_PER_SUBSCRIPTION
-wallets). Acks are matched to subscribes first-in first-out. Each frame is classified by
-`frames.parse_frame`: fills go to the publisher as soon as they arrive, rejected frames are logged
-(`frame_rejected`) and dead-lettered with their reason, and streaming goes on.
-
-On any close or error the source reconnects with exponential backoff and jitter (reset once a
-connection has stayed up for DOME_STABLE_AFTER_S) and subscribes everything again: the server keeps
-no subscriptions across connections, and the ids change. A handshake rejected with 401/403 is an
-auth failure: logged as such and retried at the maximum backoff, since retrying sooner cannot fix
-a key.
-
-The key is part of the URL path. It never reaches a log line: errors are described without the
-URL, the library's own logger goes through a scrubbing filter, and the key is registered with
-`shared.logs.register_secret` as a last line of defence.
-
-Frames over DOME_MAX_FRAME_BYTES are rejected and their first `DEAD_LETTER_PREFIX_BYTES` kept in
-the dead letter. The socket's own limit is `HARD_LIMIT_FACTOR` times larger, to bound memory: a
-frame past it makes the library close the connection (1009); that is recorded as an oversized
-rejection without the frame (the library discards it), and the source reconnects.
+The layout (`subscriptions.SubscriptionLayout`) is planned at start; more wallets than the limits
+hold is a `SubscriptionPlanError` naming the numbers, which the service turns into a startup error.
+While running, `add_wallet`/`remove_wallet` (driven by the wallet registry's control stream) change
+one subscription on one connection, which then sends `update`, `subscribe` or `unsubscribe`
+without dropping anything; a wallet the tier has no room for is logged as an error, counted in
+`betterbot_ingestor_wallets_over_capacity` and reported by `/health`, never silently dropped, and
+is subscribed as soon as room frees up. Events of a wallet removed less than `REMOVED_GRACE_S` ago
+(the server may not have applied the change yet) are ignored rather than dead-lettered.
 """
 
 from __future__ import annotations
@@ -28,241 +18,160 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from typing import NoReturn, Protocol
-
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.frames import CloseCode
 
 from services.ingestor import metrics
-from services.ingestor.backoff import Backoff
-from services.ingestor.feed_status import ConnectionState, FeedStatus
-from services.ingestor.frames import Ack, Fill, Rejected, RejectKind, ServerError, parse_frame
+from services.ingestor.backfill import CatchUp
+from services.ingestor.feed_status import FeedStatus, combine
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.subscriptions import SubscriptionRegistry, subscribe_message
-from shared.logs import redact_url, register_secret, scrub
-from shared.models import OrderFill, Source
+from services.ingestor.sources.ws_connection import SOURCE, DomeConnection, FillSink
+from services.ingestor.subscriptions import (
+    Slot,
+    SubscriptionLayout,
+    SubscriptionLimits,
+    SubscriptionPlanError,
+)
+from services.ingestor.tasks import cancel_and_wait
+from shared.logs import register_secret
 
 log = logging.getLogger(__name__)
 
-SOURCE = Source.DOME_WS.value
-HARD_LIMIT_FACTOR = 4
-DEAD_LETTER_PREFIX_BYTES = 64 * 1024
-AUTH_FAILURE_STATUSES = (401, 403)
-CLOSE_TIMEOUT_S = 5.0
+REMOVED_GRACE_S = 60.0
 
 
-class FillSink(Protocol):
-    """Where a source hands its output (the publisher)."""
-
-    async def submit(self, fill: OrderFill) -> None: ...
-
-    async def submit_dead(self, raw: bytes, reason: str) -> None: ...
-
-
-class _ScrubFilter(logging.Filter):
-    """The library logs request lines at DEBUG; the path holds the key."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = scrub(record.getMessage())
-        record.args = None
-        return True
+def limits_of(settings: IngestorSettings) -> SubscriptionLimits:
+    return SubscriptionLimits(
+        wallets_per_subscription=settings.dome_wallets_per_subscription,
+        max_subscriptions=settings.dome_max_subscriptions,
+        subscriptions_per_connection=settings.dome_subscriptions_per_connection,
+        max_connections=settings.dome_max_connections,
+    )
 
 
-_WIRE_LOG = logging.getLogger(__name__ + ".wire")
-_WIRE_LOG.addFilter(_ScrubFilter())
+class RecentlyRemoved:
+    """Wallets removed less than `grace_s` ago."""
+
+    def __init__(self, grace_s: float = REMOVED_GRACE_S) -> None:
+        self._grace = grace_s
+        self._at: dict[str, float] = {}
+
+    def add(self, wallet: str) -> None:
+        now = time.monotonic()
+        self._at = {w: at for w, at in self._at.items() if now - at < self._grace}
+        self._at[wallet] = now
+
+    def discard(self, wallet: str) -> None:
+        self._at.pop(wallet, None)
+
+    def __contains__(self, wallet: object) -> bool:
+        at = self._at.get(wallet) if isinstance(wallet, str) else None
+        return at is not None and time.monotonic() - at < self._grace
 
 
 class DomeWebSocketSource:
     def __init__(
         self,
         settings: IngestorSettings,
-        subscriptions: Sequence[Sequence[str]],
+        wallets: Sequence[str],
         sink: FillSink,
-        status: FeedStatus,
+        catch_up: CatchUp | None,
         *,
         rng: random.Random | None = None,
     ) -> None:
-        self._settings = settings
-        self._endpoint = settings.dome_ws_endpoint()
-        register_secret(settings.dome_api_key.get_secret_value())
-        self._subscriptions = [tuple(chunk) for chunk in subscriptions]
-        self._tracked = frozenset(wallet.lower() for chunk in subscriptions for wallet in chunk)
-        self._sink = sink
-        self.status = status
-        self.registry = SubscriptionRegistry()
-        self.backoff = Backoff(
-            settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng or random.Random()
+        self.settings = settings
+        self.endpoint = settings.dome_ws_endpoint()
+        for secret in settings.secrets():
+            register_secret(secret)
+        self.layout = SubscriptionLayout(list(wallets), limits_of(settings))
+        self.sink = sink
+        self.catch_up = catch_up
+        self.tracked: set[str] = set(wallets)
+        self.removed = RecentlyRemoved()
+        self.over_capacity: dict[str, None] = {}
+        self._rng = rng or random.Random()
+        self.connections = [
+            DomeConnection(index, self, self._rng) for index in range(len(self.layout.connections))
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failure: asyncio.Future[None] | None = None
+        self.refreshed()
+
+    @property
+    def status(self) -> FeedStatus:
+        combined = combine(
+            SOURCE, [conn.status for conn in self.connections], wallets=self.layout.wallets
         )
+        combined.over_capacity = len(self.over_capacity)
+        return combined
+
+    def slots(self, index: int) -> list[Slot]:
+        return self.layout.connections[index]
+
+    def refreshed(self) -> None:
+        """Recompute the source-wide gauges after a connection changed."""
+        status = self.status
+        metrics.CONNECTED.labels(SOURCE).set(1 if status.connected else 0)
+        metrics.CONNECTIONS.labels(SOURCE).set(status.connections)
+        metrics.SUBSCRIPTIONS.labels(SOURCE).set(status.subscriptions)
+        metrics.WALLETS.labels(SOURCE).set(self.layout.wallets)
+        metrics.OVER_CAPACITY.labels(SOURCE).set(len(self.over_capacity))
 
     async def run(self) -> None:
-        """Stream until cancelled; cancelling closes the socket."""
-        first = True
-        while True:
-            if not first:
-                metrics.RECONNECTS.labels(SOURCE).inc()
-                self.status.reconnects += 1
-            first = False
-            self.status.state = ConnectionState.CONNECTING
-            delay = await self._connection()
-            log.info("reconnect_scheduled", extra={"source": SOURCE, "in_s": round(delay, 3)})
-            await asyncio.sleep(delay)
-
-    async def _connection(self) -> float:
-        """One connection's whole life; returns the delay before the next attempt."""
-        opened_at: float | None = None
+        """Run every connection until cancelled; a connection's crash is raised here."""
+        self._failure = asyncio.get_running_loop().create_future()
+        for conn in self.connections:
+            self._start(conn)
         try:
-            async with connect(
-                self._endpoint,
-                ping_interval=self._settings.dome_ping_interval_s,
-                ping_timeout=self._settings.dome_ping_timeout_s,
-                open_timeout=self._settings.dome_open_timeout_s,
-                close_timeout=CLOSE_TIMEOUT_S,
-                max_size=self._settings.dome_max_frame_bytes * HARD_LIMIT_FACTOR,
-                logger=_WIRE_LOG,
-            ) as ws:
-                opened_at = time.monotonic()
-                await self._stream(ws)
-        except InvalidStatus as exc:
-            status_code = exc.response.status_code
-            if status_code in AUTH_FAILURE_STATUSES:
-                return self._auth_failed(status_code)
-            error = f"handshake rejected with HTTP {status_code}"
-        except ConnectionClosed as exc:
-            error = await self._closed(exc)
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            error = self._describe(exc)
+            await self._failure
         finally:
-            metrics.CONNECTED.labels(SOURCE).set(0)
-            metrics.SUBSCRIPTIONS.labels(SOURCE).set(0)
-        uptime = None if opened_at is None else time.monotonic() - opened_at
-        if uptime is not None and uptime >= self._settings.dome_stable_after_s:
-            self.backoff.reset()
-        self.status.mark_down(ConnectionState.DISCONNECTED, error, time.time())
-        log.warning(
-            "connection_lost",
-            extra={
-                "source": SOURCE,
-                "error": error,
-                "uptime_s": None if uptime is None else round(uptime, 3),
-            },
-        )
-        return self.backoff.next_delay()
+            for task in self._tasks:
+                await cancel_and_wait(task)
 
-    def _auth_failed(self, status_code: int) -> float:
-        metrics.AUTH_FAILURES.labels(SOURCE).inc()
-        error = f"auth failure: handshake rejected with HTTP {status_code}"
-        self.status.mark_down(ConnectionState.AUTH_FAILED, error, time.time())
-        log.error(
-            "auth_failed",
-            extra={"source": SOURCE, "status": status_code, "hint": "check DOME_API_KEY"},
-        )
-        return self.backoff.max_delay()
+    def _start(self, conn: DomeConnection) -> None:
+        task = asyncio.create_task(conn.run(), name=f"dome_ws-{conn.index}")
+        task.add_done_callback(self._ended)
+        self._tasks.append(task)
 
-    async def _stream(self, ws: ClientConnection) -> NoReturn:
-        """Subscribe, then handle frames until the connection fails (ConnectionClosed)."""
-        self.registry.clear()
-        self.status.mark_connected()
-        metrics.CONNECTED.labels(SOURCE).set(1)
-        log.info(
-            "connected",
-            extra={
-                "source": SOURCE,
-                "endpoint": redact_url(self._settings.dome_ws_url),
-                "subscribes": len(self._subscriptions),
-            },
-        )
-        try:
-            for chunk in self._subscriptions:
-                await ws.send(orjson.dumps(subscribe_message(chunk)).decode())
-                self.registry.sent(chunk)
-            self.status.pending_subscribes = self.registry.pending
-            while True:
-                raw = await ws.recv(decode=False)
-                await self._handle(raw, time.time())
-        except asyncio.CancelledError:
-            # Stopping, not failing: say so to the server (the library would send 1011).
-            await ws.close(CloseCode.GOING_AWAY, "client stopping")
-            raise
-
-    async def _handle(self, raw: bytes, received_at: float) -> None:
-        frame = parse_frame(
-            raw,
-            tracked=self._tracked,
-            received_at=received_at,
-            max_bytes=self._settings.dome_max_frame_bytes,
-        )
-        if isinstance(frame, Fill):
-            metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
-            self.status.mark_event(received_at, frame.fill.timestamp)
-            await self._sink.submit(frame.fill)
-        elif isinstance(frame, Ack):
-            self._acked(frame.subscription_id)
-        elif isinstance(frame, ServerError):
-            metrics.SERVER_ERRORS.labels(SOURCE).inc()
-            log.warning(
-                "server_error",
-                extra={
-                    "source": SOURCE,
-                    "detail": scrub(frame.detail),
-                    "pending_subscribes": self.registry.pending,
-                },
-            )
-        else:
-            await self._reject(raw, frame)
-
-    def _acked(self, subscription_id: str) -> None:
-        users = self.registry.acked(subscription_id)
-        if users is None:
-            log.warning(
-                "unexpected_ack", extra={"source": SOURCE, "subscription_id": subscription_id}
-            )
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        failure = self._failure
+        if task.cancelled() or failure is None or failure.done():
             return
-        self.status.subscriptions = len(self.registry.active)
-        self.status.pending_subscribes = self.registry.pending
-        metrics.SUBSCRIPTIONS.labels(SOURCE).set(len(self.registry.active))
-        if self.registry.pending == 0:
-            log.info(
-                "subscribed",
-                extra={
-                    "source": SOURCE,
-                    "subscriptions": len(self.registry.active),
-                    "wallets": self.registry.wallets,
-                },
-            )
+        if (error := task.exception()) is not None:
+            failure.set_exception(error)
 
-    async def _reject(self, raw: bytes, frame: Rejected) -> None:
-        metrics.REJECTED.labels(SOURCE, frame.kind.value).inc()
-        log.warning(
-            "frame_rejected",
-            extra={
-                "source": SOURCE,
-                "reason_class": frame.kind.value,
-                "reason": frame.reason,
-                "subscription_id": frame.subscription_id,
-            },
-        )
-        reason = f"{frame.kind.value}: {frame.reason}"
-        if len(raw) > DEAD_LETTER_PREFIX_BYTES and frame.kind is RejectKind.OVERSIZED:
-            raw = raw[:DEAD_LETTER_PREFIX_BYTES]
-            reason += f"; only the first {DEAD_LETTER_PREFIX_BYTES} bytes are kept"
-        await self._sink.submit_dead(raw, reason)
+    def add_wallet(self, wallet: str) -> bool:
+        """Follow one more wallet; False when the tier has no room (logged, kept for later)."""
+        self.removed.discard(wallet)
+        try:
+            index = self.layout.add(wallet)
+        except SubscriptionPlanError as exc:
+            self.over_capacity[wallet] = None
+            log.error("wallet_over_capacity", extra={"wallet": wallet, "reason": str(exc)})
+            self.refreshed()
+            return False
+        self.over_capacity.pop(wallet, None)
+        self.tracked.add(wallet)
+        if index is not None:
+            self._connection(index).changed()
+        self.refreshed()
+        return True
 
-    async def _closed(self, exc: ConnectionClosed) -> str:
-        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
-            limit = self._settings.dome_max_frame_bytes * HARD_LIMIT_FACTOR
-            await self._reject(
-                b"",
-                Rejected(
-                    RejectKind.OVERSIZED,
-                    f"frame over the socket's hard limit of {limit} bytes; the connection was "
-                    "closed (1009) and the frame discarded",
-                ),
-            )
-        return self._describe(exc)
+    def remove_wallet(self, wallet: str) -> None:
+        self.over_capacity.pop(wallet, None)
+        index = self.layout.remove(wallet)
+        if index is not None:
+            self.tracked.discard(wallet)
+            self.removed.add(wallet)
+            self._connection(index).changed()
+            for waiting in list(self.over_capacity):
+                if not self.add_wallet(waiting):
+                    break
+        self.refreshed()
 
-    def _describe(self, exc: BaseException) -> str:
-        # Some exceptions quote the URL (InvalidURI); it holds the key.
-        text = str(exc).replace(self._endpoint, redact_url(self._endpoint))
-        return f"{type(exc).__name__}: {scrub(text)}"[:500]
+    def _connection(self, index: int) -> DomeConnection:
+        if index == len(self.connections):
+            conn = DomeConnection(index, self, self._rng)
+            self.connections.append(conn)
+            log.info("connection_added", extra={"source": SOURCE, "connection": index})
+            if self._failure is not None:
+                self._start(conn)
+        return self.connections[index]

@@ -1,0 +1,105 @@
+"""Polymarket's public Data API as a wallet history: a live source with no key, or Dome's backfill.
+
+`GET {DATA_API_URL}/trades?user=<wallet>&limit=<n>&offset=<k>&takerOnly=false`, newest first.
+`takerOnly` defaults to true at Polymarket, which hides a wallet's maker fills: we always send
+false. There is no time filter, so pages are read until an item older than `since` shows up, a
+short page ends the list, or the API's offset cap (10,000) is reached (logged: older fills of so
+busy a wallet cannot be reached this way). Trades arriving between two pages shift offsets down,
+so a page can repeat items (the dedupe absorbs them) but never skip one.
+
+Mapping to the Dome order (feeds.md): proxyWallet->user, asset->token_id,
+conditionId->condition_id, size->shares_normalized (and shares = size x 1e6), slug->market_slug,
+outcome->token_label, transactionHash->tx_hash; side, price, timestamp, title as they are. There
+is no order_hash, and none is needed: order_key is built from fields both sources have, so the
+same fill read from Dome and from here gets the same key and is published once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.ingestor.http_api import ApiError, JsonApi
+from services.ingestor.ratelimit import RateLimiter
+from services.ingestor.settings import IngestorSettings
+from shared.models import SHARE_DECIMALS, DomeOrder, Source
+
+log = logging.getLogger(__name__)
+
+TRADES_PATH = "/trades"
+OFFSET_MAX = 10_000
+_FIELDS = {
+    "proxyWallet": "user",
+    "asset": "token_id",
+    "conditionId": "condition_id",
+    "size": "shares_normalized",
+    "slug": "market_slug",
+    "outcome": "token_label",
+    "transactionHash": "tx_hash",
+    "side": "side",
+    "price": "price",
+    "timestamp": "timestamp",
+    "title": "title",
+}
+
+
+def data_api(settings: IngestorSettings) -> JsonApi:
+    limiter = RateLimiter(settings.data_api_rate_per_s, settings.data_api_rate_per_10s)
+    return JsonApi(
+        Source.DATA_API.value, settings.data_api_url, limiter, timeout_s=settings.http_timeout_s
+    )
+
+
+def order_from_data_api(item: Any) -> DomeOrder:
+    """A Data API `/trades` item as a Dome order; raises ValueError/ValidationError if unusable."""
+    if not isinstance(item, dict):
+        raise ValueError(f"a trade must be an object, got {type(item).__name__}")
+    data = {ours: item[theirs] for theirs, ours in _FIELDS.items() if item.get(theirs) is not None}
+    size = data.get("shares_normalized")
+    if isinstance(size, int | float) and not isinstance(size, bool):
+        data["shares"] = round(size * 10**SHARE_DECIMALS)
+    if isinstance(data.get("side"), str):
+        data["side"] = data["side"].upper()
+    return DomeOrder.model_validate(data)
+
+
+class DataApiHistory:
+    source = Source.DATA_API
+
+    def __init__(self, api: JsonApi, page_limit: int) -> None:
+        self.api = api
+        self._limit = page_limit
+
+    async def read_since(self, wallet: str, since: int) -> AsyncIterator[list[Any]]:
+        offset = 0
+        while True:
+            params: dict[str, str | int] = {
+                "user": wallet,
+                "limit": self._limit,
+                "offset": offset,
+                "takerOnly": "false",
+            }
+            items = await self.api.get(TRADES_PATH, params)
+            if not isinstance(items, list):
+                raise ApiError(f"{TRADES_PATH}: expected a list, got {type(items).__name__}")
+            recent = [item for item in items if _timestamp(item) >= since]
+            yield recent
+            if len(recent) < len(items) or len(items) < self._limit:
+                return
+            offset += self._limit
+            if offset > OFFSET_MAX:
+                log.warning(
+                    "data_api_offset_cap",
+                    extra={"wallet": wallet, "since": since, "offset_max": OFFSET_MAX},
+                )
+                return
+
+    def to_order(self, item: Any) -> DomeOrder:
+        return order_from_data_api(item)
+
+
+def _timestamp(item: Any) -> int:
+    # An item without a usable timestamp is kept (and dead-lettered by validation), not dropped.
+    value = item.get("timestamp") if isinstance(item, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 2**62

@@ -1,0 +1,478 @@
+"""One WebSocket connection of the Dome source: connect, subscribe its share of the wallets,
+stream their fills, backfill the gap, and reconnect when anything goes wrong.
+
+Three tasks per open connection:
+- the reader (`_stream`) classifies each frame (`frames.parse_frame`): fills go to the publisher as
+  soon as they arrive, acks confirm subscribes first-in first-out, rejected frames are logged
+  (`frame_rejected`) and dead-lettered with their reason, and streaming goes on;
+- the syncer sends what `SubscriptionRegistry.reconcile` says (subscribe, update, unsubscribe) at
+  connect, after each ack and whenever the wallet layout changes: a live wallet change never drops
+  the connection;
+- the backfiller catches up every wallet the server has confirmed since this connection opened
+  (`backfill.CatchUp`: REST since the wallet's watermark, through the same dedupe). Until a
+  wallet is caught up its live fills are published without moving its watermark, so a failed
+  backfill can never be skipped over by a later live fill.
+
+Liveness: the library pings every DOME_PING_INTERVAL_S and fails the connection when no pong comes
+within DOME_PING_TIMEOUT_S (a stalled peer). Pings prove the link, not the feed: a server can keep
+answering pings while its feed is frozen. So while anything is subscribed, no frame at all for
+DOME_SILENCE_TIMEOUT_S also replaces the connection (and so backfills); see docs/ingestion.md for
+the trade-off with quiet wallets.
+
+On any close or error the connection reconnects with exponential backoff and jitter (reset once a
+connection has stayed up for DOME_STABLE_AFTER_S) and subscribes everything again: the server keeps
+no subscriptions across connections, and the ids change. A handshake refused with 401/403, or a
+close with 4001/4003 (or 1008 naming auth), is an auth failure: logged as such and retried at the
+maximum backoff, since retrying sooner cannot fix a key.
+
+The key is in the URL (path for Dome, query for polynode). It never reaches a log line: errors are
+described without the URL, the library's logger goes through a scrubbing filter, and the keys are
+registered with `shared.logs.register_secret` as a last line of defence.
+
+Frames over DOME_MAX_FRAME_BYTES are rejected and their first `DEAD_LETTER_PREFIX_BYTES` kept in
+the dead letter. The socket's own limit is `HARD_LIMIT_FACTOR` times larger, to bound memory: a
+frame past it makes the library close the connection (1009); that is recorded as an oversized
+rejection without the frame (the library discards it), and the connection is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Container
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.frames import Close, CloseCode
+
+from services.ingestor import metrics
+from services.ingestor.backfill import CatchUp
+from services.ingestor.backoff import Backoff
+from services.ingestor.dialects import message
+from services.ingestor.feed_status import ConnectionState, FeedStatus
+from services.ingestor.frames import (
+    Ack,
+    Fill,
+    Ignored,
+    Rejected,
+    RejectKind,
+    ServerError,
+    parse_frame,
+)
+from services.ingestor.http_api import ApiError, AuthError
+from services.ingestor.subscriptions import Slot, SubscriptionRegistry, Unsubscribe, Update
+from services.ingestor.tasks import cancel_and_wait
+from shared.logs import redact_url, scrub
+from shared.models import OrderFill, Source
+
+if TYPE_CHECKING:
+    from services.ingestor.settings import IngestorSettings
+
+log = logging.getLogger(__name__)
+
+SOURCE = Source.DOME_WS.value
+# The watermark feed of everything read from Dome (live, backfill, polling).
+DOME_FEED = "dome"
+HARD_LIMIT_FACTOR = 4
+DEAD_LETTER_PREFIX_BYTES = 64 * 1024
+AUTH_FAILURE_STATUSES = (401, 403)
+AUTH_CLOSE_CODES = (4001, 4003)
+_AUTH_WORDS = ("auth", "unauthori", "api key", "forbidden")
+
+
+class FillSink(Protocol):
+    """Where a source hands its output (the publisher)."""
+
+    async def submit(self, fill: OrderFill, watermark: str | None = None) -> None: ...
+
+    async def submit_dead(self, raw: bytes, reason: str, source: str) -> None: ...
+
+
+class SourceContext(Protocol):
+    """What a connection needs from the source that owns it."""
+
+    @property
+    def settings(self) -> IngestorSettings: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def sink(self) -> FillSink: ...
+
+    @property
+    def catch_up(self) -> CatchUp | None: ...
+
+    @property
+    def tracked(self) -> Container[str]: ...
+
+    @property
+    def removed(self) -> Container[str]: ...
+
+    def slots(self, index: int) -> list[Slot]: ...
+
+    def refreshed(self) -> None: ...
+
+
+class FeedSilent(Exception):
+    """No frame at all for the silence bound while subscribed."""
+
+
+class _ScrubFilter(logging.Filter):
+    """The library logs request lines at DEBUG; their path or query string holds the key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = scrub(record.getMessage())
+        record.args = None
+        return True
+
+
+_WIRE_LOG = logging.getLogger(__name__ + ".wire")
+_WIRE_LOG.addFilter(_ScrubFilter())
+
+
+def is_auth_close(close: Close | None) -> bool:
+    if close is None:
+        return False
+    if close.code in AUTH_CLOSE_CODES:
+        return True
+    reason = close.reason.lower()
+    return close.code == CloseCode.POLICY_VIOLATION and any(w in reason for w in _AUTH_WORDS)
+
+
+class DomeConnection:
+    def __init__(self, index: int, source: SourceContext, rng: random.Random) -> None:
+        self.index = index
+        self._source = source
+        self._settings = settings = source.settings
+        self.registry = SubscriptionRegistry()
+        self.status = FeedStatus(source=SOURCE, wallets=0)
+        self.backoff = Backoff(
+            settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng
+        )
+        self._rest_backoff = Backoff(
+            settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng
+        )
+        self._dirty = asyncio.Event()
+        self._backfill_wanted = asyncio.Event()
+        self.caught_up: set[str] = set()
+
+    def changed(self) -> None:
+        """The layout changed for this connection: reconcile with the server."""
+        self._dirty.set()
+
+    def _wanted(self) -> bool:
+        return any(slot.wallets for slot in self._source.slots(self.index))
+
+    async def run(self) -> None:
+        """Stream until cancelled; cancelling closes the socket."""
+        first = True
+        while True:
+            if not self._wanted():
+                # Every wallet of this connection was removed: connect again when one comes.
+                self._dirty.clear()
+                await self._dirty.wait()
+                continue
+            if not first:
+                metrics.RECONNECTS.labels(SOURCE).inc()
+                self.status.reconnects += 1
+            first = False
+            self.status.state = ConnectionState.CONNECTING
+            delay = await self._connection()
+            log.info(
+                "reconnect_scheduled",
+                extra={"source": SOURCE, "connection": self.index, "in_s": round(delay, 3)},
+            )
+            await asyncio.sleep(delay)
+
+    async def _connection(self) -> float:
+        """One connection's whole life; returns the delay before the next attempt."""
+        opened_at: float | None = None
+        settings = self._settings
+        try:
+            async with connect(
+                self._source.endpoint,
+                ping_interval=settings.dome_ping_interval_s,
+                ping_timeout=settings.dome_ping_timeout_s,
+                open_timeout=settings.dome_open_timeout_s,
+                close_timeout=settings.dome_close_timeout_s,
+                max_size=settings.dome_max_frame_bytes * HARD_LIMIT_FACTOR,
+                logger=_WIRE_LOG,
+            ) as ws:
+                opened_at = time.monotonic()
+                await self._stream(ws)
+        except InvalidStatus as exc:
+            status_code = exc.response.status_code
+            if status_code in AUTH_FAILURE_STATUSES:
+                return self._auth_failed(f"handshake rejected with HTTP {status_code}", status_code)
+            error = f"handshake rejected with HTTP {status_code}"
+        except ConnectionClosed as exc:
+            if is_auth_close(exc.rcvd):
+                assert exc.rcvd is not None
+                close = f"closed by the server with {exc.rcvd.code} ({scrub(exc.rcvd.reason)})"
+                return self._auth_failed(close, None)
+            error = await self._closed(exc)
+        except FeedSilent as exc:
+            metrics.SILENCE_TIMEOUTS.labels(SOURCE).inc()
+            error = str(exc)
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            error = self._describe(exc)
+        finally:
+            # Also on cancellation: a closed socket holds no subscriptions.
+            self.status.connections = 0
+            self.status.subscriptions = self.status.pending_subscribes = 0
+            self._source.refreshed()
+        uptime = None if opened_at is None else time.monotonic() - opened_at
+        if uptime is not None and uptime >= settings.dome_stable_after_s:
+            self.backoff.reset()
+        self.status.mark_down(ConnectionState.DISCONNECTED, error, time.time())
+        self._source.refreshed()
+        log.warning(
+            "connection_lost",
+            extra={
+                "source": SOURCE,
+                "connection": self.index,
+                "error": error,
+                "uptime_s": None if uptime is None else round(uptime, 3),
+            },
+        )
+        return self.backoff.next_delay()
+
+    def _auth_failed(self, error: str, status_code: int | None) -> float:
+        metrics.AUTH_FAILURES.labels(SOURCE).inc()
+        error = f"auth failure: {error}"
+        self.status.mark_down(ConnectionState.AUTH_FAILED, error, time.time())
+        self._source.refreshed()
+        log.error(
+            "auth_failed",
+            extra={
+                "source": SOURCE,
+                "connection": self.index,
+                "status": status_code,
+                "error": error,
+                "hint": "check DOME_API_KEY (POLYNODE_API_KEY for the polynode dialect)",
+            },
+        )
+        return self.backoff.max_delay()
+
+    async def _stream(self, ws: ClientConnection) -> NoReturn:
+        """Subscribe, then handle frames until the connection fails."""
+        self.registry.clear()
+        self.caught_up.clear()
+        self.status.mark_connected()
+        self.status.connections = 1
+        self._source.refreshed()
+        log.info(
+            "connected",
+            extra={
+                "source": SOURCE,
+                "connection": self.index,
+                "endpoint": redact_url(self._settings.dome_ws_url),
+                "dialect": self._settings.dome_dialect,
+                "subscriptions": len(self._source.slots(self.index)),
+            },
+        )
+        helpers = [asyncio.create_task(self._sync_forever(ws), name="dome_ws-sync")]
+        if self._source.catch_up is not None:
+            helpers.append(asyncio.create_task(self._backfill_forever(), name="dome_ws-backfill"))
+        self._dirty.set()
+        try:
+            while True:
+                raw = await self._receive(ws)
+                await self._handle(raw, time.time())
+        except asyncio.CancelledError:
+            # Stopping, not failing: say so to the server (the library would send 1011).
+            await ws.close(CloseCode.GOING_AWAY, "client stopping")
+            raise
+        finally:
+            for task in helpers:
+                await cancel_and_wait(task)
+
+    async def _receive(self, ws: ClientConnection) -> bytes:
+        silence = self._settings.dome_silence_timeout_s
+        if not silence or not (self.registry.active or self.registry.pending):
+            return await ws.recv(decode=False)
+        try:
+            async with asyncio.timeout(silence):
+                return await ws.recv(decode=False)
+        except TimeoutError:
+            log.warning(
+                "feed_silent",
+                extra={"source": SOURCE, "connection": self.index, "silence_s": silence},
+            )
+            raise FeedSilent(
+                f"no frame for {silence:g}s while subscribed (DOME_SILENCE_TIMEOUT_S)"
+            ) from None
+
+    async def _sync_forever(self, ws: ClientConnection) -> None:
+        """Send whatever brings the server to the desired subscriptions, each time it changes."""
+        dialect = self._settings.dome_dialect
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                actions = self.registry.reconcile(self._source.slots(self.index))
+                for action in actions:
+                    await ws.send(orjson.dumps(message(action, dialect)).decode())
+                if not actions:
+                    continue
+                changes = [a for a in actions if isinstance(a, Update | Unsubscribe)]
+                if changes:
+                    log.info(
+                        "subscriptions_changed",
+                        extra={
+                            "source": SOURCE,
+                            "connection": self.index,
+                            "updates": sum(isinstance(a, Update) for a in changes),
+                            "unsubscribes": sum(isinstance(a, Unsubscribe) for a in changes),
+                        },
+                    )
+                self._subscriptions_changed()
+
+    async def _backfill_forever(self) -> None:
+        """Catch up every confirmed wallet not caught up since this connection opened."""
+        catch_up = self._source.catch_up
+        assert catch_up is not None
+        while True:
+            await self._backfill_wanted.wait()
+            self._backfill_wanted.clear()
+            todo = sorted(self.registry.confirmed() - self.caught_up)
+            asked, recovered = len(todo), 0
+            while todo:
+                wallet = todo[0]
+                if wallet not in self.registry.confirmed():
+                    todo.pop(0)  # removed meanwhile
+                    continue
+                try:
+                    recovered += await catch_up.wallet(wallet)
+                except AuthError as exc:
+                    await self._backfill_failed(exc, auth=True)
+                    continue
+                except ApiError as exc:
+                    await self._backfill_failed(exc, auth=False)
+                    continue
+                self._rest_backoff.reset()
+                self.caught_up.add(wallet)
+                todo.pop(0)
+            if asked:
+                log.info(
+                    "backfill_done",
+                    extra={
+                        "source": catch_up.source,
+                        "connection": self.index,
+                        "wallets": asked,
+                        "recovered": recovered,
+                    },
+                )
+
+    async def _backfill_failed(self, exc: ApiError, *, auth: bool) -> None:
+        source = self._source.catch_up.source if self._source.catch_up else SOURCE
+        if auth:
+            metrics.AUTH_FAILURES.labels(source).inc()
+            log.error("backfill_auth_failed", extra={"source": source, "error": str(exc)})
+            delay = self._rest_backoff.max_delay()
+        else:
+            log.warning("backfill_failed", extra={"source": source, "error": str(exc)})
+            delay = self._rest_backoff.next_delay()
+        await asyncio.sleep(delay)
+
+    async def _handle(self, raw: bytes, received_at: float) -> None:
+        frame = parse_frame(
+            raw,
+            tracked=self._source.tracked,
+            received_at=received_at,
+            max_bytes=self._settings.dome_max_frame_bytes,
+            ignored=self._source.removed,
+        )
+        if isinstance(frame, Fill):
+            fill = frame.fill
+            metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
+            self.status.mark_event(received_at, fill.timestamp)
+            watermark = DOME_FEED if fill.user in self.caught_up else None
+            await self._source.sink.submit(fill, watermark)
+        elif isinstance(frame, Ack):
+            self._acked(frame.subscription_id)
+        elif isinstance(frame, ServerError):
+            metrics.SERVER_ERRORS.labels(SOURCE).inc()
+            log.warning(
+                "server_error",
+                extra={
+                    "source": SOURCE,
+                    "detail": scrub(frame.detail),
+                    "pending_subscribes": self.registry.pending,
+                },
+            )
+        elif isinstance(frame, Ignored):
+            metrics.IGNORED.labels(SOURCE).inc()
+            log.debug("event_of_removed_wallet", extra={"wallet": frame.user})
+        else:
+            await self._reject(raw, frame)
+
+    def _acked(self, subscription_id: str) -> None:
+        users = self.registry.acked(subscription_id)
+        if users is None:
+            log.warning(
+                "unexpected_ack", extra={"source": SOURCE, "subscription_id": subscription_id}
+            )
+            return
+        # The slot may have changed while its subscribe was in flight.
+        self._dirty.set()
+        self._subscriptions_changed()
+        if self.registry.pending == 0:
+            log.info(
+                "subscribed",
+                extra={
+                    "source": SOURCE,
+                    "connection": self.index,
+                    "subscriptions": len(self.registry.active),
+                    "wallets": self.registry.wallets,
+                },
+            )
+
+    def _subscriptions_changed(self) -> None:
+        self.status.subscriptions = len(self.registry.active)
+        self.status.pending_subscribes = self.registry.pending
+        self.status.wallets = self.registry.wallets
+        self._backfill_wanted.set()
+        self._source.refreshed()
+
+    async def _reject(self, raw: bytes, frame: Rejected) -> None:
+        metrics.REJECTED.labels(SOURCE, frame.kind.value).inc()
+        log.warning(
+            "frame_rejected",
+            extra={
+                "source": SOURCE,
+                "reason_class": frame.kind.value,
+                "reason": frame.reason,
+                "subscription_id": frame.subscription_id,
+            },
+        )
+        reason = f"{frame.kind.value}: {frame.reason}"
+        if len(raw) > DEAD_LETTER_PREFIX_BYTES and frame.kind is RejectKind.OVERSIZED:
+            raw = raw[:DEAD_LETTER_PREFIX_BYTES]
+            reason += f"; only the first {DEAD_LETTER_PREFIX_BYTES} bytes are kept"
+        await self._source.sink.submit_dead(raw, reason, SOURCE)
+
+    async def _closed(self, exc: ConnectionClosed) -> str:
+        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            limit = self._settings.dome_max_frame_bytes * HARD_LIMIT_FACTOR
+            await self._reject(
+                b"",
+                Rejected(
+                    RejectKind.OVERSIZED,
+                    f"frame over the socket's hard limit of {limit} bytes; the connection was "
+                    "closed (1009) and the frame discarded",
+                ),
+            )
+        return self._describe(exc)
+
+    def _describe(self, exc: BaseException) -> str:
+        # Some exceptions quote the URL (InvalidURI); it holds the key.
+        endpoint = self._source.endpoint
+        text = str(exc).replace(endpoint, redact_url(endpoint))
+        return f"{type(exc).__name__}: {scrub(text)}"[:500]

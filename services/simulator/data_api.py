@@ -1,0 +1,121 @@
+"""Polymarket's Data API `GET /trades` over the emitted trades, in the Data API's own field names.
+
+Parameters (docs.polymarket.com, Data API `/trades`): `user` (a wallet), `market` (condition ids,
+comma-separated), `side` (BUY | SELL), `limit` (0..10000, default 100), `offset` (0..10000,
+default 0), `takerOnly` (true | false, default true). Unknown parameters are ignored. The answer
+is a bare JSON list, newest first.
+
+`takerOnly`: at Polymarket the default (true) returns only the taker side of each match, so a
+wallet's maker fills are missed without `takerOnly=false`. The tape holds one side of each trade,
+so here both values return the same rows; the value is still validated and logged (see
+`faults.Faults.requests`) so tests can check that a client asks for `takerOnly=false`.
+
+Items carry `proxyWallet, side, asset, conditionId, size, price, timestamp, title, slug, icon,
+eventSlug, outcome, outcomeIndex, name, pseudonym, bio, profileImage, profileImageOptimized,
+transactionHash` (feeds.md), mapped back from the Dome order (see `tape.from_data_api` for the
+forward mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from services.simulator.history import History, QueryError
+from services.simulator.trades import Trade
+
+LIMIT_DEFAULT, LIMIT_MAX, OFFSET_MAX = 100, 10_000, 10_000
+_BOOLEANS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True, slots=True)
+class TradesQuery:
+    user: str | None = None
+    markets: frozenset[str] | None = None
+    side: str | None = None
+    limit: int = LIMIT_DEFAULT
+    offset: int = 0
+    taker_only: bool = True
+
+    def matches(self, trade: Trade) -> bool:
+        if self.user is not None and trade.user.lower() != self.user:
+            return False
+        if self.markets is not None and trade.condition_id.lower() not in self.markets:
+            return False
+        return self.side is None or trade.side == self.side
+
+
+def _bounded(params: Mapping[str, str], name: str, default: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QueryError(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if not 0 <= value <= high:
+        raise QueryError(f"{name} must be 0..{high}, got {value}")
+    return value
+
+
+def parse_trades_query(params: Mapping[str, str]) -> TradesQuery:
+    taker_raw = params.get("takerOnly", "true").lower()
+    if taker_raw not in _BOOLEANS:
+        raise QueryError(f"takerOnly must be true or false, got {taker_raw[:20]!r}")
+    side = params.get("side")
+    if side is not None and side.upper() not in ("BUY", "SELL"):
+        raise QueryError(f"side must be BUY or SELL, got {side[:20]!r}")
+    market = params.get("market")
+    user = params.get("user")
+    return TradesQuery(
+        user=user.lower() if user else None,
+        markets=frozenset(m.strip().lower() for m in market.split(",")) if market else None,
+        side=side.upper() if side else None,
+        limit=_bounded(params, "limit", LIMIT_DEFAULT, LIMIT_MAX),
+        offset=_bounded(params, "offset", 0, OFFSET_MAX),
+        taker_only=_BOOLEANS[taker_raw],
+    )
+
+
+def data_api_trade(trade: Trade) -> dict[str, Any]:
+    """One emitted trade as a Data API `/trades` item."""
+    return {
+        "proxyWallet": trade.user,
+        "side": trade.side,
+        "asset": trade.token_id,
+        "conditionId": trade.condition_id,
+        "size": trade.shares_normalized,
+        "price": trade.price,
+        "timestamp": trade.timestamp,
+        "title": trade.title,
+        "slug": trade.market_slug,
+        "icon": "",
+        "eventSlug": "",
+        "outcome": trade.token_label,
+        "outcomeIndex": 1 if trade.token_label.lower() == "no" else 0,
+        "name": "",
+        "pseudonym": "",
+        "bio": "",
+        "profileImage": "",
+        "profileImageOptimized": "",
+        "transactionHash": trade.tx_hash,
+    }
+
+
+def trades_page(history: History, query: TradesQuery) -> list[dict[str, Any]]:
+    """The response body: matching trades, newest first, after `offset`, at most `limit`."""
+    page: list[dict[str, Any]] = []
+    skip = query.offset
+    if query.limit == 0:
+        return page
+    for trade in reversed(history.trades(query.user)):
+        if not query.matches(trade):
+            continue
+        if skip:
+            skip -= 1
+            continue
+        page.append(data_api_trade(trade))
+        if len(page) >= query.limit:
+            break
+    return page
