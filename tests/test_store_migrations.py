@@ -16,21 +16,27 @@ pytestmark = pytest.mark.integration
 async def test_applied_once_then_a_no_op(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn, load()) == ["001"]
+        assert await migrate(conn, load()) == ["001", "002"]
         assert await migrate(conn, load()) == []
-        rows = await conn.fetch("SELECT version, name FROM schema_migrations")
-        assert [(r["version"], r["name"]) for r in rows] == [("001", "001_init.sql")]
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [(r["version"], r["name"]) for r in rows] == [
+            ("001", "001_init.sql"), ("002", "002_wallets_and_history_api.sql")]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         }
-        assert {"orders", "signals", "schema_migrations"} <= tables
+        assert {"orders", "signals", "tracked_wallets", "schema_migrations"} <= tables
         indexes = {
             r["indexname"]
             for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname='public'")
         }
         assert {"orders_wallet_time", "orders_market_time", "orders_time", "signals_wallet_time",
-                "signals_market_time", "signals_kind_time", "signals_time"} <= indexes
+                "signals_market_time", "signals_kind_time", "signals_time", "orders_token_time",
+                "orders_condition_time", "signals_condition_time", "signals_token_time"} <= indexes
+        # Every listing index ends with (time, key), the API's keyset.
+        definition = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'signals_wallet_time'")
+        assert definition.endswith("(wallet, detected_at DESC, signal_id DESC)")
     finally:
         await conn.close()
 
@@ -39,8 +45,8 @@ async def test_concurrent_runners_do_not_conflict(database_url: str) -> None:
     conns = [await asyncpg.connect(database_url) for _ in range(4)]
     try:
         results = await asyncio.gather(*(migrate(conn, load()) for conn in conns))
-        assert sorted(results) == [[], [], [], ["001"]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert sorted(results) == [[], [], [], ["001", "002"]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 2
     finally:
         for conn in conns:
             await conn.close()

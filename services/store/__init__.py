@@ -11,6 +11,9 @@ doubling to `STORE_RETRY_MAX_S`), never acked meanwhile and never dropped; /heal
 last error class until Postgres answers again, then the backlog in the stream is worked off.
 Entries left pending by a consumer that died are taken over after `STORE_CLAIM_IDLE_MS`.
 
+The same process serves the history API and the tracked wallets over HTTP (`api.py`; OpenAPI at
+/docs) on the ops port, next to /health and /metrics. See docs/store.md.
+
 Modules, top-down:
 - `main.py`: wiring, startup order, graceful stop, /health.
 - `settings.py`: every setting with its env name and default.
@@ -21,7 +24,10 @@ Modules, top-down:
   for bad rows, retry and pool rebuild on outages.
 - `schema.py` + `migrations/NNN_*.sql`: versioned schema under an advisory lock.
 - `reclaim.py`: XAUTOCLAIM of abandoned entries.
+- `api.py`: the FastAPI app: routes, auth, input types, body limit, CSV streaming.
+- `queries.py`: pure: filters -> SQL, keyset cursors, rows -> JSON/CSV.
+- `wallets.py`: tracked wallets in Postgres and the shared registry, kept in step.
 - `metrics.py`: `betterbot_store_*` Prometheus metrics.
 
-Run: `python -m services.store` (ops port 8081: /health, /metrics).
+Run: `python -m services.store` (port 8081: the API, /docs, /health, /metrics).
 """

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TypeVar
@@ -58,6 +58,10 @@ CONFLICT_CLASS = "40"
 
 class Stopping(Exception):
     """Raised by a retry loop once `Database.stop()` was called: the work was not done."""
+
+
+class Unavailable(Exception):
+    """Raised by `Database.connection` when Postgres cannot serve a request now (retry later)."""
 
 
 @dataclass
@@ -183,10 +187,12 @@ class Database:
         self.up = False
         self.last_error: str | None = None
 
-    async def migrate(self, migrations: list[Migration]) -> list[str]:
+    async def migrate(
+        self, migrations: list[Migration], statement_timeout_s: float | None = None
+    ) -> list[str]:
         """Apply pending migrations, waiting for Postgres as long as it takes (or until stop)."""
         async def apply(conn: asyncpg.Connection) -> list[str]:
-            return await migrate(conn, migrations)
+            return await migrate(conn, migrations, statement_timeout_s)
 
         return await self._retrying("migrations", apply)
 
@@ -202,6 +208,26 @@ class Database:
             return result
 
         return await self._retrying(table.name, attempt)
+
+    async def retrying(self, what: str, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `op` on a pooled connection, retried through outages like a batch (until stop)."""
+        return await self._retrying(what, op)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one request, failing fast: `Unavailable` instead of waiting.
+
+        Meant for a pool of its own (the API's), so it leaves `up` and the metrics, which follow
+        the write path, alone; asyncpg replaces a broken connection on its next acquire.
+        """
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+        except Exception as exc:
+            if not is_retryable(exc) or is_data_error(exc):
+                raise
+            raise Unavailable(f"database unavailable ({type(exc).__name__})") from exc
 
     async def ping(self) -> bool:
         """One round trip; updates `up`. Never raises: whatever fails here means "down"."""

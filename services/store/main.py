@@ -1,11 +1,15 @@
-"""Wiring: settings, logging, Postgres, the broker and its subscribers, the reclaimer, /health.
+"""Wiring: settings, logging, Postgres, the broker and its subscribers, the reclaimer, the tracked
+wallets, and one HTTP server for the API, /health and /metrics.
 
-Start: migrations (waiting for Postgres as long as it takes, /health red meanwhile), consumer groups
-(`ensure_group` at `0`), then the subscribers. SIGTERM: the batch in flight finishes (commit, XACK)
-within `STORE_SHUTDOWN_TIMEOUT_S`; a batch waiting for an unavailable Postgres is abandoned
-unacknowledged (it stays pending and is reclaimed later). Entries a read in flight delivered after
-the subscribers stopped are stored and acked too (`Reclaimer.drain_own`); then the consumer leaves
-the group if it holds nothing pending, and the process exits 0.
+Start: the HTTP server at once (/health red, the API 503 until ready), migrations (waiting for
+Postgres as long as it takes), the tracked-wallets sync (`wallets.py`), consumer groups
+(`ensure_group` at `0`), then the subscribers and the wallet follower.
+
+SIGTERM: the batch in flight finishes (commit, XACK) within `STORE_SHUTDOWN_TIMEOUT_S`; a batch
+waiting for an unavailable Postgres is abandoned unacknowledged (it stays pending and is reclaimed
+later). Entries a read in flight delivered after the subscribers stopped are stored and acked too
+(`Reclaimer.drain_own`); then the consumer leaves the group if it holds nothing pending, and the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
+from services.store.api import ApiContext, create_app
 from services.store.batches import BatchStore, feeds
 from services.store.database import Database, Stopping
 from services.store.handlers import build_broker
 from services.store.reclaim import Reclaimer
 from services.store.schema import load
 from services.store.settings import StoreSettings
+from services.store.wallets import Wallets
 from shared.logs import configure_logging, redact_url, register_secret
-from shared.ops import ops_server, stop_event
+from shared.ops import http_server, stop_event
 from shared.redis_streams import connect, ensure_group
 from shared.streams import STORE_GROUP
 
@@ -53,7 +59,17 @@ class Store:
             timeout=settings.store_db_timeout_s, retry_min=settings.store_retry_min_s,
             retry_max=settings.store_retry_max_s,
         )
+        # The API's own pool, so queries and exports never queue behind batch writes (or the
+        # reverse); it fails fast instead of retrying.
+        self.api_db = Database(
+            settings.database_url, pool_size=settings.store_api_pool_size,
+            timeout=settings.store_db_timeout_s, retry_min=settings.store_retry_min_s,
+            retry_max=settings.store_retry_max_s,
+        )
         self.redis = connect(settings.redis_url)
+        self.wallets = Wallets(
+            self.db, self.api_db, self.redis, settings.streams, settings.wallets_file
+        )
         self.batches = BatchStore(self.db, self.redis)
         self.broker = build_broker(
             settings.redis_url, self.consumer, self.feeds, self.batches,
@@ -73,9 +89,10 @@ class Store:
     async def start(self) -> None:
         """Migrate, create the groups, start consuming. Raises `Stopping` if stopped meanwhile."""
         migrations = load()
-        applied = await self.db.migrate(migrations)
+        applied = await self.db.migrate(migrations, self.settings.store_migration_timeout_s)
         self.schema = [m.version for m in migrations]
         log.info("schema_ready", extra={"applied_now": applied, "versions": self.schema})
+        await self.wallets.sync()
         for feed in self.feeds:
             await ensure_group(self.redis, feed.stream, STORE_GROUP)
         self._tasks = [
@@ -83,6 +100,7 @@ class Store:
             asyncio.create_task(
                 self.reclaimer.run(self.feeds, self.settings.store_claim_every_s, self._stop)
             ),
+            asyncio.create_task(self.wallets.follow(self._stop)),
         ]
         await self.broker.start()
         self.running = True
@@ -108,6 +126,7 @@ class Store:
         with contextlib.suppress(RedisError, OSError):
             await self.leave_group()
         await self.db.close()
+        await self.api_db.close()
         await self.redis.aclose()
         log.info("store_stopped", extra={"consumer": self.consumer, "drained": drained})
 
@@ -137,6 +156,14 @@ class Store:
             if not pending:
                 await self.redis.xgroup_delconsumer(feed.stream, STORE_GROUP, self.consumer)
 
+    def api(self) -> ApiContext:
+        token = self.settings.store_api_token
+        return ApiContext(
+            db=self.api_db, wallets=self.wallets,
+            token=None if token is None else token.get_secret_value().encode(),
+            read_auth=self.settings.store_api_read_auth,
+        )
+
     async def health(self) -> tuple[bool, dict[str, Any]]:
         try:
             redis_ok = bool(await asyncio.wait_for(self.redis.ping(), timeout=1.0))
@@ -159,7 +186,8 @@ class Store:
 async def run(settings: StoreSettings) -> None:
     stop = stop_event()
     store = Store(settings)
-    ops = ops_server(store.health, settings.ops_host, settings.ops_port)
+    app = create_app(store.api(), store.health, settings.store_api_max_body_bytes)
+    ops = http_server(app, settings.ops_host, settings.ops_port)
     serving = asyncio.create_task(ops.serve())
     try:
         await store.run(stop)
@@ -172,5 +200,7 @@ def main() -> None:
     settings = StoreSettings()
     for url in (settings.database_url, settings.redis_url):
         register_secret(urlsplit(url).password)
+    if settings.store_api_token is not None:
+        register_secret(settings.store_api_token.get_secret_value())
     configure_logging("store", settings.log_level)
     asyncio.run(run(settings))

@@ -31,3 +31,16 @@ RECLAIMED = Counter(
     PREFIX + "reclaimed", "Entries taken over from a consumer that left them pending", ["table"]
 )
 DB_UP = Gauge(PREFIX + "db_up", "1 while Postgres answers, 0 while writes fail")
+WALLET_CHANGES = Counter(
+    PREFIX + "wallet_changes",
+    "Tracked-wallet changes written to Postgres and/or the registry, by operation and path "
+    "(api, follow = applied from the control stream, startup = the startup sync)",
+    ["op", "via"],
+)
+API_REQUESTS = Counter(
+    PREFIX + "api_requests", "History/wallet API requests answered", ["method", "route", "status"]
+)
+API_SECONDS = Histogram(
+    PREFIX + "api_seconds", "Time to answer an API request (until the first byte for streams)",
+    ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

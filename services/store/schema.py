@@ -71,8 +71,16 @@ def load(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return sorted(found.values(), key=lambda m: int(m.version))
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
-    """Apply the migrations not applied yet; returns the versions applied by this call."""
+async def migrate(
+    conn: asyncpg.Connection,
+    migrations: list[Migration],
+    statement_timeout_s: float | None = None,
+) -> list[str]:
+    """Apply the migrations not applied yet; returns the versions applied by this call.
+
+    `statement_timeout_s` bounds each migration's SQL (default: the connection's): an index
+    build on a big table can take far longer than an ordinary statement.
+    """
     applied_now: list[str] = []
     async with conn.transaction():
         # The lock comes first: concurrent CREATE TABLE IF NOT EXISTS can itself fail.
@@ -88,7 +96,7 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration]) -> list
                         f"(as {done[migration.version]['name']}); add a new migration instead"
                     )
                 continue
-            await conn.execute(migration.sql)
+            await conn.execute(migration.sql, timeout=statement_timeout_s)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                 migration.version, migration.name, migration.checksum,

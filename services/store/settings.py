@@ -2,30 +2,45 @@
 
 - `DATABASE_URL` (`postgresql://postgres@127.0.0.1:5432/postgres`): where rows go; never logged
   with its password.
-- `OPS_PORT` (`8081`): /health and /metrics; the history API joins this port later.
+- `OPS_PORT` (`8081`), `OPS_HOST` (`127.0.0.1`): the HTTP API (docs at /docs), /health and
+  /metrics, all on this one port.
 - `STORE_BATCH_MAX` (`500`): entries read per XREADGROUP, so at most that many rows per insert.
 - `STORE_BLOCK_MS` (`100`): XREADGROUP BLOCK time.
 - `STORE_RETRY_MIN_S` (`0.1`), `STORE_RETRY_MAX_S` (`5.0`): delay before retrying a batch that
   Postgres did not take, doubling from min to max.
 - `STORE_DB_TIMEOUT_S` (`10`): connect and statement timeout, so a silent network cannot hang a
   batch.
-- `STORE_POOL_SIZE` (`4`): Postgres connections (two subscribers, the reclaimer, the health ping).
+- `STORE_POOL_SIZE` (`4`): Postgres connections of the write path (two subscribers, the reclaimer,
+  the health ping, the wallet follower; the API has its own pool).
 - `STORE_CLAIM_IDLE_MS` (`60000`): entries pending this long with any `store` consumer are taken
   over; `STORE_CLAIM_EVERY_S` (`5`): how often to look for them.
 - `STORE_MAX_DELIVERIES` (`5`): a reclaimed entry still failing after this many deliveries is
   dead-lettered.
 - `STORE_SHUTDOWN_TIMEOUT_S` (`15`): on SIGTERM, how long the batch in flight may take to commit.
+- `STORE_MIGRATION_TIMEOUT_S` (`3600`): bound on one migration (an index build on a big table).
+- `STORE_API_TOKEN` (unset): bearer token of the write endpoints (at least 16 characters; a
+  secret, never logged). Unset: the write endpoints answer 403.
+- `STORE_API_READ_AUTH` (`false`): true makes the read endpoints need the token too.
+- `STORE_API_MAX_BODY_BYTES` (`16384`): larger request bodies get 413.
+- `STORE_API_POOL_SIZE` (`4`): the API's own Postgres connections (a CSV export holds one).
+- `WALLETS_FILE` (`config/wallets.example.json`): seeds the tracked wallets on the very first
+  start (empty Postgres and empty registry); relative paths are tried in the working directory,
+  then in the project root.
 Plus the common ones: `REDIS_URL`, `STREAM_NAMESPACE`, `LOG_LEVEL`, `OPS_HOST`.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from shared.settings import DatabaseSettings
 
 
 class StoreSettings(DatabaseSettings):
+    # A refused setting must not be echoed into the startup error: it may be the token.
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
+
     ops_port: int = 8081
 
     store_batch_max: int = Field(default=500, ge=1, le=10_000)
@@ -38,9 +53,26 @@ class StoreSettings(DatabaseSettings):
     store_claim_every_s: float = Field(default=5.0, gt=0)
     store_max_deliveries: int = Field(default=5, ge=1)
     store_shutdown_timeout_s: float = Field(default=15.0, ge=0)
+    store_migration_timeout_s: float = Field(default=3600.0, gt=0)
+
+    store_api_token: SecretStr | None = None
+    store_api_read_auth: bool = False
+    store_api_max_body_bytes: int = Field(default=16_384, ge=256)
+    store_api_pool_size: int = Field(default=4, ge=1)
+    wallets_file: str = "config/wallets.example.json"
+
+    @field_validator("store_api_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value in ("", None) else value
 
     @model_validator(mode="after")
-    def _retry_bounds(self) -> StoreSettings:
+    def _consistent(self) -> StoreSettings:
         if self.store_retry_max_s < self.store_retry_min_s:
             raise ValueError("STORE_RETRY_MAX_S must be at least STORE_RETRY_MIN_S")
+        token = self.store_api_token
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError("STORE_API_TOKEN must be at least 16 characters")
+        if self.store_api_read_auth and token is None:
+            raise ValueError("STORE_API_READ_AUTH=true needs STORE_API_TOKEN")
         return self

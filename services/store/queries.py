@@ -1,0 +1,271 @@
+"""Pure: the history API's queries: filters -> SQL, keyset cursors, rows -> JSON and CSV.
+
+Pages are ordered by (time, key) — `detected_at, signal_id` for signals, `exchange_ts, order_key`
+for orders — newest first by default, and continue strictly after the last row of the previous
+page (`(time, key) < (t, k)`), never by OFFSET. So a page boundary is a fixed point in that order:
+rows inserted while a client pages through can appear on a later page (if they sort after the
+boundary) or not at all (if before it), but a row already seen is never repeated and no row that
+existed when the first page was read is skipped. The key breaks ties between equal times.
+
+The cursor is opaque to clients: base64url of `[resource, order, time in µs, key]`. Microseconds,
+not float seconds, so the boundary is exact (Postgres `timestamptz` has µs resolution). A cursor is
+bound to its resource and order; anything else is a `CursorError` (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+
+Order = Literal["desc", "asc"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_KEY = re.compile(r"^[^\x00]{1,200}$")
+CONDITION_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class CursorError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str  # also the cursor's tag
+    table: str
+    time_column: str
+    key_column: str
+    columns: tuple[str, ...]  # selected, in output order (JSON and CSV)
+    text_columns: frozenset[str]  # free text from outside: neutralized in CSV
+
+
+SIGNALS = Resource(
+    "signals",
+    "signals",
+    "detected_at",
+    "signal_id",
+    (
+        "signal_id",
+        "kind",
+        "wallet",
+        "wallet_label",
+        "market_slug",
+        "title",
+        "condition_id",
+        "token_id",
+        "token_label",
+        "side",
+        "price",
+        "shares",
+        "notional_usd",
+        "confidence",
+        "reasons",
+        "order_keys",
+        "source",
+        "exchange_ts",
+        "received_at",
+        "detected_at",
+        "stream_id",
+        "stored_at",
+    ),
+    frozenset({"wallet_label", "market_slug", "title", "token_label", "reasons"}),
+)
+
+ORDERS = Resource(
+    "orders",
+    "orders",
+    "exchange_ts",
+    "order_key",
+    (
+        "order_key",
+        "wallet",
+        "token_id",
+        "token_label",
+        "side",
+        "market_slug",
+        "condition_id",
+        "title",
+        "shares",
+        "shares_normalized",
+        "price",
+        "notional_usd",
+        "tx_hash",
+        "order_hash",
+        "taker",
+        "block_number",
+        "log_index",
+        "exchange_ts",
+        "received_at",
+        "source",
+        "stored_at",
+    ),
+    frozenset({"token_label", "market_slug", "title", "tx_hash", "order_hash", "taker"}),
+)
+
+_RESOURCES = {r.name: r for r in (SIGNALS, ORDERS)}
+
+
+@dataclass(frozen=True)
+class Cursor:
+    resource: str
+    order: Order
+    time: datetime
+    key: str
+
+
+def micros(moment: datetime) -> int:
+    delta = moment - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    raw = orjson.dumps([cursor.resource, cursor.order, micros(cursor.time), cursor.key])
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str, resource: Resource, order: Order) -> Cursor:
+    """The cursor's position, or `CursorError` saying what is wrong with it."""
+    if len(text) > 300:
+        raise CursorError("invalid cursor: too long")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        name, cursor_order, time_us, key = orjson.loads(raw)
+        moment = EPOCH + timedelta(microseconds=time_us)
+    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError, OverflowError) as exc:
+        raise CursorError("invalid cursor: pass back the next_cursor of a previous page") from exc
+    if name not in _RESOURCES or cursor_order not in ("asc", "desc") or not isinstance(key, str):
+        raise CursorError("invalid cursor: pass back the next_cursor of a previous page")
+    if not _KEY.match(key) or not isinstance(time_us, int):
+        raise CursorError("invalid cursor: pass back the next_cursor of a previous page")
+    if name != resource.name:
+        raise CursorError(f"invalid cursor: it belongs to /{name}, not /{resource.name}")
+    if cursor_order != order:
+        raise CursorError(
+            f"invalid cursor: it was made for order={cursor_order}; keep the same order"
+        )
+    return Cursor(name, cursor_order, moment, key)
+
+
+def market_column(market: str) -> str:
+    """A condition id (0x + 64 hex) is looked up as such; anything else is a market slug."""
+    return "condition_id" if CONDITION_ID.match(market) else "market_slug"
+
+
+@dataclass
+class Query:
+    """A WHERE clause under construction, with numbered parameters."""
+
+    conditions: list[str]
+    params: list[Any]
+
+    def add(self, template: str, *values: Any) -> None:
+        """`template` has `{}` per value, replaced by the parameter's `$n`."""
+        numbers = [self.param(value) for value in values]
+        self.conditions.append(template.format(*numbers))
+
+    def param(self, value: Any) -> str:
+        self.params.append(value)
+        return f"${len(self.params)}"
+
+
+def filters(
+    resource: Resource,
+    *,
+    wallet: str | None = None,
+    market: str | None = None,
+    token: str | None = None,
+    kinds: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+    min_confidence: float | None = None,
+) -> Query:
+    """The conditions of a listing; `since` is inclusive, `until` exclusive."""
+    query = Query([], [])
+    if wallet is not None:
+        query.add("wallet = {}", wallet)
+    if market is not None:
+        column = market_column(market)
+        query.add(f"{column} = {{}}", market.lower() if column == "condition_id" else market)
+    if token is not None:
+        query.add("token_id = {}", token)
+    if kinds:
+        query.add("kind = ANY({}::text[])", list(kinds))
+    if since is not None:
+        query.add(f"{resource.time_column} >= {{}}", since)
+    if until is not None:
+        query.add(f"{resource.time_column} < {{}}", until)
+    if min_confidence is not None:
+        query.add("confidence >= {}", min_confidence)
+    return query
+
+
+def page_sql(
+    resource: Resource, query: Query, order: Order, after: Cursor | None, limit: int | None
+) -> tuple[str, list[Any]]:
+    """SELECT for one page (`limit` rows; None = all the rest) after the cursor, if any."""
+    conditions, params = list(query.conditions), list(query.params)
+    keyset = f"({resource.time_column}, {resource.key_column})"
+    direction = "DESC" if order == "desc" else "ASC"
+    if after is not None:
+        params += [after.time, after.key]
+        compare = "<" if order == "desc" else ">"
+        conditions.append(f"{keyset} {compare} (${len(params) - 1}, ${len(params)})")
+    sql = f"SELECT {', '.join(resource.columns)} FROM {resource.table}"
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
+    sql += f" ORDER BY {resource.time_column} {direction}, {resource.key_column} {direction}"
+    if limit is not None:
+        params.append(limit)
+        sql += f" LIMIT ${len(params)}"
+    return sql, params
+
+
+def next_cursor(resource: Resource, order: Order, last: Mapping[str, Any]) -> str:
+    return encode_cursor(
+        Cursor(resource.name, order, last[resource.time_column], last[resource.key_column])
+    )
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else str(value)
+    return value
+
+
+def item(resource: Resource, row: Mapping[str, Any]) -> dict[str, Any]:
+    return {column: json_value(row[column]) for column in resource.columns}
+
+
+def csv_cell(value: Any, text: bool) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, list):
+        value = "; ".join(str(v) for v in value)
+    cell = str(json_value(value))
+    if text and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
+def csv_lines(resource: Resource, rows: Iterable[Mapping[str, Any]], header: bool) -> str:
+    """CSV text for the rows (RFC 4180 quoting, CRLF), with the header line first if asked."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(resource.columns)
+    for row in rows:
+        writer.writerow([csv_cell(row[c], c in resource.text_columns) for c in resource.columns])
+    return out.getvalue()
