@@ -1,0 +1,248 @@
+"""The faults, each a way production breaks, injected into a running `Pipeline`.
+
+A fault has `inject` and `recover` (after `hold_s`); both return a short note for the report.
+The process kills catch a replica at its worst moment: it is first frozen (SIGSTOP) until Redis
+shows entries delivered to it and not yet acknowledged, then SIGKILLed, so the entries it held are
+lost with it unless another consumer takes them over. A simulator fault whose control route this
+simulator does not have is reported as not supported, never imitated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+from redis.exceptions import RedisError
+
+from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
+
+if TYPE_CHECKING:
+    from chaos.pipeline import Pipeline
+    from chaos.processes import Service
+
+# How long a frozen process is given to be handed entries before it is killed anyway.
+HOLD_PENDING_WITHIN_S = 8.0
+FREEZE_LOOK_S = 0.25
+NOT_SUPPORTED = "not supported by this simulator"
+
+
+@dataclass
+class Fault:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    hold_s: float = 3.0
+    supported: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    async def inject(self, pipe: Pipeline) -> None:
+        raise NotImplementedError
+
+    async def recover(self, pipe: Pipeline) -> None:
+        """Undo the fault; most faults end by themselves."""
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+async def _pending_of(pipe: Pipeline, service: Service, streams: list[tuple[str, str]]) -> int:
+    """Entries delivered to this process' consumer and not acknowledged, on the given streams."""
+    marker = f"-{service.pid}-"
+    total = 0
+    for stream, group in streams:
+        for consumer in await pipe.redis_client.xinfo_consumers(stream, group):
+            if marker in consumer["name"].decode():
+                total += int(consumer["pending"])
+    return total
+
+
+async def freeze_until_pending(
+    pipe: Pipeline, service: Service, streams: list[tuple[str, str]]
+) -> int:
+    """Freeze the process (SIGSTOP) with entries delivered to it and not acknowledged; how many.
+
+    A consumer holds entries only between a read and its ack, a few milliseconds per batch, and a
+    frozen process issues no new read: so freeze, look for `FREEZE_LOOK_S`, and if it holds
+    nothing let it run a moment and freeze it again, until it does or `HOLD_PENDING_WITHIN_S` is
+    up (then it is killed holding nothing, and the note says so).
+    """
+    deadline = time.monotonic() + HOLD_PENDING_WITHIN_S
+    held = 0
+    while True:
+        service.signal(signal.SIGSTOP)
+        look_until = time.monotonic() + FREEZE_LOOK_S
+        while time.monotonic() < look_until:
+            try:
+                held = await _pending_of(pipe, service, streams)
+            except RedisError:
+                held = 0
+            if held or time.monotonic() > deadline:
+                return held
+            await asyncio.sleep(0.02)
+        service.signal(signal.SIGCONT)
+        await asyncio.sleep(random.uniform(0.01, 0.08))
+
+
+@dataclass
+class DetectorKill(Fault):
+    name: ClassVar[str] = "detector_kill"
+    description: ClassVar[str] = (
+        "SIGKILL of one detector replica holding pending entries; the others must reclaim them"
+    )
+
+    async def inject(self, pipe: Pipeline) -> None:
+        victim = pipe.detectors[0]
+        held = await freeze_until_pending(pipe, victim, [(pipe.streams.orders_raw, DETECTOR_GROUP)])
+        await victim.kill()
+        self.note(f"killed {victim.name} holding {held} pending entries; not restarted")
+
+
+@dataclass
+class StoreKill(Fault):
+    name: ClassVar[str] = "store_kill"
+    description: ClassVar[str] = "SIGKILL of the store holding pending entries, restart after hold"
+
+    async def inject(self, pipe: Pipeline) -> None:
+        store = pipe.services["store"]
+        streams = [(pipe.streams.orders_raw, STORE_GROUP), (pipe.streams.signals, STORE_GROUP)]
+        held = await freeze_until_pending(pipe, store, streams)
+        await store.kill()
+        self.note(f"killed the store holding {held} pending entries")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        await pipe.services["store"].start()
+        self.note(f"restarted after {self.hold_s:g}s")
+
+
+@dataclass
+class NotifierKill(Fault):
+    name: ClassVar[str] = "notifier_kill"
+    description: ClassVar[str] = (
+        "SIGKILL of the notifier holding webhook deliveries pending, restart after hold; "
+        "subscribers resume, the webhook entries are reclaimed"
+    )
+
+    async def inject(self, pipe: Pipeline) -> None:
+        notifier = pipe.services["notifier"]
+        held = await freeze_until_pending(pipe, notifier, [(pipe.streams.signals, WEBHOOKS_GROUP)])
+        await notifier.kill()
+        self.note(f"killed the notifier holding {held} pending webhook entries")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        await pipe.services["notifier"].start()
+        self.note(f"restarted after {self.hold_s:g}s")
+
+
+@dataclass
+class IngestorKill(Fault):
+    name: ClassVar[str] = "ingestor_kill"
+    description: ClassVar[str] = (
+        "SIGKILL of the ingestor, restart after hold; REST backfill must recover the gap"
+    )
+    emitted_at_kill: int = 0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        self.emitted_at_kill = await pipe.emitted()
+        await pipe.services["ingestor"].kill()
+
+    async def recover(self, pipe: Pipeline) -> None:
+        missed = await pipe.emitted() - self.emitted_at_kill
+        await pipe.services["ingestor"].start()
+        self.note(f"down {self.hold_s:g}s while the simulator emitted {missed} trades")
+
+
+@dataclass
+class FeedDrop(Fault):
+    name: ClassVar[str] = "feed_drop"
+    description: ClassVar[str] = "the simulator closes every feed WebSocket (1012)"
+    hold_s: float = 0.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        body = await _control(pipe, self, "/_sim/drop")
+        if body is not None:
+            self.note(f"dropped {body.get('dropped')} connection(s)")
+
+
+@dataclass
+class FeedStall(Fault):
+    name: ClassVar[str] = "feed_stall"
+    description: ClassVar[str] = (
+        "every open feed socket freezes without closing (no frames, no pongs)"
+    )
+    hold_s: float = 0.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        body = await _control(pipe, self, "/_sim/stall")
+        if body is not None:
+            self.note(f"stalled {body.get('stalled')} connection(s)")
+
+
+@dataclass
+class PostgresCut(Fault):
+    name: ClassVar[str] = "postgres_cut"
+    description: ClassVar[str] = (
+        "the store's Postgres connections reset and refused for the hold, then restored"
+    )
+    hold_s: float = 4.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        cut = pipe.pg_proxy.cut()
+        self.note(f"reset {cut} connection(s)")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        pipe.pg_proxy.restore()
+        self.note(f"restored after {self.hold_s:g}s, {pipe.pg_proxy.refused} reconnects refused")
+
+
+@dataclass
+class RedisRestart(Fault):
+    name: ClassVar[str] = "redis_restart"
+    description: ClassVar[str] = (
+        "SIGKILL of Redis (append-only, fsync always), restarted on the same port after hold"
+    )
+    hold_s: float = 2.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        await asyncio.to_thread(pipe.redis.kill)
+
+    async def recover(self, pipe: Pipeline) -> None:
+        await asyncio.to_thread(pipe.redis.start)
+        pipe.redis.restarts += 1
+        self.note(f"down {self.hold_s:g}s")
+
+
+async def _control(pipe: Pipeline, fault: Fault, route: str) -> dict[str, Any] | None:
+    """POST a simulator control route; None (and the fault marked unsupported) if it is absent."""
+    try:
+        response = await pipe.sim.post(route)
+    except httpx.HTTPError as exc:
+        fault.note(f"{route} failed: {type(exc).__name__}")
+        return None
+    if response.status_code in (404, 405):
+        fault.supported = False
+        fault.note(f"{route}: {NOT_SUPPORTED}")
+        return None
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# Also the order of "together": the kills first, while orders flow to be caught pending, then the
+# feed faults while the ingestor is up to suffer them, the Redis restart and the ingestor kill last.
+FAULTS: dict[str, type[Fault]] = {
+    f.name: f
+    for f in (
+        DetectorKill,
+        StoreKill,
+        NotifierKill,
+        FeedDrop,
+        PostgresCut,
+        FeedStall,
+        RedisRestart,
+        IngestorKill,
+    )
+}

@@ -1,0 +1,208 @@
+"""One scenario's pipeline: the simulator, store, detector replicas, notifier and ingestor as
+processes on the suite's own Redis, a database of the scenario's own behind a cuttable proxy, a
+webhook receiver and a resuming WebSocket subscriber.
+
+Recovery settings are shortened from their defaults so a dead consumer's entries are taken over
+within seconds rather than a minute (claim idle 2 s instead of 30-60 s, reconnects from 0.2 s,
+pings every second); the mechanisms are the production ones. `RECOVERY_ENV` lists them, and the
+report repeats them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import redis.asyncio as aioredis
+
+from chaos.processes import ROOT, Service, Supervisor
+from chaos.proxy import TcpProxy
+from chaos.receiver import WebhookReceiver
+from chaos.redis_server import ThrowawayRedis
+from chaos.subscriber import ResumingSubscriber
+from devtools.servers import free_port
+from shared.redis_streams import connect
+from shared.streams import Streams
+
+WALLETS_FILE = ROOT / "config" / "wallets.example.json"
+
+RECOVERY_ENV = {
+    "STORE_CLAIM_IDLE_MS": "2000",
+    "STORE_CLAIM_EVERY_S": "0.5",
+    "STORE_RETRY_MAX_S": "1",
+    "STORE_DB_TIMEOUT_S": "3",
+    "DETECTOR_CLAIM_MIN_IDLE_MS": "2000",
+    "DETECTOR_RECLAIM_INTERVAL_S": "0.5",
+    "DETECTOR_WAIT_S": "5",
+    "WEBHOOK_CLAIM_IDLE_MS": "2000",
+    "WEBHOOK_BACKOFF_S": "0.1",
+    "WEBHOOK_BACKOFF_MAX_S": "1",
+    "DOME_RECONNECT_MIN_S": "0.2",
+    "DOME_RECONNECT_MAX_S": "2",
+    "DOME_PING_INTERVAL_S": "1",
+    "DOME_PING_TIMEOUT_S": "2",
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    tape: Path
+    speed: float
+    detectors: int
+    api_key: str
+    log_dir: Path
+    subscriber_reconnect_s: float = 4.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        redis: ThrowawayRedis,
+        database_url: str,
+        namespace: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.extra_env = env or {}
+        self.redis = redis
+        self.database_url = database_url
+        self.namespace = namespace
+        self.streams = Streams(namespace)
+        target = urlsplit(database_url)
+        self.pg_proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+        self.receiver = WebhookReceiver()
+        self.sim_port, self.notifier_port = free_port(), free_port()
+        self.subscriber = ResumingSubscriber(
+            f"ws://127.0.0.1:{self.notifier_port}/ws", config.subscriber_reconnect_s
+        )
+        self.services: dict[str, Service] = {}
+        self.detectors: list[Service] = []
+        self.supervisor = Supervisor([])
+        self.redis_client: aioredis.Redis = connect(redis.url)
+        self.sim = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.sim_port}", timeout=10)
+
+    def proxied_database_url(self) -> str:
+        parts = urlsplit(self.database_url)
+        netloc = parts.netloc.rsplit("@", 1)
+        user = f"{netloc[0]}@" if len(netloc) == 2 else ""
+        return parts._replace(netloc=f"{user}127.0.0.1:{self.pg_proxy.port}").geturl()
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        return {
+            "REDIS_URL": self.redis.url,
+            "STREAM_NAMESPACE": self.namespace,
+            "WALLETS_FILE": str(WALLETS_FILE),
+            "LOG_LEVEL": "INFO",
+            **RECOVERY_ENV,
+            **extra,
+            **self.extra_env,
+        }
+
+    def _add(self, name: str, module: str, env: dict[str, str], health_url: str) -> Service:
+        service = Service(
+            name,
+            f"services.{module}",
+            self._env(env),
+            health_url,
+            self.config.log_dir / f"{name}.log",
+        )
+        self.services[name] = service
+        self.supervisor.add(service)
+        return service
+
+    def _ops(self, name: str, module: str, env: dict[str, str]) -> Service:
+        port = free_port()
+        return self._add(
+            name, module, {"OPS_PORT": str(port), **env}, f"http://127.0.0.1:{port}/health"
+        )
+
+    def _declare(self) -> None:
+        c = self.config
+        self._add(
+            "simulator",
+            "simulator",
+            {
+                "SIM_HOST": "127.0.0.1",
+                "SIM_PORT": str(self.sim_port),
+                "SIM_MODE": "tape",
+                "SIM_TAPE": str(c.tape),
+                "SIM_SPEED": str(c.speed),
+                "SIM_LOOP": "false",
+                "SIM_API_KEY": c.api_key,
+            },
+            f"http://127.0.0.1:{self.sim_port}/health",
+        )
+        self._ops("store", "store", {"DATABASE_URL": self.proxied_database_url()})
+        self.detectors = [self._ops(f"detector-{n}", "detector", {}) for n in range(c.detectors)]
+        hooks = self.receiver.write_config(c.log_dir / "webhooks.json")
+        self._add(
+            "notifier",
+            "notifier",
+            {
+                "NOTIFIER_HOST": "127.0.0.1",
+                "NOTIFIER_PORT": str(self.notifier_port),
+                "WEBHOOKS_FILE": str(hooks),
+            },
+            f"http://127.0.0.1:{self.notifier_port}/health",
+        )
+        self._ops(
+            "ingestor",
+            "ingestor",
+            {
+                "DOME_WS_URL": f"ws://127.0.0.1:{self.sim_port}",
+                "DOME_API_URL": f"http://127.0.0.1:{self.sim_port}/v1",
+                "DOME_API_KEY": c.api_key,
+            },
+        )
+
+    async def start(self) -> None:
+        """Everything but the ingestor first (the notifier's webhook group starts at the end of
+        `signals` the first time), then the ingestor, whose subscription starts the tape."""
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        await self.pg_proxy.start()
+        await self.receiver.start()
+        self._declare()
+        first = [s for name, s in self.services.items() if name != "ingestor"]
+        for service in first:
+            await service.start()
+        await asyncio.gather(*(s.wait_healthy() for s in first))
+        self.subscriber.start()
+        ingestor = self.services["ingestor"]
+        await ingestor.start()
+        await ingestor.wait_healthy()
+        self.supervisor.start()
+
+    async def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = (await self.sim.get("/_sim/status")).json()
+        return body
+
+    async def emitted(self) -> int:
+        return int((await self.status())["emitted"])
+
+    async def trades(self) -> list[dict[str, Any]]:
+        body: list[dict[str, Any]] = (await self.sim.get("/_sim/trades")).json()
+        return body
+
+    async def stop(self) -> dict[str, int | None]:
+        """SIGTERM everything, the ingestor first; each process' exit code."""
+        await self.supervisor.stop()
+        await self.subscriber.stop()
+        order = ["ingestor", "notifier", *(d.name for d in self.detectors), "store", "simulator"]
+        codes: dict[str, int | None] = {}
+        for name in order:
+            service = self.services.get(name)
+            if service is None:
+                continue
+            was_down = service.held_down and not service.running
+            code = await service.stop()
+            codes[name] = None if was_down else code
+        await self.receiver.stop()
+        await self.pg_proxy.stop()
+        await self.sim.aclose()
+        await self.redis_client.aclose()
+        return codes

@@ -1,0 +1,254 @@
+"""One scenario: the tape through a fresh pipeline, its faults injected while trades flow, then
+the comparison with the ground truth once everything has settled (or the settle time is up).
+
+Timeline: faults start when the simulator has emitted `fault_at` of the tape; several faults
+("together") start `STAGGER_S` apart and overlap. Each is held `hold_s`, then recovered. After the
+tape ends the run waits until every expected order and signal is stored and delivered and no
+consumer group has anything pending, up to `settle_s`, and measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from chaos.faults import Fault
+from chaos.pipeline import Pipeline, PipelineConfig
+from chaos.redis_server import ThrowawayRedis
+from chaos.truth import expected_order_keys, stream_truth
+from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
+from shared.wallets import load_wallets
+
+log = logging.getLogger(__name__)
+
+FAULT_AT = 0.3
+STAGGER_S = 1.2
+POLL_S = 1.0
+DIAGNOSE = 20
+
+
+@dataclass
+class Scenario:
+    name: str
+    faults: list[Fault]
+    settle_s: float = 60.0
+    # The part of the tape emitted when the (first) fault starts.
+    fault_at: float = FAULT_AT
+    # Settings of every service for this scenario, over the pipeline's.
+    env: dict[str, str] = field(default_factory=dict)
+    # A control: the pipeline is broken on purpose, and the suite must see the loss.
+    control: bool = False
+
+
+@dataclass
+class Measure:
+    orders_expected: int = 0
+    orders_stored: int = 0
+    orders_unexpected: int = 0
+    signals_expected: int = 0
+    signals_stored: int = 0
+    signals_ws: int = 0
+    signals_webhook: int = 0
+    signals_unexpected: int = 0
+    webhook_redelivered: int = 0
+    # The first few signals at fault, for diagnosis: unexpected ones as the detector wrote them.
+    unexpected_signals: list[dict[str, Any]] = field(default_factory=list)
+    missing_signals: list[dict[str, Any]] = field(default_factory=list)
+    lost: dict[str, int] = field(default_factory=dict)
+    duplicated: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> bool:
+        return not any(self.lost.values()) and not any(self.pending.values())
+
+
+async def _wait(pipe: Pipeline, what: str, predicate_key: str, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if (await pipe.status())[predicate_key]:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"timed out after {within_s:.0f}s waiting for {what}")
+
+
+async def _apply(pipe: Pipeline, fault: Fault, at_emitted: int, delay_s: float) -> None:
+    # Polling the simulator over HTTP: there is no event to wait on in this process.
+    while True:
+        if await pipe.emitted() >= at_emitted:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(delay_s)
+    started = time.monotonic()
+    await fault.inject(pipe)
+    await asyncio.sleep(fault.hold_s)
+    await fault.recover(pipe)
+    fault.note(f"injected at {at_emitted}+ trades, lasted {time.monotonic() - started:.1f}s")
+
+
+async def _group_pending(pipe: Pipeline) -> dict[str, int]:
+    s = pipe.streams
+    pending = {}
+    for stream, group in (
+        (s.orders_raw, DETECTOR_GROUP),
+        (s.orders_raw, STORE_GROUP),
+        (s.signals, STORE_GROUP),
+        (s.signals, WEBHOOKS_GROUP),
+    ):
+        try:
+            summary = await pipe.redis_client.xpending(stream, group)
+            pending[f"{stream.removeprefix(pipe.namespace)}/{group}"] = int(summary["pending"])
+        except Exception:  # a missing group counts as everything pending: unknown is not zero
+            pending[f"{stream.removeprefix(pipe.namespace)}/{group}"] = -1
+    return pending
+
+
+async def measure(pipe: Pipeline, db: asyncpg.Connection) -> Measure:
+    wallets = load_wallets(pipe.services["ingestor"].env["WALLETS_FILE"])
+    expected_orders = expected_order_keys(await pipe.trades(), wallets)
+    stored_orders = {r["order_key"] for r in await db.fetch("SELECT order_key FROM orders")}
+    truth = await stream_truth(pipe.redis_client, pipe.streams)
+    rules = truth.expected_signals(wallets)
+    expected = set(rules)
+    stored = {r["signal_id"] for r in await db.fetch("SELECT signal_id FROM signals")}
+    ws = [signal_id for _, signal_id in pipe.subscriber.received]
+    hooks = pipe.receiver.delivered
+    m = Measure(
+        orders_expected=len(expected_orders),
+        orders_stored=len(stored_orders & expected_orders),
+        orders_unexpected=len(stored_orders - expected_orders),
+        signals_expected=len(expected),
+        signals_stored=len(stored & expected),
+        signals_ws=len(set(ws) & expected),
+        signals_webhook=len(set(hooks) & expected),
+        signals_unexpected=len((stored | set(ws) | set(hooks) | set(truth.signal_ids)) - expected),
+    )
+    unexpected = (stored | set(ws) | set(hooks) | set(truth.signal_ids)) - expected
+    m.unexpected_signals = [truth.describe(sid) for sid in sorted(unexpected)[:DIAGNOSE]]
+    m.missing_signals = [
+        truth.describe(sid, rules[sid].model_dump(mode="json"))
+        for sid in sorted(expected - (stored & set(ws) & set(hooks)))[:DIAGNOSE]
+    ]
+    m.lost = {
+        "orders_not_stored": len(expected_orders - stored_orders),
+        "orders_not_on_stream": len(expected_orders - {o.order_key for o in truth.orders}),
+        "signals_not_stored": len(expected - stored),
+        "signals_not_on_ws": len(expected - set(ws)),
+        "signals_not_on_webhook": len(expected - set(hooks)),
+    }
+    m.duplicated = {
+        "orders_on_stream": truth.order_key_repeats,
+        "signals_on_stream": len(truth.signal_ids) - len(set(truth.signal_ids)),
+        "signals_on_ws": len(ws) - len(set(ws)),
+    }
+    # At least once by contract (docs/notifier.md): receivers drop repeats by Idempotency-Key, as
+    # this one does; so a repeat is counted here, apart from the duplicated effects above.
+    m.webhook_redelivered = sum(n - 1 for n in hooks.values())
+    m.pending = await _group_pending(pipe)
+    for name in ("orders_dead", "signals_dead", "webhooks_dead"):
+        m.dead_letters[name] = int(await pipe.redis_client.xlen(getattr(pipe.streams, name)))
+    return m
+
+
+async def _settle(pipe: Pipeline, db: asyncpg.Connection, within_s: float) -> Measure:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            result = await measure(pipe, db)
+        except Exception as exc:  # Redis or Postgres still coming back: try again
+            log.debug("measure_failed", extra={"error": repr(exc)})
+            result = None
+        if result is not None and (result.settled or time.monotonic() > deadline):
+            return result
+        if time.monotonic() > deadline:
+            return await measure(pipe, db)
+        await asyncio.sleep(POLL_S)
+
+
+def log_findings(pipe: Pipeline, secret: str) -> dict[str, Any]:
+    """What the logs say: the key (must never appear), tracebacks and error lines per service."""
+    found: dict[str, Any] = {"key_in_logs": [], "tracebacks": {}, "errors": {}}
+    for name, service in pipe.services.items():
+        text = service.log_text()
+        if secret in text:
+            found["key_in_logs"].append(name)
+        if n := text.count("Traceback"):
+            found["tracebacks"][name] = n
+        if n := text.count('"level":"error"'):
+            found["errors"][name] = n
+    return found
+
+
+async def run_scenario(
+    scenario: Scenario,
+    config: PipelineConfig,
+    redis: ThrowawayRedis,
+    database_url: str,
+    namespace: str,
+    tape_trades: int,
+) -> dict[str, Any]:
+    pipe = Pipeline(config, redis, database_url, namespace, scenario.env)
+    started = time.monotonic()
+    db: asyncpg.Connection | None = None
+    try:
+        await pipe.start()
+        await _wait(pipe, "the tape to start", "started", 30)
+        at = int(tape_trades * scenario.fault_at)
+        await asyncio.gather(
+            *(_apply(pipe, fault, at, n * STAGGER_S) for n, fault in enumerate(scenario.faults))
+        )
+        await _wait(pipe, "the end of the tape", "tape_done", tape_trades / config.speed + 120)
+        db = await asyncpg.connect(database_url)
+        result = await _settle(pipe, db, scenario.settle_s)
+    finally:
+        if db is not None:
+            await db.close()
+        exit_codes = await pipe.stop()
+    return {
+        "fault": scenario.name,
+        "control": scenario.control,
+        "settings": scenario.env,
+        "faults": [
+            {
+                "name": f.name,
+                "description": f.description,
+                "supported": f.supported,
+                "notes": f.notes,
+            }
+            for f in scenario.faults
+        ],
+        **{k: v for k, v in vars(result).items()},
+        "lost_total": sum(result.lost.values()),
+        "duplicated_total": sum(result.duplicated.values()),
+        "supervisor_restarts": [
+            {"service": r.service, "exit_code": r.exit_code} for r in pipe.supervisor.restarts
+        ],
+        "exit_codes": exit_codes,
+        "subscriber": {
+            "connections": pipe.subscriber.connections,
+            "gaps": pipe.subscriber.gaps,
+            "out_of_order": pipe.subscriber.out_of_order,
+            "closes": sorted(set(pipe.subscriber.closes)),
+        },
+        "webhook_receiver": {
+            "first_attempts_refused_on_purpose": pipe.receiver.refused_first_attempts,
+            "bad_signatures": pipe.receiver.bad_signatures,
+            "bad_bodies": pipe.receiver.bad_bodies,
+        },
+        "logs": log_findings(pipe, config.api_key),
+        "log_dir": str(config.log_dir),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def scenario_log_dir(base: Path, name: str) -> Path:
+    return base / name
