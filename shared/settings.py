@@ -14,7 +14,10 @@ from shared.streams import Streams
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a validation error must never echo a value, since values include keys.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Prefix of every stream and key; lets tests and several deployments share one Redis.

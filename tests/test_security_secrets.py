@@ -544,13 +544,6 @@ def test_a_bad_store_or_detector_setting_does_not_echo_a_secret(secret_values: S
     assert _leaks({"store": store, "detector": detector}, s.all()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "finding: the ingestor logs pydantic's ValidationError for a model-level settings error, "
-        "whose input_value shows the first characters of DOME_API_KEY (SECURITY.md)"
-    ),
-)
 def test_a_bad_ingestor_setting_does_not_echo_the_key(secret_values: Secrets) -> None:
     key = secret_values.dome_key
     out = _startup_output(
@@ -566,13 +559,6 @@ def test_a_bad_ingestor_setting_does_not_echo_the_key(secret_values: Secrets) ->
     assert not any(p in out for p in prefixes), "a prefix of the Dome key is in the output"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "finding: a malformed NOTIFIER_TOKENS (broken JSON list) ends the notifier with a "
-        "traceback that shows the tokens (SECURITY.md)"
-    ),
-)
 def test_a_bad_notifier_setting_does_not_echo_a_token(secret_values: Secrets) -> None:
     token = secret_values.ws_tokens[0]
     out = _startup_output("services.notifier", {"NOTIFIER_TOKENS": f'["{token}"'})

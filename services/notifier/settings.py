@@ -67,7 +67,11 @@ class NotifierSettings(CommonSettings):
             return value
         text = value.strip()
         if text.startswith("["):
-            return orjson.loads(text)
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                # `from None`: the decoder's message and context would quote the tokens.
+                raise ValueError("NOTIFIER_TOKENS is not a valid JSON list of strings") from None
         return tuple(part.strip() for part in text.split(",") if part.strip())
 
     @field_validator("webhooks_file", mode="before")
