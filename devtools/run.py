@@ -221,17 +221,56 @@ async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
         flush=True,
     )
     printer = asyncio.ensure_future(_print_signals(f"ws://127.0.0.1:{notifier_port}/ws", stop))
-    watchers = [asyncio.ensure_future(p.wait()) for _, p in procs]
-    await asyncio.wait(
-        [asyncio.ensure_future(stop.wait()), *watchers], return_when=asyncio.FIRST_COMPLETED
-    )
-    crashed = [s.name for s, p in procs if p.returncode is not None]
-    if crashed:
-        print(f"[run] {', '.join(crashed)} stopped unexpectedly; stopping the rest", flush=True)
+    failed = await _supervise(procs, base_env, stop)
     printer.cancel()
     await _stop_all(procs)
     print("[run] stopped", flush=True)
-    return 1 if crashed else 0
+    return 1 if failed else 0
+
+
+async def _supervise(
+    procs: list[tuple[Service, asyncio.subprocess.Process]],
+    base_env: dict[str, str],
+    stop: asyncio.Event,
+) -> bool:
+    """Restart a service that exits, as Compose's `restart: unless-stopped` would.
+
+    A service that keeps failing (RESTART_LIMIT exits within RESTART_WINDOW_S) stops the run:
+    restarting it forever would hide a broken configuration. Returns True in that case.
+    """
+    exits: list[float] = []
+    stopping = asyncio.ensure_future(stop.wait())
+    while True:
+        watchers = {asyncio.ensure_future(proc.wait()): i for i, (_, proc) in enumerate(procs)}
+        done, _ = await asyncio.wait([stopping, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        for watcher in watchers:
+            watcher.cancel()
+        if stopping in done:
+            return False
+        now = time.monotonic()
+        exits = [t for t in exits if now - t < RESTART_WINDOW_S]
+        for watcher in done:
+            index = watchers[watcher]
+            service, proc = procs[index]
+            exits.append(now)
+            if len(exits) > RESTART_LIMIT:
+                print(
+                    f"[run] services keep exiting ({service.name} last, code "
+                    f"{proc.returncode}); stopping the rest",
+                    flush=True,
+                )
+                return True
+            print(
+                f"[run] {service.name} exited with code {proc.returncode}; restarting it "
+                f"(log: {LOG_DIR / (service.name + '.log')})",
+                flush=True,
+            )
+            await asyncio.sleep(1)
+            procs[index] = (service, await _start(service, base_env))
+
+
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
 
 
 def main() -> None:
