@@ -9,8 +9,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -18,14 +22,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.servers import free_port
+from services.detector import rules
 from services.detector.main import Detector
 from services.detector.pipeline import BatchOutcome, RawEntry
 from services.detector.settings import DetectorSettings
+from shared import wallet_registry
 from shared.models import OrderFill, TrackedWallet
 from shared.redis_streams import encode
 from shared.streams import DETECTOR_GROUP, Streams
 from tests.helpers.processes import ServiceProcess
-from tests.test_detector_rules import OTHER, TRACKED, WALLET, make_order
+from tests.test_detector_rules import MARKET, OTHER, TRACKED, WALLET, make_order
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +39,13 @@ WAIT_S = 20
 
 
 def detector_settings(redis_url: str, namespace: str, **overrides: Any) -> DetectorSettings:
+    """Settings for one test; the cooldown is off unless asked for, as most tests here send many
+    orders of one wallet and market at one exchange time."""
     return DetectorSettings(
-        redis_url=redis_url, stream_namespace=namespace, ops_port=0, **overrides
+        redis_url=redis_url,
+        stream_namespace=namespace,
+        ops_port=0,
+        **{"signal_cooldown_s": 0, **overrides},
     )
 
 
@@ -129,7 +140,7 @@ async def test_orders_become_signals(
     assert signals[0]["wallet_label"] == "sharp"
     assert signals[3]["wallet_label"] == "" and signals[3]["side"] == "SELL"
     # The filtered fill emitted nothing but still opened the position.
-    assert await redis_client.hget(detector.state.position_key(WALLET), "tok-3") == b"50000000000"
+    assert await detector.state.position(WALLET, MARKET, "tok-3") == 50_000_000_000
 
 
 def assert_signal_matches(signal: dict[str, Any], order: OrderFill) -> None:
@@ -159,16 +170,17 @@ async def test_duplicated_order_signals_once_and_moves_position_once(
         await drained(redis_client, streams)
         await xadd_all(redis_client, streams, [order])
         await drained(redis_client, streams)
-        position = await detector.state.position(WALLET, order.token_id)
+        position = await detector.state.position(WALLET, MARKET, order.token_id)
 
     signals = await read_signals(redis_client, streams)
     assert kinds_by_order(signals) == [
-        (order.order_key, "whale_order"), (order.order_key, "trader_entry"),
+        (order.order_key, "whale_order"),
+        (order.order_key, "trader_entry"),
     ]
     assert position == 4000_000_000
 
 
-async def test_entry_on_first_buy_and_again_after_flat(
+async def test_entry_exit_and_entry_again_after_flat(
     redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis
 ) -> None:
     first = make_order(shares=100, price=0.4)
@@ -182,12 +194,14 @@ async def test_entry_on_first_buy_and_again_after_flat(
     async with running(detector_settings(redis_url, namespace)) as detector:
         await xadd_all(redis_client, streams, orders)
         await drained(redis_client, streams)
-        position = await detector.state.position(WALLET, "tok-1")
+        position = await detector.state.position(WALLET, MARKET, "tok-1")
 
     signals = await read_signals(redis_client, streams)
     assert kinds_by_order(signals) == [
         (first.order_key, "trader_entry"),
+        (sell_part.order_key, "trader_exit"),  # 120 of 150 held: 80%
         (other_token.order_key, "trader_entry"),
+        (sell_rest.order_key, "trader_exit"),
         (reopen.order_key, "trader_entry"),
     ]
     assert position == 20_000_000
@@ -286,16 +300,19 @@ async def test_stop_finishes_the_batch_and_leaves_the_group(
 
 
 async def test_failed_batch_stays_pending_until_shutdown_finishes_it(
-    redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis,
+    redis_url: str,
+    namespace: str,
+    streams: Streams,
+    redis_client: aioredis.Redis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """No ack before the effects: a batch whose state step fails stays pending here."""
     order = make_order(shares=10, price=0.5)
     caplog.set_level(logging.ERROR, logger="services.detector")
     detector = Detector(detector_settings(redis_url, namespace), [TRACKED])
-    # A position key of the wrong type makes the script fail with a real Redis error.
-    position_key = detector.state.position_key(WALLET)
-    await redis_client.set(position_key, "not a hash")
+    # A state key of the wrong type makes the script fail with a real Redis error.
+    position_key = detector.state.unit_key(rules.wallet_unit(WALLET, MARKET))
+    await redis_client.hset(position_key, "not", "a string")
     await detector.start()
     try:
         await xadd_all(redis_client, streams, [order])
@@ -324,8 +341,11 @@ async def test_runs_as_a_process_and_stops_on_sigterm(
 ) -> None:
     port = free_port()
     env = {
-        "REDIS_URL": redis_url, "STREAM_NAMESPACE": namespace, "OPS_PORT": str(port),
-        "WALLETS_FILE": "config/wallets.example.json", "LOG_LEVEL": "INFO",
+        "REDIS_URL": redis_url,
+        "STREAM_NAMESPACE": namespace,
+        "OPS_PORT": str(port),
+        "WALLETS_FILE": "config/wallets.example.json",
+        "LOG_LEVEL": "INFO",
     }
     health_url = f"http://127.0.0.1:{port}/health"
     service = ServiceProcess("detector", env, health_url, tag="sigterm-")
@@ -344,14 +364,73 @@ async def test_runs_as_a_process_and_stops_on_sigterm(
     assert code == 0, service.log_tail()
     assert health["ok"] and health["subscriber"]
     signals = await read_signals(redis_client, streams)
-    # Three whales of one token: one entry (the first BUY), three whale_order signals.
-    assert [s["kind"] for s in signals] == ["whale_order", "trader_entry"] + ["whale_order"] * 2
+    # Three whales of one token at one exchange time: one entry (the first BUY), one whale_order;
+    # the default cooldown (300 s per wallet x market x kind) holds back the other two whales.
+    assert [s["kind"] for s in signals] == ["whale_order", "trader_entry"]
     assert {s["wallet_label"] for s in signals} == {"influenz.eth"}
-    assert 'betterbot_detector_signals_emitted_total{kind="whale_order"} 3.0' in metrics
+    assert 'betterbot_detector_signals_emitted_total{kind="whale_order"} 1.0' in metrics
+    assert 'betterbot_detector_signals_suppressed_total{kind="whale_order"} 2.0' in metrics
     assert "betterbot_detector_processing_latency_seconds_count 3.0" in metrics
     assert await redis_client.xinfo_consumers(streams.orders_raw, DETECTOR_GROUP) == []
     lines = [json.loads(line) for line in service.log_text().splitlines() if line.startswith("{")]
     events = [line["event"] for line in lines]
     assert "detector_started" in events and "detector_stopped" in events
-    assert not any(line["level"] == "info" and line["event"] in {"Received", "Processed"}
-                   for line in lines)
+    assert not any(
+        line["level"] == "info" and line["event"] in {"Received", "Processed"} for line in lines
+    )
+
+
+async def test_wallet_registry_changes_apply_without_restart(
+    redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis
+) -> None:
+    """Added, relabelled/rescored and removed wallets take effect on the next orders."""
+
+    async def signals_after(order: OrderFill) -> list[dict[str, Any]]:
+        before = await redis_client.xlen(streams.signals)
+        await xadd_all(redis_client, streams, [order])
+        await drained(redis_client, streams)
+        return (await read_signals(redis_client, streams))[before:]
+
+    async with running(detector_settings(redis_url, namespace)) as detector:
+        assert await signals_after(make_order(user=OTHER, shares=10)) == []
+
+        await wallet_registry.upsert(
+            redis_client, streams, TrackedWallet(address=OTHER, label="newbie", score=0.3)
+        )
+        await until(lambda: _true(OTHER in detector.processor.wallets))
+        [added] = await signals_after(make_order(user=OTHER, shares=10, token_id="tok-5"))
+        assert (added["kind"], added["wallet_label"]) == ("trader_entry", "newbie")
+        assert added["confidence"] == pytest.approx(0.5 * 0.3 + 0.5 * 5 / 1000)
+
+        await wallet_registry.upsert(
+            redis_client, streams, TrackedWallet(address=WALLET, label="sharper", score=1.0)
+        )
+        await until(lambda: _true(detector.processor.wallets[WALLET].label == "sharper"))
+        [relabelled] = await signals_after(make_order(shares=10, token_id="tok-6"))
+        assert relabelled["wallet_label"] == "sharper"
+        assert relabelled["confidence"] == pytest.approx(0.5 + 0.5 * 5 / 1000)
+
+        await wallet_registry.remove(redis_client, streams, OTHER)
+        await until(lambda: _true(OTHER not in detector.processor.wallets))
+        assert await signals_after(make_order(user=OTHER, shares=10, token_id="tok-7")) == []
+        ok, details = await detector.health()
+        assert ok and details["wallets"] == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_a_bad_rules_file_stops_the_start(tmp_path: Path) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text("whale_threshold: 5\n")
+    env = {**os.environ, "DETECTOR_RULES_FILE": str(rules_file), "OPS_PORT": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.detector"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2
+    assert b"unknown setting(s) ['whale_threshold']" in done.stderr + done.stdout

@@ -1,10 +1,13 @@
-"""The detector's atomic state step (Lua) on a real Redis: it does what `rules` says it does."""
+"""The detector's Redis side on a real Redis: the atomic apply step (Lua), the batch processor
+against the reference semantics (`serial.py`), ordering between consumers, and reclaiming."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
-from typing import cast
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -14,12 +17,21 @@ from hypothesis import strategies as st
 
 from services.detector import rules
 from services.detector.pipeline import BatchProcessor, RawEntry
-from services.detector.rules import Condition, RuleSettings
-from services.detector.state import DetectorState, Emission, OrderStep
-from shared.models import Side, SignalKind
+from services.detector.reclaim import Reclaimer
+from services.detector.rules import RuleSettings
+from services.detector.serial import run
+from services.detector.state import (
+    CONFLICT,
+    DUPLICATE,
+    WAITING,
+    ApplyStep,
+    DetectorState,
+    UnitWrite,
+)
+from shared.models import OrderFill, Signal, TrackedWallet
 from shared.redis_streams import encode
-from shared.streams import Streams
-from tests.test_detector_rules import TRACKED, WALLET, make_order
+from shared.streams import DETECTOR_GROUP, Streams
+from tests.test_detector_rules import OTHER, TRACKED, TS, WALLET, make_order, wallet
 
 pytestmark = pytest.mark.integration
 
@@ -32,75 +44,192 @@ def make_state(client: aioredis.Redis, streams: Streams, script_batch: int = 250
     )
 
 
-def step(key: str, side: Side, size: int, token: str) -> OrderStep:
-    payload = orjson.dumps({"order_key": key})
-    entry = Emission(SignalKind.TRADER_ENTRY, Condition.OPENS_POSITION, payload)
-    whale = Emission(SignalKind.WHALE_ORDER, Condition.ALWAYS, payload)
-    return OrderStep(key, WALLET, token, side, size, True, (entry, whale))
+def processor(
+    state: DetectorState,
+    wallets: Sequence[TrackedWallet],
+    rule_settings: RuleSettings,
+    consumer: str = "c1",
+    wait_s: float = 10.0,
+) -> BatchProcessor:
+    return BatchProcessor(
+        state, wallets, rule_settings, consumer=consumer, wait_s=wait_s, touch_every_s=0.05
+    )
 
 
-ops_st = st.lists(
+async def signals_of(client: aioredis.Redis, streams: Streams) -> list[dict[str, Any]]:
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(streams.signals))
+    assert all(set(fields) == {b"data"} for _, fields in entries)
+    return [orjson.loads(fields[b"data"]) for _, fields in entries]
+
+
+def fields_of(order: OrderFill) -> dict[bytes, bytes]:
+    """The entry fields the ingestor writes for an order."""
+    return cast(dict[bytes, bytes], encode(order))
+
+
+def identity(signal: Signal | dict[str, Any]) -> tuple[Any, ...]:
+    """What must match between the reference and the detector (times aside)."""
+    data = signal.model_dump(mode="json") if isinstance(signal, Signal) else signal
+    return (
+        data["signal_id"],
+        data["kind"],
+        data["wallet"],
+        data["token_id"],
+        round(data["confidence"], 12),
+        tuple(data["order_keys"]),
+        tuple(data["reasons"]),
+    )
+
+
+# --- the apply step -----------------------------------------------------------------------------
+
+
+def write(unit: str, expected: bytes, value: bytes, ttl: int = 0) -> UnitWrite:
+    return UnitWrite(unit, expected, value, ttl)
+
+
+async def test_keys_share_the_signals_slot(redis_client: aioredis.Redis, streams: Streams) -> None:
+    state = make_state(redis_client, streams)
+    tag = "{" + streams.signals + "}"
+    assert state.done_key("k").startswith(tag)
+    assert state.unit_key(rules.wallet_unit(WALLET, "m")).startswith(tag)
+    assert state.errors_key().startswith(tag)
+
+
+async def test_apply_writes_state_emits_and_marks_done(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    state = make_state(redis_client, streams)
+    step = ApplyStep(
+        "k1", (), (write("u:a", b"", b"A1"), write("u:b", b"", b"B1", ttl=99)), (b'{"n": 1}',)
+    )
+    assert await state.apply([step]) == [1]
+    assert await redis_client.get(state.unit_key("u:a")) == b"A1"
+    assert await redis_client.ttl(state.unit_key("u:a")) == -1
+    assert 0 < await redis_client.ttl(state.unit_key("u:b")) <= 99
+    assert 0 < await redis_client.ttl(state.done_key("k1")) <= TTL
+    assert [s["n"] for s in await signals_of(redis_client, streams)] == [1]
+    # Delivered again: nothing, whatever it carries.
+    assert await state.apply([step]) == [DUPLICATE]
+    assert await redis_client.xlen(streams.signals) == 1
+    # An empty value deletes the unit; a value without TTL clears an earlier TTL.
+    clear = ApplyStep("k2", (), (write("u:a", b"A1", b""), write("u:b", b"B1", b"B2")), ())
+    assert await state.apply([clear]) == [0]
+    assert await redis_client.exists(state.unit_key("u:a")) == 0
+    assert await redis_client.ttl(state.unit_key("u:b")) == -1
+
+
+async def test_apply_waits_for_prerequisites_and_detects_conflicts(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    state = make_state(redis_client, streams, script_batch=2)
+    first = ApplyStep("a", ("earlier",), (write("u:x", b"", b"X1"),), (b'{"n": 1}',))
+    then = ApplyStep("b", (), (write("u:x", b"X1", b"X2"),), (b'{"n": 2}',))
+    independent = ApplyStep("c", (), (write("u:y", b"", b"Y1"),), (b'{"n": 3}',))
+    # across the script-call boundary (script_batch 2): still blocked behind `first`
+    later = ApplyStep("d", (), (write("u:x", b"X2", b"X3"),), ())
+    stale = ApplyStep("e", (), (write("u:y", b"something else", b"Y2"),), ())
+    assert await state.apply([first, then, independent, later, stale]) == [
+        WAITING,
+        WAITING,
+        1,
+        WAITING,
+        CONFLICT,
+    ]
+    assert [s["n"] for s in await signals_of(redis_client, streams)] == [3]
+    assert await redis_client.exists(state.done_key("a"), state.done_key("b")) == 0
+    await redis_client.set(state.done_key("earlier"), "1")
+    assert await state.apply([first, then, later]) == [1, 1, 0]
+    assert await redis_client.get(state.unit_key("u:x")) == b"X3"
+    assert [s["n"] for s in await signals_of(redis_client, streams)] == [3, 1, 2]
+
+
+# --- the batch processor against the reference --------------------------------------------------
+
+SMALL = RuleSettings(
+    whale_min_notional_usd=100,
+    signal_cooldown_s=10,
+    exit_min_fraction=0.8,
+    consensus_min_wallets=2,
+    consensus_window_s=50,
+)
+WALLETS = [wallet(1, 0.9), wallet(2, None), wallet(3, 0.2)]
+USERS = [w.address for w in WALLETS] + [OTHER]
+
+orders_st = st.lists(
     st.tuples(
-        st.sampled_from(list(Side)),
-        st.integers(min_value=0, max_value=10**15),
-        st.sampled_from(["a", "b"]),
-        st.booleans(),  # deliver this order a second time
+        st.integers(min_value=0, max_value=3),  # who (3 = untracked)
+        st.sampled_from(["yes", "no", "other-market"]),
+        st.sampled_from(["BUY", "BUY", "SELL"]),
+        st.sampled_from([1.0, 50.0, 120.0, 400.0]),
+        st.sampled_from([0.3, 0.5, 0.96]),
+        st.integers(min_value=0, max_value=30),  # seconds after the previous order
+        st.booleans(),  # delivered a second time, later in the stream
     ),
     min_size=1,
-    max_size=25,
+    max_size=30,
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops_st, st.integers(min_value=1, max_value=6))
-def test_script_matches_the_rules_model(
-    redis_url: str, ops: list[tuple[Side, int, str, bool]], script_batch: int
+def build_orders(spec: list[tuple[int, str, str, float, float, int, bool]]) -> list[OrderFill]:
+    orders: list[OrderFill] = []
+    replays: list[OrderFill] = []
+    ts = TS
+    for who, token, side, shares, price, gap, again in spec:
+        ts += gap
+        market = "0x" + ("22" if token == "other-market" else "11") * 32
+        order = make_order(
+            user=USERS[who],
+            token_id=token,
+            side=side,
+            shares=shares,
+            price=price,
+            timestamp=ts,
+            condition_id=market,
+        )
+        orders.append(order)
+        if again:
+            replays.append(order)
+    return orders + replays
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    orders_st,
+    st.integers(min_value=1, max_value=7),
+    st.integers(min_value=1, max_value=4),
+    st.randoms(use_true_random=False),
+)
+def test_processor_matches_the_reference(
+    redis_url: str,
+    spec: list[tuple[int, str, str, float, float, int, bool]],
+    batch: int,
+    script_batch: int,
+    rnd: random.Random,
 ) -> None:
-    asyncio.run(_check_script(redis_url, ops, script_batch))
+    """Any batch split and script size, redeliveries included: the signals of `serial.run`."""
+    asyncio.run(_check_processor(redis_url, build_orders(spec), batch, script_batch, rnd))
 
 
-async def _check_script(
-    redis_url: str, ops: list[tuple[Side, int, str, bool]], script_batch: int
+async def _check_processor(
+    redis_url: str, orders: list[OrderFill], batch: int, script_batch: int, rnd: random.Random
 ) -> None:
     streams = Streams(f"t{uuid.uuid4().hex[:10]}:")
     client = aioredis.Redis.from_url(redis_url)
     try:
         state = make_state(client, streams, script_batch)
-        steps: list[OrderStep] = []
-        for i, (side, size, token, again) in enumerate(ops):
-            steps.append(step(f"k{i}", side, size, token))
-            if again:
-                steps.append(step(f"k{i}", side, size, token))
-
-        results = await state.apply(steps)
-
-        positions = {"a": 0, "b": 0}
-        seen: set[str] = set()
-        expected_signals: list[tuple[str, str]] = []
-        for order, result in zip(steps, results, strict=True):
-            if order.order_key in seen:
-                assert result.duplicate and result.emitted == ()
-                continue
-            seen.add(order.order_key)
-            prior = positions[order.token_id]
-            kinds = [SignalKind.WHALE_ORDER]
-            if rules.opens_position(order.side, prior):
-                kinds.insert(0, SignalKind.TRADER_ENTRY)
-            assert not result.duplicate and list(result.emitted) == kinds
-            expected_signals += [(order.order_key, kind) for kind in kinds]
-            positions[order.token_id] = rules.next_position(order.side, prior, order.micro_shares)
-
-        stored = await client.hgetall(state.position_key(WALLET))
-        assert {str(k, "utf-8"): int(v) for k, v in cast(dict[bytes, bytes], stored).items()} == {
-            token: size for token, size in positions.items() if size > 0
-        }
-        written = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(streams.signals))
-        assert [orjson.loads(f[b"data"])["order_key"] for _, f in written] == [
-            key for key, _ in expected_signals
-        ]
-        assert all(set(fields) == {b"data"} for _, fields in written)
-        ttl = await client.ttl(state.done_key("k0"))
-        assert 0 < ttl <= TTL
+        await state.ensure_group(DETECTOR_GROUP)
+        decider = processor(state, WALLETS, SMALL)
+        entries = [RawEntry(f"{i + 1}-0", fields_of(order)) for i, order in enumerate(orders)]
+        for start in range(0, len(entries), batch):
+            chunk = entries[start : start + batch]
+            outcome = await decider.process(chunk)
+            assert sorted(outcome.settled) == sorted(e.entry_id for e in chunk)
+            if rnd.random() < 0.3:  # the whole batch redelivered (a crash before the ack)
+                again = await decider.process(chunk)
+                assert sum(again.signals.values()) == 0
+        expected = [identity(s) for s in run(orders, WALLETS, SMALL)]
+        assert [identity(s) for s in await signals_of(client, streams)] == expected
     finally:
         keys = [k async for k in client.scan_iter(match=f"*{streams.namespace}*")]
         if keys:
@@ -108,37 +237,210 @@ async def _check_script(
         await client.aclose()
 
 
-async def test_keys_share_the_signals_slot(redis_client: aioredis.Redis, streams: Streams) -> None:
-    state = make_state(redis_client, streams)
-    tag = "{" + streams.signals + "}"
-    assert state.done_key("k").startswith(tag)
-    assert state.position_key(WALLET).startswith(tag)
-
-
 async def test_redelivered_batch_changes_nothing(
     redis_client: aioredis.Redis, streams: Streams
 ) -> None:
     """A batch processed again (crash before the ack) emits nothing and moves no position."""
     state = make_state(redis_client, streams)
-    processor = BatchProcessor(state, [TRACKED], RuleSettings())
+    await state.ensure_group(DETECTOR_GROUP)
+    decider = processor(state, [TRACKED], RuleSettings(signal_cooldown_s=0))
     orders = [
         make_order(shares=4000, price=0.5),
         make_order(shares=10, price=0.5, token_id="tok-2"),
         make_order(shares=4, price=0.5, side="SELL"),
     ]
-    entries = [
-        RawEntry(f"{i}-0", encode(order)) for i, order in enumerate(orders)
-    ]
+    entries = [RawEntry(f"{i + 1}-0", fields_of(order)) for i, order in enumerate(orders)]
 
-    first = await processor.process(entries)
+    first = await decider.process(entries)
     assert (first.orders, first.duplicates) == (3, 0)
     assert first.signals == {"whale_order": 1, "trader_entry": 2}
-    signals_after_first = await redis_client.xlen(streams.signals)
-    assert signals_after_first == 3
-    assert await state.position(WALLET, "tok-1") == 3996_000_000
+    assert await redis_client.xlen(streams.signals) == 3
+    unit = state.unit_key(rules.wallet_unit(WALLET, orders[0].condition_id))
+    positions = orjson.loads(cast(bytes, await redis_client.get(unit)))["positions"]
+    assert positions == {"tok-1": 3996_000_000, "tok-2": 10_000_000}
 
-    again = await processor.process(entries)
+    again = await decider.process(entries)
     assert (again.orders, again.duplicates, sum(again.signals.values())) == (3, 3, 0)
-    assert await redis_client.xlen(streams.signals) == signals_after_first
-    assert await state.position(WALLET, "tok-1") == 3996_000_000
-    assert await state.position(WALLET, "tok-2") == 10_000_000
+    assert await redis_client.xlen(streams.signals) == 3
+    assert orjson.loads(cast(bytes, await redis_client.get(unit)))["positions"] == positions
+
+
+# --- ordering between consumers -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def group_state(
+    redis_client: aioredis.Redis, streams: Streams
+) -> AsyncIterator[DetectorState]:
+    state = make_state(redis_client, streams)
+    await state.ensure_group(DETECTOR_GROUP)
+    yield state
+
+
+async def deliver(
+    client: aioredis.Redis, streams: Streams, consumer: str, orders: Sequence[OrderFill]
+) -> list[RawEntry]:
+    """XADD the orders, then XREADGROUP them to `consumer`: they are pending there."""
+    for order in orders:
+        await client.xadd(streams.orders_raw, encode(order))
+    reply: Any = await client.xreadgroup(
+        DETECTOR_GROUP, consumer, {streams.orders_raw: ">"}, count=len(orders)
+    )
+    return [RawEntry(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
+
+
+async def test_an_order_waits_for_an_earlier_order_held_by_another_consumer(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    """B holds BUY-again and SELL of a position whose BUY A holds: B waits for A, then decides
+    exactly what one consumer reading in order would; B's unrelated order does not wait."""
+    no_cooldown = RuleSettings(signal_cooldown_s=0)
+    buy, other_token = (
+        make_order(shares=100),
+        make_order(shares=5, token_id="tok-9", condition_id="0x" + "33" * 32),
+    )
+    sell, again = make_order(side="SELL", shares=100), make_order(shares=30)
+    unrelated = make_order(user=OTHER, shares=4000, token_id="tok-7")
+    a_entries = await deliver(redis_client, streams, "A", [buy, other_token])
+    b_entries = await deliver(redis_client, streams, "B", [unrelated, sell, again])
+    a = processor(group_state, [TRACKED], no_cooldown, "A")
+    b = processor(group_state, [TRACKED], no_cooldown, "B")
+
+    b_task = asyncio.ensure_future(b.process(b_entries))
+    await asyncio.sleep(0.3)
+    assert not b_task.done()
+    early = await signals_of(redis_client, streams)
+    assert [s["order_keys"] for s in early] == [[unrelated.order_key]]  # only the unrelated whale
+
+    a_outcome = await a.process(a_entries)
+    b_outcome = await asyncio.wait_for(b_task, 10)
+    assert b_outcome.waits > 0 and not b_outcome.unsettled
+    assert sorted(a_outcome.settled + b_outcome.settled) == sorted(
+        e.entry_id for e in a_entries + b_entries
+    )
+    found = {identity(s)[:2] for s in await signals_of(redis_client, streams)}
+    expected = {
+        identity(s)[:2]
+        for s in run([buy, other_token, unrelated, sell, again], [TRACKED], no_cooldown)
+    }
+    assert found == expected
+    assert {kind for _, kind in found} == {"trader_entry", "trader_exit", "whale_order"}
+
+
+async def test_a_repeated_fill_does_not_let_later_orders_overtake(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    """Stream: BUY (decided), SELL (held by A, undecided), the BUY again (held by C), BUY (held
+    by B). The repeat's done key exists from the first BUY; still neither C nor B may settle
+    before A's SELL, or B's BUY would see the position the SELL closes."""
+    no_cooldown = RuleSettings(signal_cooldown_s=0)
+    buy, sell, later = (
+        make_order(shares=100),
+        make_order(side="SELL", shares=100),
+        make_order(shares=50),
+    )
+    first = await deliver(redis_client, streams, "P", [buy])
+    await processor(group_state, [TRACKED], no_cooldown, "P").process(first)
+    await group_state.ack(DETECTOR_GROUP, [e.entry_id for e in first])
+    a_entries = await deliver(redis_client, streams, "A", [sell])
+    c_entries = await deliver(redis_client, streams, "C", [buy])
+    b_entries = await deliver(redis_client, streams, "B", [later])
+    c_task = asyncio.ensure_future(
+        processor(group_state, [TRACKED], no_cooldown, "C").process(c_entries)
+    )
+    b_task = asyncio.ensure_future(
+        processor(group_state, [TRACKED], no_cooldown, "B").process(b_entries)
+    )
+    await asyncio.sleep(0.3)
+    assert not c_task.done() and not b_task.done()
+    await processor(group_state, [TRACKED], no_cooldown, "A").process(a_entries)
+    c_outcome, b_outcome = await asyncio.wait_for(asyncio.gather(c_task, b_task), 10)
+    assert (c_outcome.duplicates, len(b_outcome.settled)) == (1, 1)
+    found = [(s["order_keys"][0], s["kind"]) for s in await signals_of(redis_client, streams)]
+    assert found == [
+        (buy.order_key, "trader_entry"),
+        (sell.order_key, "trader_exit"),
+        (later.order_key, "trader_entry"),
+    ]
+
+
+async def test_a_batch_leaves_pending_what_waited_too_long(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    buy = make_order(shares=100)
+    sell, unrelated = make_order(side="SELL", shares=100), make_order(user=OTHER, shares=4000)
+    await deliver(redis_client, streams, "A", [buy])
+    b_entries = await deliver(redis_client, streams, "B", [sell, unrelated])
+    b = processor(group_state, [TRACKED], RuleSettings(), "B", wait_s=0.2)
+    outcome = await b.process(b_entries)
+    assert outcome.unsettled == [b_entries[0].entry_id]
+    assert outcome.settled == [b_entries[1].entry_id]
+    # The entry stays with B, idle-refreshed while it waited: not stealable as idle.
+    pending: Any = await redis_client.xpending_range(
+        streams.orders_raw, DETECTOR_GROUP, min="-", max="+", count=10, consumername="B"
+    )
+    assert [p["message_id"].decode() for p in pending] == [e.entry_id for e in b_entries]
+    assert all(p["times_delivered"] == 1 for p in pending)
+
+
+# --- reclaiming ---------------------------------------------------------------------------------
+
+
+def reclaimer(state: DetectorState, decider: BatchProcessor, max_deliveries: int = 3) -> Reclaimer:
+    return Reclaimer(
+        state,
+        decider,
+        group=DETECTOR_GROUP,
+        consumer=decider.consumer,
+        min_idle_ms=50,
+        interval_s=0.05,
+        max_deliveries=max_deliveries,
+        batch_size=2,
+    )
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed_and_decided(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    orders = [make_order(shares=10, token_id=f"tok-{i}") for i in range(5)]
+    await deliver(redis_client, streams, "dead", orders)
+    live = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "live")
+    sweeper = reclaimer(group_state, live)
+    assert await sweeper.sweep() == 0  # not idle long enough yet
+    await asyncio.sleep(0.1)
+    assert await sweeper.sweep() == 5
+    assert await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+    found = await signals_of(redis_client, streams)
+    assert sorted(s["order_keys"][0] for s in found) == sorted(o.order_key for o in orders)
+
+
+async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_error(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    poison, fine = make_order(shares=10), make_order(shares=10, token_id="tok-2")
+    entries = await deliver(redis_client, streams, "c1", [poison, fine])
+    await group_state.record_error([entries[0].entry_id], "ResponseError('WRONGTYPE ...')")
+    for _ in range(3):  # three more deliveries of the poison entry: 4 > 3
+        await redis_client.xclaim(
+            streams.orders_raw, DETECTOR_GROUP, "c1", 0, [entries[0].entry_id]
+        )
+    await asyncio.sleep(0.06)
+    sweeper = reclaimer(group_state, processor(group_state, [TRACKED], RuleSettings(), "c2"))
+    assert await sweeper.sweep() == 2
+    dead = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(streams.orders_dead)
+    )
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"deliveries"] == b"5"
+    assert b"delivered 5 times" in fields[b"reason"] and b"WRONGTYPE" in fields[b"reason"]
+    assert entries[0].entry_id.encode() in fields[b"reason"]
+    assert orjson.loads(fields[b"raw"])["order_key"] == poison.order_key
+    assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0
+    assert [s["order_keys"] for s in await signals_of(redis_client, streams)] == [[fine.order_key]]
+    assert await redis_client.hlen(group_state.errors_key()) == 0

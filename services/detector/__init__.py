@@ -1,14 +1,23 @@
 """The detector: order fills on `orders.raw` (group `detector`) -> signals on `signals`.
 
 Reads top-down:
-- `settings.py`: every knob, from the environment (unprefixed names: WALLETS_FILE, ...).
-- `main.py`: `python -m services.detector`; startup, `/health` + `/metrics`, graceful shutdown.
+- `settings.py`: every knob, from the environment (unprefixed names) over `DETECTOR_RULES_FILE`.
+- `main.py`: `python -m services.detector`; startup, the wallet registry, `/health` + `/metrics`,
+  graceful shutdown.
 - `handlers.py`: the FastStream batch subscriber and its ack (only once the effects are in Redis).
-- `pipeline.py`: one batch: validate entries, dead-letter bad ones, run the rules, the state step.
-- `rules.py`: the rules (`trader_entry`, `whale_order`) and their confidence, as plain functions.
-- `state.py`: everything Redis-specific: the atomic per-order Lua step (done key, position, XADD).
+- `pipeline.py`: one batch: validate entries, dead-letter bad ones, order against the other
+  replicas, decide with the rules, hand the decisions to the state step.
+- `rules.py`: the rules (`trader_entry`, `trader_exit`, `whale_order`, `consensus`), filters,
+  cooldowns and confidence, as plain functions over plain state.
+- `serial.py`: the reference: the rules over a stream in order, state in memory.
+- `state.py`: everything Redis-specific: the atomic per-order Lua step (prerequisites, done key,
+  compare-and-set of the state, XADD), the pending list, reclaiming, dead letters.
+- `reclaim.py`: the loop that takes over what dead replicas left pending.
+- `replay.py`: `python -m services.detector.replay TAPE`: what the rules signal on a tape.
 - `metrics.py`: Prometheus metrics, prefixed `betterbot_detector_`.
 
-Replicas share the group and all state lives in Redis, so any number can run side by side; each
-order's effect happens once whichever replica, and however often, it is delivered.
+Replicas share the group and all state lives in Redis, so any number can run side by side: orders
+that touch the same state are decided in stream order whichever replica holds them, so N replicas
+emit exactly what one would (docs/signals.md), and each order's effect happens once however often
+it is delivered.
 """

@@ -4,9 +4,11 @@ How FastStream 0.7.8 acknowledges here (read from `faststream/redis`): a batch `
 with XREADGROUP (COUNT `max_records`, BLOCK `polling_interval`) and hands the handler one
 `RedisBatchStreamMessage` whose `ack()` sends a single XACK for every entry id of the batch. Its
 default policy (REJECT_ON_ERROR) would ack after the handler returns and do nothing on an error.
-We use `AckPolicy.MANUAL` and call `ack()` ourselves once `BatchProcessor.process` has returned,
-that is once every signal of the batch is XADDed (inside the Lua step) and every bad entry is in
-`orders.dead`: the ack can never run ahead of the effects. When `process` raises (Redis
+We use `AckPolicy.MANUAL` and ack ourselves once `BatchProcessor.process` has returned, that is
+once every signal of the batch is XADDed (inside the Lua step) and every bad entry is in
+`orders.dead`: the ack can never run ahead of the effects. Normally the whole batch is settled and
+`ack()` acks it; entries still waiting for other replicas after `DETECTOR_WAIT_S` are left pending
+(only the settled ones are acked, with XACK) for the reclaim loop. When `process` raises (Redis
 unreachable past the retry window), nothing is acked and the entries stay pending here.
 
 Entries are plain (`data` = the OrderFill JSON). FastStream's batch parser would turn each entry
@@ -31,6 +33,7 @@ from faststream.redis.annotations import RedisBatchStreamMessage
 from faststream.redis.subscriber.usecases.stream_subscriber import StreamBatchSubscriber
 
 from services.detector.pipeline import BatchProcessor, RawEntry
+from services.detector.state import DetectorState
 from shared.streams import DETECTOR_GROUP
 
 Parser = Callable[[Mapping[str, Any]], Awaitable[StreamMessage[Any]]]
@@ -56,6 +59,7 @@ def build_broker(
     stream: str,
     consumer: str,
     processor: BatchProcessor,
+    state: DetectorState,
     *,
     batch_size: int,
     block_ms: int,
@@ -83,14 +87,15 @@ def build_broker(
         decoder=decode_plain_batch,
         ack_policy=AckPolicy.MANUAL,
         title="detector",
-        description="Order fills of tracked wallets -> signals (trader_entry, whale_order)",
+        description=("Order fills -> signals (trader_entry, trader_exit, whale_order, consensus)"),
     )
 
     @subscriber
-    async def on_orders(
-        entries: NoCast[list[RawEntry]], message: RedisBatchStreamMessage
-    ) -> None:
-        await processor.process(entries)
-        await message.ack()
+    async def on_orders(entries: NoCast[list[RawEntry]], message: RedisBatchStreamMessage) -> None:
+        outcome = await processor.process(entries)
+        if len(outcome.settled) == len(entries):
+            await message.ack()
+        else:
+            await state.ack(DETECTOR_GROUP, outcome.settled)
 
     return broker, subscriber

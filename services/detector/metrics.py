@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ORDERS = Counter(
     "betterbot_detector_orders_processed_total",
@@ -15,11 +15,33 @@ DUPLICATES = Counter(
 SIGNALS = Counter(
     "betterbot_detector_signals_emitted_total", "Signals written to the signals stream", ["kind"]
 )
+SUPPRESSED = Counter(
+    "betterbot_detector_signals_suppressed_total",
+    "Signals a cooldown held back (SIGNAL_COOLDOWN_S)",
+    ["kind"],
+)
+WAITS = Counter(
+    "betterbot_detector_order_waits_total",
+    "Rounds in which orders of a batch waited for earlier orders on the same state units",
+)
+CONFLICTS = Counter(
+    "betterbot_detector_state_conflicts_total",
+    "Orders decided on state that changed before the apply step (decided again)",
+)
+UNSETTLED = Counter(
+    "betterbot_detector_orders_left_pending_total",
+    "Orders still waiting after DETECTOR_WAIT_S, left pending for a later retry",
+)
+RECLAIMED = Counter(
+    "betterbot_detector_reclaimed_total",
+    "Entries of orders.raw claimed from consumers idle past DETECTOR_CLAIM_MIN_IDLE_MS",
+)
 DEAD_LETTERED = Counter(
     "betterbot_detector_dead_lettered_total",
     "Entries of orders.raw sent to orders.dead",
     ["reason"],
 )
+WALLETS = Gauge("betterbot_detector_tracked_wallets", "Wallets tracked (from the wallet registry)")
 BATCH_SIZE = Histogram(
     "betterbot_detector_batch_size",
     "Entries per batch read from orders.raw",

@@ -1,18 +1,31 @@
 """One batch of `orders.raw` entries, from raw fields to decided orders and dead letters.
 
-Broker-neutral: it gets the entries (id + fields) and returns when every effect is in Redis —
-signals XADDed by the state step, bad entries in `orders.dead` — so the caller may ack the whole
-batch. An entry that cannot be read or validated (no `data` field, not JSON, not an order fill, an
-implausible size) or whose rules fail is dead-lettered with the reason, never retried: it would
-fail again. Only Redis being unreachable makes `process` raise (after `DETECTOR_STATE_RETRY_S`),
-leaving the batch unacked for redelivery, which the done keys make harmless.
+Broker-neutral: it gets the entries (id + fields) and returns which of them are settled — decided
+(signals XADDed by the state step), skipped (nothing to decide) or dead-lettered — so the caller
+acks exactly those. An entry that cannot be read or validated (no `data` field, not JSON, not an
+order fill, an implausible size) or whose rules fail is dead-lettered with the reason, never
+retried: it would fail again. Redis being unreachable makes `process` raise (after
+`DETECTOR_STATE_RETRY_S`), leaving the batch unacked for redelivery, which the done keys make
+harmless; the error is recorded for the dead letter should the entry keep failing.
+
+Ordering across replicas (docs/signals.md): the decisions must be those of one detector reading the
+stream in order. Replicas read disjoint, ordered slices of the stream, so the only thing that can
+differ is the order in which two orders touching the same state unit are decided. Before deciding
+an order, the batch looks at the group's pending list: every earlier entry of the stream is either
+acked (settled) or pending there. Each earlier pending entry (held by any consumer) on one of the
+order's units is a prerequisite: the state step applies the order only once that entry's done key
+exists. Until then the order waits (round after round, re-reading the pending list, whose settled
+entries drop out) while this consumer keeps its entries from being reclaimed. Orders on other
+units go ahead meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,14 +33,29 @@ import orjson
 from pydantic import ValidationError
 
 from services.detector import metrics, rules
-from services.detector.rules import RuleSettings
-from services.detector.state import DetectorState, Emission, OrderStep, Rejection
+from services.detector.rules import Decision, Plan, RuleSettings, UnitState, WalletMarketState
+from services.detector.state import (
+    CONFLICT,
+    DUPLICATE,
+    WAITING,
+    ApplyStep,
+    DetectorState,
+    Rejection,
+    UnitWrite,
+    entry_position,
+)
 from shared.models import OrderFill, TrackedWallet
 from shared.redis_streams import DATA_FIELD, decode
+from shared.streams import DETECTOR_GROUP
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_ORIGIN = "detector"
+FIRST_DELAY_S = 0.005
+MAX_DELAY_S = 0.1
+FOOTPRINT_CACHE = 100_000
+
+Position = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -51,7 +79,29 @@ class BatchOutcome:
     orders: int = 0
     duplicates: int = 0
     signals: Counter[str] = field(default_factory=Counter)
+    suppressed: Counter[str] = field(default_factory=Counter)
     dead_lettered: int = 0
+    waits: int = 0
+    settled: list[str] = field(default_factory=list)
+    unsettled: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Step:
+    """An order of this batch that has state to change or signals to emit."""
+
+    entry_id: str
+    position: Position
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a pending entry touches, as far as ordering goes."""
+
+    position: Position
+    order_key: str
+    units: tuple[str, ...]
 
 
 def parse_entry(entry: RawEntry) -> OrderFill | Rejection:
@@ -74,51 +124,83 @@ def parse_entry(entry: RawEntry) -> OrderFill | Rejection:
     return order
 
 
-def plan(
-    order: OrderFill,
-    wallet: TrackedWallet | None,
-    settings: RuleSettings,
-    detected_at: float,
-) -> OrderStep | None:
-    """The state step for an order, or None when it can change nothing (untracked, no candidate)."""
-    found = rules.candidates(order, wallet, settings, detected_at)
-    if wallet is None and not found:
-        return None
-    return OrderStep(
-        order_key=order.order_key,
-        wallet=order.user,
-        token_id=order.token_id,
-        side=order.side,
-        micro_shares=rules.micro_shares(order),
-        tracked=wallet is not None,
-        candidates=tuple(
-            Emission(c.kind, c.condition, c.signal.model_dump_json().encode()) for c in found
-        ),
-    )
-
-
 class BatchProcessor:
+    """Decides batches for one consumer of the group; `wallets` follows the wallet registry."""
+
     def __init__(
-        self, state: DetectorState, wallets: Iterable[TrackedWallet], settings: RuleSettings
+        self,
+        state: DetectorState,
+        wallets: Iterable[TrackedWallet],
+        settings: RuleSettings,
+        *,
+        consumer: str,
+        group: str = DETECTOR_GROUP,
+        wait_s: float = 60.0,
+        touch_every_s: float = 10.0,
     ) -> None:
         self.state = state
-        self.wallets = {wallet.address: wallet for wallet in wallets}
         self.settings = settings
+        self.consumer = consumer
+        self.group = group
+        self.wait_s = wait_s
+        self.touch_every_s = touch_every_s
+        self.wallets: dict[str, TrackedWallet] = {}
+        self._footprints: OrderedDict[str, Footprint | None] = OrderedDict()
+        self.set_wallets(wallets)
 
-    async def process(self, entries: Sequence[RawEntry]) -> BatchOutcome:
+    # --- wallets --------------------------------------------------------------------------------
+
+    def set_wallets(self, wallets: Iterable[TrackedWallet]) -> None:
+        self.wallets = {wallet.address: wallet for wallet in wallets}
+        self._footprints.clear()
+        metrics.WALLETS.set(len(self.wallets))
+
+    def upsert_wallet(self, wallet: TrackedWallet) -> None:
+        self.wallets[wallet.address] = wallet
+        self._footprints.clear()
+        metrics.WALLETS.set(len(self.wallets))
+
+    def remove_wallet(self, address: str) -> None:
+        self.wallets.pop(address, None)
+        self._footprints.clear()
+        metrics.WALLETS.set(len(self.wallets))
+
+    # --- one batch ------------------------------------------------------------------------------
+
+    async def process(
+        self, entries: Sequence[RawEntry], *, wait_s: float | None = None
+    ) -> BatchOutcome:
+        """Decide the batch; the outcome lists the entries to ack (`settled`)."""
+        try:
+            return await self._process(entries, self.wait_s if wait_s is None else wait_s)
+        except Exception as exc:
+            await self._record_failure(entries, exc)
+            raise
+
+    async def _process(self, entries: Sequence[RawEntry], wait_s: float) -> BatchOutcome:
         metrics.BATCH_SIZE.observe(len(entries))
         outcome = BatchOutcome()
-        detected_at = time.time()
-        steps: list[OrderStep] = []
-        received: list[float] = []
+        steps, rejections = self._plan(entries, outcome)
+        if rejections:
+            await self._dead_letter(rejections, outcome)
+        if steps:
+            await self._decide(steps, outcome, wait_s)
+        _record(outcome)
+        return outcome
+
+    def _plan(
+        self, entries: Sequence[RawEntry], outcome: BatchOutcome
+    ) -> tuple[list[Step], list[Rejection]]:
+        steps: list[Step] = []
         rejections: list[Rejection] = []
         for entry in entries:
             parsed = parse_entry(entry)
             if isinstance(parsed, Rejection):
                 rejections.append(parsed)
+                self._remember(entry.entry_id, None)
                 continue
             try:
-                step = plan(parsed, self.wallets.get(parsed.user), self.settings, detected_at)
+                planned = rules.plan(parsed, self.wallets.get(parsed.user), self.settings)
             except Exception as exc:
                 # A rule bug on one odd order must not hold up the stream behind it.
                 log.exception("rule_failed", extra={"entry_id": entry.entry_id})
@@ -127,29 +209,188 @@ class BatchProcessor:
                 )
                 continue
             outcome.orders += 1
-            if step is not None:
-                steps.append(step)
-                received.append(parsed.received_at)
-
-        for step_result, received_at in zip(await self.state.apply(steps), received, strict=True):
-            if step_result.duplicate:
-                outcome.duplicates += 1
+            if planned is None:
+                outcome.settled.append(entry.entry_id)
+                self._remember(entry.entry_id, None)
                 continue
-            metrics.LATENCY.observe(max(0.0, detected_at - received_at))
-            outcome.signals.update(kind.value for kind in step_result.emitted)
+            step = Step(entry.entry_id, entry_position(entry.entry_id), planned)
+            steps.append(step)
+            self._remember(step.entry_id, _footprint(step))
+        steps.sort(key=lambda s: s.position)
+        return steps, rejections
 
-        if rejections:
-            await self.state.dead_letter(rejections, origin=DEAD_LETTER_ORIGIN)
-            for rejection in rejections:
+    async def _dead_letter(self, rejections: list[Rejection], outcome: BatchOutcome) -> None:
+        await self.state.dead_letter(rejections, origin=DEAD_LETTER_ORIGIN)
+        for rejection in rejections:
+            log.warning(
+                "entry_dead_lettered",
+                extra={"entry_id": rejection.entry_id, "reason": rejection.reason[:500]},
+            )
+            metrics.DEAD_LETTERED.labels(rejection.category).inc()
+        outcome.dead_lettered += len(rejections)
+        outcome.settled += [r.entry_id for r in rejections]
+
+    async def _decide(self, steps: list[Step], outcome: BatchOutcome, wait_s: float) -> None:
+        """Rounds of decide + apply until every step is applied (or `wait_s` runs out)."""
+        start = time.monotonic()
+        last_touch = start
+        delay = FIRST_DELAY_S
+        remaining = steps
+        while True:
+            prerequisites = await self._prerequisites(remaining)
+            codes = await self._round(remaining, prerequisites, outcome)
+            for step, code in zip(remaining, codes, strict=True):
+                if code not in (WAITING, CONFLICT):
+                    outcome.settled.append(step.entry_id)
+            remaining = [
+                step
+                for step, code in zip(remaining, codes, strict=True)
+                if code in (WAITING, CONFLICT)
+            ]
+            if not remaining:
+                return
+            outcome.waits += 1
+            metrics.WAITS.inc()
+            now = time.monotonic()
+            if now - start >= wait_s:
+                outcome.unsettled = [s.entry_id for s in remaining]
+                metrics.UNSETTLED.inc(len(remaining))
                 log.warning(
-                    "entry_dead_lettered",
-                    extra={"entry_id": rejection.entry_id, "reason": rejection.reason[:500]},
+                    "orders_left_pending",
+                    extra={"count": len(remaining), "waited_s": round(now - start, 3)},
                 )
-                metrics.DEAD_LETTERED.labels(rejection.category).inc()
-            outcome.dead_lettered = len(rejections)
+                return
+            if now - last_touch >= self.touch_every_s:
+                await self.state.touch(self.group, self.consumer, [s.entry_id for s in remaining])
+                last_touch = now
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY_S, self.touch_every_s / 2)
 
-        _record(outcome)
-        return outcome
+    async def _round(
+        self,
+        steps: list[Step],
+        prerequisites: Mapping[str, tuple[str, ...]],
+        outcome: BatchOutcome,
+    ) -> list[int]:
+        """Decide every step from the current state (each on the state left by the ones before it),
+        then apply them in one go; returns the state step's code for each."""
+        units = sorted({unit for step in steps for unit in step.plan.units})
+        current = await self.state.read_units(units)
+        local: dict[str, tuple[bytes, UnitState | None]] = {
+            unit: (raw or b"", rules.load_unit(unit, raw)) for unit, raw in current.items()
+        }
+        detected_at = time.time()
+        decisions: list[Decision] = []
+        applies: list[ApplyStep] = []
+        for step in steps:
+            before = {unit: local[unit][1] for unit in step.plan.units}
+            decision = rules.decide(step.plan, before, self.settings, detected_at)
+            writes = []
+            for unit in step.plan.units:
+                after = decision.states.get(unit, before[unit])
+                value = after.dump() if after is not None else b""
+                writes.append(UnitWrite(unit, local[unit][0], value, self._ttl(after)))
+                local[unit] = (value, after)
+            decisions.append(decision)
+            applies.append(
+                ApplyStep(
+                    step.plan.order.order_key,
+                    prerequisites.get(step.entry_id, ()),
+                    tuple(writes),
+                    tuple(s.model_dump_json().encode() for s in decision.signals),
+                )
+            )
+        codes = await self.state.apply(applies)
+        for step, decision, code in zip(steps, decisions, codes, strict=True):
+            if code == DUPLICATE:
+                outcome.duplicates += 1
+            elif code == CONFLICT:
+                metrics.CONFLICTS.inc()
+            elif code >= 0:
+                metrics.LATENCY.observe(max(0.0, detected_at - step.plan.order.received_at))
+                outcome.signals.update(s.kind.value for s in decision.signals)
+                outcome.suppressed.update(kind.value for kind in decision.suppressed)
+        return codes
+
+    def _ttl(self, state: UnitState | None) -> int:
+        """Positions are kept until sold; state that only serves cooldowns and windows expires."""
+        if isinstance(state, WalletMarketState) and state.positions:
+            return 0
+        return self.state.done_ttl_s
+
+    # --- ordering against the other replicas ----------------------------------------------------
+
+    async def _prerequisites(self, steps: list[Step]) -> dict[str, tuple[str, ...]]:
+        """For each step, the order keys of the pending entries outside `steps` that come before
+        it on one of its units: all of them, as a repeated fill's done key exists from its first
+        decision and so says nothing about the entries before it. A step needs only those after
+        the previous step of `steps` on the same unit: the state step applies a step only after
+        the previous one on its units, which itself waited for the ones before."""
+        mine = {step.entry_id for step in steps}
+        pending = await self.state.pending_upto(self.group, steps[-1].entry_id)
+        others = [entry_id for entry_id in pending if entry_id not in mine]
+        if not others:
+            return {}
+        footprints = await self._footprints_of(others)
+        positions: dict[str, list[Position]] = {}
+        keys: dict[str, list[str]] = {}
+        for entry_id in others:
+            footprint = footprints.get(entry_id)
+            if footprint is None:
+                continue
+            for unit in footprint.units:
+                positions.setdefault(unit, []).append(footprint.position)
+                keys.setdefault(unit, []).append(footprint.order_key)
+        found: dict[str, tuple[str, ...]] = {}
+        covered: dict[str, int] = {}  # unit -> index in its list up to which steps already wait
+        for step in steps:
+            before: list[str] = []
+            for unit in step.plan.units:
+                end = bisect.bisect_left(positions.get(unit, []), step.position)
+                before += keys.get(unit, [])[covered.get(unit, 0) : end]
+                covered[unit] = max(end, covered.get(unit, 0))
+            if before:
+                found[step.entry_id] = tuple(dict.fromkeys(before))
+        return found
+
+    async def _footprints_of(self, entry_ids: list[str]) -> dict[str, Footprint | None]:
+        missing = [entry_id for entry_id in entry_ids if entry_id not in self._footprints]
+        if missing:
+            for entry_id, fields in (await self.state.read_entries(missing)).items():
+                self._remember(entry_id, self._footprint_of(entry_id, fields))
+        return {entry_id: self._footprints.get(entry_id) for entry_id in entry_ids}
+
+    def _footprint_of(
+        self, entry_id: str, fields: Mapping[bytes, bytes] | None
+    ) -> Footprint | None:
+        if fields is None:
+            return None
+        parsed = parse_entry(RawEntry(entry_id, fields))
+        if isinstance(parsed, Rejection):
+            return None
+        try:
+            planned = rules.plan(parsed, self.wallets.get(parsed.user), self.settings)
+        except Exception:
+            return None
+        if planned is None or not planned.units:
+            return None
+        return Footprint(entry_position(entry_id), parsed.order_key, planned.units)
+
+    def _remember(self, entry_id: str, footprint: Footprint | None) -> None:
+        self._footprints[entry_id] = footprint
+        while len(self._footprints) > FOOTPRINT_CACHE:
+            self._footprints.popitem(last=False)
+
+    async def _record_failure(self, entries: Sequence[RawEntry], exc: Exception) -> None:
+        try:
+            await self.state.record_error([e.entry_id for e in entries], f"{exc!r}")
+        except Exception as record_exc:
+            log.warning("error_not_recorded", extra={"error": repr(record_exc)})
+
+
+def _footprint(step: Step) -> Footprint | None:
+    units = step.plan.units
+    return Footprint(step.position, step.plan.order.order_key, units) if units else None
 
 
 def _record(outcome: BatchOutcome) -> None:
@@ -157,11 +398,18 @@ def _record(outcome: BatchOutcome) -> None:
     metrics.DUPLICATES.inc(outcome.duplicates)
     for kind, count in outcome.signals.items():
         metrics.SIGNALS.labels(kind).inc(count)
+    for kind, count in outcome.suppressed.items():
+        metrics.SUPPRESSED.labels(kind).inc(count)
     log.debug(
         "batch_done",
         extra={
-            "orders": outcome.orders, "duplicates": outcome.duplicates,
-            "signals": dict(outcome.signals), "dead_lettered": outcome.dead_lettered,
+            "orders": outcome.orders,
+            "duplicates": outcome.duplicates,
+            "signals": dict(outcome.signals),
+            "suppressed": dict(outcome.suppressed),
+            "dead_lettered": outcome.dead_lettered,
+            "waits": outcome.waits,
+            "unsettled": len(outcome.unsettled),
         },
     )
 

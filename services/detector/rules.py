@@ -1,37 +1,50 @@
-"""The detection rules: plain functions from one order fill (and its wallet) to candidate signals.
+"""The detection rules: plain functions from one order fill, its wallet and the state it touches to
+the signals it emits and the state after it. No Redis here: `pipeline.py` reads the state, calls
+`decide`, and hands the result to `state.py`, which applies it atomically with the emission.
 
-A rule returns a `Candidate`: the finished Signal plus the `Condition` under which it is emitted.
-Whether a rule applies depends only on the order and the settings; what depends on state (the
-wallet's position before this order) is a condition that `state.py` checks inside its atomic Lua
-step, so that replicas sharing the same Redis agree and a redelivered order changes nothing twice.
-`opens_position` and `next_position` say in Python exactly what the script does.
+State is split into units, each one JSON value, so that replicas only wait for each other on
+orders that touch the same unit (`docs/signals.md` explains the ordering):
+- `wm:<wallet>:<market>` (`WalletMarketState`): the wallet's position in each token of the market
+  (tracked wallets) and the exchange time of its latest signal of each kind (cooldowns);
+- `tok:<token>` (`ConsensusState`): the tracked wallets that bought the token within the window.
 
-Rules (all thresholds are `RuleSettings`, from the env names in `settings.py`):
+`market` is the order's condition_id (else its market_slug, else its token_id). All thresholds are
+`RuleSettings` (settings file `DETECTOR_RULES_FILE` and env names in `settings.py`); every time
+below is exchange time (the fill's `timestamp`), never the clock of the machine.
 
-- Filters, applied to every rule: no signal when `price >= SIGNAL_MAX_PRICE` (default 0.95; a fill
-  at 0.95+ buys a near-certain outcome and says little) or when `notional <
-  SIGNAL_MIN_NOTIONAL_USD` (default 0). Filtered fills still move the wallet's position.
-- `trader_entry`: a tracked wallet (in `WALLETS_FILE`) BUYs a token in which it held no position.
-  Positions are the sum of the fills the detector has seen since tracking started (BUY adds, SELL
-  subtracts, floored at 0), in micro-shares: a position held before tracking started, or built from
-  fills the feed missed, is unknown to it. So the first BUY of a token after tracking starts is an
-  entry, and so is the next BUY after the position went back to 0.
-- `whale_order`: any fill in the feed (BUY or SELL) with `notional = shares_normalized * price >=
-  WHALE_MIN_NOTIONAL_USD` (default 1000). Untracked wallets have no label and the default score.
+Rules, in emission order within one order:
+- Filters, applied to every rule: no signal when `price >= SIGNAL_MAX_PRICE` (default 0.95) or
+  `notional < SIGNAL_MIN_NOTIONAL_USD` (default 0). Filtered fills still move positions.
+- `whale_order`: any fill (any wallet, BUY or SELL) with notional `shares * price >=
+  WHALE_MIN_NOTIONAL_USD` (default 1000).
+- `trader_entry`: a tracked wallet BUYs a token in which its position is 0.
+- `trader_exit`: a tracked wallet SELLs at least `EXIT_MIN_FRACTION` (default 0.8) of the position
+  it held in the token before the sell. Positions are the sum of the fills seen since tracking
+  started (BUY adds, SELL subtracts, floor 0), in micro-shares; a position from before tracking
+  started is unknown, so selling it is no exit.
+- `consensus`: `CONSENSUS_MIN_WALLETS` = K (default 3) distinct tracked wallets BUY the token within
+  `CONSENSUS_WINDOW_S` = W (default 6 h). Fires when it forms (K) and each time it grows (K+1, ...),
+  never twice for one count of one episode; an episode ends when the count falls below K.
+- Cooldown `SIGNAL_COOLDOWN_S` = C (default 300, 0 disables): a signal of a kind is not emitted
+  when the same wallet x market had one of that kind within C seconds (for consensus: the same
+  token). A suppressed signal does not restart the cooldown.
 
-Confidence (always in [0, 1]); `score` is the wallet's score from the wallets file, 0.5 when absent,
-`T = WHALE_MIN_NOTIONAL_USD`, `n` the notional:
-- entry: `clamp(0.5 * score + 0.5 * min(1, n / T))`
-- whale: `clamp(0.7 * (0.6 + 0.4 * min(1, log10(n / T))) + 0.3 * score)` — the size part is 0.6
-  at the threshold and 1.0 from ten times it, blended with the wallet's score.
+Confidence (in [0, 1]); `score` is the wallet's score (0.5 when absent or untracked), `T` the whale
+threshold, `n` the notional, `size = min(1, n / T)`:
+- entry, exit: `0.5 * score + 0.5 * size`
+- whale: `0.7 * (0.6 + 0.4 * min(1, log10(n / T))) + 0.3 * score`
+- consensus with `m` wallets: `0.4 * min(1, m / (2K)) + 0.4 * mean member score
+  + 0.2 * min(1, sum of the members' latest buy notionals / T)`
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
 
 from shared.models import (
     SHARE_DECIMALS,
@@ -45,16 +58,13 @@ from shared.models import (
 
 DEFAULT_SCORE = 0.5
 # Above this a fill is implausible (more shares than any market has) and its micro-shares could
-# overflow Redis' 64-bit position counters; such fills are rejected before they reach the state.
+# overflow the 64-bit integers positions are kept in; such fills are rejected before the rules.
 MAX_SHARES = 1e11
+# EXIT_MIN_FRACTION is compared in integer parts per million: exact, the same on every replica.
+PPM = 1_000_000
 
-
-class Condition(StrEnum):
-    """When `state.py` emits a candidate, decided atomically with the order's position update."""
-
-    ALWAYS = "always"
-    # A BUY while the wallet's position in the token (before this order) is 0.
-    OPENS_POSITION = "opens"
+WALLET_UNIT = "wm:"
+TOKEN_UNIT = "tok:"
 
 
 @dataclass(frozen=True)
@@ -62,16 +72,136 @@ class RuleSettings:
     whale_min_notional_usd: float = 1000.0
     signal_max_price: float = 0.95
     signal_min_notional_usd: float = 0.0
+    signal_cooldown_s: int = 300
+    exit_min_fraction: float = 0.8
+    consensus_min_wallets: int = 3
+    consensus_window_s: int = 6 * 3600
+
+
+# --- state --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Candidate:
-    signal: Signal
-    condition: Condition
+class WalletMarketState:
+    """One wallet in one market: positions by token (micro-shares > 0) and its latest signals."""
+
+    positions: Mapping[str, int] = field(default_factory=dict)
+    last_signal: Mapping[str, int] = field(default_factory=dict)
+
+    def dump(self) -> bytes:
+        return orjson.dumps({"positions": self.positions, "last_signal": self.last_signal})
+
+    @classmethod
+    def load(cls, raw: bytes) -> WalletMarketState:
+        data = orjson.loads(raw)
+        return cls(dict(data["positions"]), dict(data["last_signal"]))
 
     @property
-    def kind(self) -> SignalKind:
-        return self.signal.kind
+    def empty(self) -> bool:
+        return not self.positions and not self.last_signal
+
+
+@dataclass(frozen=True)
+class Member:
+    """A tracked wallet's latest qualifying BUY of a token, as the consensus remembers it."""
+
+    ts: int
+    order_key: str
+    label: str
+    score: float
+    notional: float
+
+
+@dataclass(frozen=True)
+class ConsensusState:
+    """One token: the members within the window and the current consensus episode.
+
+    `clock` is the latest exchange time seen on the token; `formed_at` the clock when the current
+    consensus formed (0: none), which names the episode; `fired` the largest count signalled in it.
+    """
+
+    clock: int = 0
+    formed_at: int = 0
+    fired: int = 0
+    last_signal: int | None = None
+    members: Mapping[str, Member] = field(default_factory=dict)
+
+    def dump(self) -> bytes:
+        return orjson.dumps(
+            {
+                "clock": self.clock,
+                "formed_at": self.formed_at,
+                "fired": self.fired,
+                "last_signal": self.last_signal,
+                "members": {
+                    address: [m.ts, m.order_key, m.label, m.score, m.notional]
+                    for address, m in self.members.items()
+                },
+            }
+        )
+
+    @classmethod
+    def load(cls, raw: bytes) -> ConsensusState:
+        data = orjson.loads(raw)
+        members = {address: Member(*fields) for address, fields in data["members"].items()}
+        return cls(data["clock"], data["formed_at"], data["fired"], data["last_signal"], members)
+
+
+UnitState = WalletMarketState | ConsensusState
+
+
+def load_unit(unit: str, raw: bytes | None) -> UnitState | None:
+    if raw is None:
+        return None
+    if unit.startswith(WALLET_UNIT):
+        return WalletMarketState.load(raw)
+    return ConsensusState.load(raw)
+
+
+def market_of(order: OrderFill) -> str:
+    return order.condition_id or order.market_slug or order.token_id
+
+
+def wallet_unit(wallet: str, market: str) -> str:
+    return f"{WALLET_UNIT}{wallet}:{market}"
+
+
+def token_unit(token_id: str) -> str:
+    return f"{TOKEN_UNIT}{token_id}"
+
+
+# --- the plan of an order: which state it needs -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An order that can change state or emit: its wallet, and the state units it reads/writes."""
+
+    order: OrderFill
+    wallet: TrackedWallet | None
+    whale: bool
+    wallet_unit: str | None
+    token_unit: str | None
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return tuple(u for u in (self.wallet_unit, self.token_unit) if u is not None)
+
+
+def plan(order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings) -> Plan | None:
+    """None when the order can neither emit nor change state (an untracked non-whale)."""
+    passes = passes_filters(order, settings)
+    whale = passes and order.notional_usd >= settings.whale_min_notional_usd
+    tracked = wallet is not None
+    needs_cooldown = whale and settings.signal_cooldown_s > 0
+    w_unit = wallet_unit(order.user, market_of(order)) if tracked or needs_cooldown else None
+    t_unit = token_unit(order.token_id) if tracked and order.side is Side.BUY and passes else None
+    if not (whale or w_unit or t_unit):
+        return None
+    return Plan(order, wallet, whale, w_unit, t_unit)
+
+
+# --- the pure pieces ----------------------------------------------------------------------------
 
 
 def micro_shares(order: OrderFill) -> int:
@@ -80,12 +210,16 @@ def micro_shares(order: OrderFill) -> int:
 
 
 def opens_position(side: Side, prior_micro_shares: int) -> bool:
-    """The `OPENS_POSITION` condition, as `state.py`'s script applies it."""
     return side is Side.BUY and prior_micro_shares <= 0
 
 
+def exits_position(side: Side, prior: int, size: int, min_fraction: float) -> bool:
+    """A SELL of at least `min_fraction` of a known position (exact, in parts per million)."""
+    return side is Side.SELL and prior > 0 and size * PPM >= round(min_fraction * PPM) * prior
+
+
 def next_position(side: Side, prior_micro_shares: int, size_micro_shares: int) -> int:
-    """The position after a fill, as the script computes it: BUY adds, SELL subtracts, floor 0."""
+    """BUY adds, SELL subtracts, floor 0."""
     delta = size_micro_shares if side is Side.BUY else -size_micro_shares
     return max(0, prior_micro_shares + delta)
 
@@ -96,6 +230,11 @@ def passes_filters(order: OrderFill, settings: RuleSettings) -> bool:
         order.price < settings.signal_max_price
         and order.notional_usd >= settings.signal_min_notional_usd
     )
+
+
+def cooldown_allows(last: int | None, ts: int, cooldown_s: int) -> bool:
+    """No signal of this kind for this wallet x market (or token) within `cooldown_s` of `ts`."""
+    return cooldown_s <= 0 or last is None or abs(ts - last) >= cooldown_s
 
 
 def clamp(value: float) -> float:
@@ -114,7 +253,7 @@ def size_factor(notional: float, threshold: float) -> float:
 
 
 def entry_confidence(notional: float, threshold: float, score: float) -> float:
-    """`clamp(0.5 * score + 0.5 * min(1, notional / threshold))`."""
+    """`clamp(0.5 * score + 0.5 * min(1, notional / threshold))`, for entries and exits."""
     return clamp(0.5 * score + 0.5 * size_factor(notional, threshold))
 
 
@@ -130,38 +269,162 @@ def whale_confidence(notional: float, threshold: float, score: float) -> float:
     return clamp(0.7 * (0.6 + 0.4 * whale_magnitude(notional, threshold)) + 0.3 * score)
 
 
-def trader_entry(
-    order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings, detected_at: float
-) -> Candidate | None:
-    """A tracked wallet's BUY: emitted when it opens a position (`Condition.OPENS_POSITION`)."""
-    if wallet is None or order.side is not Side.BUY or not passes_filters(order, settings):
-        return None
-    threshold = settings.whale_min_notional_usd
-    score = wallet_score(wallet)
-    notional = order.notional_usd
-    confidence = entry_confidence(notional, threshold, score)
-    reasons = [
-        f"{_who(order, wallet)} opened a position: no holding in this token since tracking started",
-        _fill_text(order),
-        _score_text(wallet),
-        f"size factor {size_factor(notional, threshold):.2f} = min(1, {_usd(notional)} / "
-        f"{_usd(threshold)})",
-        f"confidence {confidence:.2f} = 0.5 x score + 0.5 x size factor",
-    ]
-    signal = _signal(SignalKind.TRADER_ENTRY, order, wallet, confidence, reasons, detected_at)
-    return Candidate(signal, Condition.OPENS_POSITION)
+def consensus_confidence(
+    members: Mapping[str, Member], min_wallets: int, threshold: float
+) -> float:
+    """`clamp(0.4 * min(1, m / 2K) + 0.4 * mean score + 0.2 * min(1, total notional / T))`."""
+    count = len(members)
+    breadth = min(1.0, count / (2 * min_wallets))
+    mean_score = sum(m.score for m in members.values()) / count
+    total = sum(m.notional for m in members.values())
+    return clamp(0.4 * breadth + 0.4 * mean_score + 0.2 * size_factor(total, threshold))
 
 
-def whale_order(
+def join_consensus(
+    state: ConsensusState, address: str, member: Member, settings: RuleSettings
+) -> tuple[ConsensusState, int | None]:
+    """The token's state after a tracked wallet's qualifying BUY, and the count to signal, if any.
+
+    The window is `[clock - W, clock]`, both edges included; a buy older than that (a late fill)
+    joins nothing. A wallet counts once, with its latest buy.
+    """
+    window, needed = settings.consensus_window_s, settings.consensus_min_wallets
+    clock = max(state.clock, member.ts)
+    members = dict(state.members)
+    current = members.get(address)
+    if member.ts >= clock - window and (current is None or member.ts >= current.ts):
+        members[address] = member
+    members = {a: m for a, m in members.items() if m.ts >= clock - window}
+    count = len(members)
+    if count < needed:
+        return ConsensusState(clock, 0, 0, state.last_signal, members), None
+    formed_at = state.formed_at if state.fired else clock
+    after = ConsensusState(clock, formed_at, max(state.fired, count), state.last_signal, members)
+    return after, (count if count > state.fired else None)
+
+
+# --- decide -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one order does: the signals to emit, each unit's state after it (None: delete), and
+    the kinds its cooldowns held back."""
+
+    signals: tuple[Signal, ...]
+    states: dict[str, UnitState | None]
+    suppressed: tuple[SignalKind, ...] = ()
+
+
+def decide(
+    planned: Plan,
+    states: Mapping[str, UnitState | None],
+    settings: RuleSettings,
+    detected_at: float,
+) -> Decision:
+    """Apply every rule to one order, given the state of its units just before it."""
+    order, wallet = planned.order, planned.wallet
+    ts, cooldown = order.timestamp, settings.signal_cooldown_s
+    candidates: list[Signal] = []
+    if planned.whale:
+        candidates.append(whale_signal(order, wallet, settings, detected_at))
+    after: dict[str, UnitState | None] = {}
+    emitted: list[Signal] = []
+    suppressed: list[SignalKind] = []
+    if planned.wallet_unit is None:
+        emitted = candidates
+    else:
+        before = _wallet_state(states.get(planned.wallet_unit))
+        positions = dict(before.positions)
+        if wallet is not None:
+            candidates += _position_signals(order, wallet, positions, settings, detected_at)
+        last = dict(before.last_signal)
+        for candidate in candidates:
+            kind = candidate.kind.value
+            if not cooldown_allows(last.get(kind), ts, cooldown):
+                suppressed.append(candidate.kind)
+                continue
+            emitted.append(candidate)
+            if cooldown > 0:
+                last[kind] = max(ts, last.get(kind, ts))
+        state = WalletMarketState(positions, last)
+        after[planned.wallet_unit] = None if state.empty else state
+    if planned.token_unit is not None and wallet is not None:
+        token_state = states.get(planned.token_unit)
+        consensus, signal, held = _consensus(
+            order,
+            wallet,
+            token_state if isinstance(token_state, ConsensusState) else None,
+            settings,
+            detected_at,
+        )
+        after[planned.token_unit] = consensus
+        emitted += [signal] if signal else []
+        suppressed += [held] if held else []
+    return Decision(tuple(emitted), after, tuple(suppressed))
+
+
+def _wallet_state(state: UnitState | None) -> WalletMarketState:
+    return state if isinstance(state, WalletMarketState) else WalletMarketState()
+
+
+def _position_signals(
+    order: OrderFill,
+    wallet: TrackedWallet,
+    positions: dict[str, int],
+    settings: RuleSettings,
+    detected_at: float,
+) -> list[Signal]:
+    """Entry/exit candidates; moves `positions` (in place) by the fill."""
+    prior = positions.get(order.token_id, 0)
+    size = micro_shares(order)
+    found: list[Signal] = []
+    if passes_filters(order, settings):
+        if opens_position(order.side, prior):
+            found.append(entry_signal(order, wallet, settings, detected_at))
+        elif exits_position(order.side, prior, size, settings.exit_min_fraction):
+            found.append(exit_signal(order, wallet, prior, settings, detected_at))
+    position = next_position(order.side, prior, size)
+    if position:
+        positions[order.token_id] = position
+    else:
+        positions.pop(order.token_id, None)
+    return found
+
+
+def _consensus(
+    order: OrderFill,
+    wallet: TrackedWallet,
+    before: ConsensusState | None,
+    settings: RuleSettings,
+    detected_at: float,
+) -> tuple[ConsensusState, Signal | None, SignalKind | None]:
+    """The token's state after the buy, its consensus signal, or the kind its cooldown held."""
+    state = before or ConsensusState()
+    member = Member(
+        order.timestamp, order.order_key, wallet.label, wallet_score(wallet), order.notional_usd
+    )
+    after, count = join_consensus(state, order.user, member, settings)
+    if count is None:
+        return after, None, None
+    if not cooldown_allows(state.last_signal, order.timestamp, settings.signal_cooldown_s):
+        return after, None, SignalKind.CONSENSUS
+    if settings.signal_cooldown_s > 0:
+        last = max(order.timestamp, state.last_signal or order.timestamp)
+        after = replace(after, last_signal=last)
+    grew_from = state.fired if state.fired else None
+    return after, consensus_signal(order, wallet, after, grew_from, settings, detected_at), None
+
+
+# --- the signals --------------------------------------------------------------------------------
+
+
+def whale_signal(
     order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings, detected_at: float
-) -> Candidate | None:
-    """A fill whose notional reaches the whale threshold: always emitted."""
+) -> Signal:
     threshold = settings.whale_min_notional_usd
     notional = order.notional_usd
-    if notional < threshold or not passes_filters(order, settings):
-        return None
-    score = wallet_score(wallet)
-    confidence = whale_confidence(notional, threshold, score)
+    confidence = whale_confidence(notional, threshold, wallet_score(wallet))
     reasons = [
         f"order of {_usd(notional)} >= whale threshold {_usd(threshold)} "
         f"({notional / threshold:.1f}x)",
@@ -170,22 +433,77 @@ def whale_order(
         f"confidence {confidence:.2f} = 0.7 x (0.6 + 0.4 x min(1, log10(notional / threshold))) "
         "+ 0.3 x score",
     ]
-    signal = _signal(SignalKind.WHALE_ORDER, order, wallet, confidence, reasons, detected_at)
-    return Candidate(signal, Condition.ALWAYS)
+    return _signal(SignalKind.WHALE_ORDER, order, wallet, confidence, reasons, detected_at)
 
 
-Rule = Callable[[OrderFill, TrackedWallet | None, RuleSettings, float], Candidate | None]
+def entry_signal(
+    order: OrderFill, wallet: TrackedWallet, settings: RuleSettings, detected_at: float
+) -> Signal:
+    threshold = settings.whale_min_notional_usd
+    notional = order.notional_usd
+    confidence = entry_confidence(notional, threshold, wallet_score(wallet))
+    reasons = [
+        f"{_who(order, wallet)} opened a position: no holding in this token since tracking started",
+        _fill_text(order),
+        _score_text(wallet),
+        *_size_confidence_text(notional, threshold, confidence),
+    ]
+    return _signal(SignalKind.TRADER_ENTRY, order, wallet, confidence, reasons, detected_at)
 
-# In emission order: a whale entry lands on `signals` as whale_order, then trader_entry.
-RULES: tuple[Rule, ...] = (whale_order, trader_entry)
+
+def exit_signal(
+    order: OrderFill, wallet: TrackedWallet, prior: int, settings: RuleSettings, detected_at: float
+) -> Signal:
+    threshold = settings.whale_min_notional_usd
+    notional = order.notional_usd
+    confidence = entry_confidence(notional, threshold, wallet_score(wallet))
+    held = prior / 10**SHARE_DECIMALS
+    sold = min(1.0, micro_shares(order) / prior)
+    reasons = [
+        f"{_who(order, wallet)} sold {sold:.0%} of its position ({held:,.2f} shares held) "
+        f">= exit fraction {settings.exit_min_fraction:.0%}",
+        _fill_text(order),
+        _score_text(wallet),
+        *_size_confidence_text(notional, threshold, confidence),
+    ]
+    return _signal(SignalKind.TRADER_EXIT, order, wallet, confidence, reasons, detected_at)
 
 
-def candidates(
-    order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings, detected_at: float
-) -> list[Candidate]:
-    """Every rule's candidate for this order, in `RULES` order."""
-    found = (rule(order, wallet, settings, detected_at) for rule in RULES)
-    return [candidate for candidate in found if candidate is not None]
+def consensus_signal(
+    order: OrderFill,
+    wallet: TrackedWallet,
+    state: ConsensusState,
+    grew_from: int | None,
+    settings: RuleSettings,
+    detected_at: float,
+) -> Signal:
+    """The consensus of `state` (count = its members), triggered by `order`.
+
+    Its id names the token, the episode (`formed_at`) and the count, not an order: whichever
+    replica decides it, it is the same signal.
+    """
+    members = sorted(state.members.items(), key=lambda item: (item[1].ts, item[0]))
+    count, needed = len(members), settings.consensus_min_wallets
+    threshold = settings.whale_min_notional_usd
+    confidence = consensus_confidence(state.members, needed, threshold)
+    hours = settings.consensus_window_s / 3600
+    outcome = f"{order.token_label!r}" if order.token_label else "this token"
+    names = ", ".join(m.label or f"{a[:6]}...{a[-4:]}" for a, m in members)
+    change = f"grew from {grew_from} to {count}" if grew_from else f"formed with {count}"
+    total = sum(m.notional for _, m in members)
+    mean = sum(m.score for _, m in members) / count
+    reasons = [
+        f"{count} tracked wallets bought {outcome} within {hours:g} h: {names}",
+        f"consensus {change} (K = {needed}) when {_who(order, wallet)} {_fill_text(order)}",
+        f"mean wallet score {mean:.2f}; members' latest buys total {_usd(total)}",
+        f"confidence {confidence:.2f} = 0.4 x min(1, {count} / {2 * needed}) + 0.4 x mean score "
+        f"+ 0.2 x min(1, {_usd(total)} / {_usd(threshold)})",
+    ]
+    sid = signal_id(SignalKind.CONSENSUS, f"{order.token_id}|{state.formed_at}|{count}")
+    signal = _signal(SignalKind.CONSENSUS, order, wallet, confidence, reasons, detected_at)
+    return signal.model_copy(
+        update={"signal_id": sid, "order_keys": [m.order_key for _, m in members]}
+    )
 
 
 def _signal(
@@ -220,6 +538,14 @@ def _signal(
     )
 
 
+def _size_confidence_text(notional: float, threshold: float, confidence: float) -> list[str]:
+    return [
+        f"size factor {size_factor(notional, threshold):.2f} = min(1, {_usd(notional)} / "
+        f"{_usd(threshold)})",
+        f"confidence {confidence:.2f} = 0.5 x score + 0.5 x size factor",
+    ]
+
+
 def _who(order: OrderFill, wallet: TrackedWallet | None) -> str:
     short = f"{order.user[:6]}...{order.user[-4:]}"
     return f"{wallet.label} ({short})" if wallet and wallet.label else short
@@ -244,3 +570,8 @@ def _score_text(wallet: TrackedWallet | None) -> str:
 
 def _usd(amount: float) -> str:
     return f"${amount:,.0f}" if amount >= 100 else f"${amount:,.2f}"
+
+
+def describe(settings: RuleSettings) -> dict[str, Any]:
+    """The settings as `{name: value}`, for logs and the replay report."""
+    return {name: getattr(settings, name) for name in RuleSettings.__dataclass_fields__}

@@ -1,25 +1,24 @@
-"""Everything Redis-specific in the detector: the atomic state step (Lua), dead letters, the group.
+"""Everything Redis-specific in the detector: the atomic apply step (Lua), the pending-list reads
+that order replicas, reclaiming, dead letters and the group membership.
 
-The state step decides, for each order, in one script call:
-1. `<prefix>done:<order_key>` exists -> the order was decided before (a redelivery): nothing.
-2. Otherwise read the wallet's position in the token from the hash `<prefix>pos:<wallet>` (field
-   token_id, integer micro-shares; tracked wallets only), emit every candidate whose condition holds
-   (`always`, or `opens`: a BUY while that position is 0) with XADD to `signals` (MAXLEN ~, one
-   field `data` holding the Signal JSON), move the position (BUY adds, SELL subtracts, floor 0: the
-   field is deleted at 0), and set the done key with a TTL.
+The apply step gets, per order, what `pipeline.py` decided with `rules.decide` and applies it in one
+script call, each order atomically:
+1. A prerequisite (an earlier order of the stream that touches one of the same state units and was
+   still pending when this batch looked) has no done key yet, or an earlier order of this call on
+   one of the same units was not applied -> nothing (`WAITING`); the caller retries later. This
+   comes first, so that even a redelivered order settles only in its place in the stream.
+2. `<prefix>done:<order_key>` exists -> decided before (a redelivery): nothing (`DUPLICATE`).
+3. A unit's current value differs from the one the decision was computed from -> nothing
+   (`CONFLICT`); the caller re-reads and decides again.
+4. Otherwise: write each unit's new value (delete when empty; a TTL when it holds no position),
+   XADD every signal to `signals` (MAXLEN ~, one field `data` holding the Signal JSON), and set the
+   done key with a TTL. Returns the number of signals.
 
-One call carries up to `DETECTOR_SCRIPT_BATCH` orders for speed; a script runs without
-interleaving, so each order's effect is atomic and every order sees the effects of the ones before
-it. The done key is written last: if a write fails mid-order (e.g. Redis out of memory), the order
-is not marked done and its redelivery emits again (at least once; consumers dedupe by `signal_id`)
-instead of losing a signal. Every key carries the `{<namespace>signals}` hash tag
-(`Streams.detector_prefix()`), the slot of the `signals` stream itself, so the script runs
-unchanged on Redis Cluster.
-
-Order: one replica decides its batch in stream order. Replicas run their batches side by side, so
-two fills of one wallet and token that land in different replicas' batches may be decided in
-either order (a SELL before the BUY it follows): positions and entries are exact per replica
-and best effort across them, until `orders.raw` is partitioned by wallet.
+The done key is written last: if a write fails mid-order (e.g. Redis out of memory), the order is
+not marked done and its redelivery emits again (at least once; consumers dedupe by `signal_id`)
+instead of losing a signal. Every key the script touches carries the `{<namespace>signals}` hash
+tag (`Streams.detector_prefix()`), the slot of the `signals` stream, so the script runs unchanged
+on Redis Cluster; the pending-list reads and the touch script use `orders.raw` alone.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -36,62 +35,92 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.detector.rules import Condition
-from shared.models import Side, SignalKind
+from services.detector.rules import WalletMarketState, wallet_unit
 from shared.redis_streams import dead_letter, ensure_group
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
 
 DUPLICATE = -1
+WAITING = -2
+CONFLICT = -3
 
-# KEYS[1]: the signals stream; KEYS[2k], KEYS[2k+1]: order k's done key and position key.
-# ARGV[1]: MAXLEN ~ of the signals stream; ARGV[2]: done-key TTL in seconds; then per order:
-#   side, size in micro-shares, token_id, tracked ("1"/"0"), candidate count n,
-#   then n x (condition, Signal JSON).
-# Returns one integer per order: -1 when already done, else the bitmask of the emitted candidates.
-# Sizes stay strings and go to HINCRBY as such: Lua numbers are doubles and would round big ones.
-_STEP = """
-local stream, maxlen, ttl = KEYS[1], ARGV[1], ARGV[2]
-local results = {}
+PENDING_PAGE = 1000
+ERROR_TEXT_MAX = 500
+
+# KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
+# keys. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per order: np, nu,
+# nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
+_APPLY = """
+local stream, maxlen, done_ttl = KEYS[1], ARGV[1], ARGV[2]
+local results, blocked = {}, {}
 local a, k = 3, 2
 while a <= #ARGV do
-  local done_key, pos_key = KEYS[k], KEYS[k + 1]
-  local side, size, token, tracked = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
-  local first = a + 5
-  a = first + 2 * tonumber(ARGV[a + 4])
-  k = k + 2
-  if redis.call('EXISTS', done_key) == 1 then
-    results[#results + 1] = -1
-  else
-    local prior = 0
-    if tracked then
-      prior = tonumber(redis.call('HGET', pos_key, token) or '0')
-    end
-    local opens = side == 'BUY' and prior <= 0
-    local emitted, bit = 0, 1
-    for c = first, a - 1, 2 do
-      local condition = ARGV[c]
-      if condition == 'always' or (condition == 'opens' and opens) then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'data', ARGV[c + 1])
-        emitted = emitted + bit
-      end
-      bit = bit * 2
-    end
-    if tracked and size ~= '0' then
-      if side == 'BUY' then
-        redis.call('HINCRBY', pos_key, token, size)
-      elseif prior <= tonumber(size) then
-        redis.call('HDEL', pos_key, token)
-      else
-        redis.call('HINCRBY', pos_key, token, '-' .. size)
-      end
-    end
-    redis.call('SET', done_key, '1', 'EX', ttl)
-    results[#results + 1] = emitted
+  local np, nu = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local done, first_prereq, first_unit = KEYS[k], k + 1, k + 1 + np
+  k = first_unit + nu
+  local unit_args = a + 2
+  local ns = tonumber(ARGV[unit_args + 3 * nu])
+  local first_signal = unit_args + 3 * nu + 1
+  a = first_signal + ns
+  local code
+  for i = first_unit, k - 1 do
+    if blocked[KEYS[i]] then code = -2 end
   end
+  if not code then
+    for i = first_prereq, first_unit - 1 do
+      if redis.call('EXISTS', KEYS[i]) == 0 then code = -2 break end
+    end
+  end
+  if code then
+    for i = first_unit, k - 1 do blocked[KEYS[i]] = true end
+  elseif redis.call('EXISTS', done) == 1 then
+    code = -1
+  else
+    for i = 0, nu - 1 do
+      if (redis.call('GET', KEYS[first_unit + i]) or '') ~= ARGV[unit_args + 3 * i] then
+        code = -3 break
+      end
+    end
+    if code then
+      for i = first_unit, k - 1 do blocked[KEYS[i]] = true end
+    else
+      for i = 0, nu - 1 do
+        local key, value = KEYS[first_unit + i], ARGV[unit_args + 3 * i + 1]
+        local ttl = tonumber(ARGV[unit_args + 3 * i + 2])
+        if value == '' then
+          redis.call('DEL', key)
+        elseif ttl > 0 then
+          redis.call('SET', key, value, 'EX', ttl)
+        else
+          redis.call('SET', key, value)
+        end
+      end
+      for i = first_signal, a - 1 do
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i])
+      end
+      redis.call('SET', done, '1', 'EX', done_ttl)
+      code = ns
+    end
+  end
+  results[#results + 1] = code
 end
 return results
+"""
+
+# Reset the idle time of entries this consumer still owns (XCLAIM JUSTID does not count as a
+# delivery), so that a batch waiting on other replicas is not reclaimed from under it; an entry
+# another consumer has meanwhile claimed is left alone.
+_TOUCH = """
+local touched = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if entry and entry[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    touched = touched + 1
+  end
+end
+return touched
 """
 
 # Leave the group only when nothing is pending: checked and done in one step, so an entry delivered
@@ -106,35 +135,27 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class Emission:
-    """A candidate signal as the script gets it: the condition and the finished Signal JSON."""
-
-    kind: SignalKind
-    condition: Condition
-    payload: bytes
+Fields = dict[bytes, bytes]
 
 
 @dataclass(frozen=True)
-class OrderStep:
-    """What the script needs to decide one order. Untracked wallets have no position."""
+class UnitWrite:
+    """One state unit of an order: the value decided from, the value to write, its TTL (0: none)."""
+
+    unit: str
+    expected: bytes
+    value: bytes
+    ttl_s: int
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """One decided order, as the apply script takes it."""
 
     order_key: str
-    wallet: str
-    token_id: str
-    side: Side
-    micro_shares: int
-    tracked: bool
-    candidates: tuple[Emission, ...]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """`duplicate`: decided before, nothing done. `emitted`: the kinds written to `signals`."""
-
-    duplicate: bool
-    emitted: tuple[SignalKind, ...]
+    prerequisites: tuple[str, ...]
+    units: tuple[UnitWrite, ...]
+    payloads: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -147,8 +168,23 @@ class Rejection:
     category: str
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A reclaimed entry: its id, fields (None when trimmed away) and delivery count."""
+
+    entry_id: str
+    fields: Fields | None
+    deliveries: int
+
+
+def entry_position(entry_id: str) -> tuple[int, int]:
+    """An entry id as a comparable pair (`ms-seq`)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class DetectorState:
-    """The detector's Redis side: the state step, dead letters, and this consumer's membership."""
+    """The detector's Redis side: the apply step, the pending list, dead letters, membership."""
 
     def __init__(
         self,
@@ -167,49 +203,203 @@ class DetectorState:
         self.script_batch = script_batch
         self.retry_s = retry_s
         self._prefix = streams.detector_prefix()
-        self._script = client.register_script(_STEP)
+        self._apply = client.register_script(_APPLY)
+        self._touch = client.register_script(_TOUCH)
         self._release = client.register_script(_RELEASE)
+
+    # --- keys -----------------------------------------------------------------------------------
 
     def done_key(self, order_key: str) -> str:
         return f"{self._prefix}done:{order_key}"
 
-    def position_key(self, wallet: str) -> str:
-        return f"{self._prefix}pos:{wallet}"
+    def unit_key(self, unit: str) -> str:
+        return f"{self._prefix}{unit}"
 
-    async def position(self, wallet: str, token_id: str) -> int:
-        """The wallet's position in the token, in micro-shares (0 when none)."""
-        value = await self.client.hget(self.position_key(wallet), token_id)
-        return int(value) if value is not None else 0
+    def errors_key(self) -> str:
+        """Hash entry id -> the last error of a failed attempt, for the dead letter."""
+        return f"{self._prefix}errors"
 
-    async def apply(self, steps: Sequence[OrderStep]) -> list[StepResult]:
-        """Decide the orders in sequence, `script_batch` per script call; one result per step."""
-        results: list[StepResult] = []
+    # --- state ----------------------------------------------------------------------------------
+
+    async def position(self, wallet: str, market: str, token_id: str) -> int:
+        """A tracked wallet's position in a token, in micro-shares (0 when none)."""
+        raw: Any = await self.client.get(self.unit_key(wallet_unit(wallet, market)))
+        return int(WalletMarketState.load(raw).positions.get(token_id, 0)) if raw else 0
+
+    async def read_units(self, units: Sequence[str]) -> dict[str, bytes | None]:
+        if not units:
+            return {}
+        keys = [self.unit_key(unit) for unit in units]
+        values: list[Any] = await self._retrying(partial(self.client.mget, keys))
+        return dict(zip(units, values, strict=True))
+
+    async def apply(self, steps: Sequence[ApplyStep]) -> list[int]:
+        """Apply the steps in order, `script_batch` per script call; one code per step.
+
+        Across calls as within one, a step after an unapplied step on the same unit waits.
+        """
+        codes: list[int] = []
+        blocked: set[str] = set()
         for start in range(0, len(steps), self.script_batch):
             chunk = steps[start : start + self.script_batch]
-            raw = await self._retrying(partial(self._run, chunk))
-            results.extend(_result(step, int(code)) for step, code in zip(chunk, raw, strict=True))
-        return results
+            ready = [not blocked.intersection(w.unit for w in step.units) for step in chunk]
+            to_run = [step for step, ok in zip(chunk, ready, strict=True) if ok]
+            raw = iter(await self._retrying(partial(self._run, to_run)) if to_run else [])
+            for step, ok in zip(chunk, ready, strict=True):
+                code = int(next(raw)) if ok else WAITING
+                if code in (WAITING, CONFLICT):
+                    blocked.update(w.unit for w in step.units)
+                codes.append(code)
+        return codes
 
-    async def _run(self, steps: Sequence[OrderStep]) -> list[int]:
+    async def _run(self, steps: Sequence[ApplyStep]) -> list[int]:
         keys: list[str] = [self.streams.signals]
         args: list[str | bytes | int] = [self.maxlen, self.done_ttl_s]
         for step in steps:
-            keys += [self.done_key(step.order_key), self.position_key(step.wallet)]
-            args += [
-                step.side.value, str(step.micro_shares), step.token_id,
-                "1" if step.tracked else "0", len(step.candidates),
-            ]
-            for emission in step.candidates:
-                args += [emission.condition.value, emission.payload]
-        result = await self._script(keys=keys, args=args)
-        return list(result)
+            keys.append(self.done_key(step.order_key))
+            keys += [self.done_key(key) for key in step.prerequisites]
+            keys += [self.unit_key(write.unit) for write in step.units]
+            args += [len(step.prerequisites), len(step.units)]
+            for write in step.units:
+                args += [write.expected, write.value, write.ttl_s]
+            args.append(len(step.payloads))
+            args += step.payloads
+        return list(await self._apply(keys=keys, args=args))
 
-    async def dead_letter(self, rejections: Sequence[Rejection], *, origin: str) -> None:
+    # --- the pending list -----------------------------------------------------------------------
+
+    async def pending_upto(self, group: str, last_id: str) -> list[str]:
+        """Ids of every entry of `orders.raw` pending in the group up to `last_id`, oldest first."""
+        found: list[str] = []
+        start = "-"
+        while True:
+            page: Any = await self._retrying(
+                partial(
+                    self.client.xpending_range,
+                    self.streams.orders_raw,
+                    group,
+                    min=start,
+                    max=last_id,
+                    count=PENDING_PAGE,
+                )
+            )
+            found += [item["message_id"].decode() for item in page]
+            if len(page) < PENDING_PAGE:
+                return found
+            start = "(" + found[-1]
+
+    async def still_pending(self, group: str, entry_ids: Iterable[str]) -> set[str]:
+        """Which of `entry_ids` are still pending in the group."""
+        ids = list(entry_ids)
+        if not ids:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(
+                    self.streams.orders_raw, group, min=entry_id, max=entry_id, count=1
+                )
+            replies = await pipe.execute()
+        return {entry_id for entry_id, reply in zip(ids, replies, strict=True) if reply}
+
+    async def read_entries(self, entry_ids: Sequence[str]) -> dict[str, Fields | None]:
+        """The fields of the given `orders.raw` entries (None for one trimmed away)."""
+        if not entry_ids:
+            return {}
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for entry_id in entry_ids:
+                    pipe.xrange(self.streams.orders_raw, min=entry_id, max=entry_id, count=1)
+                return list(await pipe.execute())
+
+        replies = await self._retrying(read)
+        return {
+            entry_id: (reply[0][1] if reply else None)
+            for entry_id, reply in zip(entry_ids, replies, strict=True)
+        }
+
+    async def touch(self, group: str, consumer: str, entry_ids: Sequence[str]) -> int:
+        """Reset the idle time of those entries this consumer still owns."""
+        if not entry_ids:
+            return 0
+        return int(
+            await self._touch(keys=[self.streams.orders_raw], args=[group, consumer, *entry_ids])
+        )
+
+    async def autoclaim(
+        self, group: str, consumer: str, min_idle_ms: int, start: str, count: int
+    ) -> tuple[str, list[Claimed]]:
+        """XAUTOCLAIM one page of entries idle for `min_idle_ms` or more, with their delivery
+        counts (read from XPENDING after the claim, so they include it). Returns the cursor to
+        continue from ('0-0' at the end of the pending list) and the claimed entries."""
+        reply: Any = await self.client.xautoclaim(
+            self.streams.orders_raw, group, consumer, min_idle_ms, start_id=start, count=count
+        )
+        cursor, entries = reply[0].decode(), reply[1]
+        if not entries:
+            return cursor, []
+        ids = [entry_id.decode() for entry_id, _ in entries]
+        pending: Any = await self.client.xpending_range(
+            self.streams.orders_raw,
+            group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) + 1000,
+            consumername=consumer,
+        )
+        counts = {item["message_id"].decode(): int(item["times_delivered"]) for item in pending}
+        claimed = [
+            Claimed(entry_id.decode(), fields or None, counts.get(entry_id.decode(), 1))
+            for entry_id, fields in entries
+        ]
+        return cursor, claimed
+
+    async def record_error(self, entry_ids: Sequence[str], error: str) -> None:
+        """Remember why an attempt failed, for the dead letter if the entry fails too often."""
+        if not entry_ids:
+            return
+        text = error[:ERROR_TEXT_MAX].encode()
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.errors_key(), mapping=dict.fromkeys(entry_ids, text))
+            pipe.expire(self.errors_key(), self.done_ttl_s)
+            await pipe.execute()
+
+    async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
+        if not entry_ids:
+            return {}
+        values: list[Any] = await self.client.hmget(self.errors_key(), list(entry_ids))
+        return {
+            entry_id: value.decode(errors="replace")
+            for entry_id, value in zip(entry_ids, values, strict=True)
+            if value is not None
+        }
+
+    async def forget_errors(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.client.hdel(self.errors_key(), *entry_ids)
+
+    # --- dead letters, group, health ------------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        rejections: Sequence[Rejection],
+        *,
+        origin: str,
+        deliveries: Mapping[str, int] | None = None,
+    ) -> None:
+        counts = deliveries or {}
         for item in rejections:
             reason = f"{item.reason} (entry {item.entry_id})"
             await self._retrying(
-                partial(dead_letter, self.client, self.streams.orders_dead, item.raw, reason,
-                        origin=origin)
+                partial(
+                    dead_letter,
+                    self.client,
+                    self.streams.orders_dead,
+                    item.raw,
+                    reason,
+                    origin=origin,
+                    deliveries=counts.get(item.entry_id, 1),
+                )
             )
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -237,14 +427,14 @@ class DetectorState:
         await self._retrying(partial(ensure_group, self.client, self.streams.orders_raw, group))
 
     async def own_pending(
-        self, group: str, consumer: str, count: int
-    ) -> list[tuple[str, dict[bytes, bytes] | None]]:
-        """Entries delivered to this consumer and not acked (XREADGROUP from id 0), oldest first.
+        self, group: str, consumer: str, count: int, after: str = "0"
+    ) -> list[tuple[str, Fields | None]]:
+        """Entries delivered to this consumer and not acked (XREADGROUP from `after`), oldest first.
 
         Fields are None for an entry trimmed from the stream since its delivery.
         """
         reply: Any = await self.client.xreadgroup(
-            group, consumer, {self.streams.orders_raw: "0"}, count=count
+            group, consumer, {self.streams.orders_raw: after}, count=count
         )
         if not reply:
             return []
@@ -253,10 +443,11 @@ class DetectorState:
 
     async def ack(self, group: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
-            await self.client.xack(self.streams.orders_raw, group, *entry_ids)
+            ack = partial(self.client.xack, self.streams.orders_raw, group, *entry_ids)
+            await self._retrying(ack)
 
     async def consumer_pending(self, group: str, consumer: str) -> int:
-        """How many entries of `orders.raw` this consumer holds unacknowledged."""
+        """How many entries of `orders.raw` this consumer holds unacknowledged (0 or 1+)."""
         entries = await self.client.xpending_range(
             self.streams.orders_raw, group, min="-", max="+", count=1, consumername=consumer
         )
@@ -266,10 +457,3 @@ class DetectorState:
         """Leave the group if nothing is pending here; pending entries stay for a reclaimer."""
         code = await self._release(keys=[self.streams.orders_raw], args=[group, consumer])
         return int(code) >= 0
-
-
-def _result(step: OrderStep, code: int) -> StepResult:
-    if code == DUPLICATE:
-        return StepResult(duplicate=True, emitted=())
-    emitted = tuple(c.kind for i, c in enumerate(step.candidates) if code >> i & 1)
-    return StepResult(duplicate=False, emitted=emitted)

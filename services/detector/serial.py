@@ -1,0 +1,54 @@
+"""The reference semantics: the rules applied to the orders one by one, in stream order, with the
+state in memory. Whatever number of replicas runs, the detector must emit exactly what this emits
+for the same stream (the multi-replica tests compare the two), and `replay.py` uses it to show
+what BetterBot would have signalled on a tape.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+from services.detector import rules
+from services.detector.rules import RuleSettings, UnitState
+from shared.models import OrderFill, Signal, TrackedWallet
+
+
+class SerialDetector:
+    """One detector over one stream: the state units, the order_keys already decided, and the
+    signals cooldowns held back, by kind."""
+
+    def __init__(self, wallets: Iterable[TrackedWallet], settings: RuleSettings) -> None:
+        self.wallets: dict[str, TrackedWallet] = {w.address: w for w in wallets}
+        self.settings = settings
+        self.states: dict[str, UnitState] = {}
+        self.done: set[str] = set()
+        self.suppressed: Counter[str] = Counter()
+
+    def process(self, order: OrderFill, detected_at: float | None = None) -> list[Signal]:
+        """The signals of one order; a repeated order_key emits and changes nothing."""
+        planned = rules.plan(order, self.wallets.get(order.user), self.settings)
+        if planned is None or order.order_key in self.done:
+            return []
+        before = {unit: self.states.get(unit) for unit in planned.units}
+        at = order.received_at if detected_at is None else detected_at
+        decision = rules.decide(planned, before, self.settings, at)
+        for unit, state in decision.states.items():
+            if state is None:
+                self.states.pop(unit, None)
+            else:
+                self.states[unit] = state
+        self.done.add(order.order_key)
+        self.suppressed.update(kind.value for kind in decision.suppressed)
+        return list(decision.signals)
+
+
+def run(
+    orders: Iterable[OrderFill],
+    wallets: Iterable[TrackedWallet] | Mapping[str, TrackedWallet],
+    settings: RuleSettings,
+) -> list[Signal]:
+    """Every signal of `orders`, in stream order; `detected_at` is each order's `received_at`."""
+    tracked = wallets.values() if isinstance(wallets, Mapping) else wallets
+    detector = SerialDetector(tracked, settings)
+    return [signal for order in orders for signal in detector.process(order)]
