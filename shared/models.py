@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 SCHEMA_VERSION = 1
 SHARE_DECIMALS = 6
+MAX_SHARES = 1e11
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
@@ -42,7 +43,7 @@ class Source(StrEnum):
 class Contract(BaseModel):
     """Base of every stream payload: frozen, strict types, unknown fields ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=False, allow_inf_nan=False)
 
 
 class DomeOrder(Contract):
@@ -58,7 +59,9 @@ class DomeOrder(Contract):
     condition_id: str = ""
     token_label: str = ""
     shares: int | None = None
-    shares_normalized: float = Field(gt=0)
+    # Bounded so micro-shares fit the 64-bit integers Redis keeps positions in; no market has
+    # ever traded 1e11 shares in one fill, so a larger value is a producer bug.
+    shares_normalized: float = Field(gt=0, le=MAX_SHARES)
     price: float = Field(ge=0, le=1)
     tx_hash: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     title: str = ""

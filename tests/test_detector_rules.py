@@ -713,6 +713,7 @@ def test_parse_entry_without_data_keeps_all_fields_as_raw() -> None:
 
 
 def test_parse_entry_rejects_implausible_sizes() -> None:
-    huge = make_order(shares=1e15).model_copy(update={"shares": None})
-    parsed = parse_entry(entry({b"data": huge.model_dump_json().encode()}))
-    assert isinstance(parsed, Rejection) and "implausible size" in parsed.reason
+    # Fills too large for 64-bit micro-share positions are refused by the shared model.
+    huge = make_order().model_dump(mode="json") | {"shares_normalized": 1e15, "shares": None}
+    parsed = parse_entry(entry({b"data": orjson.dumps(huge)}))
+    assert isinstance(parsed, Rejection) and "shares_normalized" in parsed.reason

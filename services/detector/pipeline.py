@@ -115,12 +115,6 @@ def parse_entry(entry: RawEntry) -> OrderFill | Rejection:
         order = OrderFill.model_validate(payload)
     except ValidationError as exc:
         return Rejection(entry.entry_id, entry.raw(), f"invalid order: {_errors(exc)}", "invalid")
-    if order.shares_normalized > rules.MAX_SHARES:
-        reason = (
-            f"implausible size: shares_normalized {order.shares_normalized:g}"
-            f" > {rules.MAX_SHARES:g}"
-        )
-        return Rejection(entry.entry_id, entry.raw(), reason, "invalid")
     return order
 
 

@@ -57,9 +57,6 @@ from shared.models import (
 )
 
 DEFAULT_SCORE = 0.5
-# Above this a fill is implausible (more shares than any market has) and its micro-shares could
-# overflow the 64-bit integers positions are kept in; such fills are rejected before the rules.
-MAX_SHARES = 1e11
 # EXIT_MIN_FRACTION is compared in integer parts per million: exact, the same on every replica.
 PPM = 1_000_000
 
