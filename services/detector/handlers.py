@@ -22,7 +22,6 @@ finds it and reads new entries (`>`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from faststream.message import StreamMessage
@@ -34,24 +33,12 @@ from faststream.redis.subscriber.usecases.stream_subscriber import StreamBatchSu
 
 from services.detector.pipeline import BatchProcessor, RawEntry
 from services.detector.state import DetectorState
+from shared.faststream_batches import parse_plain_batch, plain_entries
 from shared.streams import DETECTOR_GROUP
-
-Parser = Callable[[Mapping[str, Any]], Awaitable[StreamMessage[Any]]]
-
-
-async def parse_plain_batch(raw: Mapping[str, Any], original: Parser) -> StreamMessage[Any]:
-    """FastStream's message for the batch (bound to the group for `ack`), minus its JSON work."""
-    message = await original({**raw, "data": []})
-    message.raw_message = raw
-    return message
 
 
 async def decode_plain_batch(message: StreamMessage[Any]) -> list[RawEntry]:
-    raw = message.raw_message
-    return [
-        RawEntry(entry_id.decode(), fields)
-        for entry_id, fields in zip(raw["message_ids"], raw["data"], strict=True)
-    ]
+    return [RawEntry(entry_id, fields) for entry_id, fields in plain_entries(message)]
 
 
 def build_broker(

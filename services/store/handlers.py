@@ -20,7 +20,7 @@ stream_subscriber.py`, `faststream/redis/message.py`, `faststream/middlewares/ac
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from faststream.message import StreamMessage
@@ -31,27 +31,16 @@ from faststream.redis.annotations import RedisBatchStreamMessage
 
 from services.store.batches import BatchStore, Entry, Feed
 from services.store.database import Stopping
+from shared.faststream_batches import parse_plain_batch, plain_entries
 from shared.streams import STORE_GROUP
 
 log = logging.getLogger(__name__)
 
-Parser = Callable[[Mapping[str, Any]], Awaitable[StreamMessage[Any]]]
 Handler = Callable[..., Awaitable[None]]
 
 
-async def parse_plain_batch(raw: Mapping[str, Any], original: Parser) -> StreamMessage[Any]:
-    """FastStream's batch message (bound to the group, for `ack`), without decoding the entries."""
-    message = await original({**raw, "data": []})
-    message.raw_message = raw
-    return message
-
-
 async def decode_plain_batch(message: StreamMessage[Any]) -> list[Entry]:
-    raw = message.raw_message
-    return [
-        (entry_id.decode(), fields)
-        for entry_id, fields in zip(raw["message_ids"], raw["data"], strict=True)
-    ]
+    return plain_entries(message)
 
 
 def handler_for(feed: Feed, batches: BatchStore) -> Handler:
@@ -64,10 +53,16 @@ def handler_for(feed: Feed, batches: BatchStore) -> Handler:
             log.warning("batch_left_pending", extra={"stream": feed.stream, "count": len(entries)})
             return
         await message.ack()
-        log.debug("batch_stored", extra={
-            "stream": feed.stream, "entries": len(entries), "inserted": outcome.inserted,
-            "duplicates": outcome.duplicates, "dead_lettered": outcome.dead_lettered,
-        })
+        log.debug(
+            "batch_stored",
+            extra={
+                "stream": feed.stream,
+                "entries": len(entries),
+                "inserted": outcome.inserted,
+                "duplicates": outcome.duplicates,
+                "dead_lettered": outcome.dead_lettered,
+            },
+        )
 
     store_batch.__name__ = store_batch.__qualname__ = f"store_{feed.table.name}"
     return store_batch
