@@ -34,6 +34,7 @@ from faststream.redis.subscriber.usecases.stream_subscriber import StreamBatchSu
 from services.detector.pipeline import BatchProcessor, RawEntry
 from services.detector.state import DetectorState
 from shared.faststream_batches import parse_plain_batch, plain_entries
+from shared.stream_metrics import broker_middleware
 from shared.streams import DETECTOR_GROUP
 
 
@@ -60,6 +61,7 @@ def build_broker(
         # while its errors still reach our JSON log through this logger.
         logger=logging.getLogger("services.detector.faststream"),
         log_level=logging.DEBUG,
+        middlewares=[broker_middleware("detector")],
     )
     subscriber = broker.subscriber(
         stream=StreamSub(

@@ -32,6 +32,7 @@ from faststream.redis.annotations import RedisBatchStreamMessage
 from services.store.batches import BatchStore, Entry, Feed
 from services.store.database import Stopping
 from shared.faststream_batches import parse_plain_batch, plain_entries
+from shared.stream_metrics import broker_middleware
 from shared.streams import STORE_GROUP
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def build_broker(
         # while its errors still reach our JSON log.
         logger=faststream_log,
         log_level=logging.DEBUG,
+        middlewares=[broker_middleware("store")],
     )
     for feed in feeds:
         subscriber = broker.subscriber(

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from shared.models import OrderFill, Signal
 from shared.redis_streams import DATA_FIELD, decode
+from shared.stream_metrics import observe_signal_latency
 
 REASON_MAX = 500
 
@@ -78,6 +79,9 @@ def order_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
 
 def signal_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
     signal = Signal.model_validate(payload)
+    # The store's group sees each signal once, so its latency is recorded here and summed across
+    # store replicas without double counting.
+    observe_signal_latency(signal)
     return signal.signal_id, (
         signal.signal_id, signal.kind.value, signal.wallet, signal.wallet_label,
         signal.market_slug, signal.title, signal.condition_id, signal.token_id,
