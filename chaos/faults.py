@@ -13,6 +13,7 @@ import asyncio
 import random
 import signal
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,18 +33,21 @@ NOT_SUPPORTED = "not supported by this simulator"
 
 
 @dataclass
-class Fault:
+class Fault(ABC):
+    """One fault of the suite: each subclass injects its own (and may undo it)."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     hold_s: float = 3.0
     supported: bool = True
     notes: list[str] = field(default_factory=list)
 
+    @abstractmethod
     async def inject(self, pipe: Pipeline) -> None:
-        raise NotImplementedError
+        """Cause the fault in the running pipeline."""
 
-    async def recover(self, pipe: Pipeline) -> None:
-        """Undo the fault; most faults end by themselves."""
+    async def recover(self, pipe: Pipeline) -> None:  # noqa: B027 - optional hook
+        """Undo the fault; most faults end by themselves, so the default does nothing."""
 
     def note(self, text: str) -> None:
         self.notes.append(text)
