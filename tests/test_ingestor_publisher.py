@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ from devtools.servers import free_port
 from services.ingestor.publisher import Outgoing, Publisher, watermark_key
 from shared.models import DomeOrder, OrderFill, Source
 from shared.streams import Streams
+from tests.helpers.ingestion import until
 
 TAPE = Path(__file__).resolve().parent.parent / "data" / "polymarket_trades_nobel2025.json"
 TTL_S = 3600
@@ -49,14 +50,6 @@ def tape_fills(count: int) -> list[OrderFill]:
         )
         for trade in trades
     ]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s")
-        await asyncio.sleep(0.02)
 
 
 def make_publisher(client: aioredis.Redis, streams: Streams, **options: int) -> Publisher:
@@ -216,7 +209,7 @@ async def test_nothing_is_lost_while_redis_is_unreachable(
 
         # The queue holds 2 and the publisher's retried batch 2; the other submits must wait.
         submits = [asyncio.create_task(publisher.submit(fill)) for fill in rest]
-        await eventually(lambda: _false_redis(publisher))
+        await until(lambda: _false_redis(publisher))
         await asyncio.sleep(0.2)
         assert not all(task.done() for task in submits)
         assert not await publisher.ping()

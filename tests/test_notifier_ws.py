@@ -26,24 +26,11 @@ from tests.helpers.notifier import (
     recv_json,
     recv_signals,
     running_notifier,
+    wait_until,
     ws_url,
 )
 
 pytestmark = pytest.mark.integration
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], what: str, limit_s: float = 10
-) -> None:
-    async def poll() -> None:
-        # Conditions seen from outside (HTTP answers, counters): nothing to wait on but polling.
-        while not await condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(poll(), limit_s)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def closed_with(ws: ClientConnection) -> tuple[int | None, str | None]:
