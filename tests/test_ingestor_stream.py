@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +30,7 @@ from shared.logs import JsonFormatter
 from shared.models import order_key
 from shared.streams import Streams
 from shared.wallets import load_wallets
+from tests.helpers.ingestion import until
 from tests.helpers.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,21 +187,6 @@ async def running(settings: IngestorSettings) -> AsyncIterator[Ingestor]:
     assert left == 0
 
 
-async def until(check: Callable[[], bool | Awaitable[bool]], within_s: float = 10.0) -> None:
-    """Wait for a condition; the bound only turns a hang into a failure."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s")
-        await asyncio.sleep(0.01)
-
-
 def connection(ingestor: Ingestor) -> DomeConnection:
     assert ingestor.websocket is not None
     (only,) = ingestor.websocket.connections
@@ -209,12 +194,22 @@ def connection(ingestor: Ingestor) -> DomeConnection:
 
 
 async def subscribed(ingestor: Ingestor, dome: FakeDome, connections: int) -> None:
+    """The client holds exactly the subscriptions acked on the newest connection.
+
+    Comparing ids, not counts: after a drop the client still holds the old connection's
+    subscriptions until it notices, and a count alone would be satisfied by them."""
+
+    def newest_acks() -> set[str]:
+        acked = dome.ack_ids[(connections - 1) * len(CHUNKS) :]
+        return set(acked) if len(acked) == len(CHUNKS) else set()
+
     await until(
         lambda: (
             len(dome.connections) == connections
             and ingestor.websocket is not None
-            and len(connection(ingestor).registry.active) == len(CHUNKS)
             and connection(ingestor).registry.pending == 0
+            and set(connection(ingestor).registry.active) == newest_acks()
+            and bool(newest_acks())
         )
     )
 
