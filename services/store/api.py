@@ -657,6 +657,9 @@ def create_app(ctx: ApiContext, health: HealthCheck, max_body_bytes: int) -> Fas
             "History of the order fills and signals the store kept, and the tracked wallets. "
             "Write endpoints need `Authorization: Bearer <STORE_API_TOKEN>`."
         ),
+        # A redirect would answer an unauthenticated write with a 3xx pointing elsewhere
+        # (`PUT /wallets/%2F` -> 307 to `/wallets`): an unknown path is a plain 404.
+        redirect_slashes=False,
     )
     app.state.api = ctx
     read_guard = [Depends(require_read_token)] if ctx.read_auth else []
