@@ -40,7 +40,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check shared services devtools tests || true
+	$(BIN)/ruff format --check shared services devtools tests bench chaos cli examples
 
 typecheck: install
 	$(BIN)/mypy

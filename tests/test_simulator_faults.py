@@ -44,8 +44,9 @@ def polynode(action: str, **fields: Any) -> bytes:
 
 
 def test_the_polynode_dialect_parses_its_own_shape_only() -> None:
-    subscribe_msg = polynode("subscribe", type="dome", filters={"wallets": [FAKE_A.upper()[:2]
-                                                                           + FAKE_A[2:]]})
+    subscribe_msg = polynode(
+        "subscribe", type="dome", filters={"wallets": [FAKE_A.upper()[:2] + FAKE_A[2:]]}
+    )
     assert parse_client_message(subscribe_msg, 10, Dialect.POLYNODE) == Subscribe(
         Filters(users=frozenset({FAKE_A}))
     )
@@ -56,10 +57,16 @@ def test_the_polynode_dialect_parses_its_own_shape_only() -> None:
     unsubscribe = polynode("unsubscribe", subscription_id="sub_x")
     assert parse_client_message(unsubscribe, 10, Dialect.POLYNODE) == Unsubscribe("sub_x")
     for raw, dialect, reason in (
-        (polynode("subscribe", type="orders", filters={"wallets": [FAKE_A]}), Dialect.POLYNODE,
-         'type must be "dome"'),
-        (polynode("subscribe", type="dome", filters={"users": [FAKE_A]}), Dialect.POLYNODE,
-         "unknown filter"),
+        (
+            polynode("subscribe", type="orders", filters={"wallets": [FAKE_A]}),
+            Dialect.POLYNODE,
+            'type must be "dome"',
+        ),
+        (
+            polynode("subscribe", type="dome", filters={"users": [FAKE_A]}),
+            Dialect.POLYNODE,
+            "unknown filter",
+        ),
         (subscribe_msg, Dialect.DOME, "platform"),
     ):
         with pytest.raises(ProtocolError, match=reason):
@@ -81,17 +88,25 @@ async def test_the_polynode_path_takes_the_key_in_the_query_and_streams_events()
             assert event["subscription_id"] == ack["subscription_id"]
             assert event["data"] == without_emitted_at(trade)
             # The Dome shape is not this path's dialect.
-            await ws.send(orjson.dumps({
-                "action": "subscribe", "platform": "polymarket", "version": 1, "type": "orders",
-                "filters": {"users": [FAKE_A]},
-            }))
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "action": "subscribe",
+                        "platform": "polymarket",
+                        "version": 1,
+                        "type": "orders",
+                        "filters": {"users": [FAKE_A]},
+                    }
+                )
+            )
             assert (await receive(ws))["type"] == "error"
 
 
 async def test_a_stalled_socket_sends_nothing_and_answers_no_ping_but_stays_open() -> None:
-    async with simulator() as run, connect(
-        f"{run.ws_base}/key", ping_interval=None, close_timeout=0.1
-    ) as ws:
+    async with (
+        simulator() as run,
+        connect(f"{run.ws_base}/key", ping_interval=None, close_timeout=0.1) as ws,
+    ):
         await subscribe(ws, users=[FAKE_A])
         assert (await run.http.post("/_sim/stall")).json() == {"stalled": 1}
         status = await run.status()
@@ -137,7 +152,7 @@ async def test_rejected_auth_refuses_handshakes_and_rest_and_can_close_with_4001
 
 async def test_the_next_requests_get_429_with_retry_after_on_both_rest_endpoints() -> None:
     async with simulator() as run:
-        state = (await run.http.post("/_sim/rate_limit", json={"requests": 2, "retry_after": 3}))
+        state = await run.http.post("/_sim/rate_limit", json={"requests": 2, "retry_after": 3})
         assert state.json()["throttle_left"] == 2
         first = await run.http.get("/v1/polymarket/orders")
         second = await run.http.get("/trades", params={"user": FAKE_A})
@@ -148,7 +163,9 @@ async def test_the_next_requests_get_429_with_retry_after_on_both_rest_endpoints
         assert third.status_code == 200
         log = (await run.http.get("/_sim/requests")).json()
         assert [(r["path"], r["status"]) for r in log] == [
-            ("/v1/polymarket/orders", 429), ("/trades", 429), ("/trades", 200),
+            ("/v1/polymarket/orders", 429),
+            ("/trades", 429),
+            ("/trades", 200),
         ]
         assert log[2]["params"] == {"user": FAKE_A} and "authorization" not in str(log).lower()
         await run.http.post("/_sim/rate_limit", json={"requests": 1, "retry_after": 0.5})
@@ -160,29 +177,41 @@ async def test_the_data_api_lists_a_wallets_trades_newest_first_with_offsets() -
     async with simulator() as run:
         emitted = await run.emit([{"user": FAKE_A, "timestamp": 1000 + i} for i in range(5)])
         await run.emit([{"user": FAKE_B}])
-        page = (await run.http.get(
-            "/trades", params={"user": FAKE_A.upper().replace("0X", "0x"), "limit": 2,
-                               "offset": 1, "takerOnly": "false"},
-        )).json()
+        page = (
+            await run.http.get(
+                "/trades",
+                params={
+                    "user": FAKE_A.upper().replace("0X", "0x"),
+                    "limit": 2,
+                    "offset": 1,
+                    "takerOnly": "false",
+                },
+            )
+        ).json()
         assert [t["timestamp"] for t in page] == [1003, 1002]
         assert set(page[0]) == DATA_API_FIELDS
         newest = emitted[-1]
         [item] = (await run.http.get("/trades", params={"user": FAKE_A, "limit": 1})).json()
         assert (item["proxyWallet"], item["asset"], item["size"], item["transactionHash"]) == (
-            newest["user"], newest["token_id"], newest["shares_normalized"], newest["tx_hash"],
+            newest["user"],
+            newest["token_id"],
+            newest["shares_normalized"],
+            newest["tx_hash"],
         )
         assert (item["conditionId"], item["slug"], item["outcome"]) == (
-            newest["condition_id"], newest["market_slug"], newest["token_label"],
+            newest["condition_id"],
+            newest["market_slug"],
+            newest["token_label"],
         )
         # takerOnly=true (the default) returns the same rows: the tape holds one side of a trade.
         taker = (await run.http.get("/trades", params={"user": FAKE_A})).json()
-        assert taker == (await run.http.get(
-            "/trades", params={"user": FAKE_A, "takerOnly": "false"}
-        )).json()
+        assert (
+            taker
+            == (await run.http.get("/trades", params={"user": FAKE_A, "takerOnly": "false"})).json()
+        )
         assert len(taker) == 5
         assert (await run.http.get("/trades", params={"limit": 0})).json() == []
-        for params in ({"takerOnly": "maybe"}, {"limit": 10_001}, {"offset": -1},
-                       {"side": "HOLD"}):
+        for params in ({"takerOnly": "maybe"}, {"limit": 10_001}, {"offset": -1}, {"side": "HOLD"}):
             response = await run.http.get("/trades", params=params)
             assert response.status_code == 400 and response.json()["error"] == "bad_request"
         assert tuple(newest) == (*ORDER_FIELDS, "emitted_at")

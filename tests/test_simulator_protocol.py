@@ -38,10 +38,16 @@ SUB_ID = re.compile(r"^sub_[a-z0-9]{11}$")
 
 
 def subscribe(filters: Any, **extra: Any) -> bytes:
-    return orjson.dumps({
-        "action": "subscribe", "platform": "polymarket", "version": 1, "type": "orders",
-        "filters": filters, **extra,
-    })
+    return orjson.dumps(
+        {
+            "action": "subscribe",
+            "platform": "polymarket",
+            "version": 1,
+            "type": "orders",
+            "filters": filters,
+            **extra,
+        }
+    )
 
 
 def test_subscribe_update_unsubscribe_parse() -> None:
@@ -104,7 +110,11 @@ def test_frames_and_ids() -> None:
 def make_trade(seq: int, user: str = USER_A, timestamp: int = 1000, **fields: Any) -> Trade:
     injected = injected_trade({"user": user, **fields}, f"t{seq}")
     return Trade.stamp(
-        injected.template, seq=seq, timestamp=timestamp, block_number=1, log_index=seq,
+        injected.template,
+        seq=seq,
+        timestamp=timestamp,
+        block_number=1,
+        log_index=seq,
         emitted_at=float(timestamp),
     )
 
@@ -190,12 +200,18 @@ def test_pagination_key_pages_have_no_gap_or_repeat_even_as_trades_arrive() -> N
     second = history.page(parse_orders_query({"limit": "20", "pagination_key": key}))
     assert seqs(second) == list(range(29, 9, -1))
     assert second["pagination"]["offset"] == 20
-    third = history.page(parse_orders_query({
-        "limit": "20", "pagination_key": second["pagination"]["pagination_key"]
-    }))
+    third = history.page(
+        parse_orders_query(
+            {"limit": "20", "pagination_key": second["pagination"]["pagination_key"]}
+        )
+    )
     assert seqs(third) == list(range(9, -1, -1))
     assert third["pagination"] == {
-        "limit": 20, "offset": 40, "total": 55, "has_more": False, "pagination_key": None
+        "limit": 20,
+        "offset": 40,
+        "total": 55,
+        "has_more": False,
+        "pagination_key": None,
     }
 
 

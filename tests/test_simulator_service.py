@@ -70,8 +70,12 @@ class Running:
 @asynccontextmanager
 async def simulator(api_key: str = "", **overrides: Any) -> AsyncIterator[Running]:
     values: dict[str, Any] = {
-        "sim_host": "127.0.0.1", "sim_port": 0, "sim_speed": 5000.0, "sim_loop": False,
-        "sim_api_key": api_key, **overrides,
+        "sim_host": "127.0.0.1",
+        "sim_port": 0,
+        "sim_speed": 5000.0,
+        "sim_loop": False,
+        "sim_api_key": api_key,
+        **overrides,
     }
     sim = Simulator(SimulatorSettings(**values))
     stop = asyncio.Event()
@@ -88,10 +92,15 @@ async def simulator(api_key: str = "", **overrides: Any) -> AsyncIterator[Runnin
 
 
 def subscribe_message(**filters: list[str]) -> str:
-    return orjson.dumps({
-        "action": "subscribe", "platform": "polymarket", "version": 1, "type": "orders",
-        "filters": filters,
-    }).decode()
+    return orjson.dumps(
+        {
+            "action": "subscribe",
+            "platform": "polymarket",
+            "version": 1,
+            "type": "orders",
+            "filters": filters,
+        }
+    ).decode()
 
 
 async def receive(ws: ClientConnection) -> dict[str, Any]:
@@ -123,8 +132,9 @@ async def test_subscribers_get_exactly_their_wallets_trades() -> None:
         assert not (await run.status())["started"]
         async with connect(f"{run.ws_base}/key") as ws:
             # Mixed case on purpose: users are compared lower-case.
-            sub_id = await subscribe(ws, users=[wallets[0].upper().replace("0X", "0x"),
-                                                *wallets[1:]])
+            sub_id = await subscribe(
+                ws, users=[wallets[0].upper().replace("0X", "0x"), *wallets[1:]]
+            )
             await run.tape_done()
             expected = [t for t in await run.truth() if t["user"] in wallets]
             by_wallet = [await run.truth(wallet) for wallet in wallets]
@@ -159,16 +169,24 @@ async def test_update_replaces_filters_and_unsubscribe_stops_events() -> None:
         await run.emit([{"user": FAKE_A}, {"user": FAKE_B}, {"user": FAKE_C}])
         assert await events_until_fence() == [(first, FAKE_A), (fence, FAKE_C)]
 
-        await ws.send(orjson.dumps({
-            "action": "update", "subscription_id": first, "platform": "polymarket",
-            "version": 1, "type": "orders", "filters": {"users": [FAKE_B]},
-        }).decode())
+        await ws.send(
+            orjson.dumps(
+                {
+                    "action": "update",
+                    "subscription_id": first,
+                    "platform": "polymarket",
+                    "version": 1,
+                    "type": "orders",
+                    "filters": {"users": [FAKE_B]},
+                }
+            ).decode()
+        )
         await run.emit([{"user": FAKE_A}, {"user": FAKE_B}, {"user": FAKE_C}])
         assert await events_until_fence() == [(first, FAKE_B), (fence, FAKE_C)]
 
-        await ws.send(orjson.dumps(
-            {"action": "unsubscribe", "version": 1, "subscription_id": first}
-        ).decode())
+        await ws.send(
+            orjson.dumps({"action": "unsubscribe", "version": 1, "subscription_id": first}).decode()
+        )
         await run.emit([{"user": FAKE_A}, {"user": FAKE_B}, {"user": FAKE_C}])
         assert await events_until_fence() == [(fence, FAKE_C)]
         subs = (await run.http.get("/_sim/subscriptions")).json()
@@ -180,15 +198,18 @@ async def test_market_filters_and_one_event_per_matching_subscription() -> None:
         by_slug = await subscribe(ws, market_slugs=["slug-one"])
         by_condition = await subscribe(ws, condition_ids=["0xC0FFEE"])
         fence = await subscribe(ws, users=[FAKE_C])
-        await run.emit([
-            {"user": FAKE_A, "market_slug": "slug-one", "condition_id": "0xc0ffee"},
-            {"user": FAKE_A, "market_slug": "slug-two", "condition_id": "0xc0ffee"},
-            {"user": FAKE_B, "market_slug": "slug-three"},
-            {"user": FAKE_C},
-        ])
+        await run.emit(
+            [
+                {"user": FAKE_A, "market_slug": "slug-one", "condition_id": "0xc0ffee"},
+                {"user": FAKE_A, "market_slug": "slug-two", "condition_id": "0xc0ffee"},
+                {"user": FAKE_B, "market_slug": "slug-three"},
+                {"user": FAKE_C},
+            ]
+        )
         frames = [await receive(ws) for _ in range(4)]
         assert [f["subscription_id"] for f in frames[:2]] in (
-            [by_slug, by_condition], [by_condition, by_slug]
+            [by_slug, by_condition],
+            [by_condition, by_slug],
         )
         assert frames[2]["subscription_id"] == by_condition
         assert frames[2]["data"]["market_slug"] == "slug-two"
@@ -235,7 +256,8 @@ async def test_wrong_or_missing_key_is_refused_with_401_and_never_logged(
         for response in (missing, wrong):
             assert response.status_code == 401
             assert response.json() == {
-                "error": "unauthorized", "message": "missing or invalid API key"
+                "error": "unauthorized",
+                "message": "missing or invalid API key",
             }
         assert (await run.orders()).status_code == 200
     assert caplog.records and key not in caplog.text and "wrong-key" not in caplog.text
@@ -247,8 +269,10 @@ async def test_rest_filters_validation_and_time_bounds() -> None:
         truth = await run.truth()
         sample = truth[500]
         for param, field in (
-            ("user", "user"), ("market_slug", "market_slug"),
-            ("condition_id", "condition_id"), ("token_id", "token_id"),
+            ("user", "user"),
+            ("market_slug", "market_slug"),
+            ("condition_id", "condition_id"),
+            ("token_id", "token_id"),
         ):
             body = (await run.orders(**{param: sample[field], "limit": 1000})).json()
             expected = [without_emitted_at(t) for t in reversed(truth) if t[field] == sample[field]]
@@ -261,8 +285,12 @@ async def test_rest_filters_validation_and_time_bounds() -> None:
             DomeOrder.model_validate(order)
 
         for params in (
-            {"market_slug": "x", "condition_id": "0x1"}, {"limit": 0}, {"limit": 1001},
-            {"limit": "many"}, {"offset": -1}, {"pagination_key": "garbage"},
+            {"market_slug": "x", "condition_id": "0x1"},
+            {"limit": 0},
+            {"limit": 1001},
+            {"limit": "many"},
+            {"offset": -1},
+            {"pagination_key": "garbage"},
         ):
             response = await run.orders(**params)
             assert response.status_code == 400, params
@@ -358,7 +386,9 @@ async def test_looping_tape_replays_with_fresh_hashes() -> None:
     assert len({t["order_hash"] for t in truth}) == len(truth)
     first, second = truth[0], truth[1000]
     assert (first["user"], first["token_id"], first["shares"]) == (
-        second["user"], second["token_id"], second["shares"]
+        second["user"],
+        second["token_id"],
+        second["shares"],
     )
 
 

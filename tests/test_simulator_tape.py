@@ -27,10 +27,22 @@ from shared.wallets import load_wallets
 TAPE = resolve_path(Path("data/polymarket_trades_nobel2025.json"))
 HEX32 = re.compile(r"^0x[0-9a-f]{64}$")
 ORDER_TYPES: dict[str, type | tuple[type, ...]] = {
-    "token_id": str, "token_label": str, "side": str, "market_slug": str, "condition_id": str,
-    "shares": int, "shares_normalized": float, "price": float, "block_number": int,
-    "log_index": int, "tx_hash": str, "title": str, "timestamp": int, "order_hash": str,
-    "user": str, "taker": str,
+    "token_id": str,
+    "token_label": str,
+    "side": str,
+    "market_slug": str,
+    "condition_id": str,
+    "shares": int,
+    "shares_normalized": float,
+    "price": float,
+    "block_number": int,
+    "log_index": int,
+    "tx_hash": str,
+    "title": str,
+    "timestamp": int,
+    "order_hash": str,
+    "user": str,
+    "taker": str,
 }
 
 
@@ -44,7 +56,11 @@ def raw_tape() -> list[dict[str, Any]]:
 def stamped(item: dict[str, Any]) -> dict[str, Any]:
     template = from_data_api(item)
     return Trade.stamp(
-        template, seq=0, timestamp=1_760_000_000, block_number=77_000_001, log_index=3,
+        template,
+        seq=0,
+        timestamp=1_760_000_000,
+        block_number=77_000_001,
+        log_index=3,
         emitted_at=1_760_000_000.5,
     ).order()
 
@@ -134,7 +150,10 @@ def test_each_pass_gets_fresh_deterministic_hashes() -> None:
     assert HEX32.match(one.tx_hash) and HEX32.match(one.order_hash)
     assert for_pass(original, 1) == one
     assert (one.user, one.token_id, one.shares, one.price) == (
-        original.user, original.token_id, original.shares, original.price
+        original.user,
+        original.token_id,
+        original.shares,
+        original.price,
     )
     every_pass = {for_pass(t, n).tx_hash for t in tape for n in range(3)}
     assert len(every_pass) == 3 * len(tape)

@@ -20,7 +20,9 @@ async def test_applied_once_then_a_no_op(database_url: str) -> None:
         assert await migrate(conn, load()) == []
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         assert [(r["version"], r["name"]) for r in rows] == [
-            ("001", "001_init.sql"), ("002", "002_wallets_and_history_api.sql")]
+            ("001", "001_init.sql"),
+            ("002", "002_wallets_and_history_api.sql"),
+        ]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
@@ -30,12 +32,23 @@ async def test_applied_once_then_a_no_op(database_url: str) -> None:
             r["indexname"]
             for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname='public'")
         }
-        assert {"orders_wallet_time", "orders_market_time", "orders_time", "signals_wallet_time",
-                "signals_market_time", "signals_kind_time", "signals_time", "orders_token_time",
-                "orders_condition_time", "signals_condition_time", "signals_token_time"} <= indexes
+        assert {
+            "orders_wallet_time",
+            "orders_market_time",
+            "orders_time",
+            "signals_wallet_time",
+            "signals_market_time",
+            "signals_kind_time",
+            "signals_time",
+            "orders_token_time",
+            "orders_condition_time",
+            "signals_condition_time",
+            "signals_token_time",
+        } <= indexes
         # Every listing index ends with (time, key), the API's keyset.
         definition = await conn.fetchval(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'signals_wallet_time'")
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'signals_wallet_time'"
+        )
         assert definition.endswith("(wallet, detected_at DESC, signal_id DESC)")
     finally:
         await conn.close()

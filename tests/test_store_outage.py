@@ -89,8 +89,9 @@ async def proxied(database_url: str) -> Any:
     parts = urlsplit(database_url)
     proxy = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.start()
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else \
-        f"127.0.0.1:{proxy.port}"
+    netloc = (
+        f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    )
     try:
         yield proxy, urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
     finally:
@@ -107,7 +108,10 @@ async def unhealthy(store: Store) -> bool:
 
 
 async def test_a_postgres_outage_loses_and_doubles_nothing(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     total, chunk = 600, 20
@@ -121,10 +125,11 @@ async def test_a_postgres_outage_loses_and_doubles_nothing(
 
             async def produce() -> None:
                 for start in range(0, total, chunk):
-                    await xadd_all(redis_client, streams.orders_raw, fills[start:start + chunk])
+                    await xadd_all(redis_client, streams.orders_raw, fills[start : start + chunk])
                     if start % 200 == 0:
-                        await xadd_all(redis_client, streams.signals,
-                                       signals[start // 10:start // 10 + 20])
+                        await xadd_all(
+                            redis_client, streams.signals, signals[start // 10 : start // 10 + 20]
+                        )
                     await asyncio.sleep(0.02)
 
             producer = asyncio.create_task(produce())
@@ -133,8 +138,10 @@ async def test_a_postgres_outage_loses_and_doubles_nothing(
             # Entries keep coming; the store holds what it read, unacknowledged.
             await wait_until(lambda: unhealthy(store), "/health to turn red")
             seen_unhealthy = True
-            await wait_until(lambda: _positive(pending(redis_client, streams.orders_raw)),
-                             "a batch held during the cut")
+            await wait_until(
+                lambda: _positive(pending(redis_client, streams.orders_raw)),
+                "a batch held during the cut",
+            )
             stored_during_cut = await count(database_url, "orders")
             await asyncio.sleep(0.5)
             assert await count(database_url, "orders") == stored_during_cut
@@ -168,7 +175,10 @@ async def _healthy(store: Store) -> bool:
 
 
 async def test_startup_waits_for_postgres(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     async with proxied(database_url) as (proxy, via_proxy):
@@ -192,7 +202,10 @@ async def _down_with_error(store: Store) -> bool:
 
 
 async def test_stopping_during_an_outage_leaves_the_batch_for_a_reclaimer(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     fills = [make_fill(i) for i in range(40)]
@@ -201,8 +214,9 @@ async def test_stopping_during_an_outage_leaves_the_batch_for_a_reclaimer(
         await store.start()
         await proxy.cut()
         await xadd_all(redis_client, streams.orders_raw, fills)
-        await wait_until(lambda: _positive(pending(redis_client, streams.orders_raw)),
-                         "the batch held")
+        await wait_until(
+            lambda: _positive(pending(redis_client, streams.orders_raw)), "the batch held"
+        )
         await asyncio.wait_for(store.stop(), 10)  # does not wait for Postgres
         [group] = await redis_client.xinfo_groups(streams.orders_raw)
         assert group["pending"] > 0 and group["pending"] + group["lag"] == 40  # nothing acked

@@ -23,15 +23,24 @@ def start_store(redis_url: str, database_url: str, namespace: str, tag: str) -> 
     port = free_port()
     return ServiceProcess(
         "store",
-        {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "STREAM_NAMESPACE": namespace,
-         "OPS_PORT": str(port), "STORE_BLOCK_MS": "20", "LOG_LEVEL": "INFO"},
+        {
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "STREAM_NAMESPACE": namespace,
+            "OPS_PORT": str(port),
+            "STORE_BLOCK_MS": "20",
+            "LOG_LEVEL": "INFO",
+        },
         f"http://127.0.0.1:{port}/health",
         tag=tag,
     )
 
 
 async def test_runs_as_a_process_and_stops_on_sigterm(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     proc = start_store(redis_url, database_url, namespace, "store-process-")
@@ -50,8 +59,7 @@ async def test_runs_as_a_process_and_stops_on_sigterm(
         assert "betterbot_store_commit_seconds_bucket" in metrics
 
         # SIGTERM while a backlog is being worked off.
-        await xadd_all(redis_client, streams.orders_raw,
-                       [make_fill(i) for i in range(100, 5100)])
+        await xadd_all(redis_client, streams.orders_raw, [make_fill(i) for i in range(100, 5100)])
         assert await asyncio.to_thread(proc.stop, signal.SIGTERM) == 0, proc.log_tail()
     finally:
         proc.stop()
@@ -72,13 +80,16 @@ async def test_waits_for_postgres_with_red_health_and_still_stops_on_sigterm(
     proc = start_store(redis_url, nowhere, namespace, "store-nopg-")
     try:
         async with httpx.AsyncClient() as client:
+
             async def red_health() -> bool:
                 try:
                     response = await client.get(proc.health_url)
                 except httpx.HTTPError:
                     return False
-                return response.status_code == 503 and response.json().get(
-                    "postgres_error") == "ConnectionRefusedError"
+                return (
+                    response.status_code == 503
+                    and response.json().get("postgres_error") == "ConnectionRefusedError"
+                )
 
             await wait_until(red_health, "a 503 naming the error")
             body = (await client.get(proc.health_url)).text

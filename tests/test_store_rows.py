@@ -28,12 +28,22 @@ EXCHANGE_TS = 1_762_480_391
 def make_fill(i: int, **overrides: Any) -> OrderFill:
     """A valid fill, distinct per `i`; overrides go into the Dome order (before keying)."""
     fields: dict[str, Any] = {
-        "token_id": f"{8031 + i}0659", "token_label": "No", "side": "BUY",
-        "market_slug": f"market-{i % 3}", "condition_id": f"0x{i % 3:064x}",
-        "shares": 9_000_000 + i, "shares_normalized": 9 + i / 1e6, "price": 0.56,
-        "tx_hash": f"0x{i:064x}", "title": f"Market {i % 3}?", "timestamp": EXCHANGE_TS + i,
-        "order_hash": f"0x{i + 1:064x}", "user": WALLET, "taker": "0x" + "cd" * 20,
-        "block_number": 78_000_000 + i, "log_index": i % 100,
+        "token_id": f"{8031 + i}0659",
+        "token_label": "No",
+        "side": "BUY",
+        "market_slug": f"market-{i % 3}",
+        "condition_id": f"0x{i % 3:064x}",
+        "shares": 9_000_000 + i,
+        "shares_normalized": 9 + i / 1e6,
+        "price": 0.56,
+        "tx_hash": f"0x{i:064x}",
+        "title": f"Market {i % 3}?",
+        "timestamp": EXCHANGE_TS + i,
+        "order_hash": f"0x{i + 1:064x}",
+        "user": WALLET,
+        "taker": "0x" + "cd" * 20,
+        "block_number": 78_000_000 + i,
+        "log_index": i % 100,
     }
     fields.update(overrides)
     return OrderFill.from_dome(DomeOrder(**fields), Source.DOME_WS, time.time())
@@ -43,13 +53,25 @@ def make_signal(i: int, **overrides: Any) -> Signal:
     fill = make_fill(i)
     fields: dict[str, Any] = {
         "signal_id": signal_id(SignalKind.WHALE_ORDER, fill.order_key),
-        "kind": SignalKind.WHALE_ORDER, "wallet": fill.user, "wallet_label": "whale one",
-        "market_slug": fill.market_slug, "title": fill.title, "condition_id": fill.condition_id,
-        "token_id": fill.token_id, "token_label": fill.token_label, "side": fill.side,
-        "price": fill.price, "shares": fill.shares_normalized, "notional_usd": fill.notional_usd,
-        "confidence": 0.75, "reasons": ["notional above 5 USD", "tracked wallet"],
-        "order_keys": [fill.order_key], "source": fill.source, "exchange_ts": fill.timestamp,
-        "received_at": fill.received_at, "detected_at": fill.received_at + 0.002,
+        "kind": SignalKind.WHALE_ORDER,
+        "wallet": fill.user,
+        "wallet_label": "whale one",
+        "market_slug": fill.market_slug,
+        "title": fill.title,
+        "condition_id": fill.condition_id,
+        "token_id": fill.token_id,
+        "token_label": fill.token_label,
+        "side": fill.side,
+        "price": fill.price,
+        "shares": fill.shares_normalized,
+        "notional_usd": fill.notional_usd,
+        "confidence": 0.75,
+        "reasons": ["notional above 5 USD", "tracked wallet"],
+        "order_keys": [fill.order_key],
+        "source": fill.source,
+        "exchange_ts": fill.timestamp,
+        "received_at": fill.received_at,
+        "detected_at": fill.received_at + 0.002,
     }
     fields.update(overrides)
     return Signal(**fields)
@@ -106,14 +128,30 @@ def test_repeats_within_a_batch_become_one_row() -> None:
         ({b"data": b"{not json"}, "not JSON"),
         ({b"data": b"\xff\xfe"}, "not JSON"),
         ({b"data": b"[1, 2]"}, "valid dictionary"),
-        ({b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "price": "0.5"})},
-         "price: Value error, must be a number"),
-        ({b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "user": "bob"})},
-         "user: String should match pattern"),
-        ({b"data": orjson.dumps({k: v for k, v in make_fill(1).model_dump(mode="json").items()
-                                 if k != "order_key"})}, "order_key: Field required"),
-        ({b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "timestamp": 10**12})},
-         "timestamp is not a usable Unix time"),
+        (
+            {b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "price": "0.5"})},
+            "price: Value error, must be a number",
+        ),
+        (
+            {b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "user": "bob"})},
+            "user: String should match pattern",
+        ),
+        (
+            {
+                b"data": orjson.dumps(
+                    {
+                        k: v
+                        for k, v in make_fill(1).model_dump(mode="json").items()
+                        if k != "order_key"
+                    }
+                )
+            },
+            "order_key: Field required",
+        ),
+        (
+            {b"data": orjson.dumps({**make_fill(1).model_dump(mode="json"), "timestamp": 10**12})},
+            "timestamp is not a usable Unix time",
+        ),
     ],
 )
 def test_bad_entries_are_rejected_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
@@ -143,10 +181,14 @@ def test_error_classes() -> None:
     assert is_data_error(asyncpg.exceptions.ProgramLimitExceededError("x"))
     assert not is_retryable(asyncpg.exceptions.CharacterNotInRepertoireError("x"))
     for transient in (
-        ConnectionRefusedError(), TimeoutError(), asyncpg.exceptions.AdminShutdownError("x"),
-        asyncpg.exceptions.ConnectionDoesNotExistError("x"), asyncpg.InterfaceError("x"),
+        ConnectionRefusedError(),
+        TimeoutError(),
+        asyncpg.exceptions.AdminShutdownError("x"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("x"),
+        asyncpg.InterfaceError("x"),
         asyncpg.exceptions.ReadOnlySQLTransactionError("x"),
-        asyncpg.exceptions.UndefinedTableError("x"), asyncpg.exceptions.DeadlockDetectedError("x"),
+        asyncpg.exceptions.UndefinedTableError("x"),
+        asyncpg.exceptions.DeadlockDetectedError("x"),
     ):
         assert is_retryable(transient) and not is_data_error(transient), transient
     assert not is_retryable(KeyError("bug"))

@@ -37,9 +37,15 @@ def store_settings(
     redis_url: str, database_url: str, namespace: str, **overrides: Any
 ) -> StoreSettings:
     values: dict[str, Any] = {
-        "redis_url": redis_url, "database_url": database_url, "stream_namespace": namespace,
-        "ops_port": 0, "store_block_ms": 20, "store_retry_min_s": 0.05,
-        "store_retry_max_s": 0.4, "store_db_timeout_s": 3.0, "store_claim_every_s": 0.2,
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "stream_namespace": namespace,
+        "ops_port": 0,
+        "store_block_ms": 20,
+        "store_retry_min_s": 0.05,
+        "store_retry_max_s": 0.4,
+        "store_db_timeout_s": 3.0,
+        "store_claim_every_s": 0.2,
         "store_shutdown_timeout_s": 5.0,
     }
     values.update(overrides)
@@ -47,8 +53,9 @@ def store_settings(
 
 
 @contextlib.asynccontextmanager
-async def running_store(settings: StoreSettings, consumer: str | None = None
-                        ) -> AsyncIterator[Store]:
+async def running_store(
+    settings: StoreSettings, consumer: str | None = None
+) -> AsyncIterator[Store]:
     store = Store(settings, consumer)
     await store.start()
     try:
@@ -67,9 +74,7 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
-async def xadd_all(
-    client: aioredis.Redis, stream: str, items: Sequence[Any]
-) -> list[str]:
+async def xadd_all(client: aioredis.Redis, stream: str, items: Sequence[Any]) -> list[str]:
     """XADD each item (a model, or raw entry fields) in order; returns the entry ids."""
     async with client.pipeline(transaction=False) as pipe:
         for item in items:
@@ -116,8 +121,10 @@ def has_rows(database_url: str, table: str, expected: int) -> Callable[[], Await
 
 
 def metric(name: str, table: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(f"betterbot_store_{name}_total",
-                                     {"table": table, **labels}) or 0.0
+    return (
+        REGISTRY.get_sample_value(f"betterbot_store_{name}_total", {"table": table, **labels})
+        or 0.0
+    )
 
 
 def utc(seconds: float) -> datetime:
@@ -125,7 +132,10 @@ def utc(seconds: float) -> datetime:
 
 
 async def test_orders_and_signals_become_rows_with_their_values(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     fills = [make_fill(i) for i in range(30)]
@@ -140,19 +150,34 @@ async def test_orders_and_signals_become_rows_with_their_values(
         ok, details = await store.health()
         assert ok and details["postgres"] == "up" and details["schema"] == "002"
 
-    order = (await fetch(database_url, "SELECT * FROM orders WHERE order_key = $1",
-                         fills[7].order_key))[0]
+    order = (
+        await fetch(database_url, "SELECT * FROM orders WHERE order_key = $1", fills[7].order_key)
+    )[0]
     expected: OrderFill = fills[7]
     assert dict(order) | {"stored_at": None, "payload": None} == {
-        "order_key": expected.order_key, "wallet": WALLET, "token_id": expected.token_id,
-        "token_label": "No", "side": "BUY", "market_slug": "market-1",
-        "condition_id": f"0x{1:064x}", "title": "Market 1?", "shares": Decimal(9_000_007),
-        "shares_normalized": expected.shares_normalized, "price": 0.56,
-        "notional_usd": expected.notional_usd, "tx_hash": expected.tx_hash,
-        "order_hash": expected.order_hash, "taker": expected.taker,
-        "block_number": 78_000_007, "log_index": 7, "exchange_ts": utc(EXCHANGE_TS + 7),
-        "received_at": utc(expected.received_at), "source": "dome_ws", "v": 1,
-        "stored_at": None, "payload": None,
+        "order_key": expected.order_key,
+        "wallet": WALLET,
+        "token_id": expected.token_id,
+        "token_label": "No",
+        "side": "BUY",
+        "market_slug": "market-1",
+        "condition_id": f"0x{1:064x}",
+        "title": "Market 1?",
+        "shares": Decimal(9_000_007),
+        "shares_normalized": expected.shares_normalized,
+        "price": 0.56,
+        "notional_usd": expected.notional_usd,
+        "tx_hash": expected.tx_hash,
+        "order_hash": expected.order_hash,
+        "taker": expected.taker,
+        "block_number": 78_000_007,
+        "log_index": 7,
+        "exchange_ts": utc(EXCHANGE_TS + 7),
+        "received_at": utc(expected.received_at),
+        "source": "dome_ws",
+        "v": 1,
+        "stored_at": None,
+        "payload": None,
     }
     assert orjson.loads(order["payload"]) == expected.model_dump(mode="json")
     assert order["stored_at"] >= order["received_at"]
@@ -161,26 +186,60 @@ async def test_orders_and_signals_become_rows_with_their_values(
     by_id = {row["signal_id"]: row for row in rows}
     for sig, stream_id in zip(signals, signal_ids, strict=True):
         row = by_id[sig.signal_id]
-        got = {k: row[k] for k in ("kind", "wallet", "wallet_label", "market_slug", "title",
-                                   "condition_id", "token_id", "token_label", "side", "price",
-                                   "shares", "notional_usd", "confidence", "reasons",
-                                   "order_keys", "source", "stream_id")}
+        got = {
+            k: row[k]
+            for k in (
+                "kind",
+                "wallet",
+                "wallet_label",
+                "market_slug",
+                "title",
+                "condition_id",
+                "token_id",
+                "token_label",
+                "side",
+                "price",
+                "shares",
+                "notional_usd",
+                "confidence",
+                "reasons",
+                "order_keys",
+                "source",
+                "stream_id",
+            )
+        }
         assert got == {
-            "kind": "whale_order", "wallet": sig.wallet, "wallet_label": "whale one",
-            "market_slug": sig.market_slug, "title": sig.title,
-            "condition_id": sig.condition_id, "token_id": sig.token_id,
-            "token_label": sig.token_label, "side": sig.side.value, "price": sig.price,
-            "shares": sig.shares, "notional_usd": sig.notional_usd, "confidence": 0.75,
-            "reasons": sig.reasons, "order_keys": sig.order_keys, "source": "dome_ws",
+            "kind": "whale_order",
+            "wallet": sig.wallet,
+            "wallet_label": "whale one",
+            "market_slug": sig.market_slug,
+            "title": sig.title,
+            "condition_id": sig.condition_id,
+            "token_id": sig.token_id,
+            "token_label": sig.token_label,
+            "side": sig.side.value,
+            "price": sig.price,
+            "shares": sig.shares,
+            "notional_usd": sig.notional_usd,
+            "confidence": 0.75,
+            "reasons": sig.reasons,
+            "order_keys": sig.order_keys,
+            "source": "dome_ws",
             "stream_id": stream_id,
         }
         assert (row["exchange_ts"], row["received_at"], row["detected_at"]) == (
-            utc(sig.exchange_ts), utc(sig.received_at), utc(sig.detected_at))
+            utc(sig.exchange_ts),
+            utc(sig.received_at),
+            utc(sig.detected_at),
+        )
         assert orjson.loads(row["payload"]) == sig.model_dump(mode="json")
 
 
 async def test_a_replayed_batch_is_stored_once(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     fills = [make_fill(i) for i in range(50)]
@@ -206,7 +265,10 @@ async def test_a_replayed_batch_is_stored_once(
 
 
 async def test_bad_entries_are_dead_lettered_with_a_reason_and_acked(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     good = [make_fill(i) for i in range(5)]
@@ -214,24 +276,30 @@ async def test_bad_entries_are_dead_lettered_with_a_reason_and_acked(
     bad_entries: list[tuple[Any, str]] = [
         ({b"junk": b"1"}, "no 'data' field"),
         ({b"data": b"\xff\xfe"}, "not JSON"),
-        ({b"data": orjson.dumps({**good[0].model_dump(mode="json"), "price": 7})},
-         "price: Input should be less than or equal to 1"),
+        (
+            {b"data": orjson.dumps({**good[0].model_dump(mode="json"), "price": 7})},
+            "price: Input should be less than or equal to 1",
+        ),
         # Valid for the contract, refused by Postgres: caught by the row-by-row pass.
         (make_fill(101, block_number=2**63), "value out of int64 range"),
         (make_fill(102, title="nul \x00 byte"), "CharacterNotInRepertoireError"),
         ({b"data": orjson.dumps(with_junk)}, "UntranslatableCharacterError"),
     ]
     # Written before the store starts, so all of them arrive in one batch.
-    ids = await xadd_all(redis_client, streams.orders_raw,
-                         [good[0], good[1], *[item for item, _ in bad_entries], *good[2:]])
-    bad_ids = ids[2:2 + len(bad_entries)]
+    ids = await xadd_all(
+        redis_client,
+        streams.orders_raw,
+        [good[0], good[1], *[item for item, _ in bad_entries], *good[2:]],
+    )
+    bad_ids = ids[2 : 2 + len(bad_entries)]
     invalid = metric("dead_lettered", "orders", reason="invalid")
     refused = metric("dead_lettered", "orders", reason="rejected")
     async with running_store(store_settings(redis_url, database_url, namespace)):
         await wait_until(has_rows(database_url, "orders", 5), "the good orders")
         await wait_until(lambda: settled(redis_client, streams.orders_raw), "all acked")
-        await wait_until(lambda: _length(redis_client, streams.orders_dead, len(bad_entries)),
-                         "the dead letters")
+        await wait_until(
+            lambda: _length(redis_client, streams.orders_dead, len(bad_entries)), "the dead letters"
+        )
 
     keys = {r["order_key"] for r in await fetch(database_url, "SELECT order_key FROM orders")}
     assert keys == {fill.order_key for fill in good}
@@ -257,7 +325,10 @@ async def _length(client: aioredis.Redis, stream: str, expected: int) -> bool:
 
 
 async def test_two_instances_in_one_group_store_each_row_once(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     settings = store_settings(redis_url, database_url, namespace, store_batch_max=50)
@@ -267,8 +338,9 @@ async def test_two_instances_in_one_group_store_each_row_once(
         for store in (a, b):
             _count_entries(store, handled)
         for chunk in range(30):
-            await xadd_all(redis_client, streams.orders_raw,
-                           [make_fill(chunk * 100 + i) for i in range(100)])
+            await xadd_all(
+                redis_client, streams.orders_raw, [make_fill(chunk * 100 + i) for i in range(100)]
+            )
             await asyncio.sleep(0.01)
         await wait_until(has_rows(database_url, "orders", 3000), "3000 orders")
         await wait_until(lambda: settled(redis_client, streams.orders_raw), "all acked")
@@ -292,7 +364,10 @@ def _count_entries(store: Store, handled: dict[str, int]) -> None:
 
 
 async def test_entries_left_by_a_dead_consumer_are_reclaimed(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     fills = [make_fill(i) for i in range(20)]
@@ -310,11 +385,15 @@ async def test_entries_left_by_a_dead_consumer_are_reclaimed(
 
 
 async def test_a_batch_that_keeps_failing_is_dead_lettered_after_max_deliveries(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
-    settings = store_settings(redis_url, database_url, namespace, store_claim_idle_ms=100,
-                              store_max_deliveries=3)
+    settings = store_settings(
+        redis_url, database_url, namespace, store_claim_idle_ms=100, store_max_deliveries=3
+    )
     async with running_store(settings) as store:
         original = store.db.write
 
@@ -336,7 +415,10 @@ async def test_a_batch_that_keeps_failing_is_dead_lettered_after_max_deliveries(
 
 
 async def test_stop_stores_entries_delivered_to_it_but_not_handled(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     settings = store_settings(redis_url, database_url, namespace)
@@ -360,7 +442,10 @@ async def test_stop_stores_entries_delivered_to_it_but_not_handled(
 
 
 async def test_health_turns_red_when_a_subscriber_stops_for_good(
-    redis_url: str, database_url: str, namespace: str, streams: Streams,
+    redis_url: str,
+    database_url: str,
+    namespace: str,
+    streams: Streams,
     redis_client: aioredis.Redis,
 ) -> None:
     async with running_store(store_settings(redis_url, database_url, namespace)) as store:

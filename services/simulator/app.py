@@ -61,7 +61,8 @@ from shared.ops import ops_routes
 log = logging.getLogger(__name__)
 
 REST_REQUESTS = Counter(
-    "betterbot_sim_rest_requests_total", "REST requests by endpoint and status",
+    "betterbot_sim_rest_requests_total",
+    "REST requests by endpoint and status",
     ["endpoint", "status"],
 )
 DROP_CODE, DROP_REASON = 1012, "service restart"
@@ -85,7 +86,8 @@ class ApiKey:
 
 def error_response(status: int, error: str, message: str) -> Response:
     return Response(
-        orjson.dumps({"error": error, "message": message}), status_code=status,
+        orjson.dumps({"error": error, "message": message}),
+        status_code=status,
         media_type="application/json",
     )
 
@@ -144,9 +146,7 @@ async def _refuse(websocket: WebSocket) -> None:
 def create_app(
     settings: SimulatorSettings, hub: Hub, history: History, emitter: Emitter
 ) -> FastAPI:
-    app = FastAPI(
-        title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None
-    )
+    app = FastAPI(title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None)
     api_key = ApiKey(settings.sim_api_key)
     faults = Faults()
     app.state.faults = faults
@@ -170,8 +170,10 @@ def create_app(
 
     async def health() -> tuple[bool, dict[str, Any]]:
         return True, {
-            "mode": settings.sim_mode, "emitted": emitter.emitted,
-            "clients": len(hub.connections), "started": emitter.started,
+            "mode": settings.sim_mode,
+            "emitted": emitter.emitted,
+            "clients": len(hub.connections),
+            "started": emitter.started,
         }
 
     app.router.routes.extend(ops_routes(health))
@@ -236,15 +238,17 @@ def create_app(
 
     @app.get("/_sim/status")
     async def status() -> Response:
-        return json_response({
-            "emitted": emitter.emitted,
-            "clients": len(hub.connections),
-            "subscriptions": hub.subscription_count,
-            "started": emitter.started,
-            "tape_done": emitter.done,
-            "loops": emitter.loops,
-            "mode": settings.sim_mode,
-        })
+        return json_response(
+            {
+                "emitted": emitter.emitted,
+                "clients": len(hub.connections),
+                "subscriptions": hub.subscription_count,
+                "started": emitter.started,
+                "tape_done": emitter.done,
+                "loops": emitter.loops,
+                "mode": settings.sim_mode,
+            }
+        )
 
     @app.get("/_sim/trades")
     async def trades(user: str | None = None) -> Response:
@@ -252,10 +256,12 @@ def create_app(
 
     @app.get("/_sim/subscriptions")
     async def subscriptions() -> Response:
-        return json_response([
-            {"subscription_id": sub.id, "filters": sub.filters.to_json()}
-            for sub in hub.subscriptions()
-        ])
+        return json_response(
+            [
+                {"subscription_id": sub.id, "filters": sub.filters.to_json()}
+                for sub in hub.subscriptions()
+            ]
+        )
 
     @app.post("/_sim/inject")
     async def inject(request: Request) -> Response:

@@ -341,7 +341,9 @@ class Hub:
         user, condition_id, slug = trade.user.lower(), trade.condition_id.lower(), trade.market_slug
         targets: list[Subscription] = []
         for index, key in (
-            (self._by_user, user), (self._by_condition, condition_id), (self._by_slug, slug)
+            (self._by_user, user),
+            (self._by_condition, condition_id),
+            (self._by_slug, slug),
         ):
             subs = index.get(key)
             if subs:

@@ -84,7 +84,8 @@ class Simulator:
         self.settings = settings
         self.history = History(settings.sim_history_max)
         self.hub = Hub(
-            settings.sim_send_queue_max, settings.sim_max_subscriptions,
+            settings.sim_send_queue_max,
+            settings.sim_max_subscriptions,
             settings.sim_max_filter_values,
         )
         gate = self.hub.first_subscription if settings.sim_wait_for_subscriber else None
@@ -105,10 +106,18 @@ class Simulator:
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         emitting = asyncio.create_task(self.emitter.run())
         stopping = asyncio.create_task(stop.wait())
-        log.info("simulator_started", extra={
-            "host": s.sim_host, "port": self.port, "mode": s.sim_mode, "speed": s.sim_speed,
-            "rate": s.sim_rate, "loop": s.sim_loop, "auth": bool(s.sim_api_key.get_secret_value()),
-        })
+        log.info(
+            "simulator_started",
+            extra={
+                "host": s.sim_host,
+                "port": self.port,
+                "mode": s.sim_mode,
+                "speed": s.sim_speed,
+                "rate": s.sim_rate,
+                "loop": s.sim_loop,
+                "auth": bool(s.sim_api_key.get_secret_value()),
+            },
+        )
         try:
             pending = {serving, emitting, stopping}
             while True:

@@ -29,8 +29,16 @@ from services.simulator.trades import (
 # (offset in real seconds from the start of the clock, the trade, the pass it belongs to)
 Scheduled = tuple[float, TradeTemplate, int]
 
-_REQUIRED = ("proxyWallet", "side", "asset", "conditionId", "size", "price", "timestamp",
-             "transactionHash")
+_REQUIRED = (
+    "proxyWallet",
+    "side",
+    "asset",
+    "conditionId",
+    "size",
+    "price",
+    "timestamp",
+    "transactionHash",
+)
 
 
 class TapeError(ValueError):

@@ -25,9 +25,22 @@ SHARE_SCALE = 10**SHARE_DECIMALS
 EXCHANGE_ADDRESS = "0x4bfb41d5b3570defd03c39a9a4d8de6bd8b8982e"
 
 ORDER_FIELDS = (
-    "token_id", "token_label", "side", "market_slug", "condition_id", "shares",
-    "shares_normalized", "price", "block_number", "log_index", "tx_hash", "title", "timestamp",
-    "order_hash", "user", "taker",
+    "token_id",
+    "token_label",
+    "side",
+    "market_slug",
+    "condition_id",
+    "shares",
+    "shares_normalized",
+    "price",
+    "block_number",
+    "log_index",
+    "tx_hash",
+    "title",
+    "timestamp",
+    "order_hash",
+    "user",
+    "taker",
 )
 
 
@@ -89,14 +102,35 @@ class Trade:
 
     @classmethod
     def stamp(
-        cls, template: TradeTemplate, *, seq: int, timestamp: int, block_number: int,
-        log_index: int, emitted_at: float,
+        cls,
+        template: TradeTemplate,
+        *,
+        seq: int,
+        timestamp: int,
+        block_number: int,
+        log_index: int,
+        emitted_at: float,
     ) -> Trade:
         t = template
         return cls(
-            seq, t.token_id, t.token_label, t.side, t.market_slug, t.condition_id, t.shares,
-            t.shares_normalized, t.price, block_number, log_index, t.tx_hash, t.title, timestamp,
-            t.order_hash, t.user, t.taker, emitted_at,
+            seq,
+            t.token_id,
+            t.token_label,
+            t.side,
+            t.market_slug,
+            t.condition_id,
+            t.shares,
+            t.shares_normalized,
+            t.price,
+            block_number,
+            log_index,
+            t.tx_hash,
+            t.title,
+            timestamp,
+            t.order_hash,
+            t.user,
+            t.taker,
+            emitted_at,
         )
 
     def order(self) -> dict[str, Any]:
@@ -150,8 +184,16 @@ class TradeInputError(ValueError):
 
 
 _STR_FIELDS = (
-    "token_id", "token_label", "side", "market_slug", "condition_id", "tx_hash", "title",
-    "order_hash", "user", "taker",
+    "token_id",
+    "token_label",
+    "side",
+    "market_slug",
+    "condition_id",
+    "tx_hash",
+    "title",
+    "order_hash",
+    "user",
+    "taker",
 )
 _INT_FIELDS = ("shares", "timestamp", "block_number", "log_index")
 _NUMBER_FIELDS = ("shares_normalized", "price")

@@ -75,11 +75,21 @@ class BatchStore:
     ) -> None:
         for item in rejected:
             await dead_letter(
-                self.redis, feed.dead_stream, item.raw, f"{item.reason} (entry {item.stream_id})",
-                origin=DEAD_LETTER_ORIGIN, deliveries=deliveries, maxlen=self.dead_maxlen,
+                self.redis,
+                feed.dead_stream,
+                item.raw,
+                f"{item.reason} (entry {item.stream_id})",
+                origin=DEAD_LETTER_ORIGIN,
+                deliveries=deliveries,
+                maxlen=self.dead_maxlen,
             )
-            log.warning("entry_dead_lettered", extra={
-                "stream": feed.stream, "entry": item.stream_id, "kind": kind,
-                "reason": item.reason[:200],
-            })
+            log.warning(
+                "entry_dead_lettered",
+                extra={
+                    "stream": feed.stream,
+                    "entry": item.stream_id,
+                    "kind": kind,
+                    "reason": item.reason[:200],
+                },
+            )
         metrics.DEAD_LETTERED.labels(feed.table.name, kind).inc(len(rejected))

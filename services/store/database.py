@@ -138,7 +138,9 @@ async def write_batch(
         async with conn.transaction():
             await conn.execute(sql.create_staging)
             await conn.copy_records_to_table(
-                sql.staging, records=[row.values for row in rows], columns=table.columns,
+                sql.staging,
+                records=[row.values for row in rows],
+                columns=table.columns,
                 timeout=copy_timeout,
             )
             return WriteResult(inserted_count(await conn.execute(sql.insert_from_staging)))
@@ -191,6 +193,7 @@ class Database:
         self, migrations: list[Migration], statement_timeout_s: float | None = None
     ) -> list[str]:
         """Apply pending migrations, waiting for Postgres as long as it takes (or until stop)."""
+
         async def apply(conn: asyncpg.Connection) -> list[str]:
             return await migrate(conn, migrations, statement_timeout_s)
 
@@ -296,11 +299,15 @@ class Database:
         metrics.DB_UP.set(0)
         # One warning when Postgres goes away, then a reminder every 20 attempts of a waiting batch.
         if news or (what != "ping" and attempt % 20 == 19):
-            log.warning("postgres_unavailable",
-                        extra={"during": what, "attempt": attempt + 1, "error": self.last_error})
+            log.warning(
+                "postgres_unavailable",
+                extra={"during": what, "attempt": attempt + 1, "error": self.last_error},
+            )
         else:
-            log.debug("postgres_unavailable",
-                      extra={"during": what, "attempt": attempt + 1, "error": self.last_error})
+            log.debug(
+                "postgres_unavailable",
+                extra={"during": what, "attempt": attempt + 1, "error": self.last_error},
+            )
         await self._drop_pool(pool)
         return min(self._retry_max, self._retry_min * 2.0 ** min(attempt, 32))
 
@@ -315,8 +322,11 @@ class Database:
         async with self._pool_lock:
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=self._pool_size,
-                    timeout=self._timeout, command_timeout=self._timeout,
+                    self._dsn,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    timeout=self._timeout,
+                    command_timeout=self._timeout,
                 )
             return self._pool
 

@@ -55,15 +55,19 @@ class Store:
         self.consumer = consumer or consumer_name()
         self.feeds = feeds(settings.streams)
         self.db = Database(
-            settings.database_url, pool_size=settings.store_pool_size,
-            timeout=settings.store_db_timeout_s, retry_min=settings.store_retry_min_s,
+            settings.database_url,
+            pool_size=settings.store_pool_size,
+            timeout=settings.store_db_timeout_s,
+            retry_min=settings.store_retry_min_s,
             retry_max=settings.store_retry_max_s,
         )
         # The API's own pool, so queries and exports never queue behind batch writes (or the
         # reverse); it fails fast instead of retrying.
         self.api_db = Database(
-            settings.database_url, pool_size=settings.store_api_pool_size,
-            timeout=settings.store_db_timeout_s, retry_min=settings.store_retry_min_s,
+            settings.database_url,
+            pool_size=settings.store_api_pool_size,
+            timeout=settings.store_db_timeout_s,
+            retry_min=settings.store_retry_min_s,
             retry_max=settings.store_retry_max_s,
         )
         self.redis = connect(settings.redis_url)
@@ -72,13 +76,22 @@ class Store:
         )
         self.batches = BatchStore(self.db, self.redis)
         self.broker = build_broker(
-            settings.redis_url, self.consumer, self.feeds, self.batches,
-            batch_max=settings.store_batch_max, block_ms=settings.store_block_ms,
+            settings.redis_url,
+            self.consumer,
+            self.feeds,
+            self.batches,
+            batch_max=settings.store_batch_max,
+            block_ms=settings.store_block_ms,
             graceful_timeout=settings.store_shutdown_timeout_s,
         )
         self.reclaimer = Reclaimer(
-            self.redis, self.db, self.batches, group=STORE_GROUP, consumer=self.consumer,
-            min_idle_ms=settings.store_claim_idle_ms, count=settings.store_batch_max,
+            self.redis,
+            self.db,
+            self.batches,
+            group=STORE_GROUP,
+            consumer=self.consumer,
+            min_idle_ms=settings.store_claim_idle_ms,
+            count=settings.store_batch_max,
             max_deliveries=settings.store_max_deliveries,
         )
         self.schema: list[str] = []
@@ -104,10 +117,14 @@ class Store:
         ]
         await self.broker.start()
         self.running = True
-        log.info("store_started", extra={
-            "consumer": self.consumer, "streams": [f.stream for f in self.feeds],
-            "database": redact_url(self.settings.database_url),
-        })
+        log.info(
+            "store_started",
+            extra={
+                "consumer": self.consumer,
+                "streams": [f.stream for f in self.feeds],
+                "database": redact_url(self.settings.database_url),
+            },
+        )
 
     async def stop(self) -> None:
         self.running = False
@@ -159,7 +176,8 @@ class Store:
     def api(self) -> ApiContext:
         token = self.settings.store_api_token
         return ApiContext(
-            db=self.api_db, wallets=self.wallets,
+            db=self.api_db,
+            wallets=self.wallets,
             token=None if token is None else token.get_secret_value().encode(),
             read_auth=self.settings.store_api_read_auth,
         )

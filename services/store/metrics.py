@@ -19,11 +19,15 @@ DEAD_LETTERED = Counter(
     ["table", "reason"],
 )
 BATCH_SIZE = Histogram(
-    PREFIX + "batch_size", "Entries per batch", ["table"],
+    PREFIX + "batch_size",
+    "Entries per batch",
+    ["table"],
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 COMMIT_SECONDS = Histogram(
-    PREFIX + "commit_seconds", "Time to write and commit one batch (successful attempt)", ["table"],
+    PREFIX + "commit_seconds",
+    "Time to write and commit one batch (successful attempt)",
+    ["table"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 DB_RETRIES = Counter(PREFIX + "db_retries", "Failed write attempts that will be retried", ["table"])
@@ -41,6 +45,8 @@ API_REQUESTS = Counter(
     PREFIX + "api_requests", "History/wallet API requests answered", ["method", "route", "status"]
 )
 API_SECONDS = Histogram(
-    PREFIX + "api_seconds", "Time to answer an API request (until the first byte for streams)",
-    ["route"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    PREFIX + "api_seconds",
+    "Time to answer an API request (until the first byte for streams)",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )

@@ -57,8 +57,10 @@ class Reclaimer:
                     try:
                         await self.reclaim(feed)
                     except RedisError as exc:
-                        log.warning("reclaim_failed", extra={"stream": feed.stream,
-                                                             "error": type(exc).__name__})
+                        log.warning(
+                            "reclaim_failed",
+                            extra={"stream": feed.stream, "error": type(exc).__name__},
+                        )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
 
@@ -68,8 +70,12 @@ class Reclaimer:
         total = 0
         while True:
             next_id, claimed, *_ = await self.redis.xautoclaim(
-                feed.stream, self.group, self.consumer, min_idle_time=self.min_idle_ms,
-                start_id=start, count=self.count,
+                feed.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.min_idle_ms,
+                start_id=start,
+                count=self.count,
             )
             # Redis 6.2 returned trimmed entries as (id, None); 7.x lists them apart and drops them.
             entries = [(eid.decode(), fields) for eid, fields in claimed if fields is not None]
@@ -122,7 +128,9 @@ class Reclaimer:
             return
         reason = f"failed {self.max_deliveries} deliveries: {type(exc).__name__}: {describe(exc)}"
         await self.batches.dead_letter(
-            feed, [Rejected(eid, raw_payload(f), reason) for eid, f in worn], "failing",
+            feed,
+            [Rejected(eid, raw_payload(f), reason) for eid, f in worn],
+            "failing",
             deliveries=max(counts[eid] for eid, _ in worn),
         )
         await self.redis.xack(feed.stream, self.group, *[eid for eid, _ in worn])
@@ -135,5 +143,6 @@ class Reclaimer:
             replies = await pipe.execute()
         return {
             reply[0]["message_id"].decode(): int(reply[0]["times_delivered"])
-            for reply in replies if reply
+            for reply in replies
+            if reply
         }

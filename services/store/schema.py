@@ -99,7 +99,9 @@ async def migrate(
             await conn.execute(migration.sql, timeout=statement_timeout_s)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                migration.version, migration.name, migration.checksum,
+                migration.version,
+                migration.name,
+                migration.checksum,
             )
             applied_now.append(migration.version)
     return applied_now
