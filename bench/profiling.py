@@ -15,8 +15,10 @@ It needs ptrace rights on the process (root, or kernel.yama.ptrace_scope=0).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -94,7 +96,9 @@ def summarise(collapsed: str, top: int = 15) -> str:
 
 async def record(proc: ServiceProcess, seconds: float, out: Path, rate_hz: int = 200) -> str:
     """py-spy record on a live process; the collapsed stacks as text."""
-    binary = shutil.which("py-spy")
+    # The venv's bin is not on PATH when the venv's python is run directly (as make does).
+    binary = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}")
+    binary = binary or shutil.which("py-spy")
     if binary is None:
         raise RuntimeError("py-spy not found: pip install py-spy")
     spy = await asyncio.create_subprocess_exec(

@@ -144,6 +144,27 @@ async def test_apply_waits_for_prerequisites_and_detects_conflicts(
     assert [s["n"] for s in await signals_of(redis_client, streams)] == [3, 1, 2]
 
 
+async def test_a_unit_is_compared_at_its_first_order_and_blocked_after_one_not_applied(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    state = make_state(redis_client, streams)
+    await redis_client.set(state.done_key("seen"), "1")
+    opens = ApplyStep("o", (), (write("u:z", b"", b"Z1"),), (b'{"n": 1}',))
+    grows = ApplyStep("g", (), (write("u:z", b"Z1", b"Z2"),), (b'{"n": 2}',))
+    redelivered = ApplyStep("seen", (), (write("u:z", b"Z2", b"Z3"),), (b'{"n": 3}',))
+    after = ApplyStep("t", (), (write("u:z", b"Z3", b"Z4"),), (b'{"n": 4}',))
+    # The redelivered order changes nothing, so `after` (decided as if it had) must not apply.
+    assert await state.apply([opens, grows, redelivered, after]) == [1, 1, DUPLICATE, WAITING]
+    assert await redis_client.get(state.unit_key("u:z")) == b"Z2"
+    assert [s["n"] for s in await signals_of(redis_client, streams)] == [1, 2]
+    assert await redis_client.exists(state.done_key("o"), state.done_key("g")) == 2
+    assert await redis_client.exists(state.done_key("t")) == 0
+    # Decided again from what is there now, it applies.
+    again = ApplyStep("t", (), (write("u:z", b"Z2", b"Z3"),), (b'{"n": 4}',))
+    assert await state.apply([again]) == [1]
+    assert await redis_client.get(state.unit_key("u:z")) == b"Z3"
+
+
 # --- the batch processor against the reference --------------------------------------------------
 
 SMALL = RuleSettings(

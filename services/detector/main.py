@@ -39,7 +39,7 @@ from services.detector.state import DetectorState
 from shared import wallet_registry
 from shared.logs import configure_logging, redact_url
 from shared.models import TrackedWallet
-from shared.ops import ops_server, run_until_stopped, stop_event
+from shared.ops import ops_server, run_until_stopped, settle_heap, stop_event
 from shared.redis_streams import connect
 from shared.streams import DETECTOR_GROUP
 from shared.wallets import WalletFileError, load_wallets
@@ -269,6 +269,7 @@ def main() -> None:
         sys.exit(2)
     configure_logging("detector", settings.log_level)
     try:
+        settle_heap()
         asyncio.run(run(settings))
     except WalletFileError as exc:
         log.error("wallets_file_error", extra={"error": str(exc)})

@@ -178,7 +178,7 @@ class BatchProcessor:
         if rejections:
             await self._dead_letter(rejections, outcome)
         if steps:
-            await self._decide(steps, outcome, wait_s)
+            await self._decide(steps, outcome, wait_s, held=len(entries))
         _record(outcome)
         return outcome
 
@@ -224,15 +224,23 @@ class BatchProcessor:
         outcome.dead_lettered += len(rejections)
         outcome.settled += [r.entry_id for r in rejections]
 
-    async def _decide(self, steps: list[Step], outcome: BatchOutcome, wait_s: float) -> None:
-        """Rounds of decide + apply until every step is applied (or `wait_s` runs out)."""
+    async def _decide(
+        self, steps: list[Step], outcome: BatchOutcome, wait_s: float, *, held: int
+    ) -> None:
+        """Rounds of decide + apply until every step is applied (or `wait_s` runs out).
+
+        `held` is the number of entries of this batch, all pending here until the caller acks.
+        When the group holds no more than that, no other entry is pending: nothing to wait for,
+        and the pending list need not be read (the one-replica case, every batch)."""
         start = time.monotonic()
         last_touch = start
         delay = FIRST_DELAY_S
         remaining = steps
         while True:
-            prerequisites = await self._prerequisites(remaining)
-            codes = await self._round(remaining, prerequisites, outcome)
+            units = sorted({unit for step in remaining for unit in step.plan.units})
+            pending, current = await self.state.look(self.group, units)
+            prerequisites = await self._prerequisites(remaining) if pending > held else {}
+            codes = await self._round(remaining, prerequisites, current, outcome)
             for step, code in zip(remaining, codes, strict=True):
                 if code not in (WAITING, CONFLICT):
                     outcome.settled.append(step.entry_id)
@@ -264,12 +272,11 @@ class BatchProcessor:
         self,
         steps: list[Step],
         prerequisites: Mapping[str, tuple[str, ...]],
+        current: Mapping[str, bytes | None],
         outcome: BatchOutcome,
     ) -> list[int]:
-        """Decide every step from the current state (each on the state left by the ones before it),
-        then apply them in one go; returns the state step's code for each."""
-        units = sorted({unit for step in steps for unit in step.plan.units})
-        current = await self.state.read_units(units)
+        """Decide every step from `current` (each on the state left by the ones before it), then
+        apply them in one go; returns the state step's code for each."""
         local: dict[str, tuple[bytes, UnitState | None]] = {
             unit: (raw or b"", rules.load_unit(unit, raw)) for unit, raw in current.items()
         }
@@ -281,17 +288,21 @@ class BatchProcessor:
             decision = rules.decide(step.plan, before, self.settings, detected_at)
             writes = []
             for unit in step.plan.units:
-                after = decision.states.get(unit, before[unit])
-                value = after.dump() if after is not None else b""
-                writes.append(UnitWrite(unit, local[unit][0], value, self._ttl(after)))
-                local[unit] = (value, after)
+                expected = local[unit][0]
+                if unit in decision.states:
+                    after = decision.states[unit]
+                    value = after.dump() if after is not None else b""
+                    local[unit] = (value, after)
+                else:
+                    after, value = before[unit], expected
+                writes.append(UnitWrite(unit, expected, value, self._ttl(after)))
             decisions.append(decision)
             applies.append(
                 ApplyStep(
                     step.plan.order.order_key,
                     prerequisites.get(step.entry_id, ()),
                     tuple(writes),
-                    tuple(s.model_dump_json().encode() for s in decision.signals),
+                    tuple(s.to_json() for s in decision.signals),
                 )
             )
         codes = await self.state.apply(applies)

@@ -179,10 +179,12 @@ class Plan:
     whale: bool
     wallet_unit: str | None
     token_unit: str | None
+    # Read for every order several times per batch (ordering, reads, writes): computed once.
+    units: tuple[str, ...] = field(init=False)
 
-    @property
-    def units(self) -> tuple[str, ...]:
-        return tuple(u for u in (self.wallet_unit, self.token_unit) if u is not None)
+    def __post_init__(self) -> None:
+        units = tuple(u for u in (self.wallet_unit, self.token_unit) if u is not None)
+        object.__setattr__(self, "units", units)
 
 
 def plan(order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings) -> Plan | None:

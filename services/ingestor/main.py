@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from services.ingestor.service import Ingestor, StartupError
 from services.ingestor.settings import IngestorSettings
 from shared.logs import configure_logging, register_secret
-from shared.ops import stop_event
+from shared.ops import settle_heap, stop_event
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def main() -> None:
     for secret in settings.secrets():
         register_secret(secret)
     try:
+        settle_heap()
         left = asyncio.run(_serve(settings))
     except StartupError as exc:
         log.error("startup_failed", extra={"reason": str(exc)})

@@ -33,7 +33,7 @@ from services.notifier.webhooks.config import Webhook, WebhookConfigError, load_
 from services.notifier.webhooks.consumer import WebhookConsumer
 from services.notifier.webhooks.delivery import RetryPolicy
 from shared.logs import configure_logging, redact_url, register_secret
-from shared.ops import http_server, run_until_stopped, stop_event
+from shared.ops import http_server, run_until_stopped, settle_heap, stop_event
 from shared.redis_streams import connect
 from shared.stream_metrics import public_streams, track_streams
 
@@ -236,6 +236,7 @@ def main() -> None:
             },
         )
     try:
+        settle_heap()
         asyncio.run(_run(settings))
     except WebhookConfigError as exc:
         log.error("webhooks_file_invalid", extra={"error": str(exc)})

@@ -34,7 +34,7 @@ from services.store.schema import load
 from services.store.settings import StoreSettings
 from services.store.wallets import Wallets
 from shared.logs import configure_logging, redact_url, register_secret
-from shared.ops import http_server, stop_event
+from shared.ops import http_server, settle_heap, stop_event
 from shared.redis_streams import connect, ensure_group
 from shared.streams import STORE_GROUP
 
@@ -221,4 +221,5 @@ def main() -> None:
     if settings.store_api_token is not None:
         register_secret(settings.store_api_token.get_secret_value())
     configure_logging("store", settings.log_level)
+    settle_heap()
     asyncio.run(run(settings))
