@@ -20,14 +20,27 @@ from shared.models import DomeOrder, OrderFill, Signal, SignalKind, Source, sign
 from shared.wallets import load_wallets
 
 TOKENS = [str((1 << 255) | (n * 7919)) for n in range(1, 11)]
+HOT_MARKET = "0x" + "b" * 64
+# The detector's realistic workload: the tracked wallets spread over many markets, as elite
+# traders are; its contention case is every order in one market (`markets=1`).
+SPREAD_MARKETS = 1000
+
+
+def _market(rng: random.Random, markets: int) -> tuple[str, str]:
+    """(condition_id, token_id): the hot market's 10 tokens, or one of 2 tokens of `markets`."""
+    if markets == 1:
+        return HOT_MARKET, rng.choice(TOKENS)
+    n = rng.randrange(markets)
+    condition = "0x" + hashlib.sha256(f"market|{n}".encode()).hexdigest()
+    return condition, str((1 << 255) | (2 * n + rng.randrange(2)))
 
 
 def tracked_addresses() -> list[str]:
     return [wallet.address for wallet in load_wallets(WALLETS_FILE)]
 
 
-def dome_orders(count: int, salt: str) -> list[dict[str, Any]]:
-    """Dome-shaped order dicts (the `data` of a WebSocket event)."""
+def dome_orders(count: int, salt: str, markets: int = 1) -> list[dict[str, Any]]:
+    """Dome-shaped order dicts (the `data` of a WebSocket event), over `markets` markets."""
     rng = random.Random(salt)
     wallets = tracked_addresses()
     now = int(time.time())
@@ -35,14 +48,14 @@ def dome_orders(count: int, salt: str) -> list[dict[str, Any]]:
     for n in range(count):
         shares = round(rng.lognormvariate(3.9, 1.0), 2) + 1
         tx_hash = "0x" + hashlib.sha256(f"{salt}|{n}".encode()).hexdigest()
-        token = rng.choice(TOKENS)
+        condition, token = _market(rng, markets)
         orders.append(
             {
                 "token_id": token,
                 "token_label": "Yes",
                 "side": "BUY" if rng.random() < 0.55 else "SELL",
                 "market_slug": "bench-market",
-                "condition_id": "0x" + "b" * 64,
+                "condition_id": condition,
                 "shares": round(shares * 1_000_000),
                 "shares_normalized": shares,
                 "price": round(rng.uniform(0.05, 0.9), 3),

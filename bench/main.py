@@ -52,6 +52,7 @@ class Plan:
     burst_items: int
     detector_items: int
     replicas: tuple[int, ...]
+    hot_replicas: tuple[int, ...]
     store_items: int
     budget_s: float
 
@@ -69,6 +70,7 @@ FULL = Plan(
     burst_items=30_000,
     detector_items=80_000,
     replicas=(1, 2, 4),
+    hot_replicas=(1, 2),
     store_items=40_000,
     budget_s=570,
 )
@@ -85,6 +87,7 @@ QUICK = Plan(
     burst_items=10_000,
     detector_items=20_000,
     replicas=(1, 2, 4),
+    hot_replicas=(1, 2),
     store_items=10_000,
     budget_s=150,
 )
@@ -148,6 +151,16 @@ async def run_stages(env: BenchEnv, plan: Plan) -> list[dict[str, Any]]:
                 "readgroup_ack",
                 plan.detector_items,
                 stages.detector(env, plan.detector_items, replicas),
+                replicas,
+            )
+        )
+    for replicas in plan.hot_replicas:
+        results.append(
+            await _stage(
+                stages.HOT_DETECTOR,
+                "readgroup_ack",
+                plan.detector_items,
+                stages.detector(env, plan.detector_items, replicas, markets=1),
                 replicas,
             )
         )

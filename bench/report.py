@@ -67,7 +67,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     one = next((s for s in detectors if s["replicas"] == 1), None)
     out.append(
         _goal(
-            "detector (1 replica) >= 0.5 of XREADGROUP+XACK ceiling",
+            "detector (1 replica, 1,000 markets) >= 0.5 of XREADGROUP+XACK ceiling",
             "not measured" if not one else f"{one.get('ratio')}",
             None if not one or one.get("ratio") is None else one["ratio"] >= 0.5,
         )

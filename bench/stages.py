@@ -7,9 +7,11 @@
   `/_sim/emit` over its WebSocket; the rate is measured between the first and the last entry's
   stream id (Redis' clock), so process start and the simulator's request handling are left out.
   The simulator's sending shares the cores, so this is a lower bound of the ingestor alone.
-- `detector`: N orders pre-filled in `orders.raw`; the group is created past them, the replicas
-  start and become healthy idle, then the group is moved back to the start (XGROUP SETID 0) and
-  the clock runs until the group's lag and pending are both 0. Bounded by XREADGROUP + XACK.
+- `detector`: N orders pre-filled in `orders.raw`, the tracked wallets over 1,000 markets (or all
+  in one hot market: the contention case, as replicas wait for each other on shared state); the
+  group is created past them, the replicas start and become healthy idle, then the group is moved
+  back to the start (XGROUP SETID 0) and the clock runs until the group's lag and pending are both
+  0. Bounded by XREADGROUP + XACK.
 - `store`: N orders and their N signals pre-filled; same trick with the `store` group on both
   streams; the clock runs until both are drained (the store acks only after commit), then the
   Postgres row counts are checked. Bounded by COPY.
@@ -29,6 +31,7 @@ import redis.asyncio as aioredis
 
 from bench.environment import BenchEnv
 from bench.fixtures import (
+    SPREAD_MARKETS,
     dome_orders,
     event_frames,
     fill_payloads,
@@ -209,12 +212,19 @@ async def _stage_processes(
     return (None if finished is None else finished - start), memory, watched
 
 
+HOT_DETECTOR = "detector, 1 hot market"
+
+
 async def detector(
-    env: BenchEnv, count: int, replicas: int, watch: Watch | None = None
+    env: BenchEnv,
+    count: int,
+    replicas: int,
+    watch: Watch | None = None,
+    markets: int = SPREAD_MARKETS,
 ) -> dict[str, Any]:
-    namespace = env.namespace(f"det{replicas}")
+    namespace = env.namespace(f"det{replicas}m{markets}")
     streams = Streams(namespace)
-    payloads = fill_payloads(order_fills(dome_orders(count, secrets.token_hex(8))))
+    payloads = fill_payloads(order_fills(dome_orders(count, secrets.token_hex(8), markets)))
     client = env.redis()
     try:
         await prefill(client, streams.orders_raw, payloads)
@@ -229,10 +239,11 @@ async def detector(
     finally:
         await client.aclose()
     return _result(
-        "detector",
+        "detector" if markets > 1 else HOT_DETECTOR,
         count,
         seconds,
         replicas=replicas,
+        markets=markets,
         complete=seconds is not None,
         signals=signals,
         ceiling="readgroup_ack",

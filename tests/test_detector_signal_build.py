@@ -17,7 +17,7 @@ from shared.models import DomeOrder, OrderFill, Side, Signal, Source, TrackedWal
 
 WALLETS = [
     TrackedWallet(address="0x" + f"{n:02x}" * 20, label=label, score=score)
-    for n, (label, score) in enumerate([("sharp", 0.9), ("", None), ("Ünïcode \"q\"", 0.0)])
+    for n, (label, score) in enumerate([("sharp", 0.9), ("", None), ('Ünïcode "q"', 0.0)])
 ]
 RULES = RuleSettings(
     whale_min_notional_usd=50,

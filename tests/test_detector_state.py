@@ -165,6 +165,25 @@ async def test_a_unit_is_compared_at_its_first_order_and_blocked_after_one_not_a
     assert await redis_client.get(state.unit_key("u:z")) == b"Z3"
 
 
+async def test_read_entries_reads_a_span_then_one_by_one_and_names_trimmed_ones(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    state = make_state(redis_client, streams)
+    ids = [
+        (await redis_client.xadd(streams.orders_raw, {"data": str(n)})).decode()
+        for n in range(3000)
+    ]
+    await redis_client.xdel(streams.orders_raw, ids[5])
+    # Two wanted near the start, one far past the span bound (4 x 3 + 1000 entries), one trimmed.
+    wanted = [ids[2900], ids[1], ids[3], ids[5]]
+    found = await state.read_entries(wanted)
+    assert list(found) == wanted
+    assert found[ids[1]] == {b"data": b"1"} and found[ids[3]] == {b"data": b"3"}
+    assert found[ids[2900]] == {b"data": b"2900"}
+    assert found[ids[5]] is None
+    assert await state.read_entries([]) == {}
+
+
 # --- the batch processor against the reference --------------------------------------------------
 
 SMALL = RuleSettings(

@@ -3,7 +3,8 @@
 Write path, chosen by measurement (below): COPY the batch into a session temp table, then
 `INSERT INTO <table> SELECT ... ORDER BY <key> ON CONFLICT DO NOTHING`, commit. The INSERT's status
 gives the rows actually inserted, so duplicates are counted exactly; ordering by key makes replicas
-that insert overlapping batches lock rows in the same order (no deadlock cycles).
+that insert overlapping batches lock rows in the same order (no deadlock cycles). The temp table
+is created on a session's first batch (and again if the session lost it), not on every batch.
 
 Measured on this machine (2 cores, local Postgres 15, asyncpg 0.32), 500-row `orders` batches, each
 in its own committed transaction, medians of 55 batches per method, two runs, methods interleaved:
@@ -133,17 +134,14 @@ async def write_batch(
     conn: asyncpg.Connection, table: Table, rows: Sequence[Row], copy_timeout: float
 ) -> WriteResult:
     """Insert the rows in one transaction; on a data error, redo them one by one."""
-    sql = statements(table)
     try:
-        async with conn.transaction():
-            await conn.execute(sql.create_staging)
-            await conn.copy_records_to_table(
-                sql.staging,
-                records=[row.values for row in rows],
-                columns=table.columns,
-                timeout=copy_timeout,
-            )
-            return WriteResult(inserted_count(await conn.execute(sql.insert_from_staging)))
+        try:
+            return await _copy_batch(conn, table, rows, copy_timeout, create=False)
+        except asyncpg.UndefinedTableError:
+            # The session's first batch: a temp table outlives its transactions (not their rows)
+            # and the pool's reset keeps it, so it is created only when missing, saving a round
+            # trip and a notice per batch.
+            return await _copy_batch(conn, table, rows, copy_timeout, create=True)
     except Exception as exc:
         # Binary COPY encodes values itself and raises plain OverflowError/ValueError/TypeError for
         # a value its column cannot hold; the row-by-row pass re-checks each row with asyncpg's
@@ -152,6 +150,27 @@ async def write_batch(
             raise
         log.info("batch_has_bad_rows", extra={"table": table.name, "error": type(exc).__name__})
     return await write_rows_one_by_one(conn, table, rows)
+
+
+async def _copy_batch(
+    conn: asyncpg.Connection,
+    table: Table,
+    rows: Sequence[Row],
+    copy_timeout: float,
+    *,
+    create: bool,
+) -> WriteResult:
+    sql = statements(table)
+    async with conn.transaction():
+        if create:
+            await conn.execute(sql.create_staging)
+        await conn.copy_records_to_table(
+            sql.staging,
+            records=[row.values for row in rows],
+            columns=table.columns,
+            timeout=copy_timeout,
+        )
+        return WriteResult(inserted_count(await conn.execute(sql.insert_from_staging)))
 
 
 async def write_rows_one_by_one(

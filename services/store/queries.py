@@ -27,6 +27,10 @@ from typing import Any, Literal
 
 import orjson
 
+from services.store.rows import ORDERS as ORDER_ROWS
+from services.store.rows import SIGNALS as SIGNAL_ROWS
+from services.store.rows import Table
+
 Order = Literal["desc", "asc"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -50,35 +54,18 @@ class Resource:
     text_columns: frozenset[str]  # free text from outside: neutralized in CSV
 
 
+def served(table: Table) -> tuple[str, ...]:
+    """A table's columns as the API serves them: what the store wrote, minus the schema version
+    and the raw payload, plus when it was stored."""
+    return (*(c for c in table.columns if c not in ("v", "payload")), "stored_at")
+
+
 SIGNALS = Resource(
     "signals",
     "signals",
     "detected_at",
     "signal_id",
-    (
-        "signal_id",
-        "kind",
-        "wallet",
-        "wallet_label",
-        "market_slug",
-        "title",
-        "condition_id",
-        "token_id",
-        "token_label",
-        "side",
-        "price",
-        "shares",
-        "notional_usd",
-        "confidence",
-        "reasons",
-        "order_keys",
-        "source",
-        "exchange_ts",
-        "received_at",
-        "detected_at",
-        "stream_id",
-        "stored_at",
-    ),
+    served(SIGNAL_ROWS),
     frozenset({"wallet_label", "market_slug", "title", "token_label", "reasons"}),
 )
 
@@ -87,29 +74,7 @@ ORDERS = Resource(
     "orders",
     "exchange_ts",
     "order_key",
-    (
-        "order_key",
-        "wallet",
-        "token_id",
-        "token_label",
-        "side",
-        "market_slug",
-        "condition_id",
-        "title",
-        "shares",
-        "shares_normalized",
-        "price",
-        "notional_usd",
-        "tx_hash",
-        "order_hash",
-        "taker",
-        "block_number",
-        "log_index",
-        "exchange_ts",
-        "received_at",
-        "source",
-        "stored_at",
-    ),
+    served(ORDER_ROWS),
     frozenset({"token_label", "market_slug", "title", "tx_hash", "order_hash", "taker"}),
 )
 
