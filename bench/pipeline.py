@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from bench.environment import WALLETS_FILE, BenchEnv
 from bench.probes import GroupState, entries_added, group_state
-from bench.processes import Memory, ServiceProcess, start_all, stop_all
+from bench.processes import Memory, ServiceProcess, cpu_of_command, start_all, stop_all
 from bench.subscriber import Subscriber
 from devtools.servers import free_port
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, Streams
@@ -213,6 +213,17 @@ class Pipeline:
     def memory(self) -> dict[str, Memory]:
         procs = [*self.services.values(), *([self.simulator] if self.simulator else [])]
         return {p.name: m for p in procs if (m := p.memory()) is not None}
+
+    async def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far: each service, the simulator, Redis, every Postgres process
+        and this process (the measuring subscriber and the probes)."""
+        procs = [*self.services.values(), *([self.simulator] if self.simulator else [])]
+        used = {p.name: c for p in procs if (c := p.cpu()) is not None}
+        info: Any = await self.redis.info("cpu")
+        used["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        used["postgres"] = cpu_of_command("postgres")
+        used["bench"] = time.process_time()
+        return used
 
     async def postgres_counts(self) -> tuple[int, int]:
         conn = await self.env.pg()

@@ -46,6 +46,34 @@ def read_memory(pid: int) -> Memory | None:
     return Memory(round(values["VmRSS"], 1), round(values.get("VmHWM", values["VmRSS"]), 1))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process has used so far, in seconds; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    # 13th (fields 14 and 15 of the whole line, proc(5)).
+    fields = text.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_of_command(command: str) -> float:
+    """CPU seconds used so far by every live process whose command name is `command`."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if stat.read_text().strip() != command:
+                continue
+        except OSError:
+            continue
+        total += cpu_seconds(int(stat.parent.name)) or 0.0
+    return total
+
+
 class ServiceProcess:
     def __init__(self, name: str, env: dict[str, str], health_url: str, tag: str = "") -> None:
         self.name = name
@@ -89,6 +117,11 @@ class ServiceProcess:
         if self.proc is None or self.proc.returncode is not None:
             return None
         return read_memory(self.proc.pid)
+
+    def cpu(self) -> float | None:
+        if self.proc is None or self.proc.returncode is not None:
+            return None
+        return cpu_seconds(self.proc.pid)
 
     async def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time; its exit code."""

@@ -114,6 +114,21 @@ def _stage_flag(stage: dict[str, Any]) -> str:
     return "" if stage.get("complete") else "  INCOMPLETE (timed out or rows missing)"
 
 
+def _cpu_lines(steps: list[dict[str, Any]]) -> list[str]:
+    """CPU per 1,000 orders by process, for the highest step that was sustained (else the first)."""
+    chosen = [s for s in steps if s.get("sustained")] or steps[:1]
+    cpu = chosen[-1].get("cpu_ms_per_1000_orders") if chosen else None
+    if not cpu:
+        return []
+    total = sum(cpu.values())
+    ranked = sorted(cpu.items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{name} {ms:,.0f}" for name, ms in ranked)
+    return [
+        f"  CPU ms per 1,000 orders at {_n(chosen[-1]['rate'])}/s: {parts}; total {total:,.0f} "
+        f"(so {1e6 / total if total else 0:,.0f} orders/s per fully used core)"
+    ]
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -171,6 +186,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{_n(s['delivered_per_s']):>9} {_n(s.get('ratio'), 3):>6}  {s['verdict']}"
                 + ("" if s["drained"] else "; did not drain")
             )
+        lines += _cpu_lines(p["steps"])
         if p.get("skipped_for_time"):
             lines.append(f"  not run (time budget spent): {p['skipped_for_time']}")
         lines.append(

@@ -52,11 +52,13 @@ def verdict(
 async def step(pipe: Pipeline, rate: float, seconds: float, drain_s: float) -> dict[str, Any]:
     await pipe.start_feed(rate, keep_history=False)
     first = await pipe.snapshot()
+    cpu_first = await pipe.cpu()
     samples = [first]
     while time.monotonic() < first.at + seconds:
         await asyncio.sleep(SAMPLE_EVERY_S)
         samples.append(await pipe.snapshot())
     memory = pipe.memory()
+    cpu_last = await pipe.cpu()
     last = samples[-1]
     rates = {
         name: _per_s(first, last, name)
@@ -84,7 +86,19 @@ async def step(pipe: Pipeline, rate: float, seconds: float, drain_s: float) -> d
         "drain_s": round(time.monotonic() - drained_at, 2),
         "subscriber_closed": pipe.subscriber.closed,
         "memory": {name: vars(m) for name, m in memory.items()},
+        "cpu_ms_per_1000_orders": cpu_per_order(
+            cpu_first, cpu_last, last.ingested - first.ingested
+        ),
     }
+
+
+def cpu_per_order(first: dict[str, float], last: dict[str, float], orders: int) -> dict[str, float]:
+    """CPU milliseconds per 1,000 orders ingested, by process, over one step: where the machine's
+    cores go, and so what bounds the end-to-end rate."""
+    if orders <= 0:
+        return {}
+    used = {name: last[name] - first[name] for name in last if name in first}
+    return {name: round(1e6 * seconds / orders, 1) for name, seconds in used.items()}
 
 
 async def step_up(

@@ -19,6 +19,7 @@ stream_subscriber.py`, `faststream/redis/message.py`, `faststream/middlewares/ac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -44,29 +45,39 @@ async def decode_plain_batch(message: StreamMessage[Any]) -> list[Entry]:
     return plain_entries(message)
 
 
-def handler_for(feed: Feed, batches: BatchStore) -> Handler:
+def handler_for(feed: Feed, batches: BatchStore, batch_max: int, linger_s: float) -> Handler:
     async def store_batch(entries: NoCast[list[Entry]], message: RedisBatchStreamMessage) -> None:
-        try:
-            outcome = await batches.store(feed, entries)
-        except Stopping:
-            # Shutting down while Postgres is away: no ack, the entries stay pending for a
-            # reclaimer. Not an error worth FastStream's traceback.
-            log.warning("batch_left_pending", extra={"stream": feed.stream, "count": len(entries)})
-            return
-        await message.ack()
-        log.debug(
-            "batch_stored",
-            extra={
-                "stream": feed.stream,
-                "entries": len(entries),
-                "inserted": outcome.inserted,
-                "duplicates": outcome.duplicates,
-                "dead_lettered": outcome.dead_lettered,
-            },
-        )
+        await _store(feed, batches, entries, message)
+        if linger_s and len(entries) < batch_max:
+            # FastStream reads again when this returns: what arrives meanwhile makes the next
+            # transaction bigger instead of the next several.
+            await asyncio.sleep(linger_s)
 
     store_batch.__name__ = store_batch.__qualname__ = f"store_{feed.table.name}"
     return store_batch
+
+
+async def _store(
+    feed: Feed, batches: BatchStore, entries: list[Entry], message: RedisBatchStreamMessage
+) -> None:
+    try:
+        outcome = await batches.store(feed, entries)
+    except Stopping:
+        # Shutting down while Postgres is away: no ack, the entries stay pending for a
+        # reclaimer. Not an error worth FastStream's traceback.
+        log.warning("batch_left_pending", extra={"stream": feed.stream, "count": len(entries)})
+        return
+    await message.ack()
+    log.debug(
+        "batch_stored",
+        extra={
+            "stream": feed.stream,
+            "entries": len(entries),
+            "inserted": outcome.inserted,
+            "duplicates": outcome.duplicates,
+            "dead_lettered": outcome.dead_lettered,
+        },
+    )
 
 
 def build_broker(
@@ -77,6 +88,7 @@ def build_broker(
     *,
     batch_max: int,
     block_ms: int,
+    linger_ms: int,
     graceful_timeout: float,
 ) -> RedisBroker:
     """The broker with one subscriber per feed; `consumer` must be unique per process."""
@@ -109,5 +121,5 @@ def build_broker(
             title=f"store:{feed.table.name}",
             description=f"Entries of {feed.stream} -> Postgres table {feed.table.name}",
         )
-        subscriber(handler_for(feed, batches))
+        subscriber(handler_for(feed, batches, batch_max, linger_ms / 1000))
     return broker

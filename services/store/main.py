@@ -82,6 +82,7 @@ class Store:
             self.batches,
             batch_max=settings.store_batch_max,
             block_ms=settings.store_block_ms,
+            linger_ms=settings.store_linger_ms,
             graceful_timeout=settings.store_shutdown_timeout_s,
         )
         self.reclaimer = Reclaimer(

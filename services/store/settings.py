@@ -6,6 +6,10 @@
   /metrics, all on this one port.
 - `STORE_BATCH_MAX` (`500`): entries read per XREADGROUP, so at most that many rows per insert.
 - `STORE_BLOCK_MS` (`100`): XREADGROUP BLOCK time.
+- `STORE_LINGER_MS` (`20`, 0 = off): after a batch smaller than `STORE_BATCH_MAX`, wait this long
+  before the next read, so that under a steady flow each transaction carries more rows. The store
+  is not on the path to subscribers (the notifier reads `signals` itself); at 2,000 orders/s this
+  halved the CPU the store and Postgres spend per order (`make bench`).
 - `STORE_RETRY_MIN_S` (`0.1`), `STORE_RETRY_MAX_S` (`5.0`): delay before retrying a batch that
   Postgres did not take, doubling from min to max.
 - `STORE_DB_TIMEOUT_S` (`10`): connect and statement timeout, so a silent network cannot hang a
@@ -45,6 +49,7 @@ class StoreSettings(DatabaseSettings):
 
     store_batch_max: int = Field(default=500, ge=1, le=10_000)
     store_block_ms: int = Field(default=100, ge=1)
+    store_linger_ms: int = Field(default=20, ge=0, le=10_000)
     store_retry_min_s: float = Field(default=0.1, gt=0)
     store_retry_max_s: float = Field(default=5.0, gt=0)
     store_db_timeout_s: float = Field(default=10.0, gt=0)
