@@ -121,6 +121,7 @@ def test_the_services_real_subscribers_are_in_the_document() -> None:
         "batch_size": 10,
         "batch_max": 10,
         "block_ms": 10,
+        "linger_ms": 10,
         "graceful_timeout": 1.0,
     }
     detector, _ = _build(detector_broker, **known)

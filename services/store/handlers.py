@@ -8,8 +8,9 @@ stream_subscriber.py`, `faststream/redis/message.py`, `faststream/middlewares/ac
   that is where `signals.stream_id` comes from.
 - Its `ack()` sends one XACK for all `message_ids`. Under the default policy for grouped streams
   (REJECT_ON_ERROR) it is called after the handler returns, and on an exception `reject()` sends
-  nothing to Redis; a cancelled handler is not acked either. We set `AckPolicy.MANUAL` and call
-  `ack()` ourselves after `BatchStore.store` returned, so the XACK visibly follows the commit.
+  nothing to Redis; a cancelled handler is not acked either. We set `AckPolicy.MANUAL` and send
+  the XACK ourselves after `BatchStore.store` returned, so it visibly follows the commit (the
+  handler takes only the entries: the message object would cost dependency injection, below).
 - Its own parser turns every entry into JSON and back, and raises on an entry whose bytes are not
   UTF-8 (seen with 0.7.8): the handler is then never called and the whole batch stays pending. The
   parser below skips that work, so a malformed entry reaches `rows.prepare` and is dead-lettered.
@@ -26,9 +27,7 @@ from typing import Any
 
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
-from faststream.params import NoCast
 from faststream.redis import RedisBroker, StreamSub
-from faststream.redis.annotations import RedisBatchStreamMessage
 
 from services.store.batches import BatchStore, Entry, Feed
 from services.store.database import Stopping
@@ -46,8 +45,8 @@ async def decode_plain_batch(message: StreamMessage[Any]) -> list[Entry]:
 
 
 def handler_for(feed: Feed, batches: BatchStore, batch_max: int, linger_s: float) -> Handler:
-    async def store_batch(entries: NoCast[list[Entry]], message: RedisBatchStreamMessage) -> None:
-        await _store(feed, batches, entries, message)
+    async def store_batch(entries: list[Entry]) -> None:
+        await _store(feed, batches, entries)
         if linger_s and len(entries) < batch_max:
             # FastStream reads again when this returns: what arrives meanwhile makes the next
             # transaction bigger instead of the next several.
@@ -57,9 +56,7 @@ def handler_for(feed: Feed, batches: BatchStore, batch_max: int, linger_s: float
     return store_batch
 
 
-async def _store(
-    feed: Feed, batches: BatchStore, entries: list[Entry], message: RedisBatchStreamMessage
-) -> None:
+async def _store(feed: Feed, batches: BatchStore, entries: list[Entry]) -> None:
     try:
         outcome = await batches.store(feed, entries)
     except Stopping:
@@ -67,7 +64,8 @@ async def _store(
         # reclaimer. Not an error worth FastStream's traceback.
         log.warning("batch_left_pending", extra={"stream": feed.stream, "count": len(entries)})
         return
-    await message.ack()
+    if entries:
+        await batches.redis.xack(feed.stream, STORE_GROUP, *(entry_id for entry_id, _ in entries))
     log.debug(
         "batch_stored",
         extra={
@@ -104,6 +102,10 @@ def build_broker(
         logger=faststream_log,
         log_level=logging.DEBUG,
         middlewares=[broker_middleware("store")],
+        # No dependency injection: FastDepends resolves `NoCast[...]` and `Context` parameters
+        # (the message, for `ack()`) with sync functions it runs in a worker thread, two thread
+        # hops per batch; the handler gets the decoded entries and XACKs them itself.
+        apply_types=False,
     )
     for feed in feeds:
         subscriber = broker.subscriber(
