@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -9,9 +10,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from devtools.servers import postgres_server, redis_server
 from shared.streams import Streams
+
+# CI (`.ci/run`) replays the same examples on every run, so a red CI means the code changed; local
+# runs draw new examples each time and keep exploring (`make chaos` too). Either way a failure
+# prints the blob that reproduces it.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")
