@@ -11,111 +11,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from devtools.processes import ROOT, ServiceError, ServiceProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-HEALTH_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
+__all__ = ["ROOT", "Restart", "Service", "ServiceError", "Supervisor"]
+
 RESTART_DELAY_S = 1.0
 
 
-class ServiceError(RuntimeError):
-    pass
+class Service(ServiceProcess):
+    """A service process that remembers how often it started and how it exited, and whether the
+    suite holds it down (killed on purpose, or stopping): then the supervisor leaves it be."""
 
-
-@dataclass
-class Service:
-    name: str
-    module: str
-    env: dict[str, str]
-    health_url: str
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    # True while the suite wants it down (killed on purpose, or stopping): no supervisor restart.
-    held_down: bool = False
-    starts: int = 0
-    exits: list[int] = field(default_factory=list)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise ServiceError(f"{self.name} was never started")
-        return self.proc.pid
+    def __init__(
+        self, name: str, module: str, env: dict[str, str], health_url: str, log_path: Path
+    ) -> None:
+        super().__init__(name, module, env, health_url, log_path)
+        self.held_down = False
+        self.starts = 0
+        self.exits: list[int] = []
 
     async def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                self.module,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+        await super().start()
         self.starts += 1
         self.held_down = False
-
-    async def wait_healthy(self, within_s: float = HEALTH_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + within_s
-        async with httpx.AsyncClient(timeout=1) as http:
-            while time.monotonic() < deadline:
-                if not self.running:
-                    raise ServiceError(f"{self.name} exited; see {self.log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(self.health_url)).status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise ServiceError(f"{self.name} not healthy within {within_s:.0f}s; see {self.log_path}")
-
-    def signal(self, sig: int) -> None:
-        if self.running:
-            self.proc.send_signal(sig)  # type: ignore[union-attr]
 
     async def kill(self) -> int | None:
         """SIGKILL and keep it down (no supervisor restart) until `start`."""
         self.held_down = True
-        if self.proc is None:
-            return None
-        if self.running:
-            self.proc.send_signal(signal.SIGKILL)
-        code = await self.proc.wait()
-        self.exits.append(code)
+        code = await super().kill()
+        if code is not None:
+            self.exits.append(code)
         return code
 
     async def stop(self) -> int | None:
-        """SIGTERM (SIGKILL after STOP_TIMEOUT_S); the exit code."""
+        """SIGTERM (SIGKILL after the stop timeout) and keep it down; the exit code."""
         self.held_down = True
-        if self.proc is None:
-            return None
-        if self.running:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-            self.exits.append(self.proc.returncode or 0)
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        was_running = self.running
+        code = await super().stop()
+        if was_running:
+            self.exits.append(code or 0)
+        return code
 
 
 @dataclass(frozen=True)
