@@ -165,6 +165,25 @@ async def test_a_unit_is_compared_at_its_first_order_and_blocked_after_one_not_a
     assert await redis_client.get(state.unit_key("u:z")) == b"Z3"
 
 
+async def test_a_step_held_back_before_its_call_holds_back_the_later_ones_on_its_units(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """Found in review: `x` waits behind `p` from the previous call; `y` comes after `x` on unit v
+    in the same call, decided as if `x` had applied. It must not go without `x`, even though `w`
+    already made v's first comparison of the call."""
+    state = make_state(redis_client, streams, script_batch=3)
+    await redis_client.set(state.unit_key("u:v"), b"V0")
+    p = ApplyStep("p", ("missing",), (write("u:u", b"", b"U1"),), ())
+    f1 = ApplyStep("f1", (), (write("u:f1", b"", b"F"),), ())
+    f2 = ApplyStep("f2", (), (write("u:f2", b"", b"F"),), ())
+    w = ApplyStep("w", (), (write("u:v", b"V0", b"V1"),), ())
+    x = ApplyStep("x", (), (write("u:u", b"U1", b"U2"), write("u:v", b"V1", b"V2")), ())
+    y = ApplyStep("y", (), (write("u:v", b"V2", b"V3"),), ())
+    assert await state.apply([p, f1, f2, w, x, y]) == [WAITING, 0, 0, 0, WAITING, WAITING]
+    assert await redis_client.get(state.unit_key("u:v")) == b"V1"
+    assert await redis_client.exists(state.done_key("x"), state.done_key("y")) == 0
+
+
 async def test_read_entries_reads_a_span_then_one_by_one_and_names_trimmed_ones(
     redis_client: aioredis.Redis, streams: Streams
 ) -> None:

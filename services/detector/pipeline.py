@@ -232,16 +232,21 @@ class BatchProcessor:
         """Rounds of decide + apply until every step is applied (or `wait_s` runs out).
 
         `held` is the number of entries of this batch, all pending here until the caller acks.
-        When the group holds no more than that, no other entry is pending: nothing to wait for,
-        and the pending list need not be read (the one-replica case, every batch)."""
+        When the group's pending entries are exactly those `held` here, no other entry is
+        pending: nothing to wait for, and the pending list need not be read (the one-replica
+        case, every batch). Trusted only while the batch is younger than `touch_every_s`: until
+        then none of its entries can have been claimed (and acked) elsewhere, which could make
+        the counts match while another entry is pending."""
         start = time.monotonic()
         last_touch = start
         delay = FIRST_DELAY_S
         remaining = steps
         while True:
             units = sorted({unit for step in remaining for unit in step.plan.units})
-            pending, current = await self.state.look(self.group, units)
-            prerequisites = await self._prerequisites(remaining) if pending > held else {}
+            holders, current = await self.state.look(self.group, units)
+            young = time.monotonic() - start < self.touch_every_s
+            alone = young and holders == {self.consumer: held}
+            prerequisites = {} if alone else await self._prerequisites(remaining)
             codes = await self._round(remaining, prerequisites, current, outcome)
             for step, code in zip(remaining, codes, strict=True):
                 if code not in (WAITING, CONFLICT):

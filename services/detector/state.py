@@ -248,9 +248,11 @@ class DetectorState:
         raw: Any = await self.client.get(self.unit_key(wallet_unit(wallet, market)))
         return int(WalletMarketState.load(raw).positions.get(token_id, 0)) if raw else 0
 
-    async def look(self, group: str, units: Sequence[str]) -> tuple[int, dict[str, bytes | None]]:
-        """How many entries of `orders.raw` the group holds pending, and the current value of
-        `units`, in one round trip."""
+    async def look(
+        self, group: str, units: Sequence[str]
+    ) -> tuple[dict[str, int], dict[str, bytes | None]]:
+        """How many entries of `orders.raw` each consumer of the group holds pending, and the
+        current value of `units`, in one round trip."""
         keys = [self.unit_key(unit) for unit in units]
 
         async def read() -> list[Any]:
@@ -262,7 +264,8 @@ class DetectorState:
 
         replies = await self._retrying(read)
         values = replies[1] if keys else []
-        return int(replies[0]["pending"]), dict(zip(units, values, strict=True))
+        holders = {c["name"].decode(): int(c["pending"]) for c in replies[0]["consumers"] or ()}
+        return holders, dict(zip(units, values, strict=True))
 
     async def apply(self, steps: Sequence[ApplyStep]) -> list[int]:
         """Apply the steps in order, `script_batch` per script call; one code per step.
@@ -273,7 +276,14 @@ class DetectorState:
         blocked: set[str] = set()
         for start in range(0, len(steps), self.script_batch):
             chunk = steps[start : start + self.script_batch]
-            ready = [not blocked.intersection(w.unit for w in step.units) for step in chunk]
+            ready = []
+            for step in chunk:
+                units = {w.unit for w in step.units}
+                ready.append(blocked.isdisjoint(units))
+                if not ready[-1]:
+                    # Blocks the rest of this chunk too: the script compares a unit only at its
+                    # first step sent, so a later step must not go without this one.
+                    blocked |= units
             to_run = [step for step, ok in zip(chunk, ready, strict=True) if ok]
             raw = iter(await self._retrying(partial(self._run, to_run)) if to_run else [])
             for step, ok in zip(chunk, ready, strict=True):
