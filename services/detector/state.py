@@ -58,10 +58,7 @@ ERROR_TEXT_MAX = 500
 # KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
 # keys. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per order: np, nu,
 # nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
-# A unit's expected value is read only at its first order in the call: the caller decided the
-# orders after it from the value the earlier ones leave, so while every order on the unit applies
-# the value is known, and the first that does not blocks the rest of the unit. Each unit is then
-# written once, with the value of its last applied order, and the done keys last of all.
+# Per-unit compare and write, done keys last: see the module docstring.
 _APPLY = """
 local stream, maxlen, done_ttl = KEYS[1], ARGV[1], ARGV[2]
 local results, blocked, checked, done_here = {}, {}, {}, {}
@@ -347,7 +344,8 @@ class DetectorState:
         return {entry_id for entry_id, reply in zip(ids, replies, strict=True) if reply}
 
     async def read_entries(self, entry_ids: Sequence[str]) -> dict[str, Fields | None]:
-        """The fields of the given `orders.raw` entries, oldest first (None for one trimmed away).
+        """The fields of the given `orders.raw` entries, in the order given (None for one trimmed
+        away).
 
         Other replicas' pending entries come in runs (their batches): one XRANGE over the span
         reads them, with a bound on what lies between; ids past that bound are read one by one.
