@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHAIN := devtools/chain
+NODE_STAMP := $(CHAIN)/node_modules/.installed
 
-.PHONY: install run test test-fast lint typecheck check compose-check clean docs bench bench-quick chaos
+.PHONY: install prereqs-run prereqs-test run test test-fast lint typecheck check compose-check clean docs bench bench-quick chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +17,26 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The local EVM node (ganache) and Solidity compiler (solc-js) the polygon source's tests run on,
+# pinned by package-lock.json; no install script runs (none is needed).
+$(NODE_STAMP): $(CHAIN)/package.json $(CHAIN)/package-lock.json
+	npm ci --prefix $(CHAIN) --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
-run: install
+install: $(STAMP) $(NODE_STAMP)
+
+# Servers, the Compose parser and Chromium come from Debian's packages: installed with apt-get when
+# run as root, else the one command to run is printed (devtools/prereqs.sh).
+prereqs-run:
+	bash devtools/prereqs.sh run
+
+prereqs-test:
+	bash devtools/prereqs.sh test
+
+run: install prereqs-run
 	$(BIN)/python -m devtools.run
 
-test: install
+test: install prereqs-test
 	$(BIN)/python -m pytest -q
 
 # Never part of `make test`: the real services under load, about 5-8 minutes (bench/README.md).
@@ -52,4 +68,4 @@ docs: install
 	$(BIN)/python -m cli.docs_gen
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHAIN)/node_modules .run .pytest_cache .mypy_cache .ruff_cache

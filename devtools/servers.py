@@ -148,3 +148,59 @@ def postgres_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+CHAIN_DIR = Path(__file__).resolve().parent / "chain"
+
+
+def _chain_tool(name: str) -> str:
+    binary = CHAIN_DIR / "node_modules" / ".bin" / name
+    if not binary.exists():
+        raise RuntimeError(
+            f"{name} is not installed: run `make install` (npm ci in {CHAIN_DIR.name}/)"
+        )
+    return str(binary)
+
+
+@contextlib.contextmanager
+def ganache_node(block_time_s: float = 0) -> Iterator[str]:
+    """A throwaway local EVM node (ganache, from the npm registry) on a loopback port; yields its
+    WebSocket URL (the same port answers JSON-RPC over HTTP). `block_time_s` 0 mines a block per
+    transaction; above 0, a block every that many seconds, as a real chain does."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            _chain_tool("ganache"),
+            "--server.host=127.0.0.1",
+            f"--server.port={port}",
+            "--chain.chainId=137",
+            f"--miner.blockTime={block_time_s}",
+            "--wallet.totalAccounts=2",
+            "--logging.quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port, "ganache", timeout=60)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def compile_exchanges() -> dict[str, dict[str, object]]:
+    """devtools/chain/Exchanges.sol compiled by solc-js: {contract: {abi, bytecode}}."""
+    import json
+
+    node = shutil.which("node")
+    if not node:
+        raise RuntimeError("node is not installed (Node 20 from the system's packages)")
+    _chain_tool("solcjs")
+    result = subprocess.run(
+        [node, str(CHAIN_DIR / "compile.js")], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"solc failed: {result.stderr[:2000]}")
+    compiled: dict[str, dict[str, object]] = json.loads(result.stdout)
+    return compiled

@@ -63,7 +63,16 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return scrub(orjson.dumps(entry, default=str).decode())
+        return scrub(orjson.dumps(entry, default=_printable).decode())
+
+
+def _printable(value: Any) -> str:
+    """A library's extra field as text; one that cannot print itself (a dead weakref proxy, as
+    websockets attaches) must not cost the log line."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:

@@ -39,6 +39,7 @@ class Source(StrEnum):
     DOME_WS = "dome_ws"
     DOME_REST = "dome_rest"
     DATA_API = "data_api"
+    POLYGON = "polygon"
 
 
 class Contract(BaseModel):
@@ -83,17 +84,34 @@ class DomeOrder(Contract):
 
 
 def order_key(
-    tx_hash: str, user: str, token_id: str, side: str, shares: float, price: float
+    tx_hash: str,
+    user: str,
+    token_id: str,
+    side: str,
+    shares: float,
+    price: float,
+    occurrence: int = 0,
 ) -> str:
     """The identity of one fill, the same from every source (WS, REST backfill, Data API).
 
     Built only from fields every source has; order_hash is missing from the Data API. Shares and
     price are rounded so float noise between sources cannot split one fill into two keys.
+    `occurrence` tells apart identical fills of one transaction (the n-th, in log order, from 0):
+    a source that sees every log of the transaction (the chain) passes it; 0 keeps the key every
+    source agrees on.
     """
     micro_shares = round(shares * 10**SHARE_DECIMALS)
-    canonical = "|".join(
-        (tx_hash.lower(), user.lower(), token_id, side.upper(), str(micro_shares), f"{price:.6f}")
-    )
+    parts = [
+        tx_hash.lower(),
+        user.lower(),
+        token_id,
+        side.upper(),
+        str(micro_shares),
+        f"{price:.6f}",
+    ]
+    if occurrence:
+        parts.append(str(occurrence))
+    canonical = "|".join(parts)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -110,7 +128,9 @@ class OrderFill(DomeOrder):
         return self.shares_normalized * self.price
 
     @classmethod
-    def from_dome(cls, order: DomeOrder, source: Source, received_at: float) -> OrderFill:
+    def from_dome(
+        cls, order: DomeOrder, source: Source, received_at: float, occurrence: int = 0
+    ) -> OrderFill:
         key = order_key(
             order.tx_hash,
             order.user,
@@ -118,6 +138,7 @@ class OrderFill(DomeOrder):
             order.side,
             order.shares_normalized,
             order.price,
+            occurrence,
         )
         return cls(**order.model_dump(), order_key=key, source=source, received_at=received_at)
 

@@ -22,7 +22,7 @@ MONITORING_DIR = ROOT / "monitoring"
 def compose() -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     assert binary, (
-        "docker-compose (the Compose parser) is not installed: apt-get install docker-compose"
+        "docker-compose (the Compose parser) missing: `make test` installs it (devtools/prereqs.sh)"
     )
     result = subprocess.run(
         [binary, "-f", str(ROOT / "docker-compose.yml"), "config"],

@@ -1,8 +1,8 @@
 """The live page at `/` in headless Chromium while signals flow, and the `/api/status` it polls.
 
-The browser test needs Debian's `chromium` (.ci/run installs it) and Playwright from PyPI, which
-drives that binary (no browser download). Without Chromium it fails in CI and is skipped
-elsewhere. It saves tests/output/dashboard.png for people to look at.
+The browser test needs Debian's `chromium` (`make test` installs it) and Playwright from PyPI,
+which drives that binary (no browser download). Without Chromium it fails, never skips. It saves
+tests/output/dashboard.png for people to look at.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -135,11 +134,10 @@ async def signals_flowing(
 
 @pytest.fixture
 def chromium() -> str:
-    if not shutil.which(CHROMIUM):
-        message = f"{CHROMIUM} missing: apt-get install -y chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    assert shutil.which(CHROMIUM), (
+        f"{CHROMIUM} missing: `make test` installs it (devtools/prereqs.sh), "
+        "or apt-get install chromium"
+    )
     return CHROMIUM
 
 

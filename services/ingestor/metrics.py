@@ -74,3 +74,18 @@ PUBLISH_LATENCY = Histogram(
     "From frame receipt to the fill being in orders.raw",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+# The polygon source (services/ingestor/chain). No label holds an endpoint's URL: it carries a key.
+CHAIN_HEAD = Gauge(PREFIX + "chain_head_block", "Newest block number the node announced")
+CHAIN_BLOCK = Gauge(PREFIX + "chain_read_block", "Last block fully read and published (watermark)")
+CHAIN_ENDPOINT = Gauge(
+    PREFIX + "chain_endpoint", "Position in POLYGON_WS_URLS of the endpoint in use"
+)
+CHAIN_REORGS = Counter(PREFIX + "chain_reorgs", "Reorgs found under the block watermark")
+CHAIN_REMOVED = Counter(
+    PREFIX + "chain_removed_logs", "Published fills a reorg took back (removed: true)"
+)
+CHAIN_RANGES_READ = Counter(PREFIX + "chain_ranges_read", "eth_getLogs ranges read")
+CHAIN_RANGES_SPLIT = Counter(
+    PREFIX + "chain_ranges_split", "eth_getLogs ranges halved because the provider refused them"
+)

@@ -31,6 +31,8 @@ from redis.exceptions import RedisError
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp, WalletHistory
 from services.ingestor.backoff import Backoff
+from services.ingestor.chain import polygon_source
+from services.ingestor.chain.source import PolygonSource
 from services.ingestor.feed_status import (
     ConnectionState,
     FeedStatus,
@@ -99,6 +101,7 @@ class Ingestor:
         self.sources: list[WalletSource] = []
         self.websocket: DomeWebSocketSource | None = None
         self.pollers: list[WalletPoller] = []
+        self.polygon: PolygonSource | None = None
         self._apis: dict[str, JsonApi] = {}
         self._wallets_after = "0-0"
         self._started_at = time.time()
@@ -129,6 +132,9 @@ class Ingestor:
                     s, wallets, self.publisher, self._backfill_catch_up()
                 )
                 self.sources.append(self.websocket)
+            elif name == "polygon":
+                self.polygon = polygon_source(s, wallets, self.publisher, self.redis)
+                self.sources.append(self.polygon)
             elif name == "dome_rest":
                 self._poller(
                     DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit),
@@ -211,6 +217,8 @@ class Ingestor:
         if self.websocket is not None:
             yield from (conn.status for conn in self.websocket.connections)
         yield from (poller.status for poller in self.pollers)
+        if self.polygon is not None:
+            yield self.polygon.status
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.publisher.ping()
@@ -279,6 +287,8 @@ class Ingestor:
             await server
         for api in self._apis.values():
             await api.aclose()
+        if self.polygon is not None:
+            await self.polygon.markets.aclose()
         await self.redis.aclose()
         return left
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from services.ingestor.chain.events import V2_EXCHANGES
+from shared.models import normalize_address
 from shared.settings import CommonSettings
 
 MIB = 1 << 20
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-IngestSource = Literal["dome_ws", "dome_rest", "data_api"]
-INGEST_SOURCES: tuple[IngestSource, ...] = ("dome_ws", "dome_rest", "data_api")
+IngestSource = Literal["dome_ws", "dome_rest", "data_api", "polygon"]
+INGEST_SOURCES: tuple[IngestSource, ...] = ("dome_ws", "dome_rest", "data_api", "polygon")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,34 @@ class IngestorSettings(CommonSettings):
     # limit is a multiple of it, see `sources.ws_connection.HARD_LIMIT_FACTOR`.
     dome_max_frame_bytes: int = Field(default=MIB, ge=1024)
 
+    # --- polygon: OrderFilled logs over a Polygon JSON-RPC WebSocket (docs/ingestion.md) ---
+    # Comma-separated; the first that works is used, the next on error, 429 or stall. They usually
+    # carry a provider key: secret, never logged (endpoints are named by position).
+    polygon_ws_urls: SecretStr = SecretStr("ws://127.0.0.1:8545")
+    # The exchange contracts whose logs are read; default the two CLOB V2 exchanges.
+    polygon_exchanges: str = ",".join(V2_EXCHANGES)
+    # 0: publish a fill on first sight (a later reorg is reported, not undone); N: only once its
+    # block has N successors (about 2 s each), reading settled blocks only.
+    polygon_confirmations: int = Field(default=2, ge=0, le=256)
+    # Up to this many wallets go into the topic filter; above, every fill is read, kept here.
+    polygon_max_wallets_per_filter: int = Field(default=1000, ge=0)
+    # Blocks per eth_getLogs (providers cap it, commonly 1k-10k); a refused range is halved.
+    polygon_getlogs_max_blocks: int = Field(default=1000, ge=1)
+    # No new head for this long = a stalled endpoint: fail over.
+    polygon_stall_timeout_s: float = Field(default=30.0, gt=0)
+    # After this long on a fallback endpoint, try the first again.
+    polygon_failback_after_s: float = Field(default=300.0, gt=0)
+    # First start (no block watermark): read this many blocks back (1,800 blocks ~ 1 hour).
+    polygon_initial_lookback_blocks: int = Field(default=1800, ge=0)
+    # A wallet added while running: its own fills this many blocks back, then it joins the filter.
+    polygon_new_wallet_lookback_blocks: int = Field(default=1800, ge=0)
+    # A JSON-RPC call unanswered this long = a dead connection.
+    polygon_call_timeout_s: float = Field(default=30.0, gt=0)
+    # Polymarket's Gamma API: token -> market, slug, title, outcome (the simulator serves it too).
+    gamma_api_url: str = "http://127.0.0.1:8765"
+    # The longest a fill waits for its market's metadata; later it goes out without it.
+    market_lookup_timeout_s: float = Field(default=1.0, gt=0)
+
     # How long an order_key is remembered for dedupe (s): covers reconnect replays and backfill.
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     # Fills waiting for Redis; when full the socket reader waits (backpressure), nothing dropped.
@@ -153,12 +183,36 @@ class IngestorSettings(CommonSettings):
             raise ValueError("DOME_WS_URL must start with ws:// or wss://")
         return value.rstrip("/")
 
-    @field_validator("dome_api_url", "data_api_url")
+    @field_validator("dome_api_url", "data_api_url", "gamma_api_url")
     @classmethod
     def _http_scheme(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError("DOME_API_URL and DATA_API_URL must start with http:// or https://")
+            raise ValueError(
+                "DOME_API_URL, DATA_API_URL and GAMMA_API_URL must start with http:// or https://"
+            )
         return value.rstrip("/")
+
+    @field_validator("polygon_ws_urls")
+    @classmethod
+    def _polygon_urls(cls, value: SecretStr) -> SecretStr:
+        urls = [url.strip() for url in value.get_secret_value().split(",") if url.strip()]
+        if not urls or not all(url.startswith(("ws://", "wss://")) for url in urls):
+            # The value is not echoed: it carries provider keys.
+            raise ValueError("POLYGON_WS_URLS must list ws:// or wss:// URLs, comma-separated")
+        return SecretStr(",".join(urls))
+
+    @field_validator("polygon_exchanges")
+    @classmethod
+    def _exchange_addresses(cls, value: str) -> str:
+        try:
+            addresses = [
+                normalize_address(part.strip()) for part in value.split(",") if part.strip()
+            ]
+        except ValueError as exc:
+            raise ValueError(f"POLYGON_EXCHANGES: {exc}") from None
+        if not addresses:
+            raise ValueError("POLYGON_EXCHANGES must list at least one contract address")
+        return ",".join(dict.fromkeys(addresses))
 
     @field_validator("ingest_sources")
     @classmethod
@@ -202,9 +256,15 @@ class IngestorSettings(CommonSettings):
             return f"{self.dome_ws_url}{separator}{urlencode({'key': key})}"
         return f"{self.dome_ws_url}/{key}"
 
+    def polygon_urls(self) -> tuple[str, ...]:
+        """The RPC endpoints, keys included: pass them to the client only, never to a log."""
+        return tuple(self.polygon_ws_urls.get_secret_value().split(","))
+
     def secrets(self) -> list[str]:
         """Every key this configuration holds, to be scrubbed from logs."""
         values = [self.dome_api_key.get_secret_value(), self.polynode_api_key.get_secret_value()]
+        for url in self.polygon_urls() if "polygon" in self.sources() else ():
+            values += [url, *_key_like_parts(url)]
         # The polynode key travels URL-encoded in the query string.
         values += [urlencode({"k": value})[2:] for value in values]
         return [value for value in dict.fromkeys(values) if value]
@@ -214,3 +274,18 @@ class IngestorSettings(CommonSettings):
         if path.is_absolute() or path.exists():
             return path
         return PROJECT_ROOT / path
+
+
+KEY_MIN_CHARS = 16
+
+
+def _key_like_parts(url: str) -> list[str]:
+    """The parts of an RPC URL long enough to be a provider key: path segments (Alchemy, Infura),
+    query values and the first host label (QuickNode-style subdomains). Short words such as `v2`
+    or `polygon` stay readable in logs."""
+    parts = urlsplit(url)
+    candidates = parts.path.split("/") + [value for _, value in parse_qsl(parts.query)]
+    candidates.append((parts.hostname or "").split(".")[0])
+    if parts.password:
+        candidates.append(parts.password)
+    return [part for part in candidates if len(part) >= KEY_MIN_CHARS]

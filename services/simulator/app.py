@@ -51,6 +51,7 @@ from pydantic import SecretStr
 from services.simulator.data_api import parse_trades_query, trades_page
 from services.simulator.faults import AUTH_CLOSE_CODE, AUTH_CLOSE_REASON, Faults
 from services.simulator.feed import Connection, Hub, Transport
+from services.simulator.gamma import markets_answer
 from services.simulator.history import History, QueryError, parse_orders_query
 from services.simulator.protocol import Dialect
 from services.simulator.replay import Emitter
@@ -144,7 +145,11 @@ async def _refuse(websocket: WebSocket) -> None:
 
 
 def create_app(
-    settings: SimulatorSettings, hub: Hub, history: History, emitter: Emitter
+    settings: SimulatorSettings,
+    hub: Hub,
+    history: History,
+    emitter: Emitter,
+    markets: dict[str, dict[str, Any]] | None = None,
 ) -> FastAPI:
     app = FastAPI(title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None)
     api_key = ApiKey(settings.sim_api_key)
@@ -235,6 +240,15 @@ def create_app(
         except QueryError as exc:
             return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
         return answered(path, params, 200, json_response(trades_page(history, query)))
+
+    @app.get("/markets")
+    async def gamma(request: Request) -> Response:
+        """Gamma's market lookup by token id (`clob_token_ids`, repeated or comma-separated)."""
+        path, params = "/markets", request.query_params
+        if (limited := refused(path, params)) is not None:
+            return limited
+        ids = [part for value in params.getlist("clob_token_ids") for part in value.split(",")]
+        return answered(path, params, 200, json_response(markets_answer(markets or {}, ids)))
 
     @app.get("/_sim/status")
     async def status() -> Response:

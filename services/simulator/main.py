@@ -15,6 +15,7 @@ import uvicorn
 
 from services.simulator.app import create_app
 from services.simulator.feed import Hub
+from services.simulator.gamma import gamma_markets
 from services.simulator.history import History
 from services.simulator.replay import Emitter
 from services.simulator.settings import SimulatorSettings, resolve_path
@@ -90,7 +91,9 @@ class Simulator:
         )
         gate = self.hub.first_subscription if settings.sim_wait_for_subscriber else None
         self.emitter = Emitter(build_schedule(settings), self.history, self.hub, gate)
-        self.app = create_app(settings, self.hub, self.history, self.emitter)
+        tape = load_tape(resolve_path(settings.sim_tape)) if settings.sim_mode == "tape" else []
+        markets = gamma_markets(tape)
+        self.app = create_app(settings, self.hub, self.history, self.emitter, markets)
         self.server: uvicorn.Server | None = None
         # Set once the port listens (connections then queue until the server takes them).
         self.listening = asyncio.Event()
