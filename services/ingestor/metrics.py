@@ -78,6 +78,9 @@ PUBLISH_LATENCY = Histogram(
 # The polygon source (services/ingestor/chain). No label holds an endpoint's URL: it carries a key.
 CHAIN_HEAD = Gauge(PREFIX + "chain_head_block", "Newest block number the node announced")
 CHAIN_BLOCK = Gauge(PREFIX + "chain_read_block", "Last block fully read and published (watermark)")
+CHAIN_LAG = Gauge(
+    PREFIX + "chain_lag_blocks", "Settled blocks not read yet (head - confirmations - read)"
+)
 CHAIN_ENDPOINT = Gauge(
     PREFIX + "chain_endpoint", "Position in POLYGON_WS_URLS of the endpoint in use"
 )

@@ -231,6 +231,10 @@ class Ingestor:
         )
         if not self.sources:
             details["state"] = ConnectionState.STARTING.value
+        if self.polygon is not None:
+            problems, details["chain"] = self.polygon.chain_health(time.time())
+            details["problems"] += problems
+            ok = ok and not problems
         details["queued"] = self.publisher.unfinished
         return ok, details
 

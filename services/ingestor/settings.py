@@ -122,7 +122,7 @@ class IngestorSettings(CommonSettings):
     # --- polygon: OrderFilled logs over a Polygon JSON-RPC WebSocket (docs/ingestion.md) ---
     # Comma-separated; the first that works is used, the next on error, 429 or stall. They usually
     # carry a provider key: secret, never logged (endpoints are named by position).
-    polygon_ws_urls: SecretStr = SecretStr("ws://127.0.0.1:8545")
+    polygon_ws_urls: SecretStr = SecretStr("ws://127.0.0.1:8765/rpc")
     # The exchange contracts whose logs are read; default the two CLOB V2 exchanges.
     polygon_exchanges: str = ",".join(V2_EXCHANGES)
     # 0: publish a fill on first sight (a later reorg is reported, not undone); N: only once its
@@ -132,6 +132,8 @@ class IngestorSettings(CommonSettings):
     polygon_max_wallets_per_filter: int = Field(default=1000, ge=0)
     # Blocks per eth_getLogs (providers cap it, commonly 1k-10k); a refused range is halved.
     polygon_getlogs_max_blocks: int = Field(default=1000, ge=1)
+    # /health turns red when more settled blocks than this wait to be read (30 blocks ~ 1 min).
+    polygon_max_lag_blocks: int = Field(default=30, ge=1)
     # No new head for this long = a stalled endpoint: fail over.
     polygon_stall_timeout_s: float = Field(default=30.0, gt=0)
     # After this long on a fallback endpoint, try the first again.

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from services.simulator.app import create_app
+from services.simulator.chain import ChainNode, add_chain_routes
 from services.simulator.feed import Hub
 from services.simulator.gamma import gamma_markets
 from services.simulator.history import History
@@ -90,10 +91,13 @@ class Simulator:
             settings.sim_max_filter_values,
         )
         gate = self.hub.first_subscription if settings.sim_wait_for_subscriber else None
-        self.emitter = Emitter(build_schedule(settings), self.history, self.hub, gate)
+        # The chain opens the gate too: a polygon-only ingestor never subscribes to the Dome feed.
+        self.chain = ChainNode(settings.sim_block_time_s, gate)
+        self.emitter = Emitter(build_schedule(settings), self.history, self.hub, gate, self.chain)
         tape = load_tape(resolve_path(settings.sim_tape)) if settings.sim_mode == "tape" else []
         markets = gamma_markets(tape)
         self.app = create_app(settings, self.hub, self.history, self.emitter, markets)
+        add_chain_routes(self.app, self.chain)
         self.server: uvicorn.Server | None = None
         # Set once the port listens (connections then queue until the server takes them).
         self.listening = asyncio.Event()
@@ -108,6 +112,7 @@ class Simulator:
         server = self.server = http_server(self.app, s.sim_host, self.port)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         emitting = asyncio.create_task(self.emitter.run())
+        mining = asyncio.create_task(self.chain.run())
         stopping = asyncio.create_task(stop.wait())
         log.info(
             "simulator_started",
@@ -130,11 +135,12 @@ class Simulator:
                     continue
                 break
         finally:
+            mining.cancel()
             emitting.cancel()
             stopping.cancel()
             await self.hub.close_all(SHUTDOWN_CODE, SHUTDOWN_REASON)
             server.should_exit = True
-            await asyncio.gather(serving, emitting, stopping, return_exceptions=True)
+            await asyncio.gather(serving, emitting, mining, stopping, return_exceptions=True)
         for task in (emitting, serving):
             if task.done() and not task.cancelled() and (error := task.exception()) is not None:
                 raise error

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 from prometheus_client import Counter
 
+from services.simulator.chain import ChainNode
 from services.simulator.feed import Hub
 from services.simulator.history import History
 from services.simulator.tape import Scheduled
@@ -39,11 +40,13 @@ class Emitter:
         history: History,
         hub: Hub,
         start_gate: asyncio.Event | None = None,
+        chain: ChainNode | None = None,
     ) -> None:
         self._schedule = schedule
         self._history = history
         self._hub = hub
         self._gate = start_gate
+        self._chain = chain
         self._blocks = BlockClock()
         self.emitted = 0
         self.started = False
@@ -72,6 +75,8 @@ class Emitter:
         self.emitted += 1
         self._history.append(trade)
         self._hub.publish(trade)
+        if self._chain is not None:
+            self._chain.include(trade)
         EMITTED.inc()
         return trade
 

@@ -11,6 +11,7 @@
 | SIM_SEED / SIM_RATE | 42 / 100 | synthetic mode: random seed, orders per second |
 | SIM_WALLETS_FILE | config/wallets.example.json | synthetic mode: the wallets that trade |
 | SIM_WAIT_FOR_SUBSCRIBER | true | start the clock at the first WebSocket subscription |
+| SIM_BLOCK_TIME_S | 2 | seconds between blocks of the simulated Polygon node (`/rpc`) |
 | SIM_HISTORY_MAX | 1000000 | emitted trades kept for REST and the ground truth (oldest dropped) |
 | SIM_SEND_QUEUE_MAX | 10000 | frames queued per client before it is cut off (close 1013) |
 | SIM_MAX_SUBSCRIPTIONS | 500 | subscriptions per connection (Dome's Dev tier) |
@@ -51,6 +52,8 @@ class SimulatorSettings(CommonSettings):
     sim_rate: float = Field(default=100.0, gt=0)
     sim_wallets_file: Path = Path("config/wallets.example.json")
     sim_wait_for_subscriber: bool = True
+    # Seconds between two blocks of the simulated Polygon chain (`/rpc`); Polygon's is about 2.
+    sim_block_time_s: float = Field(default=2.0, gt=0)
     sim_history_max: int = Field(default=1_000_000, ge=1)
     sim_send_queue_max: int = Field(default=10_000, ge=1)
     sim_max_subscriptions: int = Field(default=500, ge=1)

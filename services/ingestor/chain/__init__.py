@@ -53,6 +53,8 @@ def polygon_source(
         call_timeout_s=s.polygon_call_timeout_s,
         reconnect_min_s=s.dome_reconnect_min_s,
         reconnect_max_s=s.dome_reconnect_max_s,
+        # eth_getLogs answers can be large (a busy range); the range cap bounds them.
         max_frame_bytes=max(s.dome_max_frame_bytes, 16 << 20),
+        max_lag_blocks=s.polygon_max_lag_blocks,
     )
     return PolygonSource(chain, wallets, publisher, markets)

@@ -147,16 +147,16 @@ def decode_log(log: Any) -> ChainFill:
     except DecodingError as exc:
         raise LogError(f"undecodable V{version} data: {exc}") from exc
     if version == 2:
-        side_code, token, maker_amount, taker_amount, fee = values[:5]
+        side_code, asset, maker_amount, taker_amount, fee = values[:5]
         if side_code not in (0, 1):
             raise LogError(f"V2 side must be 0 or 1, got {side_code}")
         side = Side.BUY if side_code == 0 else Side.SELL
     else:
         maker_asset, taker_asset, maker_amount, taker_amount, fee = values
         side = Side.BUY if maker_asset == 0 else Side.SELL
-        token = taker_asset if side is Side.BUY else maker_asset
+        asset = taker_asset if side is Side.BUY else maker_asset
     shares, collateral = _amounts(side, maker_amount, taker_amount)
-    if shares == 0 or token == 0:
+    if shares == 0 or asset == 0:
         raise LogError("a fill of zero shares or of token 0 is not a trade")
     if shares >= _MAX_UINT64 or collateral >= _MAX_UINT64:
         raise LogError("amounts beyond any real fill (64-bit micro-units)")
@@ -167,7 +167,7 @@ def decode_log(log: Any) -> ChainFill:
         maker=_topic_address(raw_topics[2], "maker"),
         taker=_topic_address(raw_topics[3], "taker"),
         side=side,
-        token_id=str(token),
+        token_id=str(asset),
         shares_raw=shares,
         collateral_raw=collateral,
         fee_raw=fee,

@@ -116,6 +116,8 @@ class RpcSocket:
             raise ConnectionLost("connection closed") from None
         finally:
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a failure nobody awaited any more is not news
 
     async def _read(self) -> None:
         try:

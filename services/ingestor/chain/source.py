@@ -81,6 +81,7 @@ class ChainSettings:
     reconnect_min_s: float
     reconnect_max_s: float
     max_frame_bytes: int
+    max_lag_blocks: int
 
 
 class Stalled(Exception):
@@ -122,6 +123,7 @@ class PolygonSource:
         self._tx_fills: OrderedDict[str, dict[int, tuple[Any, ...]]] = OrderedDict()
         self.endpoint = 0
         self.head = 0
+        self.head_seen_at = time.time()
         self.reorgs = 0
         self.ranges_split = 0
 
@@ -134,6 +136,29 @@ class PolygonSource:
     def status(self) -> FeedStatus:
         self._status.wallets = len(self.wallets)
         return self._status
+
+    def chain_health(self, now: float) -> tuple[list[str], dict[str, Any]]:
+        """Problems (empty when healthy) and the figures `/health` shows for the chain."""
+        read = self._cursor or 0
+        lag = max(0, self.head - self.settings.confirmations - read) if self.head else 0
+        silent = now - self.head_seen_at
+        problems = []
+        if lag > self.settings.max_lag_blocks:
+            problems.append(f"polygon: {lag} settled blocks not read yet")
+        if silent > 2 * self.settings.stall_timeout_s:
+            problems.append(f"polygon: no new head for {silent:.0f}s on any endpoint")
+        details = {
+            "endpoint": self.endpoint,
+            "head_block": self.head,
+            "read_block": read,
+            "lag_blocks": lag,
+            "seconds_since_head": round(silent, 3),
+            "reorgs": self.reorgs,
+            "ranges_split": self.ranges_split,
+            "confirmations": self.settings.confirmations,
+        }
+        metrics.CHAIN_LAG.set(lag)
+        return problems, details
 
     # --- wallets -------------------------------------------------------------------------------
 
@@ -236,6 +261,7 @@ class PolygonSource:
                 header = self._remember_header(result)
                 if header is not None and header.number > self.head:
                     self.head, last_head_at = header.number, time.monotonic()
+                    self.head_seen_at = time.time()
                     metrics.CHAIN_HEAD.set(self.head)
                     await self._catch_up(socket)
             elif subscription == logs:
