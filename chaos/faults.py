@@ -235,6 +235,82 @@ async def _control(pipe: Pipeline, fault: Fault, route: str) -> dict[str, Any] |
     return body
 
 
+async def _chain(pipe: Pipeline, fault: Fault, body: dict[str, Any]) -> dict[str, Any] | None:
+    """POST the simulator's chain control route with a JSON body (`services/simulator/chain.py`)."""
+    try:
+        response = await pipe.sim.post("/_sim/chain", json=body)
+    except httpx.HTTPError as exc:
+        fault.note(f"/_sim/chain failed: {type(exc).__name__}")
+        return None
+    if response.status_code in (404, 405):
+        fault.supported = False
+        fault.note(f"/_sim/chain: {NOT_SUPPORTED}")
+        return None
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+@dataclass
+class ChainReorg(Fault):
+    name: ClassVar[str] = "chain_reorg"
+    description: ClassVar[str] = (
+        "three 2-block reorgs of the simulated chain a second apart; every other trade of the "
+        "dropped blocks is included again later, the others are orphaned for good"
+    )
+    hold_s: float = 0.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        orphaned = again = 0
+        for _ in range(3):
+            body = await _chain(pipe, self, {"reorg": {"depth": 2, "keep": 2}})
+            if body is None:
+                return
+            orphaned += int(body["reorg"]["orphaned"])
+            again += int(body["reorg"]["included_again"])
+            await asyncio.sleep(1.0)
+        self.note(f"{orphaned} trade(s) orphaned, {again} included again in later blocks")
+
+
+@dataclass
+class ChainFailover(Fault):
+    name: ClassVar[str] = "chain_failover"
+    description: ClassVar[str] = (
+        "the first RPC endpoint's connections reset and refused for the hold (the ingestor moves "
+        "to the second), then restored (it comes back after POLYGON_FAILBACK_AFTER_S)"
+    )
+    hold_s: float = 5.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        self.note(f"reset {pipe.rpc_proxy.cut()} RPC connection(s)")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        pipe.rpc_proxy.restore()
+        self.note(f"restored after {self.hold_s:g}s")
+
+
+@dataclass
+class ChainStall(Fault):
+    name: ClassVar[str] = "chain_stall"
+    description: ClassVar[str] = (
+        "the chain's head stops moving on every endpoint for the hold (no block, no error)"
+    )
+    hold_s: float = 5.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        if await _chain(pipe, self, {"stall": True}) is not None:
+            self.note("head stalled")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        if await _chain(pipe, self, {"stall": False}) is not None:
+            self.note(f"head moving again after {self.hold_s:g}s")
+
+
+# The chain faults run with INGEST_SOURCES=polygon (chaos/main.py, CHAIN_ENV); on their own and,
+# with the process kills and the Redis restart, in "chain_together".
+CHAIN_FAULTS: dict[str, type[Fault]] = {f.name: f for f in (ChainReorg, ChainFailover, ChainStall)}
+
+
 # Also the order of "together": the kills first, while orders flow to be caught pending, then the
 # feed faults while the ingestor is up to suffer them, the Redis restart and the ingestor kill last.
 FAULTS: dict[str, type[Fault]] = {
