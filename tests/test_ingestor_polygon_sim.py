@@ -64,8 +64,9 @@ async def test_with_confirmations_a_reorg_never_publishes_an_orphaned_fill(
             await until(lambda: sim.sim.emitter.emitted > 100, within_s=30, what="trades")
             reorgs = []
             for _ in range(3):
-                reorgs.append((await sim.post("/_sim/chain", {"reorg": {"depth": 2, "keep": 2}})))
-                await until(lambda: sim.sim.emitter.emitted % 7 == 0, within_s=5, what="more")
+                reorgs.append(await sim.post("/_sim/chain", {"reorg": {"depth": 2, "keep": 2}}))
+                mark = sim.sim.emitter.emitted
+                await until(lambda m=mark: sim.sim.emitter.emitted >= m + 20, what="more trades")
             await until(lambda: sim.sim.emitter.done, within_s=90, what="tape played")
             await sim.post("/_sim/chain", {})
             orphaned = set((await chain_state(sim))["orphaned"])
