@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, latency, profiling, stages, throughput
+from bench import ceilings, chain, latency, profiling, stages, throughput
 from bench.environment import (
     BenchEnv,
     backing_servers,
@@ -35,7 +35,7 @@ from bench.environment import (
 from bench.pipeline import Pipeline
 from bench.report import RESULTS_DIR, add_ratios, goals, table, write
 
-SECTIONS = ("ceilings", "stages", "latency", "pipeline")
+SECTIONS = ("ceilings", "stages", "latency", "pipeline", "chain")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class Plan:
     hot_replicas: tuple[int, ...]
     store_items: int
     budget_s: float
+    # Tracked fills per second into 2 s blocks: a few per block (20/s), and a burst of 400.
+    chain_rates: tuple[float, ...] = (20.0, 200.0)
+    chain_s: float = 20.0
+    chain_confirmations: tuple[int, ...] = (0, 2)
 
 
 FULL = Plan(
@@ -90,6 +94,7 @@ QUICK = Plan(
     hot_replicas=(1, 2),
     store_items=10_000,
     budget_s=150,
+    chain_s=6,
 )
 
 
@@ -217,6 +222,18 @@ async def run_pipeline(
     return out
 
 
+async def run_chain(env: BenchEnv, plan: Plan) -> list[dict[str, Any]]:
+    out = []
+    for rate in plan.chain_rates:
+        for confirmations in plan.chain_confirmations:
+            _log(
+                f"chain: block-to-delivered at {rate:,.0f}/s for {plan.chain_s:g}s, "
+                f"{confirmations} confirmation(s)"
+            )
+            out.append(await chain.measure(env, rate, plan.chain_s, confirmations))
+    return out
+
+
 async def run(plan: Plan, sections: set[str], note: str, out_path: Path) -> dict[str, Any]:
     started = time.monotonic()
     with backing_servers() as (redis_url, server_url):
@@ -241,6 +258,11 @@ async def run(plan: Plan, sections: set[str], note: str, out_path: Path) -> dict
                     results.update(await run_pipeline(env, plan, sections, deadline))
                 except Exception as exc:
                     errors["pipeline"] = _failure(exc)
+            if "chain" in sections:
+                try:
+                    results["chain"] = await run_chain(env, plan)
+                except Exception as exc:
+                    errors["chain"] = _failure(exc)
             results["errors"] = errors
     results["load_average_at_end"] = load_average()
     results["pytest_processes_at_end"] = other_test_runs()

@@ -33,6 +33,8 @@ from shared.streams import DETECTOR_GROUP, STORE_GROUP, Streams
 # Every fill a whale_order, none suppressed by a cooldown (names unknown to a service are ignored).
 RULES = {"WHALE_MIN_NOTIONAL_USD": "0.0001", "SIGNAL_MAX_PRICE": "1", "SIGNAL_COOLDOWN_S": "0"}
 FEED_START_TIMEOUT_S = 20.0
+# Polygon's block time: the simulator's node mines at this pace in every bench pipeline.
+CHAIN_BLOCK_TIME_S = 2.0
 API_KEY = "bench-key"
 _EMPTY = GroupState(0, 0, 0)
 
@@ -83,11 +85,25 @@ class Snapshot:
         }
 
 
+def chain_source(sim_port: int, confirmations: int) -> dict[str, str]:
+    """The ingestor reading the simulator's node (`/rpc`) as source `polygon`."""
+    return {
+        "INGEST_SOURCES": "polygon",
+        "POLYGON_WS_URLS": f"ws://127.0.0.1:{sim_port}/rpc",
+        "GAMMA_API_URL": f"http://127.0.0.1:{sim_port}",
+        "POLYGON_CONFIRMATIONS": str(confirmations),
+    }
+
+
 class Pipeline:
-    def __init__(self, env: BenchEnv, tag: str = "e2e-") -> None:
+    def __init__(
+        self, env: BenchEnv, tag: str = "e2e-", ingest: dict[str, str] | None = None
+    ) -> None:
         self.env = env
         self.tag = tag
-        self.namespace = env.namespace("e2e")
+        # The ingestor's source settings over the default (the Dome feed): see `chain_source`.
+        self.ingest = ingest or {}
+        self.namespace = env.namespace(tag.rstrip("-"))
         self.streams = Streams(self.namespace)
         self.base = service_env(env, self.namespace)
         self.sim_port = free_port()
@@ -129,6 +145,7 @@ class Pipeline:
             DOME_API_KEY=API_KEY,
             DOME_RECONNECT_MIN_S="0.05",
             DOME_RECONNECT_MAX_S="0.5",
+            **self.ingest,
         )
         self.services[ingestor.name] = ingestor
         await start_all([ingestor])
@@ -150,6 +167,7 @@ class Pipeline:
                 "SIM_WALLETS_FILE": str(WALLETS_FILE),
                 "SIM_API_KEY": API_KEY,
                 "SIM_HISTORY_MAX": "1000000" if keep_history else "1000",
+                "SIM_BLOCK_TIME_S": str(CHAIN_BLOCK_TIME_S),
             },
             f"http://127.0.0.1:{self.sim_port}/health",
             f"{self.tag}{self.feeds}-",
@@ -171,6 +189,13 @@ class Pipeline:
         response.raise_for_status()
         status: dict[str, Any] = response.json()
         return status
+
+    async def mined_at(self) -> dict[str, float]:
+        """Each trade's tx hash -> when its block was mined (the simulator's node)."""
+        response = await self.http.get("/_sim/chain/mined")
+        response.raise_for_status()
+        times: dict[str, float] = response.json()
+        return times
 
     async def sim_trades(self) -> list[dict[str, Any]]:
         response = await self.http.get("/_sim/trades")

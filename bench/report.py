@@ -171,6 +171,21 @@ def table(results: dict[str, Any]) -> str:
                 + ("" if r.get("drained", True) else "  did not drain")
                 + (f"  subscriber {r['subscriber_closed']}" if r.get("subscriber_closed") else "")
             )
+    if results.get("chain"):
+        lines += [
+            "",
+            "Polygon source: block mined -> subscriber receipt (ms), blocks every 2 s",
+            f"  {'confirm.':>8} {'rate/s':>7} {'secs':>5} {'expected':>8} {'received':>8} "
+            f"{'p50':>7} {'p99':>7} {'max':>7}",
+        ]
+        for r in results["chain"]:
+            lines.append(
+                f"  {r['confirmations']:>8} {_n(r['rate']):>7} {r['seconds']:>5g} "
+                f"{_n(r['expected']):>8} {_n(r['received']):>8} {_ms(r['p50_ms']):>7} "
+                f"{_ms(r['p99_ms']):>7} {_ms(r['max_ms']):>7}"
+                + ("" if r["missing"] == 0 else f"  MISSING {r['missing']}")
+                + ("" if r.get("drained", True) else "  did not drain")
+            )
     p = results.get("pipeline")
     if p:
         lines += [

@@ -68,6 +68,8 @@ class Block:
     timestamp: int
     trades: list[Trade]
     logs: list[dict[str, Any]] = field(default_factory=list)
+    # When it was mined (float Unix time): the start of block-to-delivered latency in the bench.
+    mined_at: float = 0.0
 
     def header(self) -> dict[str, Any]:
         return {
@@ -165,7 +167,8 @@ class ChainNode:
         parent = self.blocks[-1].hash if self.blocks else "0x" + "00" * 32
         digest = hashlib.sha256(f"{number}|{parent}|{self._forks}".encode()).hexdigest()
         trades, self.pending = self.pending, []
-        block = Block(number, "0x" + digest, parent, int(time.time()), trades)
+        now = time.time()
+        block = Block(number, "0x" + digest, parent, int(now), trades, mined_at=now)
         block.logs = [encode_log(t, block, i, self.exchange) for i, t in enumerate(trades)]
         self.blocks.append(block)
         self._announce(block)
@@ -339,8 +342,12 @@ def add_chain_routes(app: FastAPI, node: ChainNode) -> None:
         with contextlib.suppress(Exception):
             await websocket.close()
 
+    already = len(app.router.routes)
     app.add_api_websocket_route("/rpc", socket)
     app.add_api_websocket_route("/rpc/{key:path}", socket)
+    # Ahead of the Dome feed's `/{api_key_path}`, which would take `rpc` for a Dome key.
+    app.router.routes[:0] = [app.router.routes.pop() for _ in range(2)][::-1]
+    assert len(app.router.routes) == already + 2
 
     async def http_call(request: Request) -> Response:
         try:
@@ -389,5 +396,11 @@ def add_chain_routes(app: FastAPI, node: ChainNode) -> None:
             return Response(message, status_code=400, media_type="application/json")
         return Response(orjson.dumps(result), media_type="application/json")
 
+    async def mined() -> Response:
+        """Each canonical trade's tx hash -> the float time its block was mined."""
+        times = {t.tx_hash: b.mined_at for b in node.blocks for t in b.trades}
+        return Response(orjson.dumps(times), media_type="application/json")
+
+    app.add_api_route("/_sim/chain/mined", mined, methods=["GET"])
     app.add_api_route("/_sim/chain", state, methods=["GET"])
     app.add_api_route("/_sim/chain", control, methods=["POST"])

@@ -13,9 +13,10 @@ if TYPE_CHECKING:
     from services.ingestor.publisher import Publisher
     from services.ingestor.settings import IngestorSettings
 
-# Gamma is public and cached; a modest pace keeps a cold start from looking like abuse.
-GAMMA_RATE_PER_S = 5.0
-GAMMA_RATE_PER_10S = 40
+# Gamma is public and cached (one request per token a day): a pace that lets a cold start look
+# up a few hundred markets in a minute without looking like abuse.
+GAMMA_RATE_PER_S = 10.0
+GAMMA_RATE_PER_10S = 100
 
 
 def polygon_source(

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,14 +87,16 @@ class MarketDirectory:
         self._api = api
         self._prefix = key_prefix
         self._timeout_s = timeout_s
-        self._known: dict[str, TokenMarket] = {}
+        # Token -> (market, until when it holds: monotonic seconds; unknown tokens expire).
+        self._known: dict[str, tuple[TokenMarket, float]] = {}
         self._inflight: dict[str, asyncio.Task[TokenMarket]] = {}
         self.late = 0
 
     async def describe(self, token_id: str) -> TokenMarket:
         """The token's market, or UNKNOWN when no answer came within the bound."""
-        if (known := self._known.get(token_id)) is not None:
-            return known
+        known = self._known.get(token_id)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
         task = self._inflight.get(token_id)
         if task is None:
             task = asyncio.create_task(self._lookup(token_id), name=f"gamma-{token_id[:12]}")
@@ -120,8 +124,7 @@ class MarketDirectory:
         with contextlib.suppress(RedisError, OSError):
             cached = await self._redis.get(key)
             if cached is not None:
-                market = TokenMarket(**orjson.loads(cached))
-                return self._remember(token_id, market) if market != UNKNOWN else UNKNOWN
+                return self._remember(token_id, TokenMarket(**orjson.loads(cached)))
         try:
             body = await self._api.get("/markets", {"clob_token_ids": token_id})
         except ApiError as exc:
@@ -133,8 +136,11 @@ class MarketDirectory:
         ttl = CACHE_TTL_S if market is not UNKNOWN else UNKNOWN_TTL_S
         with contextlib.suppress(RedisError, OSError):
             await self._redis.set(key, orjson.dumps(asdict(market)), ex=ttl)
-        return self._remember(token_id, market) if market is not UNKNOWN else market
+        return self._remember(token_id, market)
 
     def _remember(self, token_id: str, market: TokenMarket) -> TokenMarket:
-        self._known[token_id] = market
+        """Known markets for the process' life; an unknown token is asked again later (a market
+        can be listed after its first trade)."""
+        ttl = math.inf if market != UNKNOWN else UNKNOWN_TTL_S
+        self._known[token_id] = (market, time.monotonic() + ttl)
         return market
