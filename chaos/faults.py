@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 HOLD_PENDING_WITHIN_S = 8.0
 FREEZE_LOOK_S = 0.25
 NOT_SUPPORTED = "not supported by this simulator"
+CHAIN_ROUTE = "/_sim/chain"
 
 
 @dataclass
@@ -219,10 +220,13 @@ class RedisRestart(Fault):
         self.note(f"down {self.hold_s:g}s")
 
 
-async def _control(pipe: Pipeline, fault: Fault, route: str) -> dict[str, Any] | None:
-    """POST a simulator control route; None (and the fault marked unsupported) if it is absent."""
+async def _control(
+    pipe: Pipeline, fault: Fault, route: str, body: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """POST a simulator control route (with a JSON body, if any); None (and the fault marked
+    unsupported) if it is absent."""
     try:
-        response = await pipe.sim.post(route)
+        response = await pipe.sim.post(route, json=body)
     except httpx.HTTPError as exc:
         fault.note(f"{route} failed: {type(exc).__name__}")
         return None
@@ -231,24 +235,8 @@ async def _control(pipe: Pipeline, fault: Fault, route: str) -> dict[str, Any] |
         fault.note(f"{route}: {NOT_SUPPORTED}")
         return None
     response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return body
-
-
-async def _chain(pipe: Pipeline, fault: Fault, body: dict[str, Any]) -> dict[str, Any] | None:
-    """POST the simulator's chain control route with a JSON body (`services/simulator/chain.py`)."""
-    try:
-        response = await pipe.sim.post("/_sim/chain", json=body)
-    except httpx.HTTPError as exc:
-        fault.note(f"/_sim/chain failed: {type(exc).__name__}")
-        return None
-    if response.status_code in (404, 405):
-        fault.supported = False
-        fault.note(f"/_sim/chain: {NOT_SUPPORTED}")
-        return None
-    response.raise_for_status()
-    result: dict[str, Any] = response.json()
-    return result
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 @dataclass
@@ -263,7 +251,7 @@ class ChainReorg(Fault):
     async def inject(self, pipe: Pipeline) -> None:
         orphaned = again = 0
         for _ in range(3):
-            body = await _chain(pipe, self, {"reorg": {"depth": 2, "keep": 2}})
+            body = await _control(pipe, self, CHAIN_ROUTE, {"reorg": {"depth": 2, "keep": 2}})
             if body is None:
                 return
             orphaned += int(body["reorg"]["orphaned"])
@@ -298,11 +286,11 @@ class ChainStall(Fault):
     hold_s: float = 5.0
 
     async def inject(self, pipe: Pipeline) -> None:
-        if await _chain(pipe, self, {"stall": True}) is not None:
+        if await _control(pipe, self, CHAIN_ROUTE, {"stall": True}) is not None:
             self.note("head stalled")
 
     async def recover(self, pipe: Pipeline) -> None:
-        if await _chain(pipe, self, {"stall": False}) is not None:
+        if await _control(pipe, self, CHAIN_ROUTE, {"stall": False}) is not None:
             self.note(f"head moving again after {self.hold_s:g}s")
 
 
