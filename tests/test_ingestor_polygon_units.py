@@ -171,3 +171,44 @@ def test_exchanges_are_addresses() -> None:
         IngestorSettings(_env_file=None, polygon_exchanges="0x1234")
     default = IngestorSettings(_env_file=None)
     assert default.polygon_exchanges.split(",") == list(V2_EXCHANGES)
+
+
+def source_for_units() -> Any:
+    from services.ingestor.chain.source import ChainSettings, PolygonSource
+
+    settings = ChainSettings(
+        urls=("ws://127.0.0.1:1",),
+        exchanges=V2_EXCHANGES,
+        confirmations=0,
+        max_wallets_per_filter=2,
+        getlogs_max_blocks=10,
+        stall_timeout_s=1,
+        failback_after_s=1,
+        initial_lookback_blocks=0,
+        new_wallet_lookback_blocks=0,
+        open_timeout_s=1,
+        call_timeout_s=1,
+        reconnect_min_s=0.1,
+        reconnect_max_s=0.2,
+        max_frame_bytes=1 << 20,
+        max_lag_blocks=5,
+    )
+    return PolygonSource(settings, [MAKER], None, None)  # type: ignore[arg-type]
+
+
+def test_identical_fills_count_within_their_block_so_a_reorg_does_not_double_them() -> None:
+    source = source_for_units()
+    first = decode_log(v2_log(0, 560_000, 1_000_000, logIndex="0x28"))
+    twin = decode_log(v2_log(0, 560_000, 1_000_000, logIndex="0x29"))
+    assert [source._occurrence(first), source._occurrence(twin)] == [0, 1]
+    # The same transaction re-included by a reorg in another block, at later indexes.
+    moved = decode_log(v2_log(0, 560_000, 1_000_000, logIndex="0x78", blockHash="0x" + "bb" * 32))
+    assert source._occurrence(moved) == 0
+    assert source._occurrence(first) == 0  # a repeat of a log keeps its number
+
+
+def test_the_filter_names_the_makers_until_there_are_too_many() -> None:
+    source = source_for_units()
+    assert source.log_filter()["topics"][2] == [pad_address(MAKER)]
+    source.wallets |= {"0x" + "01" * 20, "0x" + "02" * 20}
+    assert len(source.log_filter()["topics"]) == 1

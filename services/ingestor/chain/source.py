@@ -120,7 +120,7 @@ class PolygonSource:
         self._new_wallets: set[str] = set()
         self._filter_changed = asyncio.Event()
         # tx hash -> {log index: what makes fills identical}, for `occurrence` (recent txs only).
-        self._tx_fills: OrderedDict[str, dict[int, tuple[Any, ...]]] = OrderedDict()
+        self._tx_fills: OrderedDict[tuple[str, str], dict[int, tuple[Any, ...]]] = OrderedDict()
         self.endpoint = 0
         self.head = 0
         self.head_seen_at = time.time()
@@ -249,13 +249,15 @@ class PolygonSource:
                 raise Failback
             if self._filter_changed.is_set():
                 logs = await self._apply_wallet_changes(socket, logs)
+            # Checked on every pass: a steady flow of log notifications must not hide a head
+            # that stopped.
+            if time.monotonic() - last_head_at > self.settings.stall_timeout_s:
+                raise Stalled(f"no new head for {self.settings.stall_timeout_s}s")
             try:
                 subscription, result = await asyncio.wait_for(socket.notifications.get(), 1.0)
             except TimeoutError:
                 if socket.closed.is_set():
                     raise ConnectionLost("connection closed") from None
-                if time.monotonic() - last_head_at > self.settings.stall_timeout_s:
-                    raise Stalled(f"no new head for {self.settings.stall_timeout_s}s") from None
                 continue
             if subscription == heads:
                 header = self._remember_header(result)
@@ -273,15 +275,24 @@ class PolygonSource:
         return str(await socket.call("eth_subscribe", ["logs", self.log_filter()]))
 
     async def _apply_wallet_changes(self, socket: RpcSocket, logs: str | None) -> str | None:
+        """Read the new wallets' recent blocks, then put them in the filter. On a failure they
+        stay queued (the next session tries again): a wallet is never dropped on the way."""
         self._filter_changed.clear()
-        added, self._new_wallets = self._new_wallets, set()
-        if added and self._cursor is not None:
-            start = max(0, self._cursor - self.settings.new_wallet_lookback_blocks) + 1
-            await self._read_range(socket, start, self._cursor, added)
-        self.wallets |= added
-        if logs is not None:
-            await socket.call("eth_unsubscribe", [logs])
-        return await self._subscribe_logs(socket)
+        added = set(self._new_wallets)
+        try:
+            if added and self._cursor is not None:
+                start = max(0, self._cursor - self.settings.new_wallet_lookback_blocks) + 1
+                await self._read_chunks(socket, start, self._cursor, added)
+            # A wallet removed during the read is not put back.
+            added &= self._new_wallets
+            self.wallets |= added
+            self._new_wallets -= added
+            if logs is not None:
+                await socket.call("eth_unsubscribe", [logs])
+            return await self._subscribe_logs(socket)
+        except BaseException:
+            self._filter_changed.set()
+            raise
 
     # --- reading blocks ------------------------------------------------------------------------
 
@@ -300,7 +311,7 @@ class PolygonSource:
         target = self.head - self.settings.confirmations
         while self._cursor < target:
             end = min(target, self._cursor + self.settings.getlogs_max_blocks)
-            await self._read_range(socket, self._cursor + 1, end, self.wallets)
+            await self._read_range(socket, self._cursor + 1, end, set(self.wallets))
             self._cursor = end
             self._read_hashes[end] = (await self._header(socket, end)).hash
             while len(self._read_hashes) > REORG_MAX_DEPTH:
@@ -308,15 +319,28 @@ class PolygonSource:
             await self.publisher.advance_watermark(WATERMARK_FEED, WATERMARK_FIELD, end)
             metrics.CHAIN_BLOCK.set(end)
 
+    async def _read_chunks(
+        self, socket: RpcSocket, start: int, end: int, wallets: set[str]
+    ) -> None:
+        for first in range(start, end + 1, self.settings.getlogs_max_blocks):
+            last = min(end, first + self.settings.getlogs_max_blocks - 1)
+            await self._read_range(socket, first, last, wallets)
+
     async def _step_back_over_reorg(self, socket: RpcSocket) -> None:
         """When the last block read is no longer on the chain, move the cursor to the fork."""
         assert self._cursor is not None
         depth = 0
-        while depth < REORG_MAX_DEPTH:
+        while depth < REORG_MAX_DEPTH and self._cursor > 0:
             read = self._read_hashes.get(self._cursor)
-            if read is None or (await self._fetch_header(socket, self._cursor)).hash == read:
+            if read is None:
+                # Nothing to compare here: fine before any mismatch; after one, this block was
+                # read inside a longer range, so keep stepping back to a block that can be checked.
+                if depth == 0:
+                    break
+            elif (await self._fetch_header(socket, self._cursor)).hash == read:
                 break
-            del self._read_hashes[self._cursor]
+            else:
+                del self._read_hashes[self._cursor]
             self._cursor -= 1
             depth += 1
         if depth:
@@ -339,8 +363,11 @@ class PolygonSource:
             await self._read_range(socket, start, middle, wallets)
             await self._read_range(socket, middle + 1, end, wallets)
             return
+        if not isinstance(found, list):
+            # Never read as "no logs": the watermark would move past fills.
+            raise RpcError(0, f"eth_getLogs answered {type(found).__name__}, not a list")
         metrics.CHAIN_RANGES_READ.inc()
-        for raw in found if isinstance(found, list) else []:
+        for raw in found:
             await self._publish(socket, raw, wallets, live=False)
 
     async def _live_log(self, socket: RpcSocket, raw: Any) -> None:
@@ -404,8 +431,10 @@ class PolygonSource:
         would be lost. Logs of a transaction always arrive in order and together (one block), in
         the live feed as in a block read, so both count the same.
         """
-        seen = self._tx_fills.setdefault(fill.tx_hash, {})
-        self._tx_fills.move_to_end(fill.tx_hash)
+        # Per block as well: a reorg may put the transaction in another block at other indexes.
+        where = (fill.block_hash, fill.tx_hash)
+        seen = self._tx_fills.setdefault(where, {})
+        self._tx_fills.move_to_end(where)
         while len(self._tx_fills) > TX_MEMORY:
             self._tx_fills.popitem(last=False)
         same = (fill.maker, fill.token_id, fill.side, fill.shares_raw, fill.collateral_raw)
