@@ -149,13 +149,7 @@ async def test_every_tracked_fill_of_the_tape_once_v2_and_v1(
         emitted.append(await chain.fill_v1(v1, v1_trade))
         emitted += await emit_tape(chain, v2, trades[60:])
         want = tracked(emitted)
-
-        async def all_there() -> bool:
-            return len(await published(redis_client, streams)) >= len(want)
-
-        await until(all_there, what="every tracked fill published")
-        head = await chain.head()
-        await until(lambda: ingestor_cursor(ingestor) >= head, what="blocks read")
+        await all_read(ingestor, chain, redis_client, streams, len(want), "every tracked fill")
     fills = await published(redis_client, streams)
     assert sorted(as_compared(fill) for fill in fills) == expected(want)
     assert len({fill["order_key"] for fill in fills}) == len(fills)
@@ -171,6 +165,24 @@ async def test_every_tracked_fill_of_the_tape_once_v2_and_v1(
 def ingestor_cursor(ingestor: Ingestor) -> int:
     assert ingestor.polygon is not None
     return ingestor.polygon.cursor or 0
+
+
+async def all_read(
+    ingestor: Ingestor,
+    chain: Chain,
+    client: aioredis.Redis,
+    streams: Streams,
+    count: int,
+    what: str,
+) -> None:
+    """Wait until `count` polygon fills are on orders.raw and every block to the head is read."""
+
+    async def there() -> bool:
+        return len(await published(client, streams)) >= count
+
+    await until(there, within_s=60, what=what)
+    head = await chain.head()
+    await until(lambda: ingestor_cursor(ingestor) >= head, what="blocks read")
 
 
 async def test_a_dropped_connection_is_backfilled_from_the_block_watermark(
@@ -204,13 +216,9 @@ async def test_a_dropped_connection_is_backfilled_from_the_block_watermark(
                 emitted += await chain.fill_v2(v2, [trade])
             proxy.faults.refuse_429 = False
             want = tracked(emitted)
-
-            async def all_there() -> bool:
-                return len(await published(redis_client, streams)) >= len(want)
-
-            await until(all_there, within_s=60, what="backfilled after the drop")
-            head = await chain.head()
-            await until(lambda: ingestor_cursor(ingestor) >= head, what="blocks read")
+            await all_read(
+                ingestor, chain, redis_client, streams, len(want), "backfilled after the drop"
+            )
     fills = await published(redis_client, streams)
     assert sorted(as_compared(fill) for fill in fills) == expected(want)
     assert proxy.faults.connections >= 2
@@ -268,13 +276,14 @@ async def test_refused_ranges_are_split_failover_and_back_and_the_key_is_never_l
             await until(lambda: source.endpoint == 0, within_s=30, what="came back")
             emitted += await chain.fill_v2(v2, [trades[0]])
             want = tracked(emitted)
-
-            async def all_there() -> bool:
-                return len(await published(redis_client, streams)) >= len(want)
-
-            await until(all_there, within_s=60, what="every fill through the failovers")
-            head = await chain.head()
-            await until(lambda: ingestor_cursor(ingestor) >= head, what="blocks read")
+            await all_read(
+                ingestor,
+                chain,
+                redis_client,
+                streams,
+                len(want),
+                "every fill through the failovers",
+            )
     fills = await published(redis_client, streams)
     assert sorted(as_compared(fill) for fill in fills) == expected(want)
     assert metric("betterbot_ingestor_chain_ranges_split_total") >= 1

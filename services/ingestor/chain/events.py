@@ -101,7 +101,7 @@ def _hex_bytes(value: Any, what: str) -> bytes:
         raise LogError(f"{what} is not valid hex") from exc
 
 
-def _quantity(value: Any, what: str) -> int:
+def quantity(value: Any, what: str) -> int:
     """A JSON-RPC quantity (0x hex); some nodes send plain integers."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -172,8 +172,8 @@ def decode_log(log: Any) -> ChainFill:
         collateral_raw=collateral,
         fee_raw=fee,
         tx_hash="0x" + _hex_bytes(log.get("transactionHash"), "transactionHash").hex(),
-        log_index=_quantity(log.get("logIndex"), "logIndex"),
-        block_number=_quantity(log.get("blockNumber"), "blockNumber"),
+        log_index=quantity(log.get("logIndex"), "logIndex"),
+        block_number=quantity(log.get("blockNumber"), "blockNumber"),
         block_hash=str(log.get("blockHash", "")).lower(),
         removed=bool(log.get("removed", False)),
     )

@@ -24,7 +24,6 @@ their position only: the URLs carry provider keys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -42,6 +41,7 @@ from services.ingestor.chain.events import (
     LogError,
     decode_log,
     pad_address,
+    quantity,
 )
 from services.ingestor.chain.markets import MarketDirectory
 from services.ingestor.chain.rpc import (
@@ -235,7 +235,7 @@ class PolygonSource:
     async def _session(self, socket: RpcSocket) -> None:
         heads = await socket.call("eth_subscribe", ["newHeads"])
         logs = await self._subscribe_logs(socket)
-        self.head = _number(await socket.call("eth_blockNumber", []))
+        self.head = quantity(await socket.call("eth_blockNumber", []), "eth_blockNumber")
         await self._load_cursor()
         await self._catch_up(socket)
         self._status.mark_connected()
@@ -267,7 +267,7 @@ class PolygonSource:
                     metrics.CHAIN_HEAD.set(self.head)
                     await self._catch_up(socket)
             elif subscription == logs:
-                await self._live_log(socket, result)
+                await self._publish(socket, result, self.wallets, live=True)
 
     async def _subscribe_logs(self, socket: RpcSocket) -> str | None:
         if self.settings.confirmations > 0 or not self.wallets:
@@ -370,9 +370,6 @@ class PolygonSource:
         for raw in found:
             await self._publish(socket, raw, wallets, live=False)
 
-    async def _live_log(self, socket: RpcSocket, raw: Any) -> None:
-        await self._publish(socket, raw, self.wallets, live=True)
-
     async def _publish(self, socket: RpcSocket, raw: Any, wallets: set[str], *, live: bool) -> None:
         received_at = time.time()
         try:
@@ -464,7 +461,9 @@ class PolygonSource:
             return None
         try:
             header = Header(
-                _number(block["number"]), str(block["hash"]).lower(), _number(block["timestamp"])
+                quantity(block["number"], "number"),
+                str(block["hash"]).lower(),
+                quantity(block["timestamp"], "timestamp"),
             )
         except (KeyError, LogError):
             return None
@@ -473,12 +472,3 @@ class PolygonSource:
         while len(self._headers) > HEADER_CACHE:
             self._headers.popitem(last=False)
         return header
-
-
-def _number(value: Any) -> int:
-    if isinstance(value, str) and value.startswith("0x"):
-        with contextlib.suppress(ValueError):
-            return int(value, 16)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise LogError(f"not a JSON-RPC quantity: {str(value)[:40]!r}")
