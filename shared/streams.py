@@ -48,6 +48,10 @@ class Streams:
         """Hash address -> TrackedWallet JSON: the live set of tracked wallets."""
         return f"{self.namespace}wallets:tracked"
 
+    def wallets_seeded_key(self) -> str:
+        """Set once the wallets file has seeded the registry: it never seeds it again."""
+        return f"{self.namespace}wallets:seeded"
+
     def seen_order_prefix(self) -> str:
         """Prefix of the ingestor's dedupe keys, in the slot of `orders.raw`."""
         return "{" + self.orders_raw + "}:seen:"

@@ -4,8 +4,11 @@
 - The stream `streams.wallets_control` announces each change as a plain `data` entry:
   `{"v": 1, "op": "upsert" | "remove", "wallet": {address, label, score}, "at": <unix s>}`.
 
-The wallets file seeds the hash the first time any service starts (HSETNX, so concurrent starts
-agree); after that the hash is the truth and the file is only the seed. Writers (the store's API,
+The wallets file seeds the registry once, ever: the first service to start runs one script that
+sets the marker `streams.wallets_seeded_key()` and, unless the registry was already in use, writes
+each wallet and announces it on the control stream like any other change, so every follower sees
+the seed. Concurrent starts agree (the script is atomic), and an emptied list stays empty: a
+registry that once existed is never re-seeded, whatever the file says. Writers (the store's API,
 the operator CLI) call `upsert`/`remove`, which change the hash and announce the change in one
 MULTI. Readers call `snapshot` and then `follow` from the id `snapshot` returned, so no change
 between the two is missed.
@@ -36,15 +39,34 @@ class WalletChange:
     stream_id: str
 
 
-async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[TrackedWallet]) -> None:
-    """Put the file's wallets in the registry unless it already knows them."""
-    key = streams.wallets_key()
-    if await client.exists(key):
-        return
-    pipe = client.pipeline(transaction=True)
+# Seeded already when the marker exists, or when the registry was used before the marker existed
+# (a hash, or any control entry: a list emptied by removals is a choice, not a blank slate).
+_SEED_ONCE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+redis.call('SET', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('XLEN', KEYS[2]) > 0 then return -1 end
+local n = 0
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i - 1], ARGV[i])
+  n = n + 1
+end
+for i = 4, #ARGV, 2 do
+  local change = cjson.decode(ARGV[i])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', cjson.encode(
+    {v = 1, op = 'upsert', wallet = change, at = tonumber(ARGV[1])}))
+end
+return n
+"""
+
+
+async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[TrackedWallet]) -> int:
+    """Put the file's wallets in the registry the first time ever; returns how many (-1: not
+    seeded, the registry exists or existed)."""
+    args: list[str] = [f"{time.time():.6f}", str(CONTROL_MAXLEN)]
     for wallet in wallets:
-        pipe.hsetnx(key, wallet.address, wallet.model_dump_json())
-    await pipe.execute()
+        args += [wallet.address, wallet.model_dump_json()]
+    keys = [streams.wallets_key(), streams.wallets_control, streams.wallets_seeded_key()]
+    return int(await client.eval(_SEED_ONCE, len(keys), *keys, *args))
 
 
 async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[TrackedWallet], str]:

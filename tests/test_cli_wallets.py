@@ -59,8 +59,10 @@ async def test_add_seeds_the_registry_announces_and_mirrors(
     tracked, last_id = await wallet_registry.snapshot(redis_client, streams)
     assert {w.address for w in tracked} == {w.address for w in SEED} | {NEW}
     assert last_id == out["control_id"]
-    ((_, fields),) = await redis_client.xrange(streams.wallets_control)
-    assert decode(fields)["op"] == "upsert" and decode(fields)["wallet"]["label"] == "new"
+    # The seed is announced wallet by wallet, then the add.
+    changes = [decode(fields) for _, fields in await redis_client.xrange(streams.wallets_control)]
+    assert [c["wallet"]["address"] for c in changes] == [w.address for w in SEED] + [NEW]
+    assert changes[-1]["op"] == "upsert" and changes[-1]["wallet"]["label"] == "new"
 
     row = await _row(db, NEW)
     assert row is not None and (row["label"], row["score"], row["removed_at"]) == ("new", 0.8, None)
