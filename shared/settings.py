@@ -6,11 +6,18 @@ with the bundled simulator and the local Redis/Postgres, so `make run` needs no 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cached_property
+from typing import Any
 
+from pydantic import field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.logs import redact_url
 from shared.streams import Streams
+
+# URLs that carry a password: plain strings for the client libraries, shown only redacted.
+CREDENTIAL_URLS = frozenset({"redis_url", "database_url"})
 
 
 class CommonSettings(BaseSettings):
@@ -33,6 +40,18 @@ class CommonSettings(BaseSettings):
     def streams(self) -> Streams:
         return Streams(self.stream_namespace)
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in CREDENTIAL_URLS else value
+
+    @field_serializer("redis_url")
+    def _redis_url_shown(self, value: str) -> str:
+        return redact_url(value)
+
 
 class DatabaseSettings(CommonSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+    @field_serializer("database_url")
+    def _database_url_shown(self, value: str) -> str:
+        return redact_url(value)
