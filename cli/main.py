@@ -28,6 +28,7 @@ from shared.models import TrackedWallet, normalize_address
 from shared.redis_streams import connect
 from shared.stream_metrics import public_streams
 from shared.streams import Streams
+from shared.terminal import printable
 from shared.wallet_registry import load, snapshot
 from shared.wallets import WalletFileError, load_wallets
 
@@ -114,7 +115,7 @@ def _emit(args: argparse.Namespace, data: Any, lines: Sequence[str]) -> None:
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     else:
         for line in lines:
-            print(line)
+            print(printable(line))
 
 
 def _seed(settings: CliSettings) -> list[TrackedWallet]:

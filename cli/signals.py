@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from shared.models import Signal, SignalKind, normalize_address
 from shared.redis_streams import decode
+from shared.terminal import printable
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def format_signal(signal: Signal, stream_id: str) -> str:
     when = dt.datetime.fromtimestamp(signal.detected_at, dt.UTC).isoformat(timespec="milliseconds")
     who = signal.wallet + (f" ({signal.wallet_label})" if signal.wallet_label else "")
     outcome = f" {signal.token_label}" if signal.token_label else ""
-    return (
+    return printable(
         f"{when.removesuffix('+00:00')}Z {signal.kind.value:<12} {signal.side.value:<4} "
         f"{signal.shares:,.2f}{outcome} @ {signal.price:.3f} = ${signal.notional_usd:,.2f} "
         f"conf {signal.confidence:.2f}  {who}  {signal.market_slug or signal.condition_id}  "

@@ -24,6 +24,7 @@ import orjson
 import websockets
 
 from devtools import servers
+from shared.terminal import printable
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "logs"
@@ -98,14 +99,12 @@ async def _echo_warnings(name: str, stream: asyncio.StreamReader, log_file: Path
             try:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
-                print(f"[{name}] {line.decode(errors='replace').rstrip()}", flush=True)
+                print(f"[{name}] {printable(line.decode(errors='replace').rstrip())}", flush=True)
                 continue
             if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
-                print(
-                    f"[{name}] {entry.get('level')}: {entry.get('event')} "
-                    f"{ {k: v for k, v in entry.items() if k not in _LOG_HEAD} }",
-                    flush=True,
-                )
+                details = {k: v for k, v in entry.items() if k not in _LOG_HEAD}
+                line_ = f"[{name}] {entry.get('level')}: {entry.get('event')} {details}"
+                print(printable(line_), flush=True)
 
 
 # Keeps the log-echo tasks referenced so they are not garbage-collected mid-run.
@@ -158,7 +157,7 @@ def format_signal(message: dict[str, object]) -> str:
     assert isinstance(signal_, dict)
     latency_ms = (signal_["detected_at"] - signal_["received_at"]) * 1000
     who = signal_.get("wallet_label") or signal_["wallet"][:10]
-    return (
+    return printable(
         f"SIGNAL {signal_['kind']:<13} {who:<18.18} {signal_['side']:<4} "
         f"{signal_.get('token_label') or '?':<4.4} {signal_['shares']:>10.2f} "
         f"@ {signal_['price']:.3f}"
