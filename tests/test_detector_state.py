@@ -503,3 +503,39 @@ async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_error(
     assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0
     assert [s["order_keys"] for s in await signals_of(redis_client, streams)] == [[fine.order_key]]
     assert await redis_client.hlen(group_state.errors_key()) == 0
+
+
+async def test_one_poisoned_entry_does_not_take_its_batch_with_it(
+    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
+) -> None:
+    """An entry whose state step fails for good (here its unit's key has the wrong type) is kept
+    pending alone, with its error, until it is dead-lettered; the valid orders batched with it
+    are decided now (security finding 8)."""
+    orders = [
+        make_order(shares=10, token_id=f"{n}", condition_id=f"0x{n:064x}") for n in (11, 22, 33)
+    ]
+    poison = orders[1]
+    plan = rules.plan(poison, TRACKED, RuleSettings())
+    assert plan is not None
+    for unit in plan.units:
+        await redis_client.sadd(group_state.unit_key(unit), "not a unit state")
+    entries = await deliver(redis_client, streams, "c1", orders)
+    c1 = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "c1")
+
+    outcome = await c1.process(entries)
+    assert outcome.settled == [entries[0].entry_id, entries[2].entry_id]
+    assert outcome.unsettled == [entries[1].entry_id]
+    await group_state.ack(DETECTOR_GROUP, outcome.settled)
+    found = await signals_of(redis_client, streams)
+    assert {s["order_keys"][0] for s in found} == {orders[0].order_key, orders[2].order_key}
+    assert b"WRONGTYPE" in (await redis_client.hget(group_state.errors_key(), entries[1].entry_id))
+
+    await asyncio.sleep(0.06)
+    sweeper = reclaimer(group_state, c1, max_deliveries=1)
+    assert await sweeper.sweep() == 1
+    dead = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(streams.orders_dead)
+    )
+    assert [orjson.loads(fields[b"raw"])["order_key"] for _, fields in dead] == [poison.order_key]
+    assert b"WRONGTYPE" in dead[0][1][b"reason"]
+    assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0

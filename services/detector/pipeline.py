@@ -37,6 +37,7 @@ from services.detector.rules import Decision, Plan, RuleSettings, UnitState, Wal
 from services.detector.state import (
     CONFLICT,
     DUPLICATE,
+    TRANSIENT,
     WAITING,
     ApplyStep,
     DetectorState,
@@ -166,12 +167,36 @@ class BatchProcessor:
     async def process(
         self, entries: Sequence[RawEntry], *, wait_s: float | None = None
     ) -> BatchOutcome:
-        """Decide the batch; the outcome lists the entries to ack (`settled`)."""
+        """Decide the batch; the outcome lists the entries to ack (`settled`).
+
+        Raises when Redis stays unreachable: nothing is settled, all stay pending. Any other
+        failure may be one entry's (a rule bug, a damaged state key): the entries are then
+        decided one by one, so the valid ones settle now and only the failing one stays pending,
+        with its error, until it is dead-lettered."""
+        wait = self.wait_s if wait_s is None else wait_s
         try:
-            return await self._process(entries, self.wait_s if wait_s is None else wait_s)
+            return await self._process(entries, wait)
         except Exception as exc:
             await self._record_failure(entries, exc)
-            raise
+            if isinstance(exc, TRANSIENT) or len(entries) == 1:
+                raise
+            log.warning("batch_failed_deciding_alone", extra={"entries": len(entries)})
+            return await self._one_by_one(entries, wait)
+
+    async def _one_by_one(self, entries: Sequence[RawEntry], wait_s: float) -> BatchOutcome:
+        outcome = BatchOutcome()
+        for entry in entries:
+            try:
+                alone = await self._process([entry], wait_s)
+            except TRANSIENT:
+                raise
+            except Exception as exc:
+                log.warning("entry_failed", extra={"entry_id": entry.entry_id, "error": _text(exc)})
+                await self._record_failure([entry], exc)
+                outcome.unsettled.append(entry.entry_id)
+                continue
+            _merge(outcome, alone)
+        return outcome
 
     async def _process(self, entries: Sequence[RawEntry], wait_s: float) -> BatchOutcome:
         metrics.BATCH_SIZE.observe(len(entries))
@@ -395,7 +420,7 @@ class BatchProcessor:
 
     async def _record_failure(self, entries: Sequence[RawEntry], exc: Exception) -> None:
         try:
-            await self.state.record_error([e.entry_id for e in entries], f"{exc!r}")
+            await self.state.record_error([e.entry_id for e in entries], _text(exc))
         except Exception as record_exc:
             log.warning("error_not_recorded", extra={"error": repr(record_exc)})
 
@@ -403,6 +428,22 @@ class BatchProcessor:
 def _footprint(step: Step) -> Footprint | None:
     units = step.plan.units
     return Footprint(step.position, step.plan.order.order_key, units) if units else None
+
+
+def _text(exc: Exception) -> str:
+    # Not repr(): redis-py's errors repr as their type alone ("server:ResponseError").
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _merge(total: BatchOutcome, part: BatchOutcome) -> None:
+    total.orders += part.orders
+    total.duplicates += part.duplicates
+    total.signals.update(part.signals)
+    total.suppressed.update(part.suppressed)
+    total.dead_lettered += part.dead_lettered
+    total.waits += part.waits
+    total.settled += part.settled
+    total.unsettled += part.unsettled
 
 
 def _record(outcome: BatchOutcome) -> None:

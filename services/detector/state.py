@@ -151,7 +151,7 @@ end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")
 
 Fields = dict[bytes, bytes]
@@ -473,7 +473,7 @@ class DetectorState:
         while True:
             try:
                 return await call()
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("redis_retry", extra={"error": repr(exc), "delay_s": delay})
@@ -483,7 +483,7 @@ class DetectorState:
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
-        except (TimeoutError, *_TRANSIENT):
+        except (TimeoutError, *TRANSIENT):
             return False
 
     async def ensure_group(self, group: str) -> None:
