@@ -43,7 +43,7 @@ from services.ingestor.chain.events import (
     pad_address,
     quantity,
 )
-from services.ingestor.chain.markets import MarketDirectory
+from services.ingestor.chain.markets import MarketDirectory, TokenMarket
 from services.ingestor.chain.rpc import (
     ConnectionLost,
     RangeTooLarge,
@@ -400,25 +400,7 @@ class PolygonSource:
             await self.publisher.publish_now([outgoing])
 
     async def _order(self, fill: ChainFill, timestamp: int) -> DomeOrder:
-        market = await self.markets.describe(fill.token_id)
-        return DomeOrder(
-            token_id=fill.token_id,
-            side=fill.side,
-            market_slug=market.market_slug,
-            condition_id=market.condition_id,
-            token_label=market.token_label,
-            title=market.title,
-            shares=fill.shares_raw,
-            shares_normalized=fill.shares,
-            price=round(fill.price, 6),
-            tx_hash=fill.tx_hash,
-            timestamp=timestamp,
-            order_hash=fill.order_hash,
-            user=fill.maker,
-            taker=fill.taker,
-            block_number=fill.block_number,
-            log_index=fill.log_index,
-        )
+        return chain_order(fill, await self.markets.describe(fill.token_id), timestamp)
 
     def _occurrence(self, fill: ChainFill) -> int:
         """How many identical fills come before this one in its transaction (log order).
@@ -472,3 +454,25 @@ class PolygonSource:
         while len(self._headers) > HEADER_CACHE:
             self._headers.popitem(last=False)
         return header
+
+
+def chain_order(fill: ChainFill, market: TokenMarket, timestamp: int) -> DomeOrder:
+    """The fill in the order contract (raises ValidationError, for the dead letter)."""
+    return DomeOrder(
+        token_id=fill.token_id,
+        side=fill.side,
+        market_slug=market.market_slug,
+        condition_id=market.condition_id,
+        token_label=market.token_label,
+        title=market.title,
+        shares=fill.shares_raw,
+        shares_normalized=fill.shares,
+        price=round(fill.price, 6),
+        tx_hash=fill.tx_hash,
+        timestamp=timestamp,
+        order_hash=fill.order_hash,
+        user=fill.maker,
+        taker=fill.taker,
+        block_number=fill.block_number,
+        log_index=fill.log_index,
+    )
