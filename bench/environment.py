@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -60,10 +59,6 @@ class BenchEnv:
         return await asyncpg.connect(self.database_url)
 
 
-def _with_database(server_url: str, name: str) -> str:
-    return urlsplit(server_url)._replace(path=f"/{name}").geturl()
-
-
 @contextlib.contextmanager
 def backing_servers() -> Iterator[tuple[str, str]]:
     """Redis and Postgres server URLs, found or started as `make run` does."""
@@ -75,27 +70,17 @@ def backing_servers() -> Iterator[tuple[str, str]]:
 async def bench_environment(redis_url: str, server_url: str) -> AsyncIterator[BenchEnv]:
     """A throwaway, migrated database and a run id; both cleaned up afterwards."""
     run_id = secrets.token_hex(4)
-    name = f"bench_{run_id}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    env = BenchEnv(redis_url, _with_database(server_url, name), run_id)
-    try:
-        conn = await env.pg()
+    async with servers.throwaway_database(server_url, "bench") as database_url:
+        env = BenchEnv(redis_url, database_url, run_id)
         try:
-            await migrate(conn, load_migrations())
+            conn = await env.pg()
+            try:
+                await migrate(conn, load_migrations())
+            finally:
+                await conn.close()
+            yield env
         finally:
-            await conn.close()
-        yield env
-    finally:
-        await _delete_keys(env)
-        admin = await asyncpg.connect(server_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+            await _delete_keys(env)
 
 
 async def _delete_keys(env: BenchEnv) -> None:

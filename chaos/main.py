@@ -27,9 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import asyncpg
 import orjson
 
 from chaos import report
@@ -38,7 +36,7 @@ from chaos.pipeline import RECOVERY_ENV, PipelineConfig
 from chaos.processes import ROOT
 from chaos.redis_server import ThrowawayRedis
 from chaos.scenario import Scenario, run_scenario
-from devtools.servers import postgres_server
+from devtools.servers import postgres_server, throwaway_database
 
 DEFAULT_TAPE = ROOT / "data" / "polymarket_trades_nobel2025.json"
 RESULTS = ROOT / "chaos" / "results" / "latest.json"
@@ -109,10 +107,6 @@ def tape_subset(tape: Path, trades: int | None, into: Path) -> tuple[Path, int, 
     return into, len(ordered), span
 
 
-def _with_database(server_url: str, name: str) -> str:
-    return urlsplit(server_url)._replace(path=f"/{name}").geturl()
-
-
 async def _scenario_row(
     scenario: Scenario,
     options: SuiteOptions,
@@ -122,12 +116,6 @@ async def _scenario_row(
     trades: int,
     run_id: str,
 ) -> dict[str, Any]:
-    name = f"chaos_{run_id}_{scenario.name}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
     config = PipelineConfig(
         tape=tape,
         speed=options.speed,
@@ -135,27 +123,17 @@ async def _scenario_row(
         api_key=f"chaoskey{secrets.token_hex(12)}",
         log_dir=options.log_dir / scenario.name,
     )
-    try:
-        return await run_scenario(
-            scenario,
-            config,
-            redis,
-            _with_database(server_url, name),
-            f"chaos{run_id}-{scenario.name}:",
-            trades,
-        )
-    except Exception as exc:
-        return {
-            "fault": scenario.name,
-            "error": f"{type(exc).__name__}: {exc}",
-            "log_dir": str(config.log_dir),
-        }
-    finally:
-        admin = await asyncpg.connect(server_url)
+    async with throwaway_database(server_url, f"chaos_{run_id}_{scenario.name}") as database:
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+            return await run_scenario(
+                scenario, config, redis, database, f"chaos{run_id}-{scenario.name}:", trades
+            )
+        except Exception as exc:
+            return {
+                "fault": scenario.name,
+                "error": f"{type(exc).__name__}: {exc}",
+                "log_dir": str(config.log_dir),
+            }
 
 
 async def run_suite(

@@ -71,20 +71,6 @@ def backing_servers() -> Iterator[tuple[str, str]]:
         )
 
 
-async def ensure_database(server_url: str, name: str = "betterbot") -> str:
-    """The URL of database `name` on the server, created when missing (a demo keeps its own)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(server_url)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    parts = urlsplit(server_url)
-    return parts._replace(path=f"/{name}").geturl()
-
-
 def _address(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port}"
@@ -278,7 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     with backing_servers() as (redis_url, database_url):
         if "DATABASE_URL" not in os.environ:
-            database_url = asyncio.run(ensure_database(database_url))
+            demo = servers.create_database(database_url, "betterbot", exist_ok=True)
+            database_url = asyncio.run(demo)
         print(f"[run] Redis {_address(redis_url)}, Postgres {_address(database_url)}", flush=True)
         sys.exit(asyncio.run(run(redis_url, database_url, args.notifier_port)))
 

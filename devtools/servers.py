@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
 
 
 def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
@@ -77,6 +81,43 @@ def redis_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def database_url(server_url: str, name: str) -> str:
+    """The URL of database `name` on the server of `server_url` (same user, password, options)."""
+    return urlsplit(server_url)._replace(path=f"/{name}").geturl()
+
+
+async def create_database(server_url: str, name: str, *, exist_ok: bool = False) -> str:
+    """Create database `name` (names are ours, never user input); returns its URL."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not (exists and exist_ok):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database_url(server_url, name)
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop it even if a killed service left connections open (WITH FORCE)."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def throwaway_database(server_url: str, prefix: str = "bb") -> AsyncIterator[str]:
+    """A fresh, empty database of its own, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    url = await create_database(server_url, name)
+    try:
+        yield url
+    finally:
+        await drop_database(server_url, name)
 
 
 def _pg_binary(name: str) -> str | None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
-from devtools.servers import postgres_server, redis_server
+from devtools.servers import postgres_server, redis_server, throwaway_database
 from shared.streams import Streams
 
 # CI (`.ci/run`) replays the same examples on every run, so a red CI means the code changed; local
@@ -59,10 +57,5 @@ async def redis_client(redis_url: str, namespace: str) -> AsyncIterator[aioredis
 @pytest.fixture
 async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
     """A fresh, empty database of this test's own, dropped afterwards."""
-    name = f"bb_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    parts = urlsplit(postgres_admin_url)
-    yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    async with throwaway_database(postgres_admin_url, "bb_test") as url:
+        yield url

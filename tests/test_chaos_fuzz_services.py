@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -46,7 +46,7 @@ from chaos.garbage import (
     json_values,
     with_unknown_fields,
 )
-from devtools.servers import free_port
+from devtools.servers import create_database, drop_database, free_port
 from shared.streams import Streams
 from shared.wallets import load_wallets
 from tests.helpers.processes import ServiceProcess
@@ -100,18 +100,8 @@ class Running:
 
 def _database(admin_url: str) -> Iterator[str]:
     name = f"bb_fuzz_{secrets.token_hex(6)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    parts = urlsplit(admin_url)
-    yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield asyncio.run(create_database(admin_url, name))
+    asyncio.run(drop_database(admin_url, name))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -38,7 +37,7 @@ from websockets.asyncio.client import connect
 from chaos.processes import ROOT, Service
 from chaos.receiver import WebhookReceiver
 from chaos.redis_server import ThrowawayRedis
-from devtools.servers import free_port
+from devtools.servers import create_database, drop_database, free_port
 from services.ingestor.settings import IngestorSettings
 from services.notifier.settings import NotifierSettings
 from services.notifier.webhooks.config import load_webhooks
@@ -373,17 +372,9 @@ async def _ws_outcome(
 
 def _database(admin_url: str, password: str) -> Iterator[str]:
     name = f"bb_sec_{secrets.token_hex(6)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(create_database(admin_url, name))
     yield _with_password(admin_url, password, name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(drop_database(admin_url, name))
 
 
 @pytest.fixture(scope="module")

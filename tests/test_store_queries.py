@@ -54,7 +54,7 @@ def _raw(value: Any) -> str:
     [
         ("", "pass back the next_cursor"),
         ("not base64 !", "pass back the next_cursor"),
-        ("A" * 301, "too long"),
+        ("A" * (queries.MAX_CURSOR_CHARS + 1), "too long"),
         (_raw({"a": 1}), "pass back the next_cursor"),
         (_raw(["signals", "desc", 1.5, "k"]), "pass back the next_cursor"),
         (_raw(["signals", "desc", 10**18, "k"]), "pass back the next_cursor"),

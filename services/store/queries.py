@@ -35,6 +35,8 @@ Order = Literal["desc", "asc"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _KEY = re.compile(r"^[^\x00]{1,200}$")
+# What encode_cursor makes of the longest key (200 four-byte characters), base64-encoded.
+MAX_CURSOR_CHARS = 1200
 CONDITION_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -101,7 +103,7 @@ def encode_cursor(cursor: Cursor) -> str:
 
 def decode_cursor(text: str, resource: Resource, order: Order) -> Cursor:
     """The cursor's position, or `CursorError` saying what is wrong with it."""
-    if len(text) > 300:
+    if len(text) > MAX_CURSOR_CHARS:
         raise CursorError("invalid cursor: too long")
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
