@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
 from services.ingestor.publisher import Publisher
+from shared.errors import validation_reason
 from shared.models import DomeOrder, OrderFill, Signal, Source
 from shared.streams import Streams
 
@@ -143,14 +144,7 @@ def frame_order(raw: bytes) -> DomeOrder:
     try:
         return DomeOrder.model_validate(message)
     except ValidationError as exc:
-        raise ValueError(f"the frame's order is invalid: {_errors(exc)}") from None
-
-
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}"
-        for e in exc.errors(include_url=False)
-    )
+        raise ValueError(f"the frame's order is invalid: {validation_reason(exc)}") from None
 
 
 class Replayer:
@@ -190,7 +184,8 @@ class Replayer:
                 return Outcome(
                     entry.entry_id,
                     False,
-                    f"kept: not a valid {model.__name__} ({_errors(exc)}); --force replays anyway",
+                    f"kept: not a valid {model.__name__} ({validation_reason(exc)}); "
+                    "--force replays anyway",
                 )
         new_id: Any = await self.client.xadd(
             target, {b"data": entry.raw}, maxlen=self.maxlen, approximate=True

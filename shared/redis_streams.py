@@ -43,6 +43,18 @@ def decode(fields: Mapping[bytes, bytes]) -> Any:
         raise ValueError(f"entry 'data' is not JSON: {exc}") from exc
 
 
+def entry_payload(fields: Mapping[bytes, bytes]) -> bytes:
+    """What to keep of an entry for people to inspect: its `data`, else all its fields as JSON."""
+    data = fields.get(DATA_FIELD)
+    if data is not None:
+        return data
+    readable = {
+        k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
+        for k, v in fields.items()
+    }
+    return orjson.dumps(readable)
+
+
 async def ensure_group(client: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
     """Create the consumer group (and the stream) unless it exists."""
     try:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from services.ingestor.backoff import Backoff, backoff_bound
+from shared.backoff import Backoff, backoff_bound
 from services.ingestor.dialects import subscribe_message
 from services.ingestor.feed_status import (
     ConnectionState,

@@ -45,6 +45,7 @@ from services.detector.state import (
     UnitWrite,
     entry_position,
 )
+from shared.errors import describe, validation_reason
 from shared.models import OrderFill, TrackedWallet
 from shared.redis_streams import DATA_FIELD, decode
 from shared.streams import DETECTOR_GROUP
@@ -117,7 +118,9 @@ def parse_entry(entry: RawEntry) -> OrderFill | Rejection:
     try:
         order = OrderFill.model_validate(payload)
     except ValidationError as exc:
-        return Rejection(entry.entry_id, entry.raw(), f"invalid order: {_errors(exc)}", "invalid")
+        return Rejection(
+            entry.entry_id, entry.raw(), f"invalid order: {validation_reason(exc)}", "invalid"
+        )
     return order
 
 
@@ -191,7 +194,9 @@ class BatchProcessor:
             except TRANSIENT:
                 raise
             except Exception as exc:
-                log.warning("entry_failed", extra={"entry_id": entry.entry_id, "error": _text(exc)})
+                log.warning(
+                    "entry_failed", extra={"entry_id": entry.entry_id, "error": describe(exc)}
+                )
                 await self._record_failure([entry], exc)
                 outcome.unsettled.append(entry.entry_id)
                 continue
@@ -420,7 +425,7 @@ class BatchProcessor:
 
     async def _record_failure(self, entries: Sequence[RawEntry], exc: Exception) -> None:
         try:
-            await self.state.record_error([e.entry_id for e in entries], _text(exc))
+            await self.state.record_error([e.entry_id for e in entries], describe(exc))
         except Exception as record_exc:
             log.warning("error_not_recorded", extra={"error": repr(record_exc)})
 
@@ -428,11 +433,6 @@ class BatchProcessor:
 def _footprint(step: Step) -> Footprint | None:
     units = step.plan.units
     return Footprint(step.position, step.plan.order.order_key, units) if units else None
-
-
-def _text(exc: Exception) -> str:
-    # Not repr(): redis-py's errors repr as their type alone ("server:ResponseError").
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _merge(total: BatchOutcome, part: BatchOutcome) -> None:
@@ -464,11 +464,4 @@ def _record(outcome: BatchOutcome) -> None:
             "waits": outcome.waits,
             "unsettled": len(outcome.unsettled),
         },
-    )
-
-
-def _errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'payload'}: {error['msg']}"
-        for error in exc.errors(include_url=False)
     )

@@ -27,6 +27,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.ingestor import metrics
+from shared.errors import validation_reason
 from shared.models import DomeOrder, OrderFill, Source
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,5 @@ class CatchUp:
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc']) or 'item'}: {error['msg']}"
-            for error in exc.errors(include_url=False, include_input=False)
-        ]
-        return "invalid order: " + "; ".join(problems)
+        return "invalid order: " + validation_reason(exc)
     return str(exc)[:300]

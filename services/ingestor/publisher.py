@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from services.ingestor import metrics
-from services.ingestor.backoff import Backoff
+from shared.backoff import Backoff
 from shared.logs import scrub
 from shared.models import OrderFill
 from shared.redis_streams import DATA_FIELD, dead_letter, encode

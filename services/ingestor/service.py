@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp, WalletHistory
-from services.ingestor.backoff import Backoff
+from shared.backoff import Backoff
 from services.ingestor.chain import polygon_source
 from services.ingestor.chain.source import PolygonSource
 from services.ingestor.feed_status import (

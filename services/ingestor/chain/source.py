@@ -34,7 +34,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.ingestor import metrics
-from services.ingestor.backoff import Backoff
+from shared.backoff import Backoff
 from services.ingestor.chain.events import (
     ORDER_FILLED_TOPICS,
     ChainFill,

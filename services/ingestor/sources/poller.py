@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp
-from services.ingestor.backoff import Backoff
+from shared.backoff import Backoff
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.http_api import ApiError, AuthError
 

@@ -52,7 +52,7 @@ from websockets.frames import Close, CloseCode
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp
-from services.ingestor.backoff import Backoff
+from shared.backoff import Backoff
 from services.ingestor.dialects import message
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import (

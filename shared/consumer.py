@@ -1,0 +1,486 @@
+"""One consumer-group runtime for every service that reads a stream in a group (detector, store,
+webhooks): the plumbing around a handler, so the handler is one plain async function.
+
+A handler takes a batch of entries `(entry id, fields)` and returns `Handled`: the ids it settled,
+which the runtime acks, and those that failed, with why. What is not settled stays pending: it is
+retried after `claim_min_idle_ms` (by this or any replica) and dead-lettered after `max_deliveries`
+deliveries, with the last error recorded for it. A handler that raises settles nothing; its error
+is recorded for every entry of the batch unless it is Redis being unreachable (nobody's fault).
+
+The runtime owns, around that:
+- reading batches (XREADGROUP `>`), acking what is settled, and keeping slow entries claimed: while
+  a handler runs, its entries' idle time is reset (XCLAIM JUSTID, own entries only) every
+  `claim_min_idle_ms / 3`, so another replica never reclaims work that is merely slow;
+- reclaiming entries idle past `claim_min_idle_ms` (XAUTOCLAIM; the ids it reports as deleted,
+  trimmed from the stream while pending, are counted) and dead-lettering those delivered too often;
+- riding out a Redis restart: a connection error is retried with backoff, and a group that vanished
+  with a Redis that lost its data (NOGROUP) is created again; the service never exits for it;
+- draining on stop: no new reads, the batch in flight finishes, what is still pending here is
+  handled once more (bounded by `drain_s`), and the consumer leaves the group only when nothing is
+  pending under its name, checked and done in one script (an entry delivered in between cannot be
+  dropped with it).
+
+Why not FastStream's subscriber (faststream 0.7.8, docs/operations.md): it retries a failed read
+every 5 s but never re-creates a lost group, its reclaiming needs Redis 8.4 (`XREADGROUP ...
+CLAIM`), and it has no dead-lettering by delivery count. FastStream declares the streams'
+contract instead (`cli/docs_gen.py` generates the AsyncAPI document from a `RedisBroker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.backoff import Backoff
+from shared.errors import describe
+from shared.redis_streams import dead_letter, ensure_group, entry_payload
+
+log = logging.getLogger(__name__)
+
+Fields = Mapping[bytes, bytes]
+Entry = tuple[str, Fields]
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What a handler did with a batch: the entries it settled (acked), and the ones that failed
+    on their own, with why (kept pending, the reason recorded for their dead letter)."""
+
+    settled: Sequence[str]
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[list[Entry]], Awaitable[Handled]]
+
+# Redis unreachable (or restarting): retried, never a reason to exit or to blame an entry.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+ERROR_TEXT_MAX = 1000
+
+READ = Counter(
+    "betterbot_consumer_entries_read_total", "Entries read by a consumer group", ["group", "stream"]
+)
+ACKED = Counter("betterbot_consumer_entries_acked_total", "Entries settled", ["group", "stream"])
+RECLAIMED = Counter(
+    "betterbot_consumer_entries_reclaimed_total",
+    "Entries taken over after idling past the claim bound (their consumer died or failed)",
+    ["group", "stream"],
+)
+DELETED = Counter(
+    "betterbot_consumer_entries_deleted_while_pending_total",
+    "Pending entries XAUTOCLAIM reported as trimmed from the stream before they were settled",
+    ["group", "stream"],
+)
+DEAD = Counter(
+    "betterbot_consumer_entries_dead_lettered_total",
+    "Entries dead-lettered after too many deliveries",
+    ["group", "stream"],
+)
+FAILURES = Counter(
+    "betterbot_consumer_handler_failures_total",
+    "Batches whose handler raised (the entries stay pending)",
+    ["group", "stream"],
+)
+REDIS_DOWN = Gauge(
+    "betterbot_consumer_redis_unreachable", "1 while the group's reads fail", ["group", "stream"]
+)
+
+# Reset the idle time of entries this consumer still owns (XCLAIM JUSTID is not a delivery); an
+# entry another consumer has meanwhile claimed is left alone.
+_TOUCH = """
+local touched = 0
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if entry and entry[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    touched = touched + 1
+  end
+end
+return touched
+"""
+
+# Leave the group only when nothing is pending here: checked and done in one step.
+_LEAVE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+  return -1
+end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+def consumer_name() -> str:
+    """A name no other process of any host takes: host, pid and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def errors_key(stream: str, group: str) -> str:
+    """Hash entry id -> the last error of a failed attempt, in the stream's slot."""
+    return "{" + stream + "}:errors:" + group
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    stream: str
+    group: str
+    consumer: str
+    dead_stream: str
+    # `origin` of the dead letters: the service's name.
+    origin: str
+    batch_size: int = 500
+    block_ms: int = 1000
+    claim_min_idle_ms: int = 30_000
+    reclaim_every_s: float = 5.0
+    max_deliveries: int = 5
+    # Where a new group starts: "0" (the stream's whole history) or "$" (from now on).
+    start_id: str = "0"
+    drain_s: float = 10.0
+    # Which setting bounds deliveries, named in the dead letter's reason.
+    max_deliveries_setting: str = "MAX_DELIVERIES"
+
+
+@dataclass
+class GroupHealth:
+    reading: bool = False
+    redis_down_since: float | None = None
+    last_error: str = ""
+    in_flight: int = 0
+    stopped: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class ConsumerGroup:
+    """One consumer of one group on one stream, running `handler` on its batches."""
+
+    def __init__(self, client: aioredis.Redis, config: GroupConfig, handler: Handler) -> None:
+        self.client = client
+        self.config = config
+        self.handler = handler
+        self.health = GroupHealth()
+        self._labels = (config.group, config.stream)
+        self._log = {"group": config.group, "consumer": config.consumer}
+        self._touch = client.register_script(_TOUCH)
+        self._leave = client.register_script(_LEAVE)
+        self._errors = errors_key(config.stream, config.group)
+        self._stop = asyncio.Event()
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Read, handle and reclaim until `stop` is set (or `stop()` is called), then drain and
+        leave the group. Returns only then; Redis being away is waited out, never raised."""
+        await self._redis_call(self.ensure_group)
+        watcher = asyncio.ensure_future(self._watch_stop(stop)) if stop is not None else None
+        reclaim = asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.config.group}")
+        try:
+            await self._read_loop()
+        finally:
+            reclaim.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reclaim
+            if watcher is not None:
+                watcher.cancel()
+            await self._drain()
+            await self._leave_group()
+            self.health.stopped = True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _watch_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stop.set()
+
+    async def _read_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = await self._redis_call(self.read_batch)
+            except TRANSIENT:
+                return  # Stopping while Redis is away: nothing was read.
+            if batch:
+                await self.handle(batch)
+
+    async def read_batch(self) -> list[Entry]:
+        """One XREADGROUP `>`; an empty list when nothing came within `block_ms`."""
+        try:
+            reply: Any = await self.client.xreadgroup(
+                self.config.group,
+                self.config.consumer,
+                {self.config.stream: ">"},
+                count=self.config.batch_size,
+                block=self.config.block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The group went away with a Redis that lost its data: make it again.
+            log.warning("group_recreated", extra={"group": self.config.group})
+            await self.ensure_group()
+            return []
+        entries = [(eid.decode(), f) for _, items in reply or [] for eid, f in items if f]
+        READ.labels(*self._labels).inc(len(entries))
+        self.health.reading = True
+        return entries
+
+    async def ensure_group(self) -> None:
+        await ensure_group(self.client, self.config.stream, self.config.group, self.config.start_id)
+
+    async def handle(self, batch: list[Entry]) -> list[str]:
+        """Run the handler on the batch, keeping it claimed meanwhile; ack and return what it
+        settled. A handler error is recorded for the batch's entries (they stay pending)."""
+        ids = [entry_id for entry_id, _ in batch]
+        self.health.in_flight = len(ids)
+        keeper = asyncio.create_task(self._keep_claimed(ids), name="keep-claimed")
+        try:
+            handled = await self.handler(batch)
+        except Exception as exc:
+            FAILURES.labels(*self._labels).inc()
+            log.warning(
+                "batch_failed",
+                extra={"group": self.config.group, "entries": len(ids), "error": describe(exc)},
+            )
+            if isinstance(exc, TRANSIENT):
+                await asyncio.sleep(Backoff(0.1, 2.0).next_delay())
+            else:
+                errors = dict.fromkeys(ids, describe(exc))
+                await self._redis_call(lambda: self.record_errors(errors))
+            return []
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self.health.in_flight = 0
+        settled = list(handled.settled)
+        await self._redis_call(lambda: self.ack(settled))
+        if handled.failed:
+            await self._redis_call(lambda: self.record_errors(handled.failed))
+        return settled
+
+    async def _keep_claimed(self, ids: Sequence[str]) -> None:
+        every = self.config.claim_min_idle_ms / 3000
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(*TRANSIENT):
+                await self.touch(ids)
+
+    async def touch(self, ids: Sequence[str]) -> int:
+        """Reset the idle time of those entries this consumer still owns."""
+        if not ids:
+            return 0
+        keys = [self.config.stream]
+        return int(
+            await self._touch(keys=keys, args=[self.config.group, self.config.consumer, *ids])
+        )
+
+    async def ack(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xack(self.config.stream, self.config.group, *ids)
+            pipe.hdel(self._errors, *ids)
+            await pipe.execute()
+        ACKED.labels(*self._labels).inc(len(ids))
+
+    async def record_errors(self, errors: Mapping[str, str]) -> None:
+        """Remember why each entry's attempt failed, for its dead letter if it fails too often."""
+        if not errors:
+            return
+        texts: dict[Any, Any] = {
+            eid: text[:ERROR_TEXT_MAX].encode() for eid, text in errors.items()
+        }
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._errors, mapping=texts)
+            # Kept a day past the last failure: long enough for any retry, bounded if none comes.
+            pipe.expire(self._errors, 86_400)
+            await pipe.execute()
+
+    # --- reclaiming ---------------------------------------------------------------------------
+
+    async def _reclaim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reclaim_every_s)
+            try:
+                await self.reclaim()
+            except TRANSIENT:
+                continue  # The read loop reports the outage.
+            except Exception:
+                log.exception("reclaim_failed", extra={"group": self.config.group})
+
+    async def reclaim(self) -> int:
+        """One pass over the group's pending list; returns how many entries were claimed."""
+        cursor, total = "0-0", 0
+        while not self._stop.is_set():
+            reply: Any = await self.client.xautoclaim(
+                self.config.stream,
+                self.config.group,
+                self.config.consumer,
+                self.config.claim_min_idle_ms,
+                start_id=cursor,
+                count=self.config.batch_size,
+            )
+            cursor = reply[0].decode()
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                DELETED.labels(*self._labels).inc(len(deleted))
+                log.warning("pending_entries_trimmed", extra={"count": len(deleted)})
+            # Redis 6.2 lists a trimmed entry as (id, None); 7 reports it in `deleted` instead.
+            claimed = [(eid.decode(), f) for eid, f in reply[1] if f]
+            if claimed:
+                total += len(claimed)
+                RECLAIMED.labels(*self._labels).inc(len(claimed))
+                await self._handle_reclaimed(claimed)
+            if cursor == "0-0":
+                break
+        return total
+
+    async def _handle_reclaimed(self, claimed: list[Entry]) -> None:
+        counts = await self.deliveries([entry_id for entry_id, _ in claimed])
+        worn = [e for e in claimed if counts.get(e[0], 1) > self.config.max_deliveries]
+        if worn:
+            await self._dead_letter(worn, counts)
+        live = [e for e in claimed if counts.get(e[0], 1) <= self.config.max_deliveries]
+        log.info(
+            "entries_reclaimed",
+            extra={"group": self.config.group, "count": len(claimed), "dead_lettered": len(worn)},
+        )
+        if live:
+            await self.handle(live)
+
+    async def deliveries(self, ids: Sequence[str]) -> dict[str, int]:
+        """Delivery count of each entry pending here (the claim included)."""
+        if not ids:
+            return {}
+        pending: Any = await self.client.xpending_range(
+            self.config.stream,
+            self.config.group,
+            min=min(ids, key=_position),
+            max=max(ids, key=_position),
+            count=len(ids) + 1000,
+            consumername=self.config.consumer,
+        )
+        wanted = set(ids)
+        return {
+            item["message_id"].decode(): int(item["times_delivered"])
+            for item in pending
+            if item["message_id"].decode() in wanted
+        }
+
+    async def _dead_letter(self, worn: list[Entry], counts: Mapping[str, int]) -> None:
+        ids = [entry_id for entry_id, _ in worn]
+        errors: list[Any] = await self.client.hmget(self._errors, ids)
+        for (entry_id, fields), error in zip(worn, errors, strict=True):
+            last = error.decode(errors="replace") if error else "none recorded (its consumer died)"
+            reason = (
+                f"delivered {counts[entry_id]} times ({self.config.max_deliveries_setting} "
+                f"{self.config.max_deliveries}); last error: {last} (entry {entry_id})"
+            )
+            await dead_letter(
+                self.client,
+                self.config.dead_stream,
+                entry_payload(fields),
+                reason,
+                origin=self.config.origin,
+                deliveries=counts[entry_id],
+            )
+            log.warning("entry_dead_lettered", extra={"entry_id": entry_id, "reason": reason[:500]})
+        DEAD.labels(*self._labels).inc(len(worn))
+        await self.ack(ids)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Handle once more what is pending here (a read cut short by the stop delivered it)."""
+        deadline = time.monotonic() + self.config.drain_s
+        after = "0"
+        try:
+            while time.monotonic() < deadline:
+                reply: Any = await self.client.xreadgroup(
+                    self.config.group,
+                    self.config.consumer,
+                    {self.config.stream: after},
+                    count=self.config.batch_size,
+                )
+                items = [(eid.decode(), f) for _, entries in reply or [] for eid, f in entries]
+                if not items:
+                    return
+                trimmed = [entry_id for entry_id, fields in items if not fields]
+                await self.ack(trimmed)
+                live = [(entry_id, fields) for entry_id, fields in items if fields]
+                if live:
+                    await asyncio.wait_for(self.handle(live), max(0.1, deadline - time.monotonic()))
+                # What is still unsettled stays pending for a reclaimer; read on past it.
+                after = items[-1][0]
+        except Exception as exc:
+            log.warning(
+                "drain_incomplete", extra={"group": self.config.group, "error": describe(exc)}
+            )
+
+    async def _leave_group(self) -> None:
+        try:
+            left = (
+                int(
+                    await self._leave(
+                        keys=[self.config.stream], args=[self.config.group, self.config.consumer]
+                    )
+                )
+                >= 0
+            )
+        except Exception as exc:
+            log.warning(
+                "leave_group_failed", extra={"group": self.config.group, "error": describe(exc)}
+            )
+            left = False
+        log.info(
+            "group_left" if left else "group_kept",
+            extra={"group": self.config.group, "consumer": self.config.consumer},
+        )
+
+    # --- Redis outages ------------------------------------------------------------------------
+
+    async def _redis_call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `call`, waiting out Redis outages with backoff; the outage shows in health."""
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                result = await call()
+            except TRANSIENT as exc:
+                if self.health.redis_down_since is None:
+                    self.health.redis_down_since = time.time()
+                    REDIS_DOWN.labels(*self._labels).set(1)
+                    log.warning(
+                        "redis_unreachable",
+                        extra={"group": self.config.group, "error": describe(exc)},
+                    )
+                self.health.last_error = describe(exc)
+                if self._stop.is_set():
+                    raise
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if self.health.redis_down_since is not None:
+                log.info(
+                    "redis_back",
+                    extra={
+                        "group": self.config.group,
+                        "down_s": round(time.time() - self.health.redis_down_since, 1),
+                    },
+                )
+                self.health.redis_down_since = None
+                REDIS_DOWN.labels(*self._labels).set(0)
+            return result
+
+
+def _position(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
