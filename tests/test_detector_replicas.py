@@ -271,7 +271,7 @@ async def test_three_replicas_one_killed_mid_tape(
                 break
         await xadd_all(redis_client, streams, orders[sent:])
         await drained(redis_client, streams)
-        reclaimed = await group.metric("betterbot_detector_reclaimed_total")
+        reclaimed = await group.metric("betterbot_consumer_entries_reclaimed_total")
     codes = group.stop()
     assert codes.pop(victim.pid) == -signal.SIGKILL
     assert set(codes.values()) == {0}

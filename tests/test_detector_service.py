@@ -125,7 +125,7 @@ async def test_orders_become_signals(
         await xadd_all(redis_client, streams, orders)
         await drained(redis_client, streams)
         ok, details = await detector.health()
-        assert ok and details["redis"] and details["subscriber"]
+        assert ok and details["redis"] and details["reading"]
 
     signals = await read_signals(redis_client, streams)
     assert kinds_by_order(signals) == [
@@ -308,7 +308,7 @@ async def test_failed_batch_stays_pending_until_shutdown_finishes_it(
 ) -> None:
     """No ack before the effects: a batch whose state step fails stays pending here."""
     order = make_order(shares=10, price=0.5)
-    caplog.set_level(logging.ERROR, logger="services.detector")
+    caplog.set_level(logging.WARNING, logger="shared.consumer")
     detector = Detector(detector_settings(redis_url, namespace), [TRACKED])
     # A state key of the wrong type makes the script fail with a real Redis error.
     position_key = detector.state.unit_key(rules.wallet_unit(WALLET, MARKET))
@@ -318,7 +318,7 @@ async def test_failed_batch_stays_pending_until_shutdown_finishes_it(
         await xadd_all(redis_client, streams, [order])
 
         async def failure_logged() -> bool:
-            return any("WRONGTYPE" in r.getMessage() for r in caplog.records)
+            return any("WRONGTYPE" in getattr(r, "error", "") for r in caplog.records)
 
         await until(failure_logged)
         group = (await redis_client.xinfo_groups(streams.orders_raw))[0]
@@ -362,7 +362,7 @@ async def test_runs_as_a_process_and_stops_on_sigterm(
         code = await asyncio.to_thread(service.stop)
 
     assert code == 0, service.log_tail()
-    assert health["ok"] and health["subscriber"]
+    assert health["ok"] and health["reading"]
     signals = await read_signals(redis_client, streams)
     # Three whales of one token at one exchange time: one entry (the first BUY), one whale_order;
     # the default cooldown (300 s per wallet x market x kind) holds back the other two whales.

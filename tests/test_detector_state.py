@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from services.detector import rules
 from services.detector.pipeline import BatchProcessor, RawEntry
-from services.detector.reclaim import Reclaimer
 from services.detector.rules import RuleSettings
 from services.detector.serial import run
 from services.detector.state import (
@@ -28,8 +27,9 @@ from services.detector.state import (
     DetectorState,
     UnitWrite,
 )
+from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled
 from shared.models import OrderFill, Signal, TrackedWallet
-from shared.redis_streams import encode
+from shared.redis_streams import encode, ensure_group
 from shared.streams import DETECTOR_GROUP, Streams
 from tests.test_detector_rules import OTHER, TRACKED, TS, WALLET, make_order, wallet
 
@@ -93,7 +93,6 @@ async def test_keys_share_the_signals_slot(redis_client: aioredis.Redis, streams
     tag = "{" + streams.signals + "}"
     assert state.done_key("k").startswith(tag)
     assert state.unit_key(rules.wallet_unit(WALLET, "m")).startswith(tag)
-    assert state.errors_key().startswith(tag)
 
 
 async def test_apply_writes_state_emits_and_marks_done(
@@ -277,7 +276,7 @@ async def _check_processor(
     client = aioredis.Redis.from_url(redis_url)
     try:
         state = make_state(client, streams, script_batch)
-        await state.ensure_group(DETECTOR_GROUP)
+        await ensure_group(client, streams.orders_raw, DETECTOR_GROUP)
         decider = processor(state, WALLETS, SMALL)
         entries = [RawEntry(f"{i + 1}-0", fields_of(order)) for i, order in enumerate(orders)]
         for start in range(0, len(entries), batch):
@@ -301,7 +300,7 @@ async def test_redelivered_batch_changes_nothing(
 ) -> None:
     """A batch processed again (crash before the ack) emits nothing and moves no position."""
     state = make_state(redis_client, streams)
-    await state.ensure_group(DETECTOR_GROUP)
+    await ensure_group(redis_client, streams.orders_raw, DETECTOR_GROUP)
     decider = processor(state, [TRACKED], RuleSettings(signal_cooldown_s=0))
     orders = [
         make_order(shares=4000, price=0.5),
@@ -331,9 +330,8 @@ async def test_redelivered_batch_changes_nothing(
 async def group_state(
     redis_client: aioredis.Redis, streams: Streams
 ) -> AsyncIterator[DetectorState]:
-    state = make_state(redis_client, streams)
-    await state.ensure_group(DETECTOR_GROUP)
-    yield state
+    await ensure_group(redis_client, streams.orders_raw, DETECTOR_GROUP)
+    yield make_state(redis_client, streams)
 
 
 async def deliver(
@@ -400,7 +398,7 @@ async def test_a_repeated_fill_does_not_let_later_orders_overtake(
     )
     first = await deliver(redis_client, streams, "P", [buy])
     await processor(group_state, [TRACKED], no_cooldown, "P").process(first)
-    await group_state.ack(DETECTOR_GROUP, [e.entry_id for e in first])
+    await redis_client.xack(streams.orders_raw, DETECTOR_GROUP, *[e.entry_id for e in first])
     a_entries = await deliver(redis_client, streams, "A", [sell])
     c_entries = await deliver(redis_client, streams, "C", [buy])
     b_entries = await deliver(redis_client, streams, "B", [later])
@@ -442,20 +440,30 @@ async def test_a_batch_leaves_pending_what_waited_too_long(
     assert all(p["times_delivered"] == 1 for p in pending)
 
 
-# --- reclaiming ---------------------------------------------------------------------------------
+# --- in the consumer runtime ---------------------------------------------------------------------
 
 
-def reclaimer(state: DetectorState, decider: BatchProcessor, max_deliveries: int = 3) -> Reclaimer:
-    return Reclaimer(
-        state,
-        decider,
+def runtime(
+    client: aioredis.Redis, streams: Streams, decider: BatchProcessor, max_deliveries: int = 3
+) -> ConsumerGroup:
+    """The processor as the detector runs it: the handler of group `detector`."""
+
+    async def handle(batch: list[Entry]) -> Handled:
+        outcome = await decider.process([RawEntry(eid, fields) for eid, fields in batch])
+        return Handled(outcome.settled, outcome.failed)
+
+    config = GroupConfig(
+        stream=streams.orders_raw,
         group=DETECTOR_GROUP,
         consumer=decider.consumer,
-        min_idle_ms=50,
-        interval_s=0.05,
-        max_deliveries=max_deliveries,
+        dead_stream=streams.orders_dead,
+        origin="detector",
         batch_size=2,
+        claim_min_idle_ms=50,
+        max_deliveries=max_deliveries,
+        max_deliveries_setting="DETECTOR_MAX_DELIVERIES",
     )
+    return ConsumerGroup(client, config, handle)
 
 
 async def test_entries_of_a_dead_consumer_are_reclaimed_and_decided(
@@ -464,10 +472,10 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_decided(
     orders = [make_order(shares=10, token_id=f"tok-{i}") for i in range(5)]
     await deliver(redis_client, streams, "dead", orders)
     live = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "live")
-    sweeper = reclaimer(group_state, live)
-    assert await sweeper.sweep() == 0  # not idle long enough yet
+    sweeper = runtime(redis_client, streams, live)
+    assert await sweeper.reclaim() == 0  # not idle long enough yet
     await asyncio.sleep(0.1)
-    assert await sweeper.sweep() == 5
+    assert await sweeper.reclaim() == 5
     assert await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP) == {
         "pending": 0,
         "min": None,
@@ -476,33 +484,6 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_decided(
     }
     found = await signals_of(redis_client, streams)
     assert sorted(s["order_keys"][0] for s in found) == sorted(o.order_key for o in orders)
-
-
-async def test_an_entry_delivered_too_often_is_dead_lettered_with_its_error(
-    redis_client: aioredis.Redis, streams: Streams, group_state: DetectorState
-) -> None:
-    poison, fine = make_order(shares=10), make_order(shares=10, token_id="tok-2")
-    entries = await deliver(redis_client, streams, "c1", [poison, fine])
-    await group_state.record_error([entries[0].entry_id], "ResponseError('WRONGTYPE ...')")
-    for _ in range(3):  # three more deliveries of the poison entry: 4 > 3
-        await redis_client.xclaim(
-            streams.orders_raw, DETECTOR_GROUP, "c1", 0, [entries[0].entry_id]
-        )
-    await asyncio.sleep(0.06)
-    sweeper = reclaimer(group_state, processor(group_state, [TRACKED], RuleSettings(), "c2"))
-    assert await sweeper.sweep() == 2
-    dead = cast(
-        list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(streams.orders_dead)
-    )
-    assert len(dead) == 1
-    fields = dead[0][1]
-    assert fields[b"deliveries"] == b"5"
-    assert b"delivered 5 times" in fields[b"reason"] and b"WRONGTYPE" in fields[b"reason"]
-    assert entries[0].entry_id.encode() in fields[b"reason"]
-    assert orjson.loads(fields[b"raw"])["order_key"] == poison.order_key
-    assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0
-    assert [s["order_keys"] for s in await signals_of(redis_client, streams)] == [[fine.order_key]]
-    assert await redis_client.hlen(group_state.errors_key()) == 0
 
 
 async def test_one_poisoned_entry_does_not_take_its_batch_with_it(
@@ -521,21 +502,19 @@ async def test_one_poisoned_entry_does_not_take_its_batch_with_it(
         await redis_client.sadd(group_state.unit_key(unit), "not a unit state")
     entries = await deliver(redis_client, streams, "c1", orders)
     c1 = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "c1")
+    group = runtime(redis_client, streams, c1, max_deliveries=1)
 
-    outcome = await c1.process(entries)
-    assert outcome.settled == [entries[0].entry_id, entries[2].entry_id]
-    assert outcome.unsettled == [entries[1].entry_id]
-    await group_state.ack(DETECTOR_GROUP, outcome.settled)
+    settled = await group.handle([(e.entry_id, e.fields) for e in entries])
+    assert settled == [entries[0].entry_id, entries[2].entry_id]
     found = await signals_of(redis_client, streams)
     assert {s["order_keys"][0] for s in found} == {orders[0].order_key, orders[2].order_key}
-    assert b"WRONGTYPE" in (await redis_client.hget(group_state.errors_key(), entries[1].entry_id))
 
     await asyncio.sleep(0.06)
-    sweeper = reclaimer(group_state, c1, max_deliveries=1)
-    assert await sweeper.sweep() == 1
+    assert await group.reclaim() == 1
     dead = cast(
         list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(streams.orders_dead)
     )
     assert [orjson.loads(fields[b"raw"])["order_key"] for _, fields in dead] == [poison.order_key]
     assert b"WRONGTYPE" in dead[0][1][b"reason"]
+    assert b"DETECTOR_MAX_DELIVERIES 1" in dead[0][1][b"reason"]
     assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0

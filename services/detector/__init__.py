@@ -2,17 +2,15 @@
 
 Reads top-down:
 - `settings.py`: every knob, from the environment (unprefixed names) over `DETECTOR_RULES_FILE`.
-- `main.py`: `python -m services.detector`; startup, the wallet registry, `/health` + `/metrics`,
-  graceful shutdown.
-- `handlers.py`: the FastStream batch subscriber and its ack (only once the effects are in Redis).
+- `main.py`: `python -m services.detector`; startup, the wallet registry, the consumer group
+  (`shared/consumer.py`: reads, acks, reclaims, dead-letters, drains), `/health` + `/metrics`.
 - `pipeline.py`: one batch: validate entries, dead-letter bad ones, order against the other
   replicas, decide with the rules, hand the decisions to the state step.
 - `rules.py`: the rules (`trader_entry`, `trader_exit`, `whale_order`, `consensus`), filters,
   cooldowns and confidence, as plain functions over plain state.
 - `serial.py`: the reference: the rules over a stream in order, state in memory.
 - `state.py`: everything Redis-specific: the atomic per-order Lua step (prerequisites, done key,
-  compare-and-set of the state, XADD), the pending list, reclaiming, dead letters.
-- `reclaim.py`: the loop that takes over what dead replicas left pending.
+  compare-and-set of the state, XADD), the pending-list reads that order replicas, dead letters.
 - `replay.py`: `python -m services.detector.replay TAPE`: what the rules signal on a tape.
 - `metrics.py`: Prometheus metrics, prefixed `betterbot_detector_`.
 

@@ -1,42 +1,36 @@
-"""`python -m services.detector`: settings, logging, broker, `/health` + `/metrics`, until SIGTERM.
+"""`python -m services.detector`: settings, logging, the consumer group, `/health` + `/metrics`,
+until SIGTERM.
 
-Startup: read the rules (env over `DETECTOR_RULES_FILE`) and the wallets file, create the consumer
-group (XGROUP CREATE orders.raw detector 0 MKSTREAM; an existing group is kept), load the tracked
+Startup: read the rules (env over `DETECTOR_RULES_FILE`) and the wallets file, load the tracked
 wallets from the wallet registry (seeded from the file the first time) and follow its changes, so
-label, score and added or removed wallets apply without a restart. Then start the batch subscriber
-under a consumer name unique to this process (`<hostname>-<pid>-<random>`), so any number of
-replicas share the group, and the reclaim loop (`reclaim.py`) that takes over what dead replicas
-left pending.
+label, score and added or removed wallets apply without a restart. Then join group `detector` on
+`orders.raw` under a consumer name unique to this process through the shared runtime
+(`shared/consumer.py`), which reads batches, hands them to `BatchProcessor.process`, acks what it
+settled, keeps slow batches claimed, reclaims what dead replicas left pending, dead-letters an entry
+delivered `DETECTOR_MAX_DELIVERIES` times, and waits out a Redis restart.
 
-Shutdown (SIGTERM or SIGINT): stop reading, let the in-flight batch finish and ack (up to
-`DETECTOR_SHUTDOWN_GRACE_S`), process and ack whatever else is pending under this consumer (a read
-that the stop cut short may have been delivered without reaching us), stop the reclaim loop and the
-registry follower, then leave the group (XGROUP DELCONSUMER) if nothing is pending here any more;
-entries still pending (Redis failing during the shutdown) stay in the group's pending list for a
-reclaimer. If the subscriber or a background loop stops on its own (e.g. the group was deleted),
-the process exits with an error so that its supervisor restarts it.
+Shutdown (SIGTERM or SIGINT): stop reading, let the in-flight batch finish, process whatever else
+is pending under this consumer (up to `DETECTOR_SHUTDOWN_GRACE_S`), then leave the group if nothing
+is pending here any more. If the registry follower stops on its own, the process exits with an
+error so that its supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import secrets
-import socket
 import sys
-from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import ValidationError
 
-from services.detector.handlers import build_broker
 from services.detector.pipeline import BatchProcessor, RawEntry
-from services.detector.reclaim import Reclaimer
 from services.detector.rules import describe
 from services.detector.settings import DetectorSettings, RulesFileError
 from services.detector.state import DetectorState
 from shared import wallet_registry
+from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url
 from shared.models import TrackedWallet
 from shared.ops import ops_server, run_until_stopped, settle_heap, stop_event
@@ -46,17 +40,8 @@ from shared.wallets import WalletFileError, load_wallets
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 1.0
-TASK_STOP_S = 5.0
-TASK_CANCEL_EVERY_S = 0.2
-
-
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 class Detector:
-    """One running detector replica: its Redis client, broker, subscriber and background loops.
+    """One detector replica: the registry follower and the consumer group around the processor.
 
     `wallets` seeds the wallet registry when it is empty; the registry is the truth after that.
     """
@@ -84,40 +69,65 @@ class Detector:
             wait_s=settings.detector_wait_s,
             touch_every_s=settings.touch_every_s,
         )
-        self.reclaimer = Reclaimer(
-            self.state,
-            self.processor,
-            group=DETECTOR_GROUP,
-            consumer=self.consumer,
-            min_idle_ms=settings.detector_claim_min_idle_ms,
-            interval_s=settings.detector_reclaim_interval_s,
-            max_deliveries=settings.detector_max_deliveries,
-            batch_size=settings.detector_batch_size,
+        streams = settings.streams
+        self.group = ConsumerGroup(
+            self.client,
+            GroupConfig(
+                stream=streams.orders_raw,
+                group=DETECTOR_GROUP,
+                consumer=self.consumer,
+                dead_stream=streams.orders_dead,
+                origin="detector",
+                batch_size=settings.detector_batch_size,
+                block_ms=settings.detector_block_ms,
+                claim_min_idle_ms=settings.detector_claim_min_idle_ms,
+                reclaim_every_s=settings.detector_reclaim_interval_s,
+                max_deliveries=settings.detector_max_deliveries,
+                drain_s=settings.detector_shutdown_grace_s,
+                max_deliveries_setting="DETECTOR_MAX_DELIVERIES",
+            ),
+            self.handle,
         )
-        self.broker, self.subscriber = build_broker(
-            settings.redis_url,
-            settings.streams.orders_raw,
-            self.consumer,
-            self.processor,
-            self.state,
-            batch_size=settings.detector_batch_size,
-            block_ms=settings.detector_block_ms,
-            graceful_timeout=settings.detector_shutdown_grace_s,
-        )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
 
     async def start(self) -> None:
-        await self.state.ensure_group(DETECTOR_GROUP)
+        """Load the wallets, then follow the registry and consume, in the background."""
+        last_id = await self.load_wallets()
+        self._stop = asyncio.Event()
+        self.consuming = asyncio.create_task(self.group.run(self._stop), name="detector-group")
+        self.following = asyncio.create_task(self.follow_wallets(last_id), name="detector-wallets")
+
+    async def stop(self) -> None:
+        """Drain and leave the group (bounded by `DETECTOR_SHUTDOWN_GRACE_S`), then close."""
+        log.info("detector_stopping", extra={"consumer": self.consumer})
+        self._stop.set()
+        self.following.cancel()
+        try:
+            await self.consuming
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.following
+            await self.client.aclose()
+        log.info("detector_stopped", extra={"consumer": self.consumer})
+
+    async def watch(self) -> None:
+        """Raise when the group or the registry follower ends unasked: nothing would restart it."""
+        done, _ = await asyncio.wait(
+            [self.consuming, self.following], return_when=asyncio.FIRST_COMPLETED
+        )
+        task = done.pop()
+        error = None if task.cancelled() else task.exception()
+        raise RuntimeError(f"{task.get_name()} stopped: {error!r}")
+
+    async def handle(self, batch: list[Entry]) -> Handled:
+        outcome = await self.processor.process([RawEntry(eid, fields) for eid, fields in batch])
+        return Handled(outcome.settled, outcome.failed)
+
+    async def load_wallets(self) -> str:
+        """The registry's wallets into the processor; returns the control id to follow from."""
         wallets, last_id = await wallet_registry.load(
             self.client, self.settings.streams, self.seed_wallets
         )
         self.processor.set_wallets(wallets)
-        await self.broker.start()
-        self._tasks = [
-            self._spawn(self.reclaimer.run(), "reclaim"),
-            self._spawn(self.follow_wallets(last_id), "wallets"),
-        ]
         log.info(
             "detector_started",
             extra={
@@ -131,10 +141,7 @@ class Detector:
                 "redis": redact_url(self.settings.redis_url),
             },
         )
-
-    @staticmethod
-    def _spawn(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return asyncio.create_task(work, name=f"detector-{name}")
+        return last_id
 
     async def follow_wallets(self, after_id: str) -> None:
         """Apply every change of the wallet registry as it comes."""
@@ -154,98 +161,19 @@ class Detector:
                 },
             )
 
-    async def stop(self) -> None:
-        """Finish the in-flight batch, then leave the group if nothing is pending here."""
-        self._stopping = True
-        log.info("detector_stopping", extra={"consumer": self.consumer})
-        try:
-            await self.broker.stop()
-            log.debug("stop_phase", extra={"done": "broker"})
-            await self._drain_own_pending()
-            log.debug("stop_phase", extra={"done": "drain"})
-            await self._stop_tasks()
-            log.debug("stop_phase", extra={"done": "tasks"})
-            await self._leave_group()
-        finally:
-            await self.client.aclose()
-
-    async def _stop_tasks(self) -> None:
-        """Cancel the background loops, again and again until they end (bounded).
-
-        One cancel is not always enough: a cancellation that lands as a blocking Redis read times
-        out can come back as a timeout error, which the loops treat as a blip and carry on.
-        """
-        deadline = asyncio.get_running_loop().time() + TASK_STOP_S
-        pending = {task for task in self._tasks if not task.done()}
-        while pending and asyncio.get_running_loop().time() < deadline:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=TASK_CANCEL_EVERY_S)
-        if pending:
-            log.warning("loops_not_stopped", extra={"tasks": sorted(t.get_name() for t in pending)})
-        for task in self._tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.warning(
-                    "loop_failed", extra={"task": task.get_name(), "error": repr(task.exception())}
-                )
-
-    async def _leave_group(self) -> None:
-        try:
-            released = await self.state.release_consumer(DETECTOR_GROUP, self.consumer)
-        except Exception:
-            log.exception("leave_group_failed", extra={"consumer": self.consumer})
-            released = False
-        log.info("detector_stopped", extra={"consumer": self.consumer, "released": released})
-
-    async def _drain_own_pending(self) -> None:
-        """Process what was delivered here but not acked, e.g. by a read cut short by the stop."""
-        after = "0"
-        try:
-            while pending := await self.state.own_pending(
-                DETECTOR_GROUP, self.consumer, self.settings.detector_batch_size, after
-            ):
-                entries = [RawEntry(entry_id, fields) for entry_id, fields in pending if fields]
-                trimmed = [entry_id for entry_id, fields in pending if not fields]
-                if trimmed:
-                    log.warning("pending_entries_trimmed", extra={"count": len(trimmed)})
-                settled = list(trimmed)
-                if entries:
-                    outcome = await self.processor.process(
-                        entries, wait_s=self.settings.detector_shutdown_grace_s
-                    )
-                    settled += outcome.settled
-                await self.state.ack(DETECTOR_GROUP, settled)
-                await self.state.forget_errors(settled)
-                # What is still waiting stays pending for a reclaimer; read on past it.
-                after = pending[-1][0]
-        except Exception:
-            # Shutdown goes on: what stays pending is kept in the group for a reclaimer.
-            log.exception("drain_failed", extra={"consumer": self.consumer})
-
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.state.ping()
-        running = bool(self.subscriber.running)
-        loops = all(not task.done() for task in self._tasks)
-        return redis_ok and running and loops, {
+        group = self.group.health
+        reading = not self.consuming.done() and group.redis_down_since is None
+        loops = reading and not self.following.done()
+        return redis_ok and loops, {
             "redis": redis_ok,
-            "subscriber": running,
-            "loops": loops,
+            "reading": reading,
+            "redis_down_since": group.redis_down_since,
+            "in_flight": group.in_flight,
             "consumer": self.consumer,
             "wallets": len(self.processor.wallets),
         }
-
-    async def watch(self) -> None:
-        """Raise when the subscriber or a loop stops unasked: nothing would restart it."""
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            if self._stopping:
-                continue
-            if not self.subscriber.running:
-                raise RuntimeError("the orders.raw subscriber stopped; see the errors logged above")
-            for task in self._tasks:
-                if task.done():
-                    error = None if task.cancelled() else task.exception()
-                    raise RuntimeError(f"{task.get_name()} stopped: {error!r}")
 
 
 async def run(settings: DetectorSettings) -> None:

@@ -32,13 +32,10 @@ UNSETTLED = Counter(
     "betterbot_detector_orders_left_pending_total",
     "Orders still waiting after DETECTOR_WAIT_S, left pending for a later retry",
 )
-RECLAIMED = Counter(
-    "betterbot_detector_reclaimed_total",
-    "Entries of orders.raw claimed from consumers idle past DETECTOR_CLAIM_MIN_IDLE_MS",
-)
 DEAD_LETTERED = Counter(
     "betterbot_detector_dead_lettered_total",
-    "Entries of orders.raw sent to orders.dead",
+    "Entries of orders.raw sent to orders.dead as invalid or failing their rules (entries delivered"
+    " too often: betterbot_consumer_entries_dead_lettered_total)",
     ["reason"],
 )
 WALLETS = Gauge("betterbot_detector_tracked_wallets", "Wallets tracked (from the wallet registry)")

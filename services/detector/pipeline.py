@@ -6,7 +6,8 @@ acks exactly those. An entry that cannot be read or validated (no `data` field, 
 order fill, an implausible size) or whose rules fail is dead-lettered with the reason, never
 retried: it would fail again. Redis being unreachable makes `process` raise (after
 `DETECTOR_STATE_RETRY_S`), leaving the batch unacked for redelivery, which the done keys make
-harmless; the error is recorded for the dead letter should the entry keep failing.
+harmless. The consumer runtime (shared/consumer.py) reads, acks, reclaims and dead-letters around
+it.
 
 Ordering across replicas (docs/signals.md): the decisions must be those of one detector reading the
 stream in order. Replicas read disjoint, ordered slices of the stream, so the only thing that can
@@ -15,8 +16,8 @@ an order, the batch looks at the group's pending list: every earlier entry of th
 acked (settled) or pending there. Each earlier pending entry (held by any consumer) on one of the
 order's units is a prerequisite: the state step applies the order only once that entry's done key
 exists. Until then the order waits (round after round, re-reading the pending list, whose settled
-entries drop out) while this consumer keeps its entries from being reclaimed. Orders on other
-units go ahead meanwhile.
+entries drop out) while the runtime keeps this consumer's entries from being reclaimed. Orders on
+other units go ahead meanwhile.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class BatchOutcome:
     waits: int = 0
     settled: list[str] = field(default_factory=list)
     unsettled: list[str] = field(default_factory=list)
+    # Entries that failed on their own (kept pending), with why.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,14 +177,15 @@ class BatchProcessor:
 
         Raises when Redis stays unreachable: nothing is settled, all stay pending. Any other
         failure may be one entry's (a rule bug, a damaged state key): the entries are then
-        decided one by one, so the valid ones settle now and only the failing one stays pending,
-        with its error, until it is dead-lettered."""
+        decided one by one, so the valid ones settle now and only the failing one stays pending
+        (`failed`, with why) until it is dead-lettered."""
         wait = self.wait_s if wait_s is None else wait_s
         try:
             return await self._process(entries, wait)
-        except Exception as exc:
-            await self._record_failure(entries, exc)
-            if isinstance(exc, TRANSIENT) or len(entries) == 1:
+        except TRANSIENT:
+            raise
+        except Exception:
+            if len(entries) == 1:
                 raise
             log.warning("batch_failed_deciding_alone", extra={"entries": len(entries)})
             return await self._one_by_one(entries, wait)
@@ -194,11 +198,10 @@ class BatchProcessor:
             except TRANSIENT:
                 raise
             except Exception as exc:
-                log.warning(
-                    "entry_failed", extra={"entry_id": entry.entry_id, "error": describe(exc)}
-                )
-                await self._record_failure([entry], exc)
+                reason = describe(exc)
+                log.warning("entry_failed", extra={"entry_id": entry.entry_id, "error": reason})
                 outcome.unsettled.append(entry.entry_id)
+                outcome.failed[entry.entry_id] = reason
                 continue
             _merge(outcome, alone)
         return outcome
@@ -266,9 +269,9 @@ class BatchProcessor:
         pending: nothing to wait for, and the pending list need not be read (the one-replica
         case, every batch). Trusted only while the batch is younger than `touch_every_s`: until
         then none of its entries can have been claimed (and acked) elsewhere, which could make
-        the counts match while another entry is pending."""
+        the counts match while another entry is pending. While it waits, the consumer runtime
+        keeps the batch claimed (shared/consumer.py)."""
         start = time.monotonic()
-        last_touch = start
         delay = FIRST_DELAY_S
         remaining = steps
         while True:
@@ -299,9 +302,6 @@ class BatchProcessor:
                     extra={"count": len(remaining), "waited_s": round(now - start, 3)},
                 )
                 return
-            if now - last_touch >= self.touch_every_s:
-                await self.state.touch(self.group, self.consumer, [s.entry_id for s in remaining])
-                last_touch = now
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S, self.touch_every_s / 2)
 
@@ -423,11 +423,6 @@ class BatchProcessor:
         while len(self._footprints) > FOOTPRINT_CACHE:
             self._footprints.popitem(last=False)
 
-    async def _record_failure(self, entries: Sequence[RawEntry], exc: Exception) -> None:
-        try:
-            await self.state.record_error([e.entry_id for e in entries], describe(exc))
-        except Exception as record_exc:
-            log.warning("error_not_recorded", extra={"error": repr(record_exc)})
 
 
 def _footprint(step: Step) -> Footprint | None:
@@ -444,6 +439,7 @@ def _merge(total: BatchOutcome, part: BatchOutcome) -> None:
     total.waits += part.waits
     total.settled += part.settled
     total.unsettled += part.unsettled
+    total.failed.update(part.failed)
 
 
 def _record(outcome: BatchOutcome) -> None:

@@ -1,5 +1,5 @@
 """Everything Redis-specific in the detector: the atomic apply step (Lua), the pending-list reads
-that order replicas, reclaiming, dead letters and the group membership.
+that order replicas, and dead letters (the group itself is run by `shared/consumer.py`).
 
 The apply step gets, per order, what `pipeline.py` decided with `rules.decide` and applies it in one
 script call, each order atomically:
@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.detector.rules import WalletMarketState, wallet_unit
-from shared.redis_streams import dead_letter, ensure_group
+from shared.redis_streams import dead_letter
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ CONFLICT = -3
 PENDING_PAGE = 1000
 # read_entries reads one span of up to this many entries per id wanted before going one by one.
 SPAN_FACTOR = 4
-ERROR_TEXT_MAX = 500
 
 # KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
 # keys. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per order: np, nu,
@@ -127,30 +126,6 @@ end
 return results
 """
 
-# Reset the idle time of entries this consumer still owns (XCLAIM JUSTID does not count as a
-# delivery), so that a batch waiting on other replicas is not reclaimed from under it; an entry
-# another consumer has meanwhile claimed is left alone.
-_TOUCH = """
-local touched = 0
-for i = 3, #ARGV do
-  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
-  if entry and entry[2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    touched = touched + 1
-  end
-end
-return touched
-"""
-
-# Leave the group only when nothing is pending: checked and done in one step, so an entry delivered
-# to this consumer in between cannot be dropped from the pending list with it.
-_RELEASE = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
-  return -1
-end
-return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-"""
-
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")
 
@@ -187,15 +162,6 @@ class Rejection:
     category: str
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A reclaimed entry: its id, fields (None when trimmed away) and delivery count."""
-
-    entry_id: str
-    fields: Fields | None
-    deliveries: int
-
-
 def entry_position(entry_id: str) -> tuple[int, int]:
     """An entry id as a comparable pair (`ms-seq`)."""
     ms, _, seq = entry_id.partition("-")
@@ -223,8 +189,6 @@ class DetectorState:
         self.retry_s = retry_s
         self._prefix = streams.detector_prefix()
         self._apply = client.register_script(_APPLY)
-        self._touch = client.register_script(_TOUCH)
-        self._release = client.register_script(_RELEASE)
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -233,10 +197,6 @@ class DetectorState:
 
     def unit_key(self, unit: str) -> str:
         return f"{self._prefix}{unit}"
-
-    def errors_key(self) -> str:
-        """Hash entry id -> the last error of a failed attempt, for the dead letter."""
-        return f"{self._prefix}errors"
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -330,19 +290,6 @@ class DetectorState:
                 return found
             start = "(" + found[-1]
 
-    async def still_pending(self, group: str, entry_ids: Iterable[str]) -> set[str]:
-        """Which of `entry_ids` are still pending in the group."""
-        ids = list(entry_ids)
-        if not ids:
-            return set()
-        async with self.client.pipeline(transaction=False) as pipe:
-            for entry_id in ids:
-                pipe.xpending_range(
-                    self.streams.orders_raw, group, min=entry_id, max=entry_id, count=1
-                )
-            replies = await pipe.execute()
-        return {entry_id for entry_id, reply in zip(ids, replies, strict=True) if reply}
-
     async def read_entries(self, entry_ids: Sequence[str]) -> dict[str, Fields | None]:
         """The fields of the given `orders.raw` entries, in the order given (None for one trimmed
         away).
@@ -381,66 +328,6 @@ class DetectorState:
         replies = await self._retrying(read)
         pairs = zip(entry_ids, replies, strict=True)
         return {entry_id: reply[0][1] for entry_id, reply in pairs if reply}
-
-    async def touch(self, group: str, consumer: str, entry_ids: Sequence[str]) -> int:
-        """Reset the idle time of those entries this consumer still owns."""
-        if not entry_ids:
-            return 0
-        return int(
-            await self._touch(keys=[self.streams.orders_raw], args=[group, consumer, *entry_ids])
-        )
-
-    async def autoclaim(
-        self, group: str, consumer: str, min_idle_ms: int, start: str, count: int
-    ) -> tuple[str, list[Claimed]]:
-        """XAUTOCLAIM one page of entries idle for `min_idle_ms` or more, with their delivery
-        counts (read from XPENDING after the claim, so they include it). Returns the cursor to
-        continue from ('0-0' at the end of the pending list) and the claimed entries."""
-        reply: Any = await self.client.xautoclaim(
-            self.streams.orders_raw, group, consumer, min_idle_ms, start_id=start, count=count
-        )
-        cursor, entries = reply[0].decode(), reply[1]
-        if not entries:
-            return cursor, []
-        ids = [entry_id.decode() for entry_id, _ in entries]
-        pending: Any = await self.client.xpending_range(
-            self.streams.orders_raw,
-            group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) + 1000,
-            consumername=consumer,
-        )
-        counts = {item["message_id"].decode(): int(item["times_delivered"]) for item in pending}
-        claimed = [
-            Claimed(entry_id.decode(), fields or None, counts.get(entry_id.decode(), 1))
-            for entry_id, fields in entries
-        ]
-        return cursor, claimed
-
-    async def record_error(self, entry_ids: Sequence[str], error: str) -> None:
-        """Remember why an attempt failed, for the dead letter if the entry fails too often."""
-        if not entry_ids:
-            return
-        text = error[:ERROR_TEXT_MAX].encode()
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.errors_key(), mapping=dict.fromkeys(entry_ids, text))
-            pipe.expire(self.errors_key(), self.done_ttl_s)
-            await pipe.execute()
-
-    async def last_errors(self, entry_ids: Sequence[str]) -> dict[str, str]:
-        if not entry_ids:
-            return {}
-        values: list[Any] = await self.client.hmget(self.errors_key(), list(entry_ids))
-        return {
-            entry_id: value.decode(errors="replace")
-            for entry_id, value in zip(entry_ids, values, strict=True)
-            if value is not None
-        }
-
-    async def forget_errors(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self.client.hdel(self.errors_key(), *entry_ids)
 
     # --- dead letters, group, health ------------------------------------------------------------
 
@@ -485,39 +372,3 @@ class DetectorState:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
         except (TimeoutError, *TRANSIENT):
             return False
-
-    async def ensure_group(self, group: str) -> None:
-        """Create the group on `orders.raw` (from id 0, creating the stream) unless it exists."""
-        await self._retrying(partial(ensure_group, self.client, self.streams.orders_raw, group))
-
-    async def own_pending(
-        self, group: str, consumer: str, count: int, after: str = "0"
-    ) -> list[tuple[str, Fields | None]]:
-        """Entries delivered to this consumer and not acked (XREADGROUP from `after`), oldest first.
-
-        Fields are None for an entry trimmed from the stream since its delivery.
-        """
-        reply: Any = await self.client.xreadgroup(
-            group, consumer, {self.streams.orders_raw: after}, count=count
-        )
-        if not reply:
-            return []
-        _, entries = reply[0]
-        return [(entry_id.decode(), fields or None) for entry_id, fields in entries]
-
-    async def ack(self, group: str, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            ack = partial(self.client.xack, self.streams.orders_raw, group, *entry_ids)
-            await self._retrying(ack)
-
-    async def consumer_pending(self, group: str, consumer: str) -> int:
-        """How many entries of `orders.raw` this consumer holds unacknowledged (0 or 1+)."""
-        entries = await self.client.xpending_range(
-            self.streams.orders_raw, group, min="-", max="+", count=1, consumername=consumer
-        )
-        return len(entries)
-
-    async def release_consumer(self, group: str, consumer: str) -> bool:
-        """Leave the group if nothing is pending here; pending entries stay for a reclaimer."""
-        code = await self._release(keys=[self.streams.orders_raw], args=[group, consumer])
-        return int(code) >= 0
