@@ -17,6 +17,7 @@ between the two is missed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -24,10 +25,16 @@ from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.backoff import Backoff
+from shared.errors import describe
 from shared.models import TrackedWallet, normalize_address
 from shared.redis_streams import decode, encode
 from shared.streams import Streams
+
+log = logging.getLogger(__name__)
 
 CONTROL_MAXLEN = 100_000
 
@@ -126,10 +133,20 @@ def parse_change(stream_id: bytes, fields: dict[bytes, bytes]) -> WalletChange:
 async def follow(
     client: aioredis.Redis, streams: Streams, after_id: str, block_ms: int = 1000
 ) -> AsyncIterator[WalletChange]:
-    """Every change after `after_id`, forever; malformed entries are skipped (no effect)."""
+    """Every change after `after_id`, forever; malformed entries are skipped (no effect). A Redis
+    outage is waited out (the follower resumes after the last change it saw)."""
     last = after_id
+    backoff = Backoff(0.1, 5.0)
     while True:
-        reply: Any = await client.xread({streams.wallets_control: last}, block=block_ms, count=100)
+        try:
+            reply: Any = await client.xread(
+                {streams.wallets_control: last}, block=block_ms, count=100
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            log.warning("wallet_registry_unreachable", extra={"error": describe(exc)})
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        backoff.reset()
         for _, entries in reply or []:
             for stream_id, fields in entries:
                 last = stream_id.decode()
