@@ -24,7 +24,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from devtools import servers
+from devtools import processes, servers
+from devtools.processes import ServiceProcess
 from services.store.schema import load as load_migrations
 from services.store.schema import migrate
 from shared.redis_streams import connect
@@ -57,6 +58,11 @@ class BenchEnv:
 
     async def pg(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.database_url)
+
+
+def service(name: str, env: dict[str, str], health_url: str, tag: str = "") -> ServiceProcess:
+    """A service of the benchmark, logging to `.run/bench/<tag><name>.log`."""
+    return processes.service(name, env, health_url, LOG_DIR, tag)
 
 
 @contextlib.contextmanager

@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from bench.environment import WALLETS_FILE, BenchEnv
+from bench.environment import WALLETS_FILE, BenchEnv, service
 from bench.probes import GroupState, entries_added, group_state
-from bench.processes import Memory, ServiceProcess, cpu_of_command, start_all, stop_all
 from bench.subscriber import Subscriber
+from devtools.processes import Memory, ServiceProcess, cpu_of_command, start_all, stop_all
 from devtools.servers import free_port
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, Streams
 
@@ -52,7 +52,7 @@ def service_env(env: BenchEnv, namespace: str) -> dict[str, str]:
 
 def ops_service(name: str, base: dict[str, str], tag: str, **extra: str) -> ServiceProcess:
     port = free_port()
-    return ServiceProcess(
+    return service(
         name, {**base, "OPS_PORT": str(port), **extra}, f"http://127.0.0.1:{port}/health", tag
     )
 
@@ -121,7 +121,7 @@ class Pipeline:
         consumers = [
             ops_service("store", self.base, tag),
             ops_service("detector", self.base, tag),
-            ServiceProcess(
+            service(
                 "notifier",
                 {
                     **self.base,
@@ -155,7 +155,7 @@ class Pipeline:
         """A new simulator at `rate` orders/s; returns once its clock has started."""
         await self.stop_feed()
         self.feeds += 1
-        self.simulator = ServiceProcess(
+        self.simulator = service(
             "simulator",
             {
                 **self.base,
@@ -181,7 +181,7 @@ class Pipeline:
 
     async def stop_feed(self) -> None:
         if self.simulator is not None:
-            await self.simulator.stop()
+            await self.simulator.astop()
             self.simulator = None
 
     async def sim_status(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench import stages
 from bench.environment import LOG_DIR, BenchEnv
 from bench.pipeline import Pipeline
-from bench.processes import ServiceProcess
+from devtools.processes import ServiceProcess
 
 _LINE = re.compile(r":\d+\)$")
 SERVICES = ("ingestor", "detector", "store", "notifier", "simulator")

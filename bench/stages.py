@@ -29,7 +29,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from bench.environment import BenchEnv
+from bench.environment import BenchEnv, service
 from bench.fixtures import (
     SPREAD_MARKETS,
     dome_orders,
@@ -41,7 +41,7 @@ from bench.fixtures import (
 )
 from bench.pipeline import API_KEY, ops_service, service_env
 from bench.probes import entries_added, group_drained, until
-from bench.processes import Memory, ServiceProcess, start_all, stop_all
+from devtools.processes import Memory, ServiceProcess, start_all, stop_all
 from devtools.servers import free_port
 from services.ingestor.frames import Fill, parse_frame
 from services.ingestor.publisher import Publisher
@@ -116,7 +116,7 @@ async def ingestor_burst(env: BenchEnv, count: int) -> dict[str, Any]:
     streams = Streams(namespace)
     base = service_env(env, namespace)
     sim_port = free_port()
-    simulator = ServiceProcess(
+    simulator = service(
         "simulator",
         {
             **base,

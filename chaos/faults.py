@@ -24,7 +24,7 @@ from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
 
 if TYPE_CHECKING:
     from chaos.pipeline import Pipeline
-    from chaos.processes import Service
+    from devtools.processes import ServiceProcess
 
 # How long a frozen process is given to be handed entries before it is killed anyway.
 HOLD_PENDING_WITHIN_S = 8.0
@@ -54,7 +54,9 @@ class Fault(ABC):
         self.notes.append(text)
 
 
-async def _pending_of(pipe: Pipeline, service: Service, streams: list[tuple[str, str]]) -> int:
+async def _pending_of(
+    pipe: Pipeline, service: ServiceProcess, streams: list[tuple[str, str]]
+) -> int:
     """Entries delivered to this process' consumer and not acknowledged, on the given streams."""
     marker = f"-{service.pid}-"
     total = 0
@@ -66,7 +68,7 @@ async def _pending_of(pipe: Pipeline, service: Service, streams: list[tuple[str,
 
 
 async def freeze_until_pending(
-    pipe: Pipeline, service: Service, streams: list[tuple[str, str]]
+    pipe: Pipeline, service: ServiceProcess, streams: list[tuple[str, str]]
 ) -> int:
     """Freeze the process (SIGSTOP) with entries delivered to it and not acknowledged; how many.
 
@@ -102,7 +104,7 @@ class DetectorKill(Fault):
     async def inject(self, pipe: Pipeline) -> None:
         victim = pipe.detectors[0]
         held = await freeze_until_pending(pipe, victim, [(pipe.streams.orders_raw, DETECTOR_GROUP)])
-        await victim.kill()
+        await victim.akill()
         self.note(f"killed {victim.name} holding {held} pending entries; not restarted")
 
 
@@ -115,11 +117,11 @@ class StoreKill(Fault):
         store = pipe.services["store"]
         streams = [(pipe.streams.orders_raw, STORE_GROUP), (pipe.streams.signals, STORE_GROUP)]
         held = await freeze_until_pending(pipe, store, streams)
-        await store.kill()
+        await store.akill()
         self.note(f"killed the store holding {held} pending entries")
 
     async def recover(self, pipe: Pipeline) -> None:
-        await pipe.services["store"].start()
+        pipe.services["store"].start()
         self.note(f"restarted after {self.hold_s:g}s")
 
 
@@ -134,11 +136,11 @@ class NotifierKill(Fault):
     async def inject(self, pipe: Pipeline) -> None:
         notifier = pipe.services["notifier"]
         held = await freeze_until_pending(pipe, notifier, [(pipe.streams.signals, WEBHOOKS_GROUP)])
-        await notifier.kill()
+        await notifier.akill()
         self.note(f"killed the notifier holding {held} pending webhook entries")
 
     async def recover(self, pipe: Pipeline) -> None:
-        await pipe.services["notifier"].start()
+        pipe.services["notifier"].start()
         self.note(f"restarted after {self.hold_s:g}s")
 
 
@@ -152,11 +154,11 @@ class IngestorKill(Fault):
 
     async def inject(self, pipe: Pipeline) -> None:
         self.emitted_at_kill = await pipe.emitted()
-        await pipe.services["ingestor"].kill()
+        await pipe.services["ingestor"].akill()
 
     async def recover(self, pipe: Pipeline) -> None:
         missed = await pipe.emitted() - self.emitted_at_kill
-        await pipe.services["ingestor"].start()
+        pipe.services["ingestor"].start()
         self.note(f"down {self.hold_s:g}s while the simulator emitted {missed} trades")
 
 

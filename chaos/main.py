@@ -33,9 +33,9 @@ import orjson
 from chaos import report
 from chaos.faults import CHAIN_FAULTS, FAULTS
 from chaos.pipeline import RECOVERY_ENV, PipelineConfig
-from chaos.processes import ROOT
 from chaos.redis_server import ThrowawayRedis
 from chaos.scenario import Scenario, run_scenario
+from devtools.processes import ROOT
 from devtools.servers import postgres_server, throwaway_database
 
 DEFAULT_TAPE = ROOT / "data" / "polymarket_trades_nobel2025.json"

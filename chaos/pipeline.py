@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 import httpx
 import redis.asyncio as aioredis
 
-from chaos.processes import ROOT, Service, Supervisor
 from chaos.proxy import TcpProxy
 from chaos.receiver import WebhookReceiver
 from chaos.redis_server import ThrowawayRedis
 from chaos.subscriber import ResumingSubscriber
+from devtools.processes import ROOT, ServiceProcess, Supervisor
 from devtools.servers import free_port
 from shared.redis_streams import connect
 from shared.streams import Streams
@@ -83,8 +83,8 @@ class Pipeline:
         self.subscriber = ResumingSubscriber(
             f"ws://127.0.0.1:{self.notifier_port}/ws", config.subscriber_reconnect_s
         )
-        self.services: dict[str, Service] = {}
-        self.detectors: list[Service] = []
+        self.services: dict[str, ServiceProcess] = {}
+        self.detectors: list[ServiceProcess] = []
         self.supervisor = Supervisor([])
         self.redis_client: aioredis.Redis = connect(redis.url)
         self.sim = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.sim_port}", timeout=10)
@@ -106,8 +106,8 @@ class Pipeline:
             **self.extra_env,
         }
 
-    def _add(self, name: str, module: str, env: dict[str, str], health_url: str) -> Service:
-        service = Service(
+    def _add(self, name: str, module: str, env: dict[str, str], health_url: str) -> ServiceProcess:
+        service = ServiceProcess(
             name,
             f"services.{module}",
             self._env(env),
@@ -118,7 +118,7 @@ class Pipeline:
         self.supervisor.add(service)
         return service
 
-    def _ops(self, name: str, module: str, env: dict[str, str]) -> Service:
+    def _ops(self, name: str, module: str, env: dict[str, str]) -> ServiceProcess:
         port = free_port()
         return self._add(
             name, module, {"OPS_PORT": str(port), **env}, f"http://127.0.0.1:{port}/health"
@@ -184,12 +184,12 @@ class Pipeline:
         self._declare()
         first = [s for name, s in self.services.items() if name != "ingestor"]
         for service in first:
-            await service.start()
-        await asyncio.gather(*(s.wait_healthy() for s in first))
+            service.start()
+        await asyncio.gather(*(s.await_healthy() for s in first))
         self.subscriber.start()
         ingestor = self.services["ingestor"]
-        await ingestor.start()
-        await ingestor.wait_healthy()
+        ingestor.start()
+        await ingestor.await_healthy()
         self.supervisor.start()
 
     async def status(self) -> dict[str, Any]:
@@ -217,7 +217,7 @@ class Pipeline:
             if service is None:
                 continue
             was_down = service.held_down and not service.running
-            code = await service.stop()
+            code = await service.astop()
             codes[name] = None if was_down else code
         await self.receiver.stop()
         await self.pg_proxy.stop()

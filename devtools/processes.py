@@ -1,6 +1,11 @@
-"""A service as a child process: `python -m <module>` with its environment, its output appended to
-a log file (a file, not a pipe, so a busy service never blocks on a reader that is not reading),
-its health, its memory and its CPU time. The benchmark and the chaos suite both run services so.
+"""The one way BetterBot runs its services as processes: `make run`, the benchmark, the chaos suite
+and the tests.
+
+`ServiceProcess` is `python -m <module>` with its environment, its output appended to a log file (a
+file, not a pipe, so a busy service never blocks on a reader that is not reading), its health, its
+memory and its CPU time. Its methods block (a `subprocess.Popen` underneath), so a test calls them
+directly and async code awaits the `a`-prefixed forms, which run them in a thread. `Supervisor`
+restarts what exits on its own, as Compose's `restart: unless-stopped` would.
 
 Memory comes from `/proc/<pid>/status` (`VmRSS`, resident now; `VmHWM`, the peak so far), CPU time
 from `/proc/<pid>/stat` (user + system).
@@ -11,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGCONT, SIGKILL, SIGTERM
+from typing import IO
 
 import httpx
 
@@ -77,7 +85,10 @@ def cpu_of_command(command: str) -> float:
 
 
 class ServiceProcess:
-    """One service process; `start` may be called again after it exited (a restart)."""
+    """One service process; `start` may be called again after it exited (a restart).
+
+    It remembers how often it started and how it exited, and whether it is held down (killed or
+    stopped on purpose): then a `Supervisor` leaves it be until it is started again."""
 
     def __init__(
         self, name: str, module: str, env: dict[str, str], health_url: str, log_path: Path
@@ -87,11 +98,15 @@ class ServiceProcess:
         self.env = env
         self.health_url = health_url
         self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.held_down = False
+        self.starts = 0
+        self.exits: list[int] = []
+        self._log: IO[bytes] | None = None
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def pid(self) -> int:
@@ -99,65 +114,172 @@ class ServiceProcess:
             raise ServiceError(f"{self.name} was never started")
         return self.proc.pid
 
-    async def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                self.module,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
 
-    async def wait_healthy(self, within_s: float = HEALTH_TIMEOUT_S) -> None:
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._close_log()
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.starts += 1
+        self.held_down = False
+
+    def wait_healthy(self, within_s: float = HEALTH_TIMEOUT_S) -> None:
         deadline = time.monotonic() + within_s
-        async with httpx.AsyncClient(timeout=1) as http:
-            while time.monotonic() < deadline:
-                if not self.running:
-                    raise ServiceError(f"{self.name} exited; see {self.log_path}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(self.health_url)).status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise ServiceError(f"{self.name} not healthy within {within_s:.0f}s; see {self.log_path}")
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise ServiceError(f"{self.name} exited {self.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.health_url, timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise ServiceError(f"{self.name} not healthy within {within_s:.0f}s:\n{self.log_tail()}")
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.running:
             self.proc.send_signal(sig)
 
-    async def kill(self) -> int | None:
-        """SIGKILL; the exit code (None when it was never started)."""
-        if self.proc is None:
-            return None
-        self.signal(signal.SIGKILL)
-        return await self.proc.wait()
+    def kill(self) -> int | None:
+        """SIGKILL and keep it down (no supervisor restart) until `start`; the exit code."""
+        return self.stop(SIGKILL)
 
-    async def stop(self) -> int | None:
-        """SIGTERM (after SIGCONT, in case it was paused), SIGKILL if it does not exit within
-        `STOP_TIMEOUT_S`; the exit code (None when it was never started)."""
+    def stop(self, sig: int = SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """`sig` (after SIGCONT, in case it was paused), SIGKILL if it does not exit within
+        `timeout`; keeps it down; the exit code (None when it was never started)."""
+        self.held_down = True
         if self.proc is None:
             return None
         if self.running:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(SIGCONT)
+            self.proc.send_signal(sig)
             try:
-                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-                await self.proc.wait()
+                self.proc.wait(5)
+            self.exits.append(self.proc.returncode)
+        self._close_log()
         return self.proc.returncode
 
+    async def await_healthy(self, within_s: float = HEALTH_TIMEOUT_S) -> None:
+        await asyncio.to_thread(self.wait_healthy, within_s)
+
+    async def astop(self, sig: int = SIGTERM) -> int | None:
+        return await asyncio.to_thread(self.stop, sig)
+
+    async def akill(self) -> int | None:
+        return await asyncio.to_thread(self.kill)
+
     def memory(self) -> Memory | None:
-        return read_memory(self.proc.pid) if self.proc is not None and self.running else None
+        return read_memory(self.pid) if self.running else None
 
     def cpu(self) -> float | None:
-        return cpu_seconds(self.proc.pid) if self.proc is not None and self.running else None
+        return cpu_seconds(self.pid) if self.running else None
 
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def service(
+    name: str, env: dict[str, str], health_url: str, log_dir: Path, tag: str = ""
+) -> ServiceProcess:
+    """`python -m services.<name>`, logging to `<log_dir>/<tag><name>.log` (not started)."""
+    return ServiceProcess(name, f"services.{name}", env, health_url, log_dir / f"{tag}{name}.log")
+
+
+async def start_all(procs: Sequence[ServiceProcess]) -> None:
+    """Start the processes together (imports overlap), then wait until each one is healthy."""
+    for proc in procs:
+        proc.start()
+    await asyncio.gather(*(proc.await_healthy() for proc in procs))
+
+
+async def stop_all(procs: Sequence[ServiceProcess]) -> None:
+    await asyncio.gather(*(proc.astop() for proc in procs))
+
+
+@dataclass(frozen=True)
+class Restart:
+    service: str
+    exit_code: int
+    at: float
+
+
+class Supervisor:
+    """Restart what exits on its own after `delay_s`, as `restart: unless-stopped` would.
+
+    With a `limit`, more than `limit` exits within `window_s` give up instead: restarting forever
+    would hide a broken configuration (`gave_up` is set, and `on_exit` told each one)."""
+
+    def __init__(
+        self,
+        services: list[ServiceProcess],
+        *,
+        delay_s: float = 1.0,
+        limit: int | None = None,
+        window_s: float = 60.0,
+        on_exit: Callable[[ServiceProcess, int], None] | None = None,
+    ) -> None:
+        self.services = services
+        self.delay_s = delay_s
+        self.limit = limit
+        self.window_s = window_s
+        self.on_exit = on_exit
+        self.restarts: list[Restart] = []
+        self.gave_up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, service: ServiceProcess) -> None:
+        self.services.append(service)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for service in list(self.services):
+                code = service.returncode
+                if service.proc is None or service.held_down or code is None:
+                    continue
+                service.exits.append(code)
+                self.restarts.append(Restart(service.name, code, time.time()))
+                if self.on_exit is not None:
+                    self.on_exit(service, code)
+                if self._too_many():
+                    self.gave_up.set()
+                    return
+                await asyncio.sleep(self.delay_s)
+                if not service.held_down:
+                    service.start()
+
+    def _too_many(self) -> bool:
+        if self.limit is None:
+            return False
+        recent = [r for r in self.restarts if time.time() - r.at < self.window_s]
+        return len(recent) > self.limit
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -12,50 +12,38 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from signal import SIGINT, SIGKILL, SIGTERM
 from urllib.parse import urlsplit
 
 import orjson
 import websockets
 
 from devtools import servers
+from devtools.processes import ROOT, ServiceError, ServiceProcess, Supervisor, service
 from shared.terminal import printable
 
-ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "logs"
 
 
-@dataclass(frozen=True)
-class Service:
-    name: str
-    module: str
-    health_url: str
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def pipeline(notifier_port: int) -> list[Service]:
+def pipeline(notifier_port: int, env: dict[str, str]) -> list[ServiceProcess]:
     """The services in start order: consumers first, so the first orders find them ready."""
-    return [
-        Service("simulator", "services.simulator", "http://127.0.0.1:8765/health"),
-        Service("store", "services.store", "http://127.0.0.1:8081/health", {"OPS_PORT": "8081"}),
-        Service(
-            "detector", "services.detector", "http://127.0.0.1:8083/health", {"OPS_PORT": "8083"}
-        ),
-        Service(
-            "notifier",
-            "services.notifier",
-            f"http://127.0.0.1:{notifier_port}/health",
-            {"NOTIFIER_PORT": str(notifier_port)},
-        ),
-        Service(
-            "ingestor", "services.ingestor", "http://127.0.0.1:8082/health", {"OPS_PORT": "8082"}
-        ),
-    ]
+    ports = {"store": 8081, "detector": 8083, "ingestor": 8082}
+
+    def ops(name: str) -> ServiceProcess:
+        port = ports[name]
+        own = {**env, "OPS_PORT": str(port)}
+        return service(name, own, f"http://127.0.0.1:{port}/health", LOG_DIR)
+
+    notifier = service(
+        "notifier",
+        {**env, "NOTIFIER_PORT": str(notifier_port)},
+        f"http://127.0.0.1:{notifier_port}/health",
+        LOG_DIR,
+    )
+    simulator = service("simulator", env, "http://127.0.0.1:8765/health", LOG_DIR)
+    return [simulator, ops("store"), ops("detector"), notifier, ops("ingestor")]
 
 
 @contextlib.contextmanager
@@ -76,66 +64,33 @@ def _address(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
-async def _echo_warnings(name: str, stream: asyncio.StreamReader, log_file: Path) -> None:
-    """Keep each service's full log in a file; show people only what needs their attention."""
-    with log_file.open("ab") as sink:
-        while line := await stream.readline():
-            sink.write(line)
-            sink.flush()
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                print(f"[{name}] {printable(line.decode(errors='replace').rstrip())}", flush=True)
+async def _echo_warnings(proc: ServiceProcess, stop: asyncio.Event) -> None:
+    """Follow the service's log file (kept whole in .run/logs/); show people only what needs
+    their attention."""
+    proc.log_path.touch()
+    with proc.log_path.open("rb") as log:
+        log.seek(0, 2)
+        while not stop.is_set():
+            line = log.readline()
+            if not line:
+                await asyncio.sleep(0.2)
                 continue
-            if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
-                details = {k: v for k, v in entry.items() if k not in _LOG_HEAD}
-                line_ = f"[{name}] {entry.get('level')}: {entry.get('event')} {details}"
-                print(printable(line_), flush=True)
+            if text := _attention(proc.name, line):
+                print(printable(text), flush=True)
 
 
-# Keeps the log-echo tasks referenced so they are not garbage-collected mid-run.
-_BACKGROUND: set[asyncio.Future[None]] = set()
+def _attention(name: str, line: bytes) -> str | None:
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return f"[{name}] {line.decode(errors='replace').rstrip()}"
+    if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
+        details = {k: v for k, v in entry.items() if k not in _LOG_HEAD}
+        return f"[{name}] {entry.get('level')}: {entry.get('event')} {details}"
+    return None
+
+
 _LOG_HEAD = {"ts", "level", "service", "logger", "event"}
-
-
-async def _start(service: Service, base_env: dict[str, str]) -> asyncio.subprocess.Process:
-    env = {**base_env, **service.env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        service.module,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    _BACKGROUND.add(
-        asyncio.ensure_future(
-            _echo_warnings(service.name, proc.stderr, LOG_DIR / f"{service.name}.log")
-        )
-    )
-    return proc
-
-
-async def _wait_healthy(
-    service: Service, proc: asyncio.subprocess.Process, within_s: float
-) -> None:
-    import httpx
-
-    deadline = time.monotonic() + within_s
-    async with httpx.AsyncClient(timeout=1) as http:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(
-                    f"{service.name} exited with code {proc.returncode}; "
-                    f"see {LOG_DIR / (service.name + '.log')}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(service.health_url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{service.name} not healthy after {within_s:.0f}s at {service.health_url}")
 
 
 def format_signal(message: dict[str, object]) -> str:
@@ -164,39 +119,35 @@ async def _print_signals(url: str, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _stop_all(procs: list[tuple[Service, asyncio.subprocess.Process]]) -> None:
+async def _stop_all(procs: list[ServiceProcess]) -> None:
     # Reverse start order: the feed stops first, so consumers drain what was already published.
-    for _, proc in reversed(procs):
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    for service, proc in reversed(procs):
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            print(f"[run] {service.name} ignored SIGTERM for 15 s; killing it", flush=True)
-            proc.kill()
+    for proc in reversed(procs):
+        code = await proc.astop()
+        if code == -SIGKILL:
+            print(f"[run] {proc.name} ignored SIGTERM; killed it", flush=True)
+
+
+def _restarting(proc: ServiceProcess, code: int) -> None:
+    print(f"[run] {proc.name} exited with code {code}; restarting it ({proc.log_path})", flush=True)
 
 
 async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    base_env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (SIGINT, SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    procs: list[tuple[Service, asyncio.subprocess.Process]] = []
+    procs: list[ServiceProcess] = []
+    echoes = []
     try:
-        for service in pipeline(notifier_port):
-            proc = await _start(service, base_env)
-            procs.append((service, proc))
-            await _wait_healthy(service, proc, within_s=30)
-            print(f"[run] {service.name} is up ({service.health_url})", flush=True)
-    except RuntimeError as exc:
+        for proc in pipeline(notifier_port, env):
+            proc.start()
+            procs.append(proc)
+            echoes.append(asyncio.ensure_future(_echo_warnings(proc, stop)))
+            await proc.await_healthy(within_s=30)
+            print(f"[run] {proc.name} is up ({proc.health_url})", flush=True)
+    except ServiceError as exc:
         print(f"[run] {exc}", flush=True)
         await _stop_all(procs)
         return 1
@@ -206,56 +157,26 @@ async def run(redis_url: str, database_url: str, notifier_port: int) -> int:
         flush=True,
     )
     printer = asyncio.ensure_future(_print_signals(f"ws://127.0.0.1:{notifier_port}/ws", stop))
-    failed = await _supervise(procs, base_env, stop)
+    supervisor = Supervisor(procs, limit=RESTART_LIMIT, window_s=60.0, on_exit=_restarting)
+    supervisor.start()
+    gave_up = asyncio.ensure_future(supervisor.gave_up.wait())
+    await asyncio.wait(
+        [gave_up, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if supervisor.gave_up.is_set():
+        print("[run] services keep exiting; stopping the rest", flush=True)
+    stop.set()
+    await supervisor.stop()
     printer.cancel()
     await _stop_all(procs)
+    for echo in echoes:
+        echo.cancel()
     print("[run] stopped", flush=True)
-    return 1 if failed else 0
+    return 1 if supervisor.gave_up.is_set() else 0
 
 
-async def _supervise(
-    procs: list[tuple[Service, asyncio.subprocess.Process]],
-    base_env: dict[str, str],
-    stop: asyncio.Event,
-) -> bool:
-    """Restart a service that exits, as Compose's `restart: unless-stopped` would.
-
-    A service that keeps failing (RESTART_LIMIT exits within RESTART_WINDOW_S) stops the run:
-    restarting it forever would hide a broken configuration. Returns True in that case.
-    """
-    exits: list[float] = []
-    stopping = asyncio.ensure_future(stop.wait())
-    while True:
-        watchers = {asyncio.ensure_future(proc.wait()): i for i, (_, proc) in enumerate(procs)}
-        done, _ = await asyncio.wait([stopping, *watchers], return_when=asyncio.FIRST_COMPLETED)
-        for watcher in watchers:
-            watcher.cancel()
-        if stopping in done:
-            return False
-        now = time.monotonic()
-        exits = [t for t in exits if now - t < RESTART_WINDOW_S]
-        for watcher in done:
-            index = watchers[watcher]
-            service, proc = procs[index]
-            exits.append(now)
-            if len(exits) > RESTART_LIMIT:
-                print(
-                    f"[run] services keep exiting ({service.name} last, code "
-                    f"{proc.returncode}); stopping the rest",
-                    flush=True,
-                )
-                return True
-            print(
-                f"[run] {service.name} exited with code {proc.returncode}; restarting it "
-                f"(log: {LOG_DIR / (service.name + '.log')})",
-                flush=True,
-            )
-            await asyncio.sleep(1)
-            procs[index] = (service, await _start(service, base_env))
-
-
+# More exits than this within a minute: a broken configuration, not a blip.
 RESTART_LIMIT = 5
-RESTART_WINDOW_S = 60.0
 
 
 def main() -> None:

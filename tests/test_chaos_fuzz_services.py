@@ -84,7 +84,7 @@ class Running:
 
     def alive(self) -> None:
         for proc in self.procs:
-            assert proc.proc.poll() is None, f"{proc.name} died:\n{proc.log_tail()}"
+            assert proc.running, f"{proc.name} died:\n{proc.log_tail()}"
             assert httpx.get(proc.health_url, timeout=5).status_code == 200, proc.name
 
     def invalid_signals_counted(self) -> float:
@@ -310,7 +310,7 @@ def test_any_client_message_is_answered_or_closed_with_a_reason(
             assert closed.rcvd.reason
         else:
             assert answer["type"] in ANSWERS, answer
-    assert running.procs[-1].proc.poll() is None, running.procs[-1].log_tail()
+    assert running.procs[-1].running, running.procs[-1].log_tail()
 
 
 def test_the_notifier_survived_the_fuzzing(running: Running) -> None:

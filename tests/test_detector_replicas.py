@@ -185,7 +185,7 @@ class Replicas:
         total = 0.0
         async with httpx.AsyncClient(timeout=5) as http:
             for proc, port in zip(self.procs, self.ports, strict=True):
-                if proc.proc.poll() is not None:
+                if not proc.running:
                     continue
                 text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
                 total += sum(
@@ -196,7 +196,7 @@ class Replicas:
         return total
 
     def stop(self) -> dict[int, int]:
-        return {p.proc.pid: p.stop() for p in self.procs}
+        return {p.pid: p.stop() for p in self.procs}
 
 
 @contextlib.asynccontextmanager

@@ -34,7 +34,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from chaos.processes import ROOT, Service
+from devtools.processes import ROOT, ServiceProcess, start_all
 from chaos.receiver import WebhookReceiver
 from chaos.redis_server import ThrowawayRedis
 from devtools.servers import create_database, drop_database, free_port
@@ -111,7 +111,7 @@ class Run:
         self.sim_port, self.notifier_port = free_port(), free_port()
         self.receiver = WebhookReceiver()
         self.database_url = database_url
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, ServiceProcess] = {}
         self.evidence = Evidence()
 
     @property
@@ -127,7 +127,7 @@ class Run:
             "LOG_LEVEL": "DEBUG",
             "OPS_PORT": str(port),
         }
-        self.services[name] = Service(
+        self.services[name] = ServiceProcess(
             name,
             f"services.{module}",
             {**base, **env},
@@ -226,7 +226,7 @@ class Run:
             await self._collect_redis()
         finally:
             for service in reversed(self.services.values()):
-                await service.stop()
+                await service.astop()
             await self.receiver.stop()
         for name, service in self.services.items():
             self.evidence.texts[f"log of {name}"] = service.log_text()
@@ -234,14 +234,8 @@ class Run:
         return self.evidence
 
     async def _start(self) -> None:
-        first = [v for k, v in self.services.items() if not k.startswith("ingestor")]
-        for service in first:
-            await service.start()
-        await asyncio.gather(*(s.wait_healthy() for s in first))
-        ingestors = [v for k, v in self.services.items() if k.startswith("ingestor")]
-        for service in ingestors:
-            await service.start()
-        await asyncio.gather(*(s.wait_healthy() for s in ingestors))
+        await start_all([v for k, v in self.services.items() if not k.startswith("ingestor")])
+        await start_all([v for k, v in self.services.items() if k.startswith("ingestor")])
 
     async def _until(self, sim: httpx.AsyncClient, check: Any, within_s: float = 60) -> None:
         async with asyncio.timeout(within_s):
