@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
@@ -26,6 +27,7 @@ from services.detector.state import (
     ApplyStep,
     DetectorState,
     UnitWrite,
+    encode_apply,
 )
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled
 from shared.models import OrderFill, Signal, TrackedWallet
@@ -518,3 +520,92 @@ async def test_one_poisoned_entry_does_not_take_its_batch_with_it(
     assert b"WRONGTYPE" in dead[0][1][b"reason"]
     assert b"DETECTOR_MAX_DELIVERIES 1" in dead[0][1][b"reason"]
     assert (await redis_client.xpending(streams.orders_raw, DETECTOR_GROUP))["pending"] == 0
+
+
+# --- the apply script's argument layout ----------------------------------------------------------
+
+
+class _Layout:
+    def done_key(self, order_key: str) -> str:
+        return f"done:{order_key}"
+
+    def unit_key(self, unit: str) -> str:
+        return f"unit:{unit}"
+
+
+def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
+    """The layout read back the way the script walks it (KEYS/ARGV cursors), independently of the
+    encoder: per order, its done key, np prerequisite keys and nu unit keys; np, nu, nu triples
+    and ns payloads."""
+    steps, k, a = [], 1, 2
+    while a < len(args):
+        np, nu = int(args[a]), int(args[a + 1])
+        done, prereqs = keys[k], keys[k + 1 : k + 1 + np]
+        units = keys[k + 1 + np : k + 1 + np + nu]
+        k += 1 + np + nu
+        triples = args[a + 2 : a + 2 + 3 * nu]
+        ns = int(args[a + 2 + 3 * nu])
+        payloads = args[a + 3 + 3 * nu : a + 3 + 3 * nu + ns]
+        a += 3 + 3 * nu + ns
+        writes = tuple(
+            UnitWrite(unit.removeprefix("unit:"), *triples[3 * i : 3 * i + 3])
+            for i, unit in enumerate(units)
+        )
+        steps.append(
+            ApplyStep(
+                done.removeprefix("done:"),
+                tuple(p.removeprefix("done:") for p in prereqs),
+                writes,
+                tuple(payloads),
+            )
+        )
+    assert k == len(keys) and a == len(args)
+    return steps
+
+
+unit_names = st.sampled_from(["u1", "u2", "u3"])
+apply_steps = st.builds(
+    ApplyStep,
+    st.text("0123456789abcdef", min_size=1, max_size=8),
+    st.lists(st.text("0123456789abcdef", min_size=1, max_size=8), max_size=3).map(tuple),
+    st.lists(
+        st.builds(
+            UnitWrite,
+            unit_names,
+            st.binary(max_size=8),
+            st.binary(max_size=8),
+            st.integers(0, 10**6),
+        ),
+        max_size=3,
+        unique_by=lambda w: w.unit,
+    ).map(tuple),
+    st.lists(st.binary(min_size=1, max_size=20), max_size=3).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(apply_steps, max_size=6))
+def test_the_apply_layout_round_trips(steps: list[ApplyStep]) -> None:
+    keys, args = encode_apply(steps, "signals", 1000, 60, _Layout())
+    assert keys[0] == "signals" and args[:2] == [1000, 60]
+    decoded = _decode_apply(keys, args)
+    # Only a unit's first expected value in a call is sent; later ones go as b"".
+    seen: set[str] = set()
+    expected = []
+    for step in steps:
+        writes = []
+        for w in step.units:
+            writes.append(
+                UnitWrite(w.unit, b"" if w.unit in seen else w.expected, w.value, w.ttl_s)
+            )
+            seen.add(w.unit)
+        expected.append(ApplyStep(step.order_key, step.prerequisites, tuple(writes), step.payloads))
+    assert decoded == expected
+
+
+def test_the_script_returns_the_named_codes() -> None:
+    """The script's codes are the Python constants (built into its text), not literals."""
+    from services.detector.state import _APPLY
+
+    assert f"= {DUPLICATE}, {WAITING}, {CONFLICT}" in _APPLY
+    assert not re.search(r"code = -\d", _APPLY)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -46,6 +46,8 @@ from shared.streams import Streams
 
 log = logging.getLogger(__name__)
 
+# Codes of the apply script for an order it did not apply (an applied order returns its number of
+# signals, >= 0). The script is built with these values, so the two cannot drift apart.
 DUPLICATE = -1
 WAITING = -2
 CONFLICT = -3
@@ -58,7 +60,9 @@ SPAN_FACTOR = 4
 # keys. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per order: np, nu,
 # nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
 # Per-unit compare and write, done keys last: see the module docstring.
-_APPLY = """
+_APPLY = (
+    f"local DUPLICATE, WAITING, CONFLICT = {DUPLICATE}, {WAITING}, {CONFLICT}\n"
+    + """
 local stream, maxlen, done_ttl = KEYS[1], ARGV[1], ARGV[2]
 local results, blocked, checked, done_here = {}, {}, {}, {}
 local written, values, ttls, dones = {}, {}, {}, {}
@@ -73,22 +77,22 @@ while a <= #ARGV do
   a = first_signal + ns
   local code
   for i = first_unit, k - 1 do
-    if blocked[KEYS[i]] then code = -2 end
+    if blocked[KEYS[i]] then code = WAITING end
   end
   if not code then
     for i = first_prereq, first_unit - 1 do
-      if redis.call('EXISTS', KEYS[i]) == 0 then code = -2 break end
+      if redis.call('EXISTS', KEYS[i]) == 0 then code = WAITING break end
     end
   end
   if not code and (done_here[done] or redis.call('EXISTS', done) == 1) then
-    code = -1
+    code = DUPLICATE
   end
   if not code then
     for i = 0, nu - 1 do
       local key = KEYS[first_unit + i]
       if not checked[key] then
         checked[key] = true
-        if (redis.call('GET', key) or '') ~= ARGV[unit_args + 3 * i] then code = -3 end
+        if (redis.call('GET', key) or '') ~= ARGV[unit_args + 3 * i] then code = CONFLICT end
       end
     end
   end
@@ -125,6 +129,7 @@ for _, done in ipairs(dones) do
 end
 return results
 """
+)
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 T = TypeVar("T")
@@ -160,6 +165,34 @@ class Rejection:
     raw: bytes
     reason: str
     category: str
+
+
+class KeyLayout(Protocol):
+    def done_key(self, order_key: str) -> str: ...
+
+    def unit_key(self, unit: str) -> str: ...
+
+
+def encode_apply(
+    steps: Sequence[ApplyStep], signals: str, maxlen: int, done_ttl_s: int, layout: KeyLayout
+) -> tuple[list[str], list[str | bytes | int]]:
+    """KEYS and ARGV of one apply-script call, in the layout described above `_APPLY`."""
+    keys: list[str] = [signals]
+    args: list[str | bytes | int] = [maxlen, done_ttl_s]
+    seen: set[str] = set()
+    for step in steps:
+        keys.append(layout.done_key(step.order_key))
+        keys += [layout.done_key(key) for key in step.prerequisites]
+        keys += [layout.unit_key(write.unit) for write in step.units]
+        args += [len(step.prerequisites), len(step.units)]
+        for write in step.units:
+            # The script compares only a unit's first expected value in a call.
+            expected = b"" if write.unit in seen else write.expected
+            seen.add(write.unit)
+            args += [expected, write.value, write.ttl_s]
+        args.append(len(step.payloads))
+        args += step.payloads
+    return keys, args
 
 
 def entry_position(entry_id: str) -> tuple[int, int]:
@@ -251,21 +284,7 @@ class DetectorState:
         return codes
 
     async def _run(self, steps: Sequence[ApplyStep]) -> list[int]:
-        keys: list[str] = [self.streams.signals]
-        args: list[str | bytes | int] = [self.maxlen, self.done_ttl_s]
-        seen: set[str] = set()
-        for step in steps:
-            keys.append(self.done_key(step.order_key))
-            keys += [self.done_key(key) for key in step.prerequisites]
-            keys += [self.unit_key(write.unit) for write in step.units]
-            args += [len(step.prerequisites), len(step.units)]
-            for write in step.units:
-                # The script compares only a unit's first expected value in a call.
-                expected = b"" if write.unit in seen else write.expected
-                seen.add(write.unit)
-                args += [expected, write.value, write.ttl_s]
-            args.append(len(step.payloads))
-            args += step.payloads
+        keys, args = encode_apply(steps, self.streams.signals, self.maxlen, self.done_ttl_s, self)
         return list(await self._apply(keys=keys, args=args))
 
     # --- the pending list -----------------------------------------------------------------------
