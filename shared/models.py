@@ -17,10 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 SCHEMA_VERSION = 1
 SHARE_DECIMALS = 6
 MAX_SHARES = 1e11
+# Bounds of free text, far above Polymarket's (the bundled tape's longest title has 91 characters,
+# slug 85, outcome 3), so no real fill is lost to them; they stop a field from carrying most of a
+# 1 MiB frame into every stream, table and message. A slug fits the API's `market` filter (200).
+TITLE_MAX = 5000
+SLUG_MAX = 200
+LABEL_MAX = 200
+ID_MAX = 200
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$", to_lower=True)]
+# Ids are opaque to the pipeline, but must look like ids: no spaces, no markup, and no first
+# character a spreadsheet would run as a formula (= + - @) when a history export is opened.
+# Polymarket's real ones are stricter (`FeedOrder` holds orders from outside to those).
+HexId = Annotated[str, StringConstraints(pattern=rf"^0x[0-9a-fA-F]{{1,{ID_MAX - 2}}}$")]
+HexIdOrEmpty = Annotated[str, StringConstraints(pattern=rf"^(0x[0-9a-fA-F]{{1,{ID_MAX - 2}}})?$")]
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,99}$")]
+# A CLOB token id is a uint256 written in decimal: at most 78 digits.
+DecimalTokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,78}$")]
+Title = Annotated[str, StringConstraints(max_length=TITLE_MAX)]
+Slug = Annotated[str, StringConstraints(max_length=SLUG_MAX)]
+Label = Annotated[str, StringConstraints(max_length=LABEL_MAX)]
 
 
 def normalize_address(value: str) -> str:
@@ -55,22 +73,22 @@ class DomeOrder(Contract):
     wild omit them.
     """
 
-    token_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    token_id: TokenId
     side: Side
-    market_slug: str = ""
-    condition_id: str = ""
-    token_label: str = ""
+    market_slug: Slug = ""
+    condition_id: HexIdOrEmpty = ""
+    token_label: Label = ""
     shares: int | None = None
     # Bounded so micro-shares fit the 64-bit integers Redis keeps positions in; no market has
     # ever traded 1e11 shares in one fill, so a larger value is a producer bug.
     shares_normalized: float = Field(gt=0, le=MAX_SHARES)
     price: float = Field(ge=0, le=1)
-    tx_hash: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    title: str = ""
+    tx_hash: HexId
+    title: Title = ""
     timestamp: int = Field(gt=0)
-    order_hash: str | None = None
+    order_hash: HexId | None = None
     user: Address
-    taker: str | None = None
+    taker: HexId | None = None
     block_number: int | None = None
     log_index: int | None = None
 
@@ -81,6 +99,14 @@ class DomeOrder(Contract):
         if isinstance(value, str | bool):
             raise ValueError(f"must be a number, got {type(value).__name__}")
         return value
+
+
+class FeedOrder(DomeOrder):
+    """A Dome order as it enters the pipeline from outside (Dome's WebSocket and REST, the Data
+    API, the chain): its token id must be Polymarket's, a decimal uint256. The ingestor parses
+    every source through this model, so an order that fails it is dead-lettered there."""
+
+    token_id: DecimalTokenId
 
 
 def order_key(
@@ -162,12 +188,12 @@ class Signal(Contract):
     signal_id: str
     kind: SignalKind
     wallet: Address
-    wallet_label: str = ""
-    market_slug: str = ""
-    title: str = ""
-    condition_id: str = ""
-    token_id: str
-    token_label: str = ""
+    wallet_label: Label = ""
+    market_slug: Slug = ""
+    title: Title = ""
+    condition_id: HexIdOrEmpty = ""
+    token_id: TokenId
+    token_label: Label = ""
     side: Side
     price: float
     shares: float
@@ -190,5 +216,5 @@ class TrackedWallet(Contract):
     """A wallet we follow, from the wallets file (and later the store's API)."""
 
     address: Address
-    label: str = ""
+    label: Label = ""
     score: float | None = Field(default=None, ge=0, le=1)

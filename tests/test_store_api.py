@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 
 from devtools.servers import free_port
 from services.store import rows
-from services.store.api import ApiContext, create_app
+from services.store.api import create_app
 from services.store.database import Database
 from services.store.main import Store
 from services.store.queries import ORDERS, SIGNALS
@@ -562,12 +563,9 @@ async def test_unavailable_postgres_or_redis_is_a_503_and_changes_nothing(
     ]
     for wallets, method, path, says in cases:
         wallets.synced.set()
+        db = nowhere if method == "GET" else api.store.api_db
         app = create_app(
-            ApiContext(
-                nowhere if method == "GET" else api.store.api_db, wallets, TOKEN.encode(), False
-            ),
-            api.store.health,
-            16_384,
+            dataclasses.replace(api.store.api(), db=db, wallets=wallets), api.store.health, 16_384
         )
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://store"

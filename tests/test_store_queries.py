@@ -128,14 +128,17 @@ def test_a_market_is_a_condition_id_or_a_slug() -> None:
     assert queries.market_column("btc-updown-15m-1762479900") == "market_slug"
 
 
-def test_csv_cells_neutralize_formulas_in_free_text_only() -> None:
-    assert queries.csv_cell("=HYPERLINK(1)", text=True) == "'=HYPERLINK(1)"
-    assert queries.csv_cell("@SUM(A1)", text=True) == "'@SUM(A1)"
-    assert queries.csv_cell("-0.5", text=False) == "-0.5"
-    assert queries.csv_cell(None, text=True) == ""
-    assert queries.csv_cell(["a", "b"], text=True) == "a; b"
-    assert queries.csv_cell(T0, text=False) == "2025-11-06T20:53:11.123456Z"
-    assert queries.csv_cell(Decimal(9_000_000), text=False) == "9000000"
+def test_csv_cells_neutralize_formulas_in_every_text_cell_not_in_numbers() -> None:
+    for text in ("=HYPERLINK(1)", "+1", "-1+cmd", "@SUM(A1)", "\t=1", "\r=1"):
+        assert queries.csv_cell(text) == "'" + text
+    assert queries.csv_cell(["=1+1", "b"]) == "'=1+1; b"
+    assert queries.csv_cell(-0.5) == "-0.5"
+    assert queries.csv_cell(-3) == "-3"
+    assert queries.csv_cell(Decimal(-9_000_000)) == "-9000000"
+    assert queries.csv_cell(None) == ""
+    assert queries.csv_cell(["a", "b"]) == "a; b"
+    assert queries.csv_cell(T0) == "2025-11-06T20:53:11.123456Z"
+    assert queries.csv_cell(Decimal(9_000_000)) == "9000000"
     lines = queries.csv_lines(SIGNALS, [], header=True)
     assert lines.startswith("signal_id,kind,wallet,") and lines.endswith("\r\n")
 

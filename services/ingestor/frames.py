@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from shared.models import DomeOrder, OrderFill, Source
+from shared.models import FeedOrder, OrderFill, Source
 
 _MAX_ID_CHARS = 100
 _MAX_DETAIL_CHARS = 500
@@ -116,7 +116,7 @@ def _event(
     if not isinstance(data, dict):
         return Rejected(RejectKind.INVALID_EVENT, "event without an object 'data'", subscription_id)
     try:
-        order = DomeOrder.model_validate(data)
+        order = FeedOrder.model_validate(data)
     except ValidationError as exc:
         return Rejected(RejectKind.INVALID_EVENT, _validation_reason(exc), subscription_id)
     if order.user not in tracked:

@@ -4,11 +4,16 @@
   (`limit` 1..1000, default 100; `next_cursor` continues; see `queries.py`). `format=csv` or
   `Accept: text/csv` gives CSV: without `limit` every matching row is streamed from Postgres as
   it is read (one server-side cursor); with `limit`, one page and its cursor in `X-Next-Cursor`.
+  At most `STORE_CSV_MAX_STREAMS` streams at once (503 beyond, with Retry-After), each cut after
+  `STORE_CSV_MAX_SECONDS`: a slow reader holds neither the pool nor a snapshot for long.
 - `GET /wallets`, `PUT /wallets/{address}`, `DELETE /wallets/{address}`: the tracked wallets,
   persisted in Postgres and published to the live registry (`wallets.py`).
-- Auth: write endpoints need `Authorization: Bearer <STORE_API_TOKEN>` (compared in constant
-  time); without a configured token they are refused (403), never open. Reads need the token too
-  when `STORE_API_READ_AUTH` is true. /health, /metrics and the docs stay open.
+- Auth: write endpoints need `Authorization: Bearer <STORE_API_TOKEN>` (compared on SHA-256
+  digests, in constant time); without a configured token they are refused (403), never open.
+  Reads need the token too when `STORE_API_READ_AUTH` is true. /health, /metrics and the docs
+  stay open.
+- Host: a request whose `Host` is not in `STORE_API_ALLOWED_HOSTS` gets 400 (DNS rebinding),
+  except /health and /metrics.
 - Bad input is a 4xx naming the problem: 422 for a malformed parameter or body (FastAPI's
   validation list), 400 for a bad cursor or an empty time range, 413 for a body over
   `STORE_API_MAX_BODY_BYTES`; 503 while Postgres or Redis cannot answer.
@@ -16,11 +21,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import hmac
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
@@ -51,10 +59,16 @@ from services.store.wallets import StoredWallet, Wallets
 from shared.models import SignalKind, TrackedWallet, normalize_address
 from shared.ops import HealthCheck, ops_routes
 
+log = logging.getLogger(__name__)
+
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
 CSV_CHUNK_ROWS = 500
 CSV_MEDIA = "text/csv; charset=utf-8"
+CSV_RETRY_AFTER_S = 5
+# Postgres ends an export's transaction itself this long after the export's own bound, should
+# this process stall; the margin lets the process, which answers the client, normally go first.
+CSV_POSTGRES_GRACE_S = 10
 UNIX_MAX = 20_000_000_000  # Unix seconds (year 2603); larger numbers are more likely mistakes
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"  # date, time, fraction
@@ -268,11 +282,31 @@ class WalletOut(BaseModel):
 
 
 @dataclass
+class Exports:
+    """Streamed CSV exports: at most `limit` at once, each at most `max_seconds` long."""
+
+    limit: int
+    max_seconds: float
+    running: int = 0
+
+    def start(self) -> bool:
+        if self.running >= self.limit:
+            return False
+        self.running += 1
+        return True
+
+    def end(self) -> None:
+        self.running -= 1
+
+
+@dataclass
 class ApiContext:
     db: Database  # the API's own pool: reads never wait behind batch writes, nor they behind us
     wallets: Wallets
-    token: bytes | None
+    token_digest: bytes | None  # SHA-256 of STORE_API_TOKEN
     read_auth: bool
+    allowed_hosts: tuple[str, ...]  # "*" among them: any
+    exports: Exports
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -290,7 +324,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
 def check_token(ctx: ApiContext, credentials: HTTPAuthorizationCredentials | None) -> None:
-    if ctx.token is None:
+    if ctx.token_digest is None:
         raise HTTPException(403, "this store has no STORE_API_TOKEN set: the endpoint is disabled")
     if credentials is None:
         raise HTTPException(
@@ -298,8 +332,13 @@ def check_token(ctx: ApiContext, credentials: HTTPAuthorizationCredentials | Non
             "missing 'Authorization: Bearer <token>' header",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not hmac.compare_digest(credentials.credentials.encode("utf-8", "replace"), ctx.token):
+    # Digests, so the comparison takes the same time whatever the length of the token presented.
+    if not hmac.compare_digest(digest(credentials.credentials), ctx.token_digest):
         raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
 async def require_write_token(ctx: Ctx, credentials: Credentials) -> None:
@@ -353,7 +392,7 @@ async def listing(
         raise HTTPException(400, str(exc)) from exc
     if csv and limit is None:
         sql, params = queries.page_sql(resource, where, order, after, None)
-        return await stream_csv(ctx.db, resource, sql, params, filename)
+        return await stream_csv(ctx, resource, sql, params, filename)
     page = limit or PAGE_DEFAULT
     sql, params = queries.page_sql(resource, where, order, after, page + 1)
     async with ctx.db.connection() as conn:
@@ -373,33 +412,77 @@ async def listing(
 
 
 async def stream_csv(
-    db: Database, resource: Resource, sql: str, params: list[Any], filename: str
+    ctx: ApiContext, resource: Resource, sql: str, params: list[Any], filename: str
 ) -> StreamingResponse:
     """Every row, read through a server-side cursor. The first chunk is read before answering, so
     an unavailable Postgres is still a 503; a failure later can only cut the response short."""
-    stack = contextlib.AsyncExitStack()
+    exports = ctx.exports
+    if not exports.start():
+        raise HTTPException(
+            503,
+            f"too many CSV exports at once (STORE_CSV_MAX_STREAMS={exports.limit}): retry later, "
+            "or read pages with `limit`",
+            headers={"Retry-After": str(CSV_RETRY_AFTER_S)},
+        )
+    held = contextlib.AsyncExitStack()
+    held.callback(exports.end)
     try:
-        conn = await stack.enter_async_context(db.connection())
-        await stack.enter_async_context(conn.transaction(readonly=True))
+        conn = await held.enter_async_context(ctx.db.connection())
+        await held.enter_async_context(conn.transaction(readonly=True))
+        idle_ms = round((exports.max_seconds + CSV_POSTGRES_GRACE_S) * 1000)
+        await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {idle_ms}")
         rows = conn.cursor(sql, *params, prefetch=CSV_CHUNK_ROWS).__aiter__()
         first = await _take(rows, CSV_CHUNK_ROWS)
     except BaseException:
-        await stack.aclose()
+        await held.aclose()
         raise
 
-    async def chunks() -> AsyncIterator[str]:
-        async with stack:
-            chunk = first
-            yield queries.csv_lines(resource, chunk, header=True)
-            while len(chunk) == CSV_CHUNK_ROWS:
-                chunk = await _take(rows, CSV_CHUNK_ROWS)
-                yield queries.csv_lines(resource, chunk, header=False)
+    async def chunks() -> AsyncGenerator[str, None]:
+        chunk = first
+        yield queries.csv_lines(resource, chunk, header=True)
+        while len(chunk) == CSV_CHUNK_ROWS:
+            chunk = await _take(rows, CSV_CHUNK_ROWS)
+            yield queries.csv_lines(resource, chunk, header=False)
 
-    return StreamingResponse(
+    return BoundedExport(
         chunks(),
+        held,
+        exports.max_seconds,
         media_type=CSV_MEDIA,
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+class BoundedExport(StreamingResponse):
+    """A streamed export that gives back what it holds (`held`: the connection, the snapshot,
+    the export's slot) however it ends: complete, its client gone, or cut after `max_seconds`
+    while a slow client keeps the writes waiting. A cut download ends without its last chunk,
+    which clients report as an error, as for any failure mid-stream."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[str, None],
+        held: contextlib.AsyncExitStack,
+        max_seconds: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.chunks = content
+        self.held = held
+        self.max_seconds = max_seconds
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        deadline = asyncio.timeout(self.max_seconds)
+        try:
+            async with deadline:
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("csv_export_cut", extra={"max_seconds": self.max_seconds})
+        finally:
+            await self.chunks.aclose()
+            await self.held.aclose()
 
 
 async def _take(rows: AsyncIterator[asyncpg.Record], count: int) -> list[asyncpg.Record]:
@@ -617,6 +700,52 @@ def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]
     return replay
 
 
+class HostCheck:
+    """Refuses (400) a request whose `Host` header is not one of the API's own names.
+
+    DNS rebinding: a web page on the attacker's name, re-pointed at 127.0.0.1, reaches this port
+    from the victim's browser as "same origin", but its requests still carry the attacker's name
+    in `Host`. /health and /metrics answer any name: Prometheus scrapes by IP address, and they
+    hold no history.
+    """
+
+    OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = frozenset(allowed)
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or self.any or self._own(scope):
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        response = JSONResponse(
+            {
+                "detail": f"unknown Host {host[:100]!r}: this API answers to "
+                f"{', '.join(sorted(self.allowed))} (STORE_API_ALLOWED_HOSTS)"
+            },
+            status_code=400,
+        )
+        await response(scope, receive, send)
+
+    def _own(self, scope: MutableMapping[str, Any]) -> bool:
+        if scope["path"] in self.OPEN_PATHS:
+            return True
+        host = dict(scope["headers"]).get(b"host")
+        return host is not None and host_name(host.decode("latin-1")) in self.allowed
+
+
+_HOST_HEADER = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\[\]/@\s]+)(?::[0-9]{1,5})?$")
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header, without its port, lower-cased; None if it is not one."""
+    match = _HOST_HEADER.match(header)
+    return match[1].lower().rstrip(".") if match else None
+
+
 class RequestMetrics:
     """`betterbot_store_api_requests_total` and `_api_seconds`, by route template."""
 
@@ -670,5 +799,6 @@ def create_app(ctx: ApiContext, health: HealthCheck, max_body_bytes: int) -> Fas
     app.add_exception_handler(405, method_not_allowed)
     app.router.routes.extend(ops_routes(health))
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(HostCheck, allowed=ctx.allowed_hosts)
     app.add_middleware(RequestMetrics)
     return app

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
-from services.store.api import ApiContext, create_app
+from services.store.api import ApiContext, Exports, create_app, digest
 from services.store.batches import BatchStore, feeds
 from services.store.database import Database, Stopping
 from services.store.handlers import build_broker
@@ -175,12 +175,15 @@ class Store:
                 await self.redis.xgroup_delconsumer(feed.stream, STORE_GROUP, self.consumer)
 
     def api(self) -> ApiContext:
-        token = self.settings.store_api_token
+        settings = self.settings
+        token = settings.store_api_token
         return ApiContext(
             db=self.api_db,
             wallets=self.wallets,
-            token=None if token is None else token.get_secret_value().encode(),
-            read_auth=self.settings.store_api_read_auth,
+            token_digest=None if token is None else digest(token.get_secret_value()),
+            read_auth=settings.store_api_read_auth,
+            allowed_hosts=settings.allowed_hosts,
+            exports=Exports(settings.store_csv_max_streams, settings.store_csv_max_seconds),
         )
 
     async def health(self) -> tuple[bool, dict[str, Any]]:

@@ -53,7 +53,6 @@ class Resource:
     time_column: str
     key_column: str
     columns: tuple[str, ...]  # selected, in output order (JSON and CSV)
-    text_columns: frozenset[str]  # free text from outside: neutralized in CSV
 
 
 def served(table: Table) -> tuple[str, ...]:
@@ -68,7 +67,6 @@ SIGNALS = Resource(
     "detected_at",
     "signal_id",
     served(SIGNAL_ROWS),
-    frozenset({"wallet_label", "market_slug", "title", "token_label", "reasons"}),
 )
 
 ORDERS = Resource(
@@ -77,7 +75,6 @@ ORDERS = Resource(
     "exchange_ts",
     "order_key",
     served(ORDER_ROWS),
-    frozenset({"token_label", "market_slug", "title", "tx_hash", "order_hash", "taker"}),
 )
 
 _RESOURCES = {r.name: r for r in (SIGNALS, ORDERS)}
@@ -214,17 +211,18 @@ def item(resource: Resource, row: Mapping[str, Any]) -> dict[str, Any]:
     return {column: json_value(row[column]) for column in resource.columns}
 
 
-def csv_cell(value: Any, text: bool) -> str:
+def csv_cell(value: Any) -> str:
+    """One CSV cell. Every text cell is neutralised, not a list of columns thought to be free
+    text: ids come from outside too, and rows stored before ids were checked are still served.
+    Numbers, times and nulls are never text, so a negative number stays a number."""
     if value is None:
         return ""
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    if isinstance(value, list):
-        value = "; ".join(str(v) for v in value)
-    cell = str(json_value(value))
-    if text and cell.startswith(_FORMULA_START):
-        return "'" + cell
-    return cell
+    if isinstance(value, int | float | Decimal):
+        return str(json_value(value))
+    cell = "; ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
 def csv_lines(resource: Resource, rows: Iterable[Mapping[str, Any]], header: bool) -> str:
@@ -234,5 +232,5 @@ def csv_lines(resource: Resource, rows: Iterable[Mapping[str, Any]], header: boo
     if header:
         writer.writerow(resource.columns)
     for row in rows:
-        writer.writerow([csv_cell(row[c], c in resource.text_columns) for c in resource.columns])
+        writer.writerow([csv_cell(row[c]) for c in resource.columns])
     return out.getvalue()

@@ -27,6 +27,14 @@
 - `STORE_API_READ_AUTH` (`false`): true makes the read endpoints need the token too.
 - `STORE_API_MAX_BODY_BYTES` (`16384`): larger request bodies get 413.
 - `STORE_API_POOL_SIZE` (`4`): the API's own Postgres connections (a CSV export holds one).
+- `STORE_API_ALLOWED_HOSTS` (`localhost,127.0.0.1,[::1],store`): the host names the API answers
+  to (comma-separated, no port; `*` = any), plus `OPS_HOST` when it names one address. Another
+  `Host` header gets 400, so a web page that rebinds its own DNS name to this machine cannot read
+  the API (DNS rebinding). /health and /metrics answer any host (Prometheus scrapes by IP).
+- `STORE_CSV_MAX_STREAMS` (`2`): streamed CSV exports at once; more get 503 with Retry-After.
+  Smaller than `STORE_API_POOL_SIZE`, so JSON reads and writes always find a connection.
+- `STORE_CSV_MAX_SECONDS` (`300`): a streamed CSV export is cut after this long (its connection and
+  snapshot given back), however slowly its client reads.
 - `WALLETS_FILE` (`config/wallets.example.json`): seeds the tracked wallets on the very first
   start (empty Postgres and empty registry); relative paths are tried in the working directory,
   then in the project root.
@@ -35,10 +43,16 @@ Plus the common ones: `REDIS_URL`, `STREAM_NAMESPACE`, `LOG_LEVEL`, `OPS_HOST`.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import DatabaseSettings
+
+# A host name or an IP address (IPv6 in brackets), as in a Host header without its port.
+_HOST_NAME = re.compile(r"^(\*|\[[0-9a-f:.]+\]|[a-z0-9_.-]+)$")
+_ANY_ADDRESS = ("", "0.0.0.0", "[::]")
 
 
 class StoreSettings(DatabaseSettings):
@@ -64,12 +78,39 @@ class StoreSettings(DatabaseSettings):
     store_api_read_auth: bool = False
     store_api_max_body_bytes: int = Field(default=16_384, ge=256)
     store_api_pool_size: int = Field(default=4, ge=1)
+    store_api_allowed_hosts: str = "localhost,127.0.0.1,[::1],store"
+    store_csv_max_streams: int = Field(default=2, ge=0)
+    store_csv_max_seconds: float = Field(default=300.0, gt=0)
     wallets_file: str = "config/wallets.example.json"
 
     @field_validator("store_api_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if value in ("", None) else value
+
+    @field_validator("store_api_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        hosts = [host.strip().lower() for host in value.split(",") if host.strip()]
+        if not hosts:
+            raise ValueError("STORE_API_ALLOWED_HOSTS names no host: list host names, or * for any")
+        for host in hosts:
+            if not _HOST_NAME.match(host):
+                raise ValueError(
+                    f"STORE_API_ALLOWED_HOSTS: {host[:80]!r} is not a host name "
+                    "(no scheme, no port; IPv6 in brackets)"
+                )
+        return ",".join(hosts)
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """The listed names, plus OPS_HOST when it names one address: clients reach it by that."""
+        hosts = self.store_api_allowed_hosts.split(",")
+        own = self.ops_host.lower()
+        own = f"[{own}]" if ":" in own else own
+        if own not in _ANY_ADDRESS and _HOST_NAME.match(own) and own not in hosts:
+            hosts.append(own)
+        return tuple(hosts)
 
     @model_validator(mode="after")
     def _consistent(self) -> StoreSettings:
@@ -80,4 +121,9 @@ class StoreSettings(DatabaseSettings):
             raise ValueError("STORE_API_TOKEN must be at least 16 characters")
         if self.store_api_read_auth and token is None:
             raise ValueError("STORE_API_READ_AUTH=true needs STORE_API_TOKEN")
+        if self.store_csv_max_streams >= self.store_api_pool_size:
+            raise ValueError(
+                "STORE_CSV_MAX_STREAMS must be smaller than STORE_API_POOL_SIZE, so that JSON "
+                "reads and writes always get a connection"
+            )
         return self

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,12 +26,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.ingestor.http_api import ApiError, JsonApi
+from shared.models import LABEL_MAX, SLUG_MAX
 
 log = logging.getLogger(__name__)
 
 CACHE_TTL_S = 24 * 3600
 UNKNOWN_TTL_S = 300
 TEXT_LIMIT = 500
+# Gamma describes the market; the fill itself is real whatever it says. So a condition id of
+# another shape is dropped and text is cut to the contract's bounds, rather than the fill lost.
+CONDITION_ID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +74,12 @@ def market_from_gamma(body: Any, token_id: str) -> TokenMarket:
         outcomes = _json_list(market.get("outcomes"))
         index = tokens.index(token_id)
         label = outcomes[index] if index < len(outcomes) else ""
+        condition_id = str(market.get("conditionId") or "")
         return TokenMarket(
-            condition_id=str(market.get("conditionId") or "")[:TEXT_LIMIT],
-            market_slug=str(market.get("slug") or "")[:TEXT_LIMIT],
+            condition_id=condition_id if CONDITION_ID.match(condition_id) else "",
+            market_slug=str(market.get("slug") or "")[:SLUG_MAX],
             title=str(market.get("question") or "")[:TEXT_LIMIT],
-            token_label=str(label)[:TEXT_LIMIT],
+            token_label=str(label)[:LABEL_MAX],
             neg_risk=bool(market.get("negRisk")),
         )
     return UNKNOWN

@@ -34,7 +34,6 @@ import orjson
 from pydantic import ValidationError
 
 from services.ingestor import metrics
-from shared.backoff import Backoff
 from services.ingestor.chain.events import (
     ORDER_FILLED_TOPICS,
     ChainFill,
@@ -53,7 +52,8 @@ from services.ingestor.chain.rpc import (
 )
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.publisher import Publisher
-from shared.models import DomeOrder, OrderFill, Source
+from shared.backoff import Backoff
+from shared.models import DomeOrder, FeedOrder, OrderFill, Source
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ class PolygonSource:
 
 def chain_order(fill: ChainFill, market: TokenMarket, timestamp: int) -> DomeOrder:
     """The fill in the order contract (raises ValidationError, for the dead letter)."""
-    return DomeOrder(
+    return FeedOrder(
         token_id=fill.token_id,
         side=fill.side,
         market_slug=market.market_slug,

@@ -23,7 +23,7 @@ from typing import Any
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from shared.models import SHARE_DECIMALS, DomeOrder, Source
+from shared.models import SHARE_DECIMALS, DomeOrder, FeedOrder, Source
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def order_from_data_api(item: Any) -> DomeOrder:
         data["shares"] = round(size * 10**SHARE_DECIMALS)
     if isinstance(data.get("side"), str):
         data["side"] = data["side"].upper()
-    return DomeOrder.model_validate(data)
+    return FeedOrder.model_validate(data)
 
 
 class DataApiHistory:

@@ -14,7 +14,7 @@ from typing import Any
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from shared.models import DomeOrder, Source
+from shared.models import DomeOrder, FeedOrder, Source
 
 ORDERS_PATH = "/polymarket/orders"
 
@@ -52,7 +52,7 @@ class DomeRestHistory:
             params = {**base, "pagination_key": key}
 
     def to_order(self, item: Any) -> DomeOrder:
-        return DomeOrder.model_validate(item)
+        return FeedOrder.model_validate(item)
 
 
 def _page(body: Any) -> tuple[list[Any], dict[str, Any]]:
