@@ -7,28 +7,27 @@ production deployment, and is idempotent: replaying a file twice adds nothing th
 fill the live feed already delivered (same order_key from any source) is not added again. The
 detector and the store then treat the fills like any other (`source` = `data_api`).
 
-Mapping (the simulator's tape uses the same): proxyWallet->user, asset->token_id,
-conditionId->condition_id, size->shares_normalized (shares = size * 1e6), slug->market_slug,
-outcome->token_label, transactionHash->tx_hash; side, price, timestamp, title as they are; the Data
-API has no order_hash or taker. Trades are fed oldest first (the Data API lists newest first). Only
-tracked wallets' trades go in (as the ingestor would only receive those) unless `--all-wallets`. An
-item that cannot be mapped is reported with its index and reason and skipped; the rest go in.
+Mapping: `shared.data_api.order_from_data_api`, the ingestor's own. Trades are fed oldest first
+(the Data API lists newest first). Only tracked wallets' trades go in (as the ingestor would only
+receive those) unless `--all-wallets`. An item that cannot be mapped is reported with its index and
+reason and skipped; the rest go in.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import ValidationError
 
 from services.ingestor.publisher import Publisher
-from shared.models import DomeOrder, OrderFill, Source
+from shared.data_api import order_from_data_api
+from shared.errors import describe
+from shared.models import OrderFill, Source
 from shared.streams import Streams
 
 SHARE_SCALE = 1_000_000
@@ -45,34 +44,6 @@ class TapeReport:
     added: int = 0
     duplicates: int = 0
     invalid: list[str] = field(default_factory=list)
-
-
-def data_api_order(item: Mapping[str, Any]) -> DomeOrder:
-    """One Data-API `/trades` item as a Dome order; ValueError says what is wrong."""
-    size = item.get("size")
-    shares = round(size * SHARE_SCALE) if isinstance(size, int | float) else None
-    try:
-        return DomeOrder.model_validate(
-            {
-                "user": item.get("proxyWallet"),
-                "side": str(item.get("side", "")).upper(),
-                "token_id": item.get("asset"),
-                "condition_id": item.get("conditionId") or "",
-                "shares": shares,
-                "shares_normalized": size,
-                "price": item.get("price"),
-                "timestamp": item.get("timestamp"),
-                "tx_hash": item.get("transactionHash"),
-                "market_slug": item.get("slug") or "",
-                "token_label": item.get("outcome") or "",
-                "title": item.get("title") or "",
-            }
-        )
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
-        raise ValueError(problems) from None
 
 
 def read_tape(path: Path) -> list[Any]:
@@ -97,9 +68,9 @@ def to_fills(items: Sequence[Any], tracked: set[str] | None, report: TapeReport)
             report.invalid.append(f"item {index}: not an object")
             continue
         try:
-            order = data_api_order(item)
+            order = order_from_data_api(item)
         except ValueError as exc:
-            report.invalid.append(f"item {index}: {exc}")
+            report.invalid.append(f"item {index}: {describe(exc)}")
             continue
         if tracked is not None and order.user not in tracked:
             report.skipped_untracked += 1

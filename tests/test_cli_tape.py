@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from cli.tape import data_api_order
+from shared.data_api import order_from_data_api as data_api_order
 from shared.models import OrderFill, Source, order_key
 from shared.redis_streams import decode
 from shared.streams import Streams

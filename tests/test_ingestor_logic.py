@@ -17,7 +17,6 @@ from services.ingestor.backfill import CatchUp
 from services.ingestor.dialects import message
 from services.ingestor.http_api import ApiError, AuthError, JsonApi, retry_after_seconds
 from services.ingestor.ratelimit import RateLimiter
-from services.ingestor.sources.data_api import order_from_data_api
 from services.ingestor.sources.dome_ws import RecentlyRemoved
 from services.ingestor.sources.ws_connection import is_auth_close
 from services.ingestor.subscriptions import (
@@ -30,6 +29,7 @@ from services.ingestor.subscriptions import (
     Unsubscribe,
     Update,
 )
+from shared.data_api import order_from_data_api
 from shared.models import DomeOrder, OrderFill, Source
 
 WALLET = "0x" + "ab" * 20

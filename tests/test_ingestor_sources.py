@@ -8,9 +8,9 @@ import itertools
 
 import redis.asyncio as aioredis
 
-from services.ingestor.sources.data_api import order_from_data_api
 from services.simulator.data_api import data_api_trade
 from services.simulator.trades import Trade, injected_trade
+from shared.data_api import order_from_data_api
 from shared.models import OrderFill, Source
 from shared.streams import Streams
 from tests.helpers.ingestion import (

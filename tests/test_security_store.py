@@ -35,7 +35,6 @@ from pydantic import ValidationError
 from devtools.servers import free_port
 from services.ingestor.chain.markets import market_from_gamma
 from services.ingestor.frames import Fill, Rejected, RejectKind, parse_frame
-from services.ingestor.sources.data_api import order_from_data_api
 from services.simulator.tape import for_pass, load_tape
 from services.simulator.trades import Trade
 from services.store import api as store_api
@@ -44,6 +43,7 @@ from services.store.api import create_app
 from services.store.main import Store
 from services.store.settings import StoreSettings
 from shared import models
+from shared.data_api import order_from_data_api
 from shared.models import DomeOrder, TrackedWallet
 from shared.ops import http_server
 from shared.redis_streams import encode

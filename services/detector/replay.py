@@ -1,8 +1,8 @@
 """What BetterBot would have signalled on a tape: `python -m services.detector.replay [TAPE]`.
 
 Reads a Polymarket Data-API dump (default: the bundled Nobel Peace Prize 2025 morning), maps each
-trade to the order fill the ingestor would publish (the simulator's mapping, `services.simulator
-.tape`; source `data_api`, `received_at` = the trade's timestamp), runs the rules in stream order
+trade to the order fill the ingestor would publish (`shared.data_api`, the ingestor's mapping;
+source `data_api`, `received_at` = the trade's timestamp), runs the rules in stream order
 (`serial.py`, the semantics every number of replicas reproduces) with the wallets of `--wallets`
 (default `WALLETS_FILE`) and the rule settings of the environment / `--rules` file, and prints a
 markdown report: the settings, a table of the signals by kind, and one example of each kind (the
@@ -18,41 +18,29 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
+
 from services.detector.rules import RuleSettings, describe
 from services.detector.serial import SerialDetector
 from services.detector.settings import DetectorSettings
-from services.simulator.tape import load_tape
-from services.simulator.trades import TradeTemplate
-from shared.models import DomeOrder, OrderFill, Signal, SignalKind, Source, TrackedWallet
+from shared.data_api import order_from_data_api
+from shared.models import OrderFill, Signal, SignalKind, Source, TrackedWallet
 from shared.wallets import load_wallets
 
 DEFAULT_TAPE = "data/polymarket_trades_nobel2025.json"
 
 
-def to_order(template: TradeTemplate) -> OrderFill:
-    """The order fill the ingestor would publish for a tape trade."""
-    order = DomeOrder(
-        token_id=template.token_id,
-        token_label=template.token_label,
-        side=template.side,
-        market_slug=template.market_slug,
-        condition_id=template.condition_id,
-        shares=template.shares,
-        shares_normalized=template.shares_normalized,
-        price=template.price,
-        tx_hash=template.tx_hash,
-        title=template.title,
-        timestamp=template.tape_ts,
-        order_hash=template.order_hash,
-        user=template.user,
-        taker=template.taker,
-    )
-    return OrderFill.from_dome(order, Source.DATA_API, float(template.tape_ts))
-
-
 def tape_orders(path: str | Path) -> list[OrderFill]:
-    """The tape's trades as order fills, oldest first (the order they reach `orders.raw`)."""
-    return [to_order(template) for template in load_tape(Path(path))]
+    """The tape's trades as order fills, oldest first (the order they reach `orders.raw`), each
+    received at its own exchange time."""
+    items = orjson.loads(Path(path).read_bytes())
+    orders = []
+    for item in reversed(items):  # the Data API lists newest first
+        order = order_from_data_api(item)
+        orders.append(OrderFill.from_dome(order, Source.DATA_API, float(order.timestamp)))
+    # Stable: trades of one second keep their order on the tape.
+    orders.sort(key=lambda order: order.timestamp)
+    return orders
 
 
 def replay(

@@ -7,11 +7,8 @@ short page ends the list, or the API's offset cap (10,000) is reached (logged: o
 busy a wallet cannot be reached this way). Trades arriving between two pages shift offsets down,
 so a page can repeat items (the dedupe absorbs them) but never skip one.
 
-Mapping to the Dome order (feeds.md): proxyWallet->user, asset->token_id,
-conditionId->condition_id, size->shares_normalized (and shares = size x 1e6), slug->market_slug,
-outcome->token_label, transactionHash->tx_hash; side, price, timestamp, title as they are. There
-is no order_hash, and none is needed: order_key is built from fields both sources have, so the
-same fill read from Dome and from here gets the same key and is published once.
+Items become orders through `shared.data_api.order_from_data_api` (the mapping is documented
+there).
 """
 
 from __future__ import annotations
@@ -23,25 +20,13 @@ from typing import Any
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from shared.models import SHARE_DECIMALS, DomeOrder, FeedOrder, Source
+from shared.data_api import order_from_data_api
+from shared.models import DomeOrder, Source
 
 log = logging.getLogger(__name__)
 
 TRADES_PATH = "/trades"
 OFFSET_MAX = 10_000
-_FIELDS = {
-    "proxyWallet": "user",
-    "asset": "token_id",
-    "conditionId": "condition_id",
-    "size": "shares_normalized",
-    "slug": "market_slug",
-    "outcome": "token_label",
-    "transactionHash": "tx_hash",
-    "side": "side",
-    "price": "price",
-    "timestamp": "timestamp",
-    "title": "title",
-}
 
 
 def data_api(settings: IngestorSettings) -> JsonApi:
@@ -49,19 +34,6 @@ def data_api(settings: IngestorSettings) -> JsonApi:
     return JsonApi(
         Source.DATA_API.value, settings.data_api_url, limiter, timeout_s=settings.http_timeout_s
     )
-
-
-def order_from_data_api(item: Any) -> DomeOrder:
-    """A Data API `/trades` item as a Dome order; raises ValueError/ValidationError if unusable."""
-    if not isinstance(item, dict):
-        raise ValueError(f"a trade must be an object, got {type(item).__name__}")
-    data = {ours: item[theirs] for theirs, ours in _FIELDS.items() if item.get(theirs) is not None}
-    size = data.get("shares_normalized")
-    if isinstance(size, int | float) and not isinstance(size, bool):
-        data["shares"] = round(size * 10**SHARE_DECIMALS)
-    if isinstance(data.get("side"), str):
-        data["side"] = data["side"].upper()
-    return FeedOrder.model_validate(data)
 
 
 class DataApiHistory:
