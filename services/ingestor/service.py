@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp, WalletHistory
-from shared.backoff import Backoff
 from services.ingestor.chain import polygon_source
 from services.ingestor.chain.source import PolygonSource
 from services.ingestor.feed_status import (
@@ -50,6 +49,7 @@ from services.ingestor.sources.ws_connection import DOME_FEED
 from services.ingestor.subscriptions import SubscriptionPlanError
 from services.ingestor.tasks import cancel_and_wait
 from shared import wallet_registry
+from shared.backoff import Backoff
 from shared.logs import register_secret
 from shared.models import TrackedWallet
 from shared.ops import ops_server

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp
-from shared.backoff import Backoff
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.http_api import ApiError, AuthError
+from shared.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from websockets.frames import Close, CloseCode
 
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp
-from shared.backoff import Backoff
 from services.ingestor.dialects import message
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import (
@@ -67,6 +66,7 @@ from services.ingestor.frames import (
 from services.ingestor.http_api import ApiError, AuthError
 from services.ingestor.subscriptions import Slot, SubscriptionRegistry, Unsubscribe, Update
 from services.ingestor.tasks import cancel_and_wait
+from shared.backoff import Backoff
 from shared.logs import redact_url, scrub
 from shared.models import OrderFill, Source
 
