@@ -164,10 +164,19 @@ class GroupHealth:
 class ConsumerGroup:
     """One consumer of one group on one stream, running `handler` on its batches."""
 
-    def __init__(self, client: aioredis.Redis, config: GroupConfig, handler: Handler) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        config: GroupConfig,
+        handler: Handler,
+        *,
+        can_reclaim: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.client = client
         self.config = config
         self.handler = handler
+        # False while the handler's own backend is away: claiming then would only hold entries.
+        self.can_reclaim = can_reclaim
         self.health = GroupHealth()
         self._labels = (config.group, config.stream)
         self._log = {"group": config.group, "consumer": config.consumer}
@@ -204,11 +213,19 @@ class ConsumerGroup:
         self._stop.set()
 
     async def _read_loop(self) -> None:
+        backoff = Backoff(0.1, 5.0)
         while not self._stop.is_set():
             try:
                 batch = await self._redis_call(self.read_batch)
             except TRANSIENT:
                 return  # Stopping while Redis is away: nothing was read.
+            except Exception as exc:
+                # Not an outage (Redis out of memory, a command refused): said, retried, never
+                # the end of the service.
+                log.error("read_failed", extra={**self._log, "error": describe(exc)})
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
             if batch:
                 await self.handle(batch)
 
@@ -223,9 +240,10 @@ class ConsumerGroup:
                 block=self.config.block_ms,
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP: no group to read from; UNBLOCKED: the stream was deleted under a blocked
+            # read. Either way the group went away (a Redis that lost its data): make it again.
+            if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
-            # The group went away with a Redis that lost its data: make it again.
             log.warning("group_recreated", extra={"group": self.config.group})
             await self.ensure_group()
             return []
@@ -311,6 +329,8 @@ class ConsumerGroup:
     async def _reclaim_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.reclaim_every_s)
+            if not self.can_reclaim():
+                continue
             try:
                 await self.reclaim()
             except TRANSIENT:

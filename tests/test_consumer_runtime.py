@@ -83,6 +83,7 @@ async def until(check: Callable[[], Awaitable[bool]], within_s: float = 10.0) ->
 
 @contextlib.asynccontextmanager
 async def running(group: ConsumerGroup) -> AsyncIterator[asyncio.Task[None]]:
+    await group.ensure_group()  # so the test's own XPENDING never races the group's creation
     stop = asyncio.Event()
     task = asyncio.create_task(group.run(stop))
     try:

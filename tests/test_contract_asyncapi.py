@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from pydantic import BaseModel
 from cli import docs_gen
 from services.detector.main import Detector
 from services.detector.settings import DetectorSettings
-from services.store.batches import feeds
-from services.store.handlers import build_broker as store_broker
+from services.store.main import Store
+from services.store.settings import StoreSettings
 from shared import wallet_registry
 from shared.models import (
     DomeOrder,
@@ -105,31 +103,11 @@ def _declared(doc: dict[str, Any]) -> set[tuple[str, str | None]]:
     return found
 
 
-def _build(factory: Callable[..., Any], **known: Any) -> Any:
-    """Call a service's `build_broker` with the names we know; its other dependencies (processor,
-    state, database) are not touched before the broker starts, so None stands in for them."""
-    params = inspect.signature(factory).parameters.values()
-    return factory(**{p.name: known.get(p.name) for p in params if p.default is p.empty})
-
-
-def test_the_services_real_subscribers_are_in_the_document() -> None:
-    streams = Streams()
-    known = {
-        "redis_url": "redis://127.0.0.1:6379",
-        "stream": streams.orders_raw,
-        "consumer": "c",
-        "feeds": feeds(streams),
-        "batch_size": 10,
-        "batch_max": 10,
-        "block_ms": 10,
-        "linger_ms": 10,
-        "graceful_timeout": 1.0,
-    }
-    store = _build(store_broker, **known)
-    real = {(sub.stream_sub.name, sub.stream_sub.group) for sub in store.subscribers}
+def test_the_services_real_groups_are_in_the_document() -> None:
     detector = Detector(DetectorSettings(), []).group.config
-    real.add((detector.stream, detector.group))
-    assert real, "the services declare no subscribers"
+    store = [group.config for group in Store(StoreSettings()).groups]
+    real = {(config.stream, config.group) for config in [detector, *store]}
+    assert len(real) == 3, real
     assert real <= _declared(docs_gen.document()), real - _declared(docs_gen.document())
 
 

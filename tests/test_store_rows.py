@@ -16,10 +16,11 @@ import orjson
 import pytest
 
 from services.store.database import inserted_count, is_data_error, is_retryable, statements
-from services.store.rows import ORDERS, SIGNALS, prepare, raw_payload
+from services.store.rows import ORDERS, SIGNALS, prepare
 from services.store.schema import MigrationError, load
 from shared.models import DomeOrder, OrderFill, Signal, SignalKind, Source, signal_id
 from shared.redis_streams import encode
+from shared.redis_streams import entry_payload as raw_payload
 
 WALLET = "0x" + "ab" * 20
 EXCHANGE_TS = 1_762_480_391

@@ -375,12 +375,14 @@ async def test_entries_left_by_a_dead_consumer_are_reclaimed(
     await xadd_all(redis_client, streams.orders_raw, fills)
     # A consumer reads them and dies before storing or acking anything.
     await redis_client.xreadgroup(STORE_GROUP, "crashed", {streams.orders_raw: ">"}, count=100)
-    reclaimed = metric("reclaimed", "orders")
+    labels = {"group": STORE_GROUP, "stream": streams.orders_raw}
+    reclaimed = REGISTRY.get_sample_value("betterbot_consumer_entries_reclaimed_total", labels)
     settings = store_settings(redis_url, database_url, namespace, store_claim_idle_ms=200)
     async with running_store(settings):
         await wait_until(has_rows(database_url, "orders", 20), "the abandoned orders")
         await wait_until(lambda: settled(redis_client, streams.orders_raw), "all acked")
-    assert metric("reclaimed", "orders") - reclaimed == 20
+    after = REGISTRY.get_sample_value("betterbot_consumer_entries_reclaimed_total", labels)
+    assert (after or 0) - (reclaimed or 0) == 20
     assert await count(database_url, "orders") == 20
 
 
@@ -409,8 +411,10 @@ async def test_a_batch_that_keeps_failing_is_dead_lettered_after_max_deliveries(
         await wait_until(lambda: settled(redis_client, streams.signals), "the signal acked")
         await wait_until(has_rows(database_url, "orders", 1), "the order, unaffected")
     [(_, fields)] = await dead_letters(redis_client, streams.signals_dead)
-    assert b"failed 3 deliveries: RuntimeError: a bug in the signal path" in fields[b"reason"]
-    assert int(fields[b"deliveries"]) >= 3
+    assert b"(STORE_MAX_DELIVERIES 3); last error: RuntimeError: a bug in the signal path" in (
+        fields[b"reason"]
+    )
+    assert int(fields[b"deliveries"]) > 3
     assert orjson.loads(fields[b"raw"])["signal_id"] == make_signal(1).signal_id
 
 
@@ -441,7 +445,7 @@ async def test_stop_stores_entries_delivered_to_it_but_not_handled(
     assert [c["name"] for c in consumers] == []  # it left the group, holding nothing
 
 
-async def test_health_turns_red_when_a_subscriber_stops_for_good(
+async def test_a_group_lost_with_redis_data_is_made_again_and_consuming_goes_on(
     redis_url: str,
     database_url: str,
     namespace: str,
@@ -450,11 +454,8 @@ async def test_health_turns_red_when_a_subscriber_stops_for_good(
 ) -> None:
     async with running_store(store_settings(redis_url, database_url, namespace)) as store:
         assert (await store.health())[0]
-        # Deleting the stream deletes the group: FastStream stops that subscriber (NOGROUP).
+        # What a Redis restarted without its data looks like: no stream, no group.
         await redis_client.delete(streams.signals)
-
-        async def red() -> bool:
-            ok, details = await store.health()
-            return not ok and details["consuming"] is False
-
-        await wait_until(red, "/health to report the stopped subscriber")
+        await xadd_all(redis_client, streams.signals, [make_signal(7)])
+        await wait_until(has_rows(database_url, "signals", 1), "the signal, stored")
+        assert (await store.health())[0]

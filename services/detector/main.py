@@ -92,6 +92,7 @@ class Detector:
     async def start(self) -> None:
         """Load the wallets, then follow the registry and consume, in the background."""
         last_id = await self.load_wallets()
+        await self.group.ensure_group()
         self._stop = asyncio.Event()
         self.consuming = asyncio.create_task(self.group.run(self._stop), name="detector-group")
         self.following = asyncio.create_task(self.follow_wallets(last_id), name="detector-wallets")

@@ -1,15 +1,16 @@
-"""Wiring: settings, logging, Postgres, the broker and its subscribers, the reclaimer, the tracked
-wallets, and one HTTP server for the API, /health and /metrics.
+"""Wiring: settings, logging, Postgres, one consumer group per stream, the tracked wallets, and
+one HTTP server for the API, /health and /metrics.
 
 Start: the HTTP server at once (/health red, the API 503 until ready), migrations (waiting for
-Postgres as long as it takes), the tracked-wallets sync (`wallets.py`), consumer groups
-(`ensure_group` at `0`), then the subscribers and the wallet follower.
+Postgres as long as it takes), the tracked-wallets sync (`wallets.py`), then group `store` on
+`orders.raw` and on `signals` through the shared runtime (`shared/consumer.py`: reads, acks,
+reclaims while Postgres is up, dead-letters after `STORE_MAX_DELIVERIES`, waits out a Redis
+restart), each handing its batches to `BatchStore.store`, and the wallet follower.
 
-SIGTERM: the batch in flight finishes (commit, XACK) within `STORE_SHUTDOWN_TIMEOUT_S`; a batch
-waiting for an unavailable Postgres is abandoned unacknowledged (it stays pending and is reclaimed
-later). Entries a read in flight delivered after the subscribers stopped are stored and acked too
-(`Reclaimer.drain_own`); then the consumer leaves the group if it holds nothing pending, and the
-process exits 0.
+SIGTERM: the batch in flight finishes (commit, XACK) and what is still pending here is stored once
+more, within `STORE_SHUTDOWN_TIMEOUT_S`; a batch waiting for an unavailable Postgres is abandoned
+unacknowledged (it stays pending and is reclaimed later). Then the consumer leaves each group where
+it holds nothing pending, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -17,36 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
 from services.store.api import ApiContext, Exports, create_app, digest
-from services.store.batches import BatchStore, feeds
+from services.store.batches import BatchStore, Feed, feeds
 from services.store.database import Database, Stopping
-from services.store.handlers import build_broker
-from services.store.reclaim import Reclaimer
 from services.store.schema import load
 from services.store.settings import StoreSettings
 from services.store.wallets import Wallets
+from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, settle_heap, stop_event
-from shared.redis_streams import connect, ensure_group
+from shared.redis_streams import connect
 from shared.streams import STORE_GROUP
 
 log = logging.getLogger(__name__)
 
 # How often Postgres is pinged so /health follows it even when no batch is flowing.
 DB_WATCH_EVERY_S = 1.0
-
-
-def consumer_name() -> str:
-    """Unique per process, readable in XINFO CONSUMERS."""
-    return f"store-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Store:
@@ -75,48 +68,66 @@ class Store:
             self.db, self.api_db, self.redis, settings.streams, settings.wallets_file
         )
         self.batches = BatchStore(self.db, self.redis)
-        self.broker = build_broker(
-            settings.redis_url,
-            self.consumer,
-            self.feeds,
-            self.batches,
-            batch_max=settings.store_batch_max,
-            block_ms=settings.store_block_ms,
-            linger_ms=settings.store_linger_ms,
-            graceful_timeout=settings.store_shutdown_timeout_s,
-        )
-        self.reclaimer = Reclaimer(
-            self.redis,
-            self.db,
-            self.batches,
-            group=STORE_GROUP,
-            consumer=self.consumer,
-            min_idle_ms=settings.store_claim_idle_ms,
-            count=settings.store_batch_max,
-            max_deliveries=settings.store_max_deliveries,
-        )
+        self.groups = [self._group(feed) for feed in self.feeds]
         self.schema: list[str] = []
         self.running = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._consuming: list[asyncio.Task[None]] = []
+
+    def _group(self, feed: Feed) -> ConsumerGroup:
+        settings = self.settings
+        config = GroupConfig(
+            stream=feed.stream,
+            group=STORE_GROUP,
+            consumer=self.consumer,
+            dead_stream=feed.dead_stream,
+            origin="store",
+            batch_size=settings.store_batch_max,
+            block_ms=settings.store_block_ms,
+            claim_min_idle_ms=settings.store_claim_idle_ms,
+            reclaim_every_s=settings.store_claim_every_s,
+            max_deliveries=settings.store_max_deliveries,
+            drain_s=settings.store_shutdown_timeout_s,
+            max_deliveries_setting="STORE_MAX_DELIVERIES",
+        )
+        return ConsumerGroup(
+            self.redis, config, self._handler(feed), can_reclaim=lambda: self.db.up
+        )
+
+    def _handler(self, feed: Feed) -> Callable[[list[Entry]], Awaitable[Handled]]:
+        linger_s = self.settings.store_linger_ms / 1000
+
+        async def store(batch: list[Entry]) -> Handled:
+            try:
+                await self.batches.store(feed, batch)
+            except Stopping:
+                # Shutting down while Postgres is away: nobody's fault, nothing settled.
+                log.warning(
+                    "batch_left_pending", extra={"stream": feed.stream, "count": len(batch)}
+                )
+                return Handled([])
+            if linger_s and len(batch) < self.settings.store_batch_max:
+                # What arrives meanwhile makes the next transaction bigger instead of several.
+                await asyncio.sleep(linger_s)
+            return Handled([entry_id for entry_id, _ in batch])
+
+        return store
 
     async def start(self) -> None:
-        """Migrate, create the groups, start consuming. Raises `Stopping` if stopped meanwhile."""
+        """Migrate, sync the wallets, start consuming. Raises `Stopping` if stopped meanwhile."""
         migrations = load()
         applied = await self.db.migrate(migrations, self.settings.store_migration_timeout_s)
         self.schema = [m.version for m in migrations]
         log.info("schema_ready", extra={"applied_now": applied, "versions": self.schema})
         await self.wallets.sync()
-        for feed in self.feeds:
-            await ensure_group(self.redis, feed.stream, STORE_GROUP)
+        for group in self.groups:
+            await group.ensure_group()
         self._tasks = [
             asyncio.create_task(self.db.watch(DB_WATCH_EVERY_S)),
-            asyncio.create_task(
-                self.reclaimer.run(self.feeds, self.settings.store_claim_every_s, self._stop)
-            ),
             asyncio.create_task(self.wallets.follow(self._stop)),
         ]
-        await self.broker.start()
+        self._consuming = [asyncio.create_task(group.run(self._stop)) for group in self.groups]
         self.running = True
         log.info(
             "store_started",
@@ -130,23 +141,23 @@ class Store:
     async def stop(self) -> None:
         self.running = False
         self._stop.set()
+        # The groups drain what is pending here and leave; a Postgres that is away ends the
+        # drain at once (`Stopping`) rather than holding the shutdown.
+        if not self.db.up:
+            self.db.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*self._consuming), self.settings.store_shutdown_timeout_s + 5
+            )
         self.db.stop()
-        await self.broker.stop()
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        drained = 0
-        if self.db.up:
-            with contextlib.suppress(RedisError, OSError, Stopping):
-                for feed in self.feeds:
-                    drained += await self.reclaimer.drain_own(feed)
-        with contextlib.suppress(RedisError, OSError):
-            await self.leave_group()
         await self.db.close()
         await self.api_db.close()
         await self.redis.aclose()
-        log.info("store_stopped", extra={"consumer": self.consumer, "drained": drained})
+        log.info("store_stopped", extra={"consumer": self.consumer})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, run until `stop` is set, stop. A stop during startup interrupts the wait for
@@ -163,16 +174,6 @@ class Store:
         finally:
             stopped.cancel()
             await self.stop()
-
-    async def leave_group(self) -> None:
-        """Remove this consumer from the group of each stream where it holds nothing pending, so
-        restarts do not pile up dead consumer names; pending entries stay for a reclaimer."""
-        for feed in self.feeds:
-            pending = await self.redis.xpending_range(
-                feed.stream, STORE_GROUP, min="-", max="+", count=1, consumername=self.consumer
-            )
-            if not pending:
-                await self.redis.xgroup_delconsumer(feed.stream, STORE_GROUP, self.consumer)
 
     def api(self) -> ApiContext:
         settings = self.settings
@@ -191,8 +192,10 @@ class Store:
             redis_ok = bool(await asyncio.wait_for(self.redis.ping(), timeout=1.0))
         except (RedisError, OSError):
             redis_ok = False
-        # FastStream stops a subscriber for good when its group vanishes (NOGROUP).
-        consuming = self.running and all(sub.running for sub in self.broker.subscribers)
+        consuming = self.running and all(
+            not task.done() and group.health.redis_down_since is None
+            for task, group in zip(self._consuming, self.groups, strict=True)
+        )
         details: dict[str, Any] = {
             "consuming": consuming,
             "postgres": "up" if self.db.up else "down",

@@ -31,9 +31,6 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 DB_RETRIES = Counter(PREFIX + "db_retries", "Failed write attempts that will be retried", ["table"])
-RECLAIMED = Counter(
-    PREFIX + "reclaimed", "Entries taken over from a consumer that left them pending", ["table"]
-)
 DB_UP = Gauge(PREFIX + "db_up", "1 while Postgres answers, 0 while writes fail")
 WALLET_CHANGES = Counter(
     PREFIX + "wallet_changes",

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
+from shared.errors import validation_reason
 from shared.models import OrderFill, Signal
-from shared.redis_streams import DATA_FIELD, decode
+from shared.redis_streams import decode, entry_payload
 from shared.stream_metrics import observe_signal_latency
 
 REASON_MAX = 500
@@ -186,44 +186,25 @@ SIGNALS = Table(
 )
 
 
-def raw_payload(fields: Mapping[bytes, bytes]) -> bytes:
-    """What to keep of an entry for people to inspect: its `data`, else all its fields as JSON."""
-    data = fields.get(DATA_FIELD)
-    if data is not None:
-        return data
-    readable = {
-        k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
-        for k, v in fields.items()
-    }
-    return orjson.dumps(readable)
-
-
-def describe(exc: Exception) -> str:
-    """A one-line reason naming what is wrong, short enough for a dead-letter entry."""
-    if isinstance(exc, ValidationError):
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        ]
-        text = f"{exc.title} invalid: " + "; ".join(problems)
-    else:
-        text = str(exc) or type(exc).__name__
-    return text[:REASON_MAX]
-
-
 def prepare(table: Table, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]) -> Prepared:
     """Rows for the valid entries of one batch (deduplicated by key), rejections for the rest."""
     rows: dict[str, Row] = {}
     rejected: list[Rejected] = []
     valid = 0
     for stream_id, fields in entries:
-        raw = raw_payload(fields)
+        raw = entry_payload(fields)
         try:
             payload = decode(fields)
             key, values = table.convert(stream_id, payload, raw.decode())
         except ValueError as exc:  # ValidationError and JSON errors are ValueErrors
-            rejected.append(Rejected(stream_id, raw, describe(exc)))
+            rejected.append(Rejected(stream_id, raw, _reason(exc)))
             continue
         valid += 1
         rows.setdefault(key, Row(stream_id, raw, key, values))
     return Prepared(list(rows.values()), rejected, valid)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return f"{exc.title} invalid: {validation_reason(exc)}"[:REASON_MAX]
+    return (str(exc) or type(exc).__name__)[:REASON_MAX]
