@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from services.notifier.webhooks.handoff import queue_key
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
 
 if TYPE_CHECKING:
@@ -61,7 +62,11 @@ async def _pending_of(
     marker = f"-{service.pid}-"
     total = 0
     for stream, group in streams:
-        for consumer in await pipe.redis_client.xinfo_consumers(stream, group):
+        try:
+            consumers = await pipe.redis_client.xinfo_consumers(stream, group)
+        except ResponseError:
+            continue  # no such stream or group yet
+        for consumer in consumers:
             if marker in consumer["name"].decode():
                 total += int(consumer["pending"])
     return total
@@ -135,7 +140,13 @@ class NotifierKill(Fault):
 
     async def inject(self, pipe: Pipeline) -> None:
         notifier = pipe.services["notifier"]
-        held = await freeze_until_pending(pipe, notifier, [(pipe.streams.signals, WEBHOOKS_GROUP)])
+        # The hand-off off `signals` takes a moment; what the notifier holds is mostly in its
+        # endpoint queue (the receiver's endpoint is named "chaos").
+        watched = [
+            (pipe.streams.signals, WEBHOOKS_GROUP),
+            (queue_key(pipe.streams, "chaos"), WEBHOOKS_GROUP),
+        ]
+        held = await freeze_until_pending(pipe, notifier, watched)
         await notifier.akill()
         self.note(f"killed the notifier holding {held} pending webhook entries")
 

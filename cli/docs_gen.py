@@ -183,8 +183,9 @@ def consumers(s: Streams) -> list[Consumer]:
             "notifier-webhooks",
             s.signals,
             Signal,
-            "Consumer group `webhooks`: each signal is POSTed (HMAC-signed, retried) to every"
-            " matching endpoint, acked once each endpoint has a final outcome.",
+            "Consumer group `webhooks`: each signal is acked once handed to the queue of every"
+            " matching endpoint (`{signals}:webhook:<name>`), from which it is POSTed"
+            " (HMAC-signed, retried, at least once).",
             WEBHOOKS_GROUP,
         ),
         Consumer(

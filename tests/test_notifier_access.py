@@ -1,4 +1,5 @@
-"""Pure parts of who gets what: filters, tokens, connection slots, settings, the status view."""
+"""Pure parts of who gets what: filters, tokens, connection slots and limits, the Host and Origin
+checks, settings, the status view."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from services.notifier.auth import ConnectionSlots, Tokens, presented_token
+from services.notifier.auth import ClientLimits, ConnectionSlots, Site, Tokens, presented_token
 from services.notifier.filters import MATCH_ALL, FilterError, filters_from_query, parse_filters
 from services.notifier.settings import NotifierSettings
 from services.notifier.status import describe_feed
@@ -121,17 +122,64 @@ def test_connection_slots_per_token() -> None:
     assert slots.held("token-1") == 1 and slots.acquire("token-1")
 
 
+def test_client_limits_in_all_and_per_address() -> None:
+    limits = ClientLimits(total=3, per_address=2)
+    assert limits.admit("10.0.0.1") is None and limits.admit("10.0.0.1") is None
+    refused = limits.admit("10.0.0.1")
+    assert refused is not None and (refused.code, refused.label) == (1008, "address_limit")
+    assert limits.admit("10.0.0.2") is None
+    full = limits.admit("10.0.0.3")
+    assert full is not None and (full.code, full.label) == (1013, "server_full")
+    limits.leave("10.0.0.1")
+    assert limits.held == 2 and limits.admit("10.0.0.3") is None
+
+
+def test_host_header_must_name_an_allowed_host() -> None:
+    site = Site(["localhost", "127.0.0.1", "[::1]", "notifier"], [])
+    for host in ("127.0.0.1:8080", "LOCALHOST", "[::1]:8080", "notifier:8080", "localhost:1"):
+        assert site.host_problem(host) is None, host
+    for foreign in (None, "", "evil.test", "evil.test:8080", "127.0.0.1.evil.test", "[::2]:80"):
+        problem = site.host_problem(foreign)
+        assert problem is not None and "NOTIFIER_ALLOWED_HOSTS" in problem, foreign
+    assert Site(["*"], []).host_problem("anything.example:1") is None
+
+
+def test_origin_must_be_the_servers_own_or_listed() -> None:
+    site = Site(["*"], ["https://desk.example.com"])
+    host = "127.0.0.1:8080"
+    for origin in (
+        None,
+        "http://127.0.0.1:8080",
+        "https://127.0.0.1:8080",
+        "HTTPS://Desk.Example.com/",
+    ):
+        assert site.origin_problem(origin, host) is None, origin
+    for origin in (
+        "null",
+        "http://127.0.0.1:8081",
+        "http://127.0.0.1",
+        "ftp://127.0.0.1:8080",
+        "https://desk.example.com:8443",
+        "http://127.0.0.1:8080.evil.test",
+    ):
+        problem = site.origin_problem(origin, host)
+        assert problem is not None and "NOTIFIER_ALLOWED_ORIGINS" in problem, origin
+    assert site.origin_problem("http://127.0.0.1:8080", None) is not None
+    assert Site(["*"], ["*"]).origin_problem("null", host) is None
+
+
 def test_tokens_setting_takes_a_list_or_commas_and_never_shows_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("NOTIFIER_TOKENS", " alpha-token , beta-token,, ")
+    alpha, beta = "alpha-token-0123456789", "beta-token-0123456789"
+    monkeypatch.setenv("NOTIFIER_TOKENS", f" {alpha} , {beta},, ")
     settings = NotifierSettings()
-    assert [t.get_secret_value() for t in settings.notifier_tokens] == ["alpha-token", "beta-token"]
-    assert "alpha-token" not in repr(settings)
-    monkeypatch.setenv("NOTIFIER_TOKENS", '["with,comma", "plain"]')
+    assert [t.get_secret_value() for t in settings.notifier_tokens] == [alpha, beta]
+    assert alpha not in repr(settings)
+    monkeypatch.setenv("NOTIFIER_TOKENS", f'["with,comma-0123456789", "{beta}"]')
     assert [t.get_secret_value() for t in NotifierSettings().notifier_tokens] == [
-        "with,comma",
-        "plain",
+        "with,comma-0123456789",
+        beta,
     ]
     monkeypatch.setenv("NOTIFIER_TOKENS", "")
     assert NotifierSettings().notifier_tokens == ()

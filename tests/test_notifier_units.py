@@ -17,6 +17,7 @@ from services.notifier.protocol import (
     Ping,
     ProtocolError,
     read_client_message,
+    replay_cut,
     slow_consumer,
 )
 from tests.helpers.notifier import make_signal
@@ -71,6 +72,9 @@ def test_client_messages_that_end_the_connection(message: dict[str, object], cod
 def test_close_reasons_fit_a_close_frame() -> None:
     reason = slow_consumer(1_000_000).reason
     assert reason == "slow consumer: queue overflow at 1000000 messages; reconnect and resume"
+    # The largest replay limit the settings allow, and the longest stream id.
+    longest = f"{2**64 - 1}-{2**64 - 1}"
+    assert replay_cut(10_000_000, longest).reason.endswith(f"last_id={longest}")
     with pytest.raises(ValueError, match="longer than 123 bytes"):
         Close(CloseCode.POLICY_VIOLATION, "x" * 124, "x")
 

@@ -17,8 +17,9 @@ from devtools.servers import free_port
 from services.notifier.clients import StreamId
 from services.notifier.filters import parse_filters
 from services.notifier.main import Notifier
+from services.notifier.webhooks.handoff import queue_key
 from services.notifier.webhooks.signing import verify
-from shared.redis_streams import ensure_group
+from shared.redis_streams import encode, ensure_group
 from shared.streams import WEBHOOKS_GROUP, Streams
 from tests.helpers.notifier import (
     Receiver,
@@ -52,13 +53,22 @@ async def notifier_with(
         yield notifier
 
 
+async def queues(client: aioredis.Redis, streams: Streams) -> list[bytes]:
+    """The endpoints' queues that exist."""
+    pattern = queue_key(streams, "*")
+    return [key async for key in client.scan_iter(match=pattern)]
+
+
 async def until_settled(client: aioredis.Redis, streams: Streams, last_id: str) -> None:
-    """Until the group has read up to `last_id` and has nothing pending."""
+    """Until the group has handed off up to `last_id` and every endpoint's queue is empty."""
 
     async def settled() -> bool:
         groups = await client.xinfo_groups(streams.signals)
         group = next(g for g in groups if g["name"].decode() == WEBHOOKS_GROUP)
-        return group["last-delivered-id"].decode() == last_id and group["pending"] == 0
+        if group["last-delivered-id"].decode() != last_id or group["pending"] != 0:
+            return False
+        lengths = [await client.xlen(key) for key in await queues(client, streams)]
+        return not any(lengths)
 
     await wait_until(settled, "every webhook entry to be settled")
 
@@ -133,8 +143,10 @@ async def test_signed_deliveries_follow_each_endpoints_filters_and_preset(
         assert all(set(orjson.loads(r.body)) == keys for r in requests)
         assert all("x-betterbot-signature" not in r.headers for r in requests)
     assert await dead_letters(redis_client, streams) == []
-    # A clean stop leaves the group: no consumer lingers in it.
+    # A clean stop leaves the groups: no consumer lingers in them.
     assert await redis_client.xinfo_consumers(streams.signals, WEBHOOKS_GROUP) == []
+    for name in ("all", "whales", "discord", "slack"):
+        assert await redis_client.xinfo_consumers(queue_key(streams, name), WEBHOOKS_GROUP) == []
 
 
 async def test_retries_on_500_then_delivers_and_400_is_final_and_dead_lettered(
@@ -268,14 +280,20 @@ async def test_a_dead_replicas_pending_entries_are_reclaimed(
     redis_client: aioredis.Redis,
     tmp_path: Path,
 ) -> None:
-    signals = [variant(n, confidence=0.5 + n / 10) for n in range(3)]
-    ids = await publish(redis_client, streams.signals, signals)
-    # A replica that read the entries and died: they sit in its pending list.
+    signals = [variant(n, confidence=0.5 + n / 10) for n in range(5)]
+    ids = await publish(redis_client, streams.signals, signals[:2])
+    # A replica that read two entries of `signals` and died before handing them off.
     await ensure_group(redis_client, streams.signals, WEBHOOKS_GROUP, start="0")
     await redis_client.xreadgroup(WEBHOOKS_GROUP, "dead-replica", {streams.signals: ">"})
+    # And three it had handed off, then died delivering (signals acked, queued, pending there).
+    queue = queue_key(streams, "one")
+    await ensure_group(redis_client, queue, WEBHOOKS_GROUP, start="0")
+    for n in range(2, 5):
+        last = await redis_client.xadd(queue, {"entry_id": f"0-{n}", **encode(signals[n])})
+    await redis_client.xreadgroup(WEBHOOKS_GROUP, "dead-replica", {queue: ">"})
     # The last one has already been handed around more than WEBHOOK_MAX_DELIVERIES allows.
     for _ in range(2):
-        await redis_client.xclaim(streams.signals, WEBHOOKS_GROUP, "dead-replica", 0, [ids[2]])
+        await redis_client.xclaim(queue, WEBHOOKS_GROUP, "dead-replica", 0, [last])
 
     async with Receiver() as receiver:
         path = hooks_file(tmp_path, [{"name": "one", "url": receiver.url("one"), "secret": SECRET}])
@@ -284,10 +302,11 @@ async def test_a_dead_replicas_pending_entries_are_reclaimed(
         ):
             await until_settled(redis_client, streams, ids[-1])
     assert sorted(r.headers["idempotency-key"] for r in receiver.to("one")) == sorted(
-        s.signal_id for s in signals[:2]
+        s.signal_id for s in signals[:4]
     )
     (letter,) = await dead_letters(redis_client, streams)
-    assert (letter["entry_id"], letter["webhook"]) == (ids[2], "one")
+    assert (letter["entry_id"], letter["webhook"]) == ("0-4", "one")
+    assert letter["signal_id"] == signals[4].signal_id
     assert letter["reason"] == (
         "claimed 4 times without an outcome (the replicas delivering it stopped)"
     )

@@ -153,13 +153,16 @@ def test_discord_body() -> None:
 def test_slack_body_escapes_control_characters() -> None:
     signal = variant(3, title="A & B <script>", wallet_label="")
     body = slack_body(signal)
-    assert body["text"] == headline(signal)
+    assert body["text"] == headline(signal).replace("&", "&amp;").replace("<", "&lt;").replace(
+        ">", "&gt;"
+    )
     header, title, facts, why = body["blocks"]
     assert header["type"] == "header" and len(header["text"]["text"]) <= 150
     assert title["text"]["text"] == (
         "*<https://polymarket.com/market/nobel-peace-prize-2025|A &amp; B &lt;script&gt;>*"
     )
-    assert {"type": "mrkdwn", "text": f"*Wallet*\n{signal.wallet}"} in facts["fields"]
+    wallet = {"type": "mrkdwn", "text": f"*Wallet*\n{signal.wallet}", "verbatim": True}
+    assert wallet in facts["fields"]
     assert why["type"] == "context"
     assert len(facts["fields"]) <= 10
 

@@ -1,6 +1,10 @@
 """The notifier's HTTP side: `/ws` (the signal feed), `/` (the live page), `/api/status`,
 `/health`, `/metrics`.
 
+Before any route runs, a request naming a `Host` this server does not answer to is refused, and so
+is a WebSocket handshake from another web site's page (`Origin`): see `auth.Site`. A connection
+then needs a place within the replica's limits (`auth.ClientLimits`).
+
 A connection first goes through its setup (see `protocol`): the URL's `last_id`, filters and
 token are checked before anything is sent; when the server needs a token the request did not
 carry, `hello` goes out and the client's first message (a `subscribe` with `token`) is read. Any
@@ -16,6 +20,11 @@ read, so every entry is either in the backlog or arrives in its queue (or both);
 or below the last backlog id are then skipped. The backlog is filtered with the filters in force
 when it starts: a filter change meanwhile takes effect, like any change, from its `subscribed`
 answer on, which the sender sends after the backlog.
+
+A backlog reads at most `FeedPolicy.max_replay_entries` entries. When it stops short of the live
+feed, the client gets `replay_cut` with the last id read and is closed (1013): its reconnection
+from that id reads the next part. A `last_id` beyond the stream's newest entry (a browser clock
+ahead) is taken as that entry: the client cannot have seen anything added after its request.
 """
 
 from __future__ import annotations
@@ -31,12 +40,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from services.notifier.auth import ConnectionSlots, Tokens, presented_token
+from services.notifier.auth import ClientLimits, ConnectionSlots, Site, Tokens, presented_token
 from services.notifier.clients import Client, Delivery, SignalFilter, StreamId
 from services.notifier.fanout import Backlog, Fanout
 from services.notifier.filters import FILTER_FIELDS, FilterError, Filters, filters_from_query
@@ -54,6 +66,8 @@ from services.notifier.protocol import (
     bad_request,
     gap_message,
     read_client_message,
+    replay_cut,
+    replay_cut_message,
     setup_timeout,
     subscribed_message,
     too_many_connections,
@@ -79,6 +93,8 @@ BACKLOG_FAILED = Close(
 )
 INTERNAL = Close(CloseCode.INTERNAL_ERROR, "internal error; reconnect and resume", "internal_error")
 LATE_LAST_ID = bad_request("last_id is read only on the URL or in the first message")
+# Probes and scrapers address a replica by its IP, and no signal is served on these.
+UNCHECKED_HOST_PATHS = frozenset({"/health", "/metrics"})
 
 StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -93,6 +109,9 @@ class FeedPolicy:
     max_message_bytes: int
     max_filter_values: int
     setup_timeout_s: float
+    site: Site
+    limits: ClientLimits
+    max_replay_entries: int
 
 
 @dataclass(frozen=True)
@@ -122,7 +141,16 @@ def create_app(
 
     async def feed(websocket: WebSocket) -> None:
         await websocket.accept()
-        await _serve(websocket, fanout, backlog, policy)
+        address = websocket.client.host if websocket.client else ""
+        peer = f"{address}:{websocket.client.port}" if websocket.client else ""
+        refusal = policy.limits.admit(address)
+        if refusal is not None:
+            await _close(websocket, peer, refusal)
+            return
+        try:
+            await _serve(websocket, fanout, backlog, policy, peer)
+        finally:
+            policy.limits.leave(address)
 
     routes: list[BaseRoute] = [
         Route("/", page),
@@ -130,13 +158,54 @@ def create_app(
         WebSocketRoute("/ws", feed),
         *ops_routes(health),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(SiteGuard, site=policy.site)])
+
+
+class SiteGuard:
+    """Refuses what another web site could send through the operator's browser, before any route
+    runs: a `Host` this server does not answer to (HTTP 400; 403 on `/ws`) and a WebSocket
+    handshake from a foreign `Origin` (403). The body says which setting lets it in."""
+
+    def __init__(self, app: ASGIApp, site: Site) -> None:
+        self._app = app
+        self._site = site
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = self._problem(scope)
+        if problem is None:
+            await self._app(scope, receive, send)
+            return
+        log.info("request_refused", extra={"path": str(scope["path"])[:100], "reason": problem})
+        if scope["type"] == "http":
+            await PlainTextResponse(problem, status_code=400)(scope, receive, send)
+            return
+        CLIENTS_DROPPED.labels("forbidden").inc()
+        await _deny(WebSocket(scope, receive, send), problem)
+
+    def _problem(self, scope: Scope) -> str | None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or scope["path"] in UNCHECKED_HOST_PATHS:
+            return None
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        problem = self._site.host_problem(host)
+        if problem is None and kind == "websocket":
+            problem = self._site.origin_problem(headers.get("origin"), host)
+        return problem
+
+
+async def _deny(websocket: WebSocket, problem: str) -> None:
+    """Refuse a handshake with HTTP 403, saying why when the server can send a body."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(problem, status_code=403))
+    else:
+        # A close before the accept: the server answers 403 without a body.
+        await websocket.close(CloseCode.POLICY_VIOLATION)
 
 
 async def _serve(
-    websocket: WebSocket, fanout: Fanout, backlog: Backlog, policy: FeedPolicy
+    websocket: WebSocket, fanout: Fanout, backlog: Backlog, policy: FeedPolicy, peer: str
 ) -> None:
-    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else ""
     try:
         setup = await _set_up(websocket, policy)
     except ProtocolError as exc:
@@ -163,17 +232,21 @@ async def _stream(
     setup: Setup,
     peer: str,
 ) -> None:
-    client = Client(
-        policy.queue_size,
-        peer=peer,
-        accepts=_accepts(setup.filters),
-        resume_after=setup.resume_after,
-    )
     try:
         await asyncio.wait_for(fanout.ready.wait(), READY_TIMEOUT_S)
     except TimeoutError:
         await _close(websocket, peer, NOT_READY)
         return
+    try:
+        resume_after = await _resume_point(setup.resume_after, backlog)
+    except RedisError as exc:
+        log.warning("backlog_read_failed", extra={"peer": peer, "error": repr(exc)})
+        await _close(websocket, peer, BACKLOG_FAILED)
+        return
+    client = Client(
+        policy.queue_size, peer=peer, accepts=_accepts(setup.filters), resume_after=resume_after
+    )
+    # No await between the resume point and this: see `_resume_point`.
     fanout.add(client)
     CLIENTS.inc()
     try:
@@ -224,6 +297,18 @@ async def _set_up(websocket: WebSocket, policy: FeedPolicy) -> Setup:
     return Setup(token_id, filters, resume_after, subscribed_message(filters))
 
 
+async def _resume_point(asked: StreamId | None, backlog: Backlog) -> StreamId | None:
+    """`asked`, or the stream's newest id when `asked` is beyond it.
+
+    Read before the client is added to the fan-out: whatever is added after this read reaches the
+    client (in the backlog or its queue), and the client cannot have seen it when it asked.
+    Without this, a `last_id` in the future would make the client skip every live signal up to it.
+    """
+    if asked is None:
+        return None
+    return min(asked, await backlog.tail())
+
+
 def _identify(tokens: Tokens, token: str) -> str | None:
     if tokens.open:
         return None
@@ -256,7 +341,9 @@ def _accepts(filters: Filters) -> SignalFilter | None:
 async def _run_connection(
     websocket: WebSocket, client: Client, backlog: Backlog, policy: FeedPolicy, setup: Setup
 ) -> None:
-    sender = asyncio.ensure_future(_send(websocket, client, backlog, setup.first_reply))
+    sender = asyncio.ensure_future(
+        _send(websocket, client, backlog, setup.first_reply, policy.max_replay_entries)
+    )
     receiver = asyncio.ensure_future(_receive(websocket, client, policy, setup.filters))
     kicked = asyncio.ensure_future(client.kicked.wait())
     tasks = (sender, receiver, kicked)
@@ -276,17 +363,16 @@ async def _run_connection(
 
 
 async def _send(
-    websocket: WebSocket, client: Client, backlog: Backlog, first_reply: str | None
+    websocket: WebSocket,
+    client: Client,
+    backlog: Backlog,
+    first_reply: str | None,
+    replay_limit: int,
 ) -> None:
     await websocket.send_text(HELLO if first_reply is None else first_reply)
-    if client.resume_after is not None:
-        try:
-            last = await _send_backlog(websocket, client.resume_after, backlog, client.accepts)
-        except RedisError as exc:
-            log.warning("backlog_read_failed", extra={"peer": client.peer, "error": repr(exc)})
-            client.kick(BACKLOG_FAILED)
-            return
-        client.sent_through(last)
+    after = client.resume_after
+    if after is not None and not await _replay(websocket, client, after, backlog, replay_limit):
+        return
     while True:
         delivery = await client.next_delivery()
         await websocket.send_text(delivery.text)
@@ -295,22 +381,47 @@ async def _send(
             LATENCY.observe(time.time() - delivery.signal.received_at)
 
 
+async def _replay(
+    websocket: WebSocket, client: Client, after: StreamId, backlog: Backlog, limit: int
+) -> bool:
+    """Send the backlog; False when the client is to be closed (a Redis error, a cut replay)."""
+    try:
+        last, read = await _send_backlog(websocket, after, backlog, client.accepts, limit)
+    except RedisError as exc:
+        log.warning("backlog_read_failed", extra={"peer": client.peer, "error": repr(exc)})
+        client.kick(BACKLOG_FAILED)
+        return False
+    live = client.live_after
+    if read >= limit and (live is None or last < live):
+        # Entries between `last` and the live feed were not read: the client comes back for them.
+        await websocket.send_text(replay_cut_message(str(last)))
+        client.kick(replay_cut(limit, str(last)))
+        return False
+    client.sent_through(last)
+    return True
+
+
 async def _send_backlog(
-    websocket: WebSocket, after: StreamId, backlog: Backlog, accepts: SignalFilter | None
-) -> StreamId:
-    """Send every matching entry after `after`; return the id of the last entry read."""
+    websocket: WebSocket,
+    after: StreamId,
+    backlog: Backlog,
+    accepts: SignalFilter | None,
+    limit: int,
+) -> tuple[StreamId, int]:
+    """Send every matching entry of the first `limit` after `after`; the id of the last entry
+    read, and how many were read."""
     first_kept = await backlog.trimmed_after(after)
     if first_kept is not None:
         await websocket.send_text(gap_message(str(after), str(first_kept)))
-    last = after
-    async for stream_id, delivery in backlog.entries_after(after):
-        last = stream_id
+    last, read = after, 0
+    async for stream_id, delivery in backlog.entries_after(after, limit):
+        last, read = stream_id, read + 1
         if delivery is None or delivery.signal is None:
             continue
         if accepts is None or accepts(delivery.signal):
             await websocket.send_text(delivery.text)
             SENT_BACKLOG.inc()
-    return last
+    return last, read
 
 
 async def _receive(

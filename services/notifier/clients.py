@@ -72,6 +72,8 @@ class Client:
         self.accepts = accepts
         # Set when the client asked to resume: it gets the stream after this id before live ones.
         self.resume_after = resume_after
+        # Set by the fan-out when it adds the client: every entry after this id reaches the queue.
+        self.live_after: StreamId | None = None
         self.close: Close | None = None
         self.kicked = asyncio.Event()
         self._sent_through: StreamId | None = None

@@ -9,7 +9,8 @@ Each entry is decoded and validated once and turned into one message text that a
 Handing it out never waits: a client whose bounded queue is full is marked to be closed as a slow
 consumer (see `clients.Client.offer`), so one slow client cannot hold the others back.
 
-`Backlog` reads the entries after a client's `last_id` for a resume (XRANGE, exclusive, in pages).
+`Backlog` reads the entries after a client's `last_id` for a resume (XRANGE, exclusive, in pages,
+at most a given number of entries, letting other tasks run between pages).
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ class Fanout:
         return len(self._clients)
 
     def add(self, client: Client) -> None:
+        # `dispatch` runs without awaiting: everything up to `last_id` went out before this client
+        # was added, everything after it will be offered to it.
+        client.live_after = None if self.last_id is None else StreamId.parse(self.last_id)
         self._clients.add(client)
         self._no_clients.clear()
         if self._refuse is not None:
@@ -230,23 +234,31 @@ class Backlog:
         first_id = StreamId.parse(first[0])
         return first_id if first_id > after else None
 
+    async def tail(self) -> StreamId:
+        """The id of the newest entry ever added (`0-0` for no stream)."""
+        return StreamId.parse(await stream_tail(self._client, self._stream))
+
     async def entries_after(
-        self, after: StreamId
+        self, after: StreamId, limit: int
     ) -> AsyncIterator[tuple[StreamId, Delivery | None]]:
-        """Every entry after `after`, oldest first; None in place of an entry that is no Signal."""
-        cursor = str(after)
-        while True:
+        """The first `limit` entries after `after`, oldest first; None in place of an entry that
+        is no Signal."""
+        cursor, left = str(after), limit
+        while left > 0:
+            count = min(self._page, left)
             page = cast(
                 Sequence[Entry],
-                await self._client.xrange(
-                    self._stream, min=f"({cursor}", max="+", count=self._page
-                ),
+                await self._client.xrange(self._stream, min=f"({cursor}", max="+", count=count),
             )
             for entry_id, fields in page:
                 yield StreamId.parse(entry_id), _backlog_delivery(entry_id, fields)
-            if len(page) < self._page:
+            if len(page) < count:
                 return
+            left -= count
             cursor = page[-1][0].decode()
+            # Validating a page is CPU work: let the live fan-out and other clients run between
+            # pages even when Redis answers at once.
+            await asyncio.sleep(0)
 
 
 def _backlog_delivery(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Delivery | None:

@@ -20,11 +20,10 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from redis.exceptions import RedisError
 
 from services.notifier.app import FeedPolicy, create_app
-from services.notifier.auth import ConnectionSlots, Tokens
+from services.notifier.auth import ClientLimits, ConnectionSlots, Site, Tokens
 from services.notifier.fanout import Backlog, Fanout
 from services.notifier.protocol import SHUTDOWN
 from services.notifier.settings import NotifierSettings
@@ -60,31 +59,28 @@ class Notifier:
         self.fanout = Fanout(settings.redis_url, stream, block_ms=settings.notifier_block_ms)
         self.tokens = Tokens(settings.notifier_tokens)
         self.hooks = _webhooks(settings)
-        self.http: httpx.AsyncClient | None = None
         self.webhooks: WebhookConsumer | None = None
         if self.hooks:
-            self.http = httpx.AsyncClient(
-                timeout=settings.webhook_timeout_s,
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=settings.webhook_concurrency * 2),
-            )
             self.webhooks = WebhookConsumer(
                 settings.redis_url,
                 settings.streams,
                 self.hooks,
-                self.http,
                 RetryPolicy(
                     settings.webhook_max_attempts,
                     settings.webhook_backoff_s,
                     settings.webhook_backoff_max_s,
                 ),
                 consumer=consumer or consumer_name(),
+                timeout_s=settings.webhook_timeout_s,
                 concurrency=settings.webhook_concurrency,
                 block_ms=settings.notifier_block_ms,
                 claim_idle_ms=settings.webhook_claim_idle_ms,
                 max_deliveries=settings.webhook_max_deliveries,
             )
         self.slots = ConnectionSlots(settings.notifier_max_clients_per_token)
+        self.limits = ClientLimits(
+            settings.notifier_max_clients, settings.notifier_max_clients_per_ip
+        )
         policy = FeedPolicy(
             tokens=self.tokens,
             slots=self.slots,
@@ -92,6 +88,9 @@ class Notifier:
             max_message_bytes=settings.notifier_max_message_bytes,
             max_filter_values=settings.notifier_max_filter_values,
             setup_timeout_s=settings.notifier_setup_timeout_s,
+            site=Site(settings.allowed_hosts(), settings.allowed_origins()),
+            limits=self.limits,
+            max_replay_entries=settings.notifier_max_replay_entries,
         )
         self.app = create_app(
             self.fanout, Backlog(self.redis, stream), self.health, self.status, policy
@@ -194,8 +193,6 @@ class Notifier:
             # run_until_stopped cancels uvicorn mid-loop, before it closes its listening sockets.
             for listener in getattr(self.server, "servers", ()):
                 listener.close()
-            if self.http is not None:
-                await self.http.aclose()
             await self.redis.aclose()
 
 
@@ -224,6 +221,8 @@ def main() -> None:
             "stream": settings.streams.signals,
             "client_queue": settings.notifier_client_queue,
             "tokens": len(settings.notifier_tokens),
+            "allowed_hosts": list(settings.allowed_hosts()),
+            "allowed_origins": list(settings.allowed_origins()),
             "webhooks_file": str(settings.webhooks_file or ""),
         },
     )

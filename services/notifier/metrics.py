@@ -46,11 +46,19 @@ WEBHOOK_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 WEBHOOK_IN_FLIGHT = Gauge(
-    "betterbot_notifier_webhook_in_flight", "Signals being delivered to webhooks on this replica"
+    "betterbot_notifier_webhook_in_flight",
+    "Signals being delivered to the endpoint on this replica",
+    ["webhook"],
 )
 WEBHOOK_RECLAIMED = Counter(
     "betterbot_notifier_webhook_reclaimed",
-    "Pending webhook entries taken over from a replica that stopped handling them",
+    "Signals of the endpoint's queue taken over from a replica that stopped delivering them",
+    ["webhook"],
+)
+WEBHOOK_BACKLOG = Gauge(
+    "betterbot_notifier_webhook_backlog",
+    "Signals the endpoint still owes (its queue's length: waiting or in delivery), any replica",
+    ["webhook"],
 )
 WEBHOOK_SKIPPED = Counter(
     "betterbot_notifier_webhook_entries_skipped",

@@ -18,6 +18,9 @@ Server -> client, one JSON text message each:
   ignore unknown fields. Keep `id`: reconnecting with `last_id=<id>` resumes right after it.
 - `{"type":"gap","last_id":"<yours>","first_id":"<oldest kept>"}` on a resume whose `last_id` is
   older than the oldest entry the stream still keeps: entries in between may have been trimmed.
+- `{"type":"replay_cut","last_id":"<id>"}` when a resume has read `NOTIFIER_MAX_REPLAY_ENTRIES`
+  entries and more are older than the live feed: every match up to `<id>` was sent; the server
+  then closes (1013), and reconnecting with `last_id=<id>` goes on from there.
 - `{"type":"pong"}` in reply to `{"type":"ping"}`.
 
 Client -> server (at most `NOTIFIER_MAX_MESSAGE_BYTES`):
@@ -29,8 +32,12 @@ Client -> server (at most `NOTIFIER_MAX_MESSAGE_BYTES`):
 Close codes (the reason always says what happened):
 1001 server shutting down (reconnect, resume) · 1003 message not understood (fix the client) ·
 1008 policy: slow consumer (reconnect, resume), bad filter, bad last_id, too many connections for
-the token, first message missing · 1009 message too big · 1011 internal error (reconnect, resume) ·
-1013 not ready (retry later) · 4401 unauthorized (bad or missing token: do not retry as is).
+the token or from the address, first message missing · 1009 message too big · 1011 internal error
+(reconnect, resume) · 1013 not ready, server full, replay cut (retry later / resume) ·
+4401 unauthorized (bad or missing token: do not retry as is).
+
+Before any of this, a handshake whose `Host` or `Origin` is not allowed is refused with HTTP 403
+(see `auth.Site`).
 """
 
 from __future__ import annotations
@@ -117,6 +124,31 @@ def too_many_connections(limit: int) -> Close:
     )
 
 
+def too_many_from_address(limit: int) -> Close:
+    return Close(
+        CloseCode.POLICY_VIOLATION,
+        f"too many connections from your address (limit {limit} per server)",
+        "address_limit",
+    )
+
+
+def server_full(limit: int) -> Close:
+    return Close(
+        CloseCode.TRY_AGAIN_LATER,
+        f"server full ({limit} connections); try again later",
+        "server_full",
+    )
+
+
+def replay_cut(limit: int, last_id: str) -> Close:
+    # At most 20 + 1 + 20 digits in an id: the reason always fits a close frame.
+    return Close(
+        CloseCode.TRY_AGAIN_LATER,
+        f"replay limit ({limit} entries) reached; reconnect with last_id={last_id}",
+        "replay_cut",
+    )
+
+
 def setup_timeout(seconds: float) -> Close:
     return Close(
         CloseCode.UNAUTHORIZED,
@@ -158,6 +190,10 @@ def signal_message(stream_id: str, data: bytes) -> str:
 
 def gap_message(last_id: str, first_id: str) -> str:
     return orjson.dumps({"type": "gap", "last_id": last_id, "first_id": first_id}).decode()
+
+
+def replay_cut_message(last_id: str) -> str:
+    return orjson.dumps({"type": "replay_cut", "last_id": last_id}).decode()
 
 
 def subscribed_message(filters: Filters) -> str:

@@ -11,17 +11,26 @@
 | `NOTIFIER_MAX_MESSAGE_BYTES` | `65536` | largest message a client may send |
 | `NOTIFIER_MAX_FILTER_VALUES` | `1000` | wallets + markets + kinds in one filter |
 | `NOTIFIER_SETUP_TIMEOUT_S` | `10` | time a client owing its token has for its first message |
+| `NOTIFIER_ALLOWED_HOSTS` | `localhost,127.0.0.1,[::1],notifier` | `Host` names served (`*`: any) |
+| `NOTIFIER_ALLOWED_ORIGINS` | empty: same-origin | browser origins besides the notifier's own |
+| `NOTIFIER_MAX_CLIENTS` | `1000` | WebSocket connections on one replica |
+| `NOTIFIER_MAX_CLIENTS_PER_IP` | `100` | WebSocket connections from one address on one replica |
+| `NOTIFIER_MAX_REPLAY_ENTRIES` | `10000` | stream entries one resume reads before it is cut |
 | `WEBHOOKS_FILE` | none | JSON or YAML file of webhook endpoints (see `webhooks.config`) |
 | `WEBHOOK_TIMEOUT_S` | `5` | timeout of one POST |
 | `WEBHOOK_MAX_ATTEMPTS` | `5` | POSTs per signal and endpoint before `webhooks.dead` |
 | `WEBHOOK_BACKOFF_S` | `0.5` | first retry delay; it doubles after each failure... |
 | `WEBHOOK_BACKOFF_MAX_S` | `30` | ...up to this cap |
-| `WEBHOOK_CONCURRENCY` | `32` | signals in delivery at once on one replica |
+| `WEBHOOK_CONCURRENCY` | `32` | signals in delivery at once per endpoint and replica |
 | `WEBHOOK_CLAIM_IDLE_MS` | `30000` | pending this long: a dead replica's entry, reclaimed |
 | `WEBHOOK_MAX_DELIVERIES` | `5` | an entry claimed this often without an outcome: dead-lettered |
 
 `NOTIFIER_BLOCK_MS` does not add latency: a blocked XREAD returns as soon as an entry arrives. It
 only bounds how long the reader sits in one call (and so how soon a dead connection is noticed).
+
+`NOTIFIER_ALLOWED_HOSTS` and `NOTIFIER_ALLOWED_ORIGINS` keep other web sites out (see `auth.Site`):
+hosts are names without scheme or port (IPv6 in brackets), and `NOTIFIER_HOST` is added when it
+names one address; origins are `scheme://host[:port]`.
 
 `OPS_HOST` / `OPS_PORT` from `CommonSettings` are unused here: `/health` and `/metrics` are served
 on the notifier's own port, beside `/ws` and `/`, so one port is all a deployment publishes.
@@ -29,6 +38,7 @@ on the notifier's own port, beside `/ws` and `/`, so one port is all a deploymen
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,7 +46,14 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
+from services.notifier.auth import MIN_TOKEN_LENGTH, token_is_strong
 from shared.settings import CommonSettings
+
+_NAME = r"(?:\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)"
+_HOST = re.compile(rf"^(?:\*|{_NAME})$")
+_ORIGIN = re.compile(rf"^(?:\*|https?://{_NAME}(?::\d{{1,5}})?)$")
+# Listening on every interface names no host a client would use.
+_ANY_ADDRESS = {"", "0.0.0.0", "[::]"}
 
 
 class NotifierSettings(CommonSettings):
@@ -50,6 +67,12 @@ class NotifierSettings(CommonSettings):
     notifier_max_message_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
     notifier_max_filter_values: int = Field(default=1000, ge=1)
     notifier_setup_timeout_s: float = Field(default=10.0, gt=0)
+    # The compose service name is in the default: other containers reach us as `notifier`.
+    notifier_allowed_hosts: str = "localhost,127.0.0.1,[::1],notifier"
+    notifier_allowed_origins: str = ""
+    notifier_max_clients: int = Field(default=1000, ge=1)
+    notifier_max_clients_per_ip: int = Field(default=100, ge=1)
+    notifier_max_replay_entries: int = Field(default=10_000, ge=1, le=10_000_000)
 
     webhooks_file: Path | None = None
     webhook_timeout_s: float = Field(default=5.0, gt=0)
@@ -74,7 +97,68 @@ class NotifierSettings(CommonSettings):
                 raise ValueError("NOTIFIER_TOKENS is not a valid JSON list of strings") from None
         return tuple(part.strip() for part in text.split(",") if part.strip())
 
+    @field_validator("notifier_tokens")
+    @classmethod
+    def _long_tokens(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for n, token in enumerate(value, start=1):
+            if not token_is_strong(token.get_secret_value()):
+                # Named by position only: the value, even a short one, is a credential.
+                raise ValueError(
+                    f"NOTIFIER_TOKENS: token {n} must be at least {MIN_TOKEN_LENGTH} characters, "
+                    "with no spaces around it"
+                )
+        return value
+
+    @field_validator("notifier_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        names = _entries(value)
+        if not names:
+            raise ValueError("NOTIFIER_ALLOWED_HOSTS is empty: list host names, or * for any")
+        for name in names:
+            if not _HOST.match(name):
+                raise ValueError(
+                    f"NOTIFIER_ALLOWED_HOSTS: {name[:60]!r} is not a host name "
+                    "(no scheme or port; IPv6 in brackets, like [::1]; * for any)"
+                )
+        return ",".join(names)
+
+    @field_validator("notifier_allowed_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        origins = [origin.rstrip("/") for origin in _entries(value)]
+        for origin in origins:
+            if not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"NOTIFIER_ALLOWED_ORIGINS: {origin[:60]!r} is not an origin "
+                    "(http or https scheme://host[:port], no path; * for any)"
+                )
+        return ",".join(origins)
+
     @field_validator("webhooks_file", mode="before")
     @classmethod
     def _empty_file_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """The Host names served: the listed ones, plus NOTIFIER_HOST when it names one address."""
+        names = self.notifier_allowed_hosts.split(",")
+        own = _bracketed(self.notifier_host.lower())
+        if own not in _ANY_ADDRESS and _HOST.match(own) and own not in names:
+            names.append(own)
+        return tuple(names)
+
+    def allowed_origins(self) -> tuple[str, ...]:
+        """Origins allowed on `/ws` besides the notifier's own (same-origin is always allowed)."""
+        return (
+            tuple(self.notifier_allowed_origins.split(",")) if self.notifier_allowed_origins else ()
+        )
+
+
+def _entries(value: str) -> list[str]:
+    # Host names and origins are case-insensitive; lower-cased once here, compared as is later.
+    return [part.strip().lower() for part in value.split(",") if part.strip()]
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

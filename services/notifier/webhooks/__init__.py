@@ -1,10 +1,17 @@
 """Webhooks: every signal POSTed, signed, to each endpoint whose filters it matches.
 
 - `config`: the endpoints, from `WEBHOOKS_FILE` (JSON or YAML).
-- `presets`: the request body: `generic` (the WebSocket signal message), `discord`, `slack`.
+- `presets`: the request body: `generic` (the WebSocket signal message), `discord`, `slack`; feed
+  text escaped for Discord and Slack.
 - `signing`: the HMAC-SHA256 signature headers, and the check a receiver runs.
 - `delivery`: one signal to one endpoint: POST, retries with exponential backoff, the outcome.
-- `consumer`: the Redis side (the only module here that knows Redis): consumer group `webhooks` on
-  `signals`, so each signal is handled by exactly one replica; ack after the final outcome;
-  `webhooks.dead` after the last try; reclaiming a dead replica's pending entries.
+- `consumer`: the Redis side, in two steps, so that endpoints never wait for each other:
+  - `handoff`: consumer group `webhooks` on `signals`; each entry is acked as it is appended to
+    the queue of every endpoint it matches (one Redis stream per endpoint);
+  - `endpoint`: one endpoint's queue, its own consumer group, deliveries, reclaims and dead
+    letters (`dead`: `webhooks.dead`).
+
+Delivery is at least once: an endpoint can get a signal twice (a lost response, a replica dying
+between the 2xx and the ack). Every request carries `Idempotency-Key: <signal_id>`, the same on
+every try and every replica, for the receiver to drop repeats.
 """

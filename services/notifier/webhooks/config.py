@@ -7,6 +7,7 @@ webhooks:
     secret: "at least 16 characters, random"   # signs every request (required for generic)
     preset: generic               # generic | discord | slack
     filters: {kinds: [whale_order], min_confidence: 0.8}   # see services.notifier.filters
+    max_backlog: 10000            # signals waiting for this endpoint; more are dead-lettered
   - name: alerts
     url: https://discord.com/api/webhooks/<id>/<token>
     preset: discord
@@ -40,6 +41,8 @@ from pydantic import (
 from services.notifier.filters import MATCH_ALL, Filters
 
 MIN_SECRET_CHARS = 16
+# About 10 MB of Redis per endpoint at ~1 KB a signal: hours of backlog for a dead endpoint.
+DEFAULT_MAX_BACKLOG = 10_000
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
@@ -62,6 +65,7 @@ class Webhook(BaseModel):
     secret: SecretStr | None = None
     preset: Preset = Preset.GENERIC
     filters: Filters = MATCH_ALL
+    max_backlog: int = Field(default=DEFAULT_MAX_BACKLOG, ge=1)
 
     @field_validator("url")
     @classmethod

@@ -9,7 +9,8 @@
   two 4xx retried, because they say "later", not "never".
 
 Every attempt is signed afresh (see `signing`) with its own timestamp; the body is the same bytes
-each time.
+each time, and so is `Idempotency-Key` (the signal's `signal_id`). A 2xx whose response is lost
+(a timeout after the receiver acted) is retried all the same: delivery is at least once.
 """
 
 from __future__ import annotations

@@ -2,18 +2,33 @@
 
 - `generic`: exactly the WebSocket `signal` message, `{"type":"signal","id":...,"signal":{...}}`,
   with the entry's JSON as the producer wrote it (unknown fields included).
-- `discord`: `{"content": one line, "embeds": [one embed with the details]}`; mentions are
-  disabled, so a market title can never ping a channel.
+- `discord`: `{"content": one line, "embeds": [one embed with the details]}`.
 - `slack`: `{"text": one line (notifications, fallback), "blocks": [header, title, fields, why]}`.
 
-Discord and Slack cap lengths (embed title 256, field 1024, Slack header 150, ...): long texts are
-cut with an ellipsis rather than rejected.
+Every text that comes from the feed (title, slug, labels, reasons) is hostile: a market can be
+named `<!channel>` or `[Polymarket](https://evil.example)`. So:
+- Slack: `& < >` are escaped (`&amp; &lt; &gt;`, Slack's documented rule) in every mrkdwn text and
+  in the fallback `text`, which Slack formats too; mrkdwn objects are `verbatim`, so bare URLs,
+  `#channels` and `@here` are not parsed either. The header is plain_text, which parses nothing.
+- Discord: `allowed_mentions: {"parse": []}` (Discord's documented switch) so nothing pings, and
+  markdown / mention characters are escaped with a backslash wherever Discord renders markdown
+  (content, title, description, field values), so no masked link or mention pill either.
+- The market link is ours alone: `MARKET_URL` with the slug percent-encoded as one path segment
+  (`quote(..., safe="")`), so no slug can leave polymarket.com, break out of Slack's `<url|label>`
+  (`|`, `>`) or make an invalid URL (a space) that Discord would refuse with a 400. A slug that is
+  empty, a dot segment or absurdly long gets no link.
+
+Discord and Slack cap lengths (embed title 256, field 1024, all of an embed 6000, Slack header
+150, ...): texts are escaped first and then cut with an ellipsis, never inside an escape, rather
+than rejected.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -22,7 +37,15 @@ from services.notifier.webhooks.config import Preset
 from shared.models import Side, Signal
 
 MARKET_URL = "https://polymarket.com/market/{slug}"
+# Real slugs are a few dozen characters of [a-z0-9-]; a longer one is not a market worth linking.
+MAX_SLUG_CHARS = 200
 _BUY_COLOR, _SELL_COLOR = 0x0F7B3F, 0xB3261E
+# Discord: the whole embed (title, description, field names and values, footer) is capped too.
+_DISCORD_EMBED_CHARS = 6000
+
+_SLACK_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+# Markdown (* _ ~ ` | > # - [ ]), mentions and custom emoji (< @), and the escape itself.
+_DISCORD_ESCAPES = {char: "\\" + char for char in "\\*_~`|<>#-[]@"}
 
 
 def render(preset: Preset, stream_id: str, signal: Signal, data: bytes) -> bytes:
@@ -35,45 +58,63 @@ def render(preset: Preset, stream_id: str, signal: Signal, data: bytes) -> bytes
 
 
 def discord_body(signal: Signal) -> dict[str, Any]:
+    fields: list[dict[str, Any]] = [
+        {"name": name, "value": _discord(value, 512), "inline": True}
+        for name, value in _facts(signal)
+    ]
+    title = _discord(_title(signal), 256)
+    # The footer renders no markdown: cut, not escaped.
+    footer = _cut(f"BetterBot · signal {signal.signal_id}", 256)
+    # Fields and footer are capped so that the description always has room left in the 6000.
+    used = len(title) + len(footer) + sum(len(f["name"]) + len(f["value"]) for f in fields)
+    room = min(4096, _DISCORD_EMBED_CHARS - used)
     embed: dict[str, Any] = {
-        "title": _cut(_title(signal), 256),
-        "description": _cut("\n".join(signal.reasons), 4096),
+        "title": title,
+        "description": _discord("\n".join(signal.reasons), room),
         "color": _BUY_COLOR if signal.side is Side.BUY else _SELL_COLOR,
-        "fields": [
-            {"name": name, "value": _cut(value, 1024), "inline": True}
-            for name, value in _facts(signal)
-        ],
+        "fields": fields,
         "timestamp": datetime.fromtimestamp(signal.exchange_ts, UTC).isoformat(),
-        "footer": {"text": f"BetterBot · signal {signal.signal_id}"},
+        "footer": {"text": footer},
     }
-    if signal.market_slug:
-        embed["url"] = MARKET_URL.format(slug=signal.market_slug)
+    url = market_url(signal.market_slug)
+    if url is not None:
+        embed["url"] = url
     return {
-        "content": _cut(headline(signal), 2000),
+        "content": _discord(headline(signal), 2000),
         "embeds": [embed],
         "allowed_mentions": {"parse": []},
     }
 
 
 def slack_body(signal: Signal) -> dict[str, Any]:
-    title = _slack_escape(_cut(_title(signal), 1000))
-    if signal.market_slug:
-        title = f"<{MARKET_URL.format(slug=signal.market_slug)}|{title}>"
+    title = _slack(_title(signal), 1000)
+    url = market_url(signal.market_slug)
+    if url is not None:
+        title = f"<{url}|{title}>"
     blocks: list[dict[str, Any]] = [
+        # plain_text parses no mention or link: nothing to escape there.
         {"type": "header", "text": {"type": "plain_text", "text": _cut(_header(signal), 150)}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{title}*"}},
+        {"type": "section", "text": _mrkdwn(f"*{title}*")},
         {
             "type": "section",
             "fields": [
-                {"type": "mrkdwn", "text": _cut(f"*{name}*\n{_slack_escape(value)}", 2000)}
-                for name, value in _facts(signal)
+                _mrkdwn(f"*{name}*\n{_slack(value, 1900)}") for name, value in _facts(signal)
             ],
         },
     ]
     if signal.reasons:
-        why = _slack_escape(_cut(" · ".join(signal.reasons), 2900))
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": why}]})
-    return {"text": _cut(headline(signal), 3000), "blocks": blocks}
+        why = _slack(" · ".join(signal.reasons), 2900)
+        blocks.append({"type": "context", "elements": [_mrkdwn(why)]})
+    # The fallback `text` shows in notifications and is mrkdwn as well.
+    return {"text": _slack(headline(signal), 3000), "blocks": blocks}
+
+
+def market_url(slug: str) -> str | None:
+    """The market's page, the slug encoded as one path segment; None when it names no page."""
+    if not slug or len(slug) > MAX_SLUG_CHARS or not slug.strip("."):
+        # Empty, `.` or `..` (a dot segment would climb out of /market/), or not a real slug.
+        return None
+    return MARKET_URL.format(slug=quote(slug, safe=""))
 
 
 def headline(signal: Signal) -> str:
@@ -126,6 +167,29 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _slack_escape(text: str) -> str:
-    # Slack's mrkdwn treats these three as control characters (links, mentions).
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def _mrkdwn(text: str) -> dict[str, Any]:
+    # verbatim: Slack parses our explicit <url|label> only, no bare URL, #channel or @here.
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
+
+
+def _slack(text: str, limit: int) -> str:
+    return _escaped(text, _SLACK_ESCAPES, limit)
+
+
+def _discord(text: str, limit: int) -> str:
+    return _escaped(text, _DISCORD_ESCAPES, limit)
+
+
+def _escaped(text: str, escapes: Mapping[str, str], limit: int) -> str:
+    """`text` escaped, then cut to `limit` characters (an ellipsis last), never inside an escape."""
+    pieces = [escapes.get(char, char) for char in text]
+    if sum(map(len, pieces)) <= limit:
+        return "".join(pieces)
+    kept: list[str] = []
+    size = 0
+    for piece in pieces:
+        if size + len(piece) > limit - 1:
+            break
+        kept.append(piece)
+        size += len(piece)
+    return "".join(kept) + "…"
