@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -210,3 +211,21 @@ async def test_the_notifier_enforces_its_limits_over_the_wire(notifier: str) -> 
     finally:
         for ws in held:
             await ws.close()
+
+
+def test_security_md_cites_only_what_the_project_has() -> None:
+    """Every file, document and test SECURITY.md names exists here (it once cited a document
+    outside the project)."""
+    text = (ROOT / "SECURITY.md").read_text()
+    missing = []
+    for ref in sorted(
+        set(re.findall(r"\b(?:tests|docs|services|shared|chaos|cli)/[\w/.-]+\.\w+(?:::\w+)?", text))
+    ):
+        path, _, test = ref.partition("::")
+        found = (ROOT / path).exists()
+        if not found or (test and not re.search(rf"def {test}\b", (ROOT / path).read_text())):
+            missing.append(ref)
+    for name in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", text):
+        if not (ROOT / name).exists() and not list((ROOT / "docs").glob(name)):
+            missing.append(name)
+    assert missing == []
