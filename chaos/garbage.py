@@ -59,12 +59,25 @@ SIGNAL_REQUIRED = (
 )
 # Values no reader may accept for the field (lax pydantic would take "0.5" for a float, say, so
 # the wrong types here are ones that cannot be coerced).
+# Hostile text: a spreadsheet formula, a Slack mention and link, markup, an escape sequence.
+HOSTILE = [
+    '=HYPERLINK("https://evil.example","x")',
+    "+cmd|' /C calc'!A0",
+    "<!channel> <https://evil.example|Polymarket>",
+    "<script>alert(1)</script>",
+    "\x1b]0;pwned\x07",
+]
 ORDER_WRONG: dict[str, list[Any]] = {
-    "token_id": ["", None, [], {"id": 1}, "x" * 101],
+    "token_id": ["", None, [], {"id": 1}, "x" * 101, *HOSTILE, "12 34"],
+    "condition_id": [*HOSTILE, "0x" + "z" * 64, 5],
+    "market_slug": ["s" * 201, 5],
+    "title": ["t" * 5001, []],
+    "token_label": ["l" * 201, {}],
+    "order_hash": [*HOSTILE, "0x"],
     "side": ["HOLD", 1, None, ""],
     "shares_normalized": ["5", 0, -3.5, None, {}],
     "price": ["0.5", -0.01, 1.5, None, []],
-    "tx_hash": ["", None, "x" * 101, 7],
+    "tx_hash": ["", None, "x" * 101, 7, *HOSTILE],
     "timestamp": ["soon", -5, 0, 1.5, None],
     "user": ["0xnope", 123, None, "0x" + "g" * 40],
     "order_key": [None, [], 5],
@@ -75,7 +88,10 @@ SIGNAL_WRONG: dict[str, list[Any]] = {
     "signal_id": [None, 5, []],
     "kind": ["nonsense", None, 1],
     "wallet": ["0xnope", None, 42],
-    "token_id": [None, [], 9],
+    "token_id": [None, [], 9, *HOSTILE],
+    "condition_id": [*HOSTILE],
+    "market_slug": ["s" * 201],
+    "wallet_label": ["w" * 201],
     "side": ["HOLD", None, 0],
     "price": ["cheap", None, []],
     "shares": ["many", None, {}],
