@@ -11,13 +11,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from shared.backoff import Backoff, backoff_bound
 from services.ingestor.dialects import subscribe_message
 from services.ingestor.feed_status import (
     ConnectionState,
     FeedStatus,
     evaluate_health,
-    status_fields,
+    feed_report,
 )
 from services.ingestor.frames import (
     Ack,
@@ -38,6 +37,7 @@ from services.ingestor.subscriptions import (
     SubscriptionRegistry,
     plan_subscriptions,
 )
+from shared.backoff import Backoff, backoff_bound
 from shared.models import Source, order_key
 from shared.wallets import load_wallets
 
@@ -443,7 +443,8 @@ def test_status_fields_are_strings_for_the_hash() -> None:
     status.subscriptions = 2
     status.mark_event(1002.5, 1762480391)
     poller = FeedStatus(source="data_api", wallets=3, started_at=1000.0)
-    fields = status_fields([status, poller], 1004.0, published=5, duplicates=1, queued=0)
+    report = feed_report([status, poller], 1004.0, published=5, duplicates=1, queued=0)
+    fields = report.to_fields()
     assert fields["source"] == "dome_ws,data_api" and fields["published"] == "5"
     assert fields["connected"] == "0" and fields["state"] == "starting"
     assert fields["subscriptions"] == "2" and fields["last_exchange_ts"] == "1762480391"

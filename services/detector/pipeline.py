@@ -57,7 +57,8 @@ DEAD_LETTER_ORIGIN = "detector"
 FIRST_DELAY_S = 0.005
 MAX_DELAY_S = 0.1
 # Footprints are looked up for the entries other consumers hold pending, a few batches each: 20,000
-# covers 40 replicas at the default batch size, in ~17 MB (100,000 took half the process' memory).
+# covers 40 replicas at the default batch size, and keeps the cache a small part of the process'
+# memory (bench/README.md).
 FOOTPRINT_CACHE = 20_000
 
 Position = tuple[int, int]
@@ -422,7 +423,6 @@ class BatchProcessor:
         self._footprints[entry_id] = footprint
         while len(self._footprints) > FOOTPRINT_CACHE:
             self._footprints.popitem(last=False)
-
 
 
 def _footprint(step: Step) -> Footprint | None:

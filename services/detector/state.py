@@ -16,8 +16,9 @@ Steps 1-3 of an order that is not applied block its units for the rest of the ca
 each unit touched by an applied order is written once, with its last applied order's value (delete
 when empty; a TTL when it holds no position), then every applied order's done key is set with a
 TTL. A unit's value is compared once per call, at its first order: the caller decided the orders
-after it from the value the earlier ones leave. Per-unit rather than per-order reads and writes
-cut the script's time by 30% in `make bench` (EVALSHA 5.6 -> 3.9 ms per call, INFO commandstats).
+after it from the value the earlier ones leave. Reads and writes go per unit rather than per order
+because the orders of a call often share units, and each shared unit then costs one read and one
+write (the measurement: bench/README.md).
 
 The done key is written last: if a write fails mid-order (e.g. Redis out of memory), the order is
 not marked done and its redelivery emits again (at least once; consumers dedupe by `signal_id`)

@@ -7,12 +7,8 @@ unreachable Redis, tracked wallets the tier has no room for, and (when HEALTH_MA
 is set) a source without any event for that long.
 
 The status hash (`Streams.feed_status_key()`, refreshed every `STATUS_INTERVAL_S`, expiring when
-the ingestor stops refreshing it) holds string fields: `source` (the sources, comma-separated),
-`state` (starting | connecting | connected | disconnected | auth_failed | stopped, combined over
-the sources), `connected` ("1"/"0"), `subscriptions`, `wallets`, `pending_subscribes`,
-`last_event_at` (Unix s of the last valid event's receipt, "" when none), `last_exchange_ts`,
-`seconds_since_last_event`, `reconnects`, `published`, `duplicates`, `queued`, `last_error`,
-`updated_at`, and `sources`: a JSON object with the same fields per source.
+the ingestor stops refreshing it) is `feed_report(...)`: the sources combined, and each source in
+`sources`; its fields are the contract in shared/feed_status.py.
 """
 
 from __future__ import annotations
@@ -20,20 +16,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-import orjson
-
-
-class ConnectionState(StrEnum):
-    STARTING = "starting"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    AUTH_FAILED = "auth_failed"
-    STOPPED = "stopped"
-
+from shared.feed_status import ConnectionState, FeedReport, SourceReport
 
 # When parts disagree, the combined state is the first of these that any part is in.
 _PRECEDENCE = (
@@ -96,20 +81,21 @@ class FeedStatus:
     def seconds_down(self, now: float) -> float:
         return 0.0 if self.down_since is None else max(0.0, now - self.down_since)
 
-    def as_fields(self, now: float) -> dict[str, str]:
-        return {
-            "source": self.source,
-            "state": self.state.value,
-            "connected": "1" if self.connected else "0",
-            "subscriptions": str(self.subscriptions),
-            "wallets": str(self.wallets),
-            "pending_subscribes": str(self.pending_subscribes),
-            "last_event_at": "" if self.last_event_at is None else f"{self.last_event_at:.6f}",
-            "last_exchange_ts": "" if self.last_exchange_ts is None else str(self.last_exchange_ts),
-            "seconds_since_last_event": f"{self.seconds_since_last_event(now):.3f}",
-            "reconnects": str(self.reconnects),
-            "last_error": self.last_error,
-        }
+    def report(self, now: float) -> SourceReport:
+        """This source as the status hash gives it."""
+        return SourceReport(
+            source=self.source,
+            state=self.state.value,
+            connected=self.connected,
+            subscriptions=self.subscriptions,
+            wallets=self.wallets,
+            pending_subscribes=self.pending_subscribes,
+            last_event_at=self.last_event_at,
+            last_exchange_ts=self.last_exchange_ts,
+            seconds_since_last_event=self.seconds_since_last_event(now),
+            reconnects=self.reconnects,
+            last_error=self.last_error,
+        )
 
 
 def _latest(values: Sequence[float | None]) -> float | None:
@@ -142,29 +128,28 @@ def combine(source: str, parts: Sequence[FeedStatus], *, wallets: int) -> FeedSt
     )
 
 
-def status_fields(
+def feed_report(
     statuses: Sequence[FeedStatus],
     now: float,
     *,
     published: int,
     duplicates: int,
     queued: int,
-) -> dict[str, str]:
-    """The status hash: the sources combined, plus each source in `sources` (JSON)."""
+) -> FeedReport:
+    """The status hash: the sources combined, plus each source in `sources`."""
     overall = combine(
         ",".join(s.source for s in statuses),
         statuses,
         wallets=max((s.wallets for s in statuses), default=0),
+    ).report(now)
+    return FeedReport(
+        **overall.model_dump(exclude={"unreadable"}),
+        published=published,
+        duplicates=duplicates,
+        queued=queued,
+        updated_at=now,
+        sources={s.source: s.report(now) for s in statuses},
     )
-    fields = overall.as_fields(now)
-    fields.update(
-        published=str(published),
-        duplicates=str(duplicates),
-        queued=str(queued),
-        updated_at=f"{now:.6f}",
-        sources=orjson.dumps({s.source: s.as_fields(now) for s in statuses}).decode(),
-    )
-    return fields
 
 
 def evaluate_health(

@@ -36,7 +36,7 @@ from services.ingestor.feed_status import (
     ConnectionState,
     FeedStatus,
     evaluate_health,
-    status_fields,
+    feed_report,
 )
 from services.ingestor.http_api import JsonApi
 from services.ingestor.publisher import Publisher
@@ -342,13 +342,13 @@ class Ingestor:
             )
         if not statuses:
             statuses = [FeedStatus(source=",".join(self.settings.sources()), wallets=0)]
-        fields = status_fields(
+        fields = feed_report(
             statuses,
             now,
             published=self.publisher.published,
             duplicates=self.publisher.duplicates,
             queued=self.publisher.unfinished,
-        )
+        ).to_fields()
         key = self.settings.streams.feed_status_key()
         # Expires when no ingestor refreshes it, so a dead ingestor never looks connected.
         ttl = max(5, math.ceil(self.settings.status_interval_s * 10))

@@ -1,9 +1,9 @@
 """Stopping a task for sure.
 
-redis-py's asyncio client can swallow a cancellation that lands in the middle of a command (seen
-here with redis 8.1 on about one cancel in a hundred; upstream redis/redis-py#2028 and #2551): the
-task then runs on as if nothing happened, and whoever awaits its end waits forever. So a task is
-cancelled again until it has really ended.
+redis-py's asyncio client can swallow a cancellation that lands in the middle of a command
+(upstream redis/redis-py#2028 and #2551; how often: bench/README.md): the task then runs on as if
+nothing happened, and whoever awaits its end waits forever. So a task is cancelled again until it
+has really ended.
 """
 
 from __future__ import annotations

@@ -15,15 +15,14 @@ The same process serves the history API and the tracked wallets over HTTP (`api.
 /docs) on the ops port, next to /health and /metrics. See docs/store.md.
 
 Modules, top-down:
-- `main.py`: wiring, startup order, graceful stop, /health.
+- `main.py`: wiring, startup order, graceful stop, /health; one consumer group per stream
+  (`shared/consumer.py`: reads, acks, reclaims, dead-letters, drains) with `batches.py` as handler.
 - `settings.py`: every setting with its env name and default.
-- `handlers.py`: FastStream subscribers and how FastStream acks (read from its source).
 - `batches.py`: one batch: validate, write, dead-letter; the caller acks after it.
 - `rows.py`: pure: entries -> typed rows for `orders` and `signals`.
-- `database.py`: the write (COPY + INSERT ... ON CONFLICT, with measurements), row-by-row fallback
-  for bad rows, retry and pool rebuild on outages.
+- `database.py`: the write (COPY + INSERT ... ON CONFLICT, chosen by measurement), row-by-row
+  fallback for bad rows, retry and pool rebuild on outages.
 - `schema.py` + `migrations/NNN_*.sql`: versioned schema under an advisory lock.
-- `reclaim.py`: XAUTOCLAIM of abandoned entries.
 - `api.py`: the FastAPI app: routes, auth, input types, body limit, CSV streaming.
 - `queries.py`: pure: filters -> SQL, keyset cursors, rows -> JSON/CSV.
 - `wallets.py`: tracked wallets in Postgres and the shared registry, kept in step.

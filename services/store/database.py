@@ -1,23 +1,14 @@
 """Postgres side of the store: one batch = one transaction, retried until Postgres takes it.
 
-Write path, chosen by measurement (below): COPY the batch into a session temp table, then
+Write path, chosen by measurement: COPY the batch into a session temp table, then
 `INSERT INTO <table> SELECT ... ORDER BY <key> ON CONFLICT DO NOTHING`, commit. The INSERT's status
 gives the rows actually inserted, so duplicates are counted exactly; ordering by key makes replicas
 that insert overlapping batches lock rows in the same order (no deadlock cycles). The temp table
 is created on a session's first batch (and again if the session lost it), not on every batch.
 
-Measured on this machine (2 cores, local Postgres 15, asyncpg 0.32), 500-row `orders` batches, each
-in its own committed transaction, medians of 55 batches per method, two runs, methods interleaved:
-
-| method                                           | new rows             | all duplicates |
-|--------------------------------------------------|----------------------|----------------|
-| COPY to temp table + INSERT ... SELECT ON CONFL. | 10.9-11.4 ms (~45k/s) | 6.3-6.6 ms     |
-| `executemany` INSERT ... ON CONFLICT (no count)  | 11.2-11.5 ms (~44k/s) | 6.7 ms         |
-| `fetchmany` INSERT ... RETURNING key (counts)    | 11.6-12.6 ms (~41k/s) | 7.0-7.1 ms     |
-| one INSERT ... SELECT FROM unnest($1::text[]...) | 12.0-12.7 ms (~40k/s) | 6.9-7.3 ms     |
-
-The four are within noise of each other; COPY was never slower and, unlike `executemany`, reports
-how many rows it inserted.
+Against `executemany` INSERT ... ON CONFLICT, `fetchmany` INSERT ... RETURNING and one INSERT ...
+SELECT FROM unnest(...), none was faster beyond noise; COPY was never slower and, unlike
+`executemany`, reports how many rows it inserted (the figures: bench/README.md).
 
 Failures are sorted in two:
 - data errors (SQLSTATE classes 22 data exception, 23 integrity, 54 program limit, and client-side

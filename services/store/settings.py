@@ -7,15 +7,15 @@
 - `STORE_BATCH_MAX` (`500`): entries read per XREADGROUP, so at most that many rows per insert.
 - `STORE_BLOCK_MS` (`100`): XREADGROUP BLOCK time.
 - `STORE_LINGER_MS` (`20`, 0 = off): after a batch smaller than `STORE_BATCH_MAX`, wait this long
-  before the next read, so that under a steady flow each transaction carries more rows. The store
-  is not on the path to subscribers (the notifier reads `signals` itself); at 2,000 orders/s this
-  halved the CPU the store and Postgres spend per order (`make bench`).
+  before the next read, so that under a steady flow each transaction carries more rows, and the
+  store and Postgres spend less CPU per order (bench/README.md). The wait delays no subscriber:
+  the store is not on their path (the notifier reads `signals` itself).
 - `STORE_RETRY_MIN_S` (`0.1`), `STORE_RETRY_MAX_S` (`5.0`): delay before retrying a batch that
   Postgres did not take, doubling from min to max.
 - `STORE_DB_TIMEOUT_S` (`10`): connect and statement timeout, so a silent network cannot hang a
   batch.
-- `STORE_POOL_SIZE` (`4`): Postgres connections of the write path (two subscribers, the reclaimer,
-  the health ping, the wallet follower; the API has its own pool).
+- `STORE_POOL_SIZE` (`4`): Postgres connections of the write path (a consumer per stream, the
+  health ping, the wallet follower; the API has its own pool).
 - `STORE_CLAIM_IDLE_MS` (`60000`): entries pending this long with any `store` consumer are taken
   over; `STORE_CLAIM_EVERY_S` (`5`): how often to look for them.
 - `STORE_MAX_DELIVERIES` (`5`): a reclaimed entry still failing after this many deliveries is
