@@ -48,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.backoff import Backoff
 from shared.errors import describe
 from shared.redis_streams import dead_letter, ensure_group, entry_payload
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Handled:
 
 
 Handler = Callable[[list[Entry]], Awaitable[Handled]]
+# Writes the dead letter of an entry delivered too often: (entry, reason, deliveries).
+DeadLetter = Callable[[Entry, str, int], Awaitable[None]]
 
 # Redis unreachable (or restarting): retried, never a reason to exit or to blame an entry.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -149,6 +152,12 @@ class GroupConfig:
     drain_s: float = 10.0
     # Which setting bounds deliveries, named in the dead letter's reason.
     max_deliveries_setting: str = "MAX_DELIVERIES"
+    # Batches handled at once. 1 keeps stream order (the detector, the store); more suits
+    # independent entries whose handling waits on the network (webhook deliveries).
+    max_in_flight: int = 1
+    # Delete a settled entry from the stream with its ack, in one MULTI: for work queues, whose
+    # length is then what is still owed.
+    delete_on_settle: bool = False
 
 
 @dataclass
@@ -171,10 +180,12 @@ class ConsumerGroup:
         handler: Handler,
         *,
         can_reclaim: Callable[[], bool] = lambda: True,
+        dead_letter: DeadLetter | None = None,
     ) -> None:
         self.client = client
         self.config = config
         self.handler = handler
+        self.dead_letter = dead_letter or self._dead_letter_to_stream
         # False while the handler's own backend is away: claiming then would only hold entries.
         self.can_reclaim = can_reclaim
         self.health = GroupHealth()
@@ -184,21 +195,20 @@ class ConsumerGroup:
         self._leave = client.register_script(_LEAVE)
         self._errors = errors_key(config.stream, config.group)
         self._stop = asyncio.Event()
+        self._deadline = 0.0
 
     # --- running ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Read, handle and reclaim until `stop` is set (or `stop()` is called), then drain and
         leave the group. Returns only then; Redis being away is waited out, never raised."""
-        await self._redis_call(self.ensure_group)
+        await self.join()
         watcher = asyncio.ensure_future(self._watch_stop(stop)) if stop is not None else None
         reclaim = asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.config.group}")
         try:
             await self._read_loop()
         finally:
-            reclaim.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reclaim
+            await cancel_and_wait(reclaim)
             if watcher is not None:
                 watcher.cancel()
             await self._drain()
@@ -208,26 +218,63 @@ class ConsumerGroup:
     def stop(self) -> None:
         self._stop.set()
 
+    async def join(self) -> None:
+        """Create the group unless it exists, waiting out a Redis outage."""
+        await self._redis_call(self.ensure_group)
+
     async def _watch_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._stop.set()
 
     async def _read_loop(self) -> None:
         backoff = Backoff(0.1, 5.0)
-        while not self._stop.is_set():
+        slots = asyncio.Semaphore(self.config.max_in_flight)
+        handling: set[asyncio.Task[list[str]]] = set()
+        while await self._free_slot(slots):
             try:
                 batch = await self._redis_call(self.read_batch)
             except TRANSIENT:
-                return  # Stopping while Redis is away: nothing was read.
+                slots.release()
+                break  # Stopping while Redis is away: nothing was read.
             except Exception as exc:
                 # Not an outage (Redis out of memory, a command refused): said, retried, never
                 # the end of the service.
+                slots.release()
                 log.error("read_failed", extra={**self._log, "error": describe(exc)})
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
-            if batch:
-                await self.handle(batch)
+            if not batch:
+                slots.release()
+                continue
+            task = asyncio.create_task(self.handle(batch))
+            handling.add(task)
+            task.add_done_callback(handling.discard)
+            task.add_done_callback(lambda _: slots.release())
+        self._deadline = time.monotonic() + self.config.drain_s
+        if handling:
+            # In flight at the stop: finished within the drain bound, else cancelled and left
+            # pending (for a reclaimer, or this consumer's next start).
+            _, late = await asyncio.wait(handling, timeout=self.config.drain_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _free_slot(self, slots: asyncio.Semaphore) -> bool:
+        """Take a slot for the next batch; False once stopping (also while every slot is busy)."""
+        if self._stop.is_set():
+            return False
+        slot = asyncio.ensure_future(slots.acquire())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((slot, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if slot.done() and not self._stop.is_set():
+            return True
+        if slot.done():
+            slots.release()
+        else:
+            slot.cancel()
+        return False
 
     async def read_batch(self) -> list[Entry]:
         """One XREADGROUP `>`; an empty list when nothing came within `block_ms`."""
@@ -259,7 +306,7 @@ class ConsumerGroup:
         """Run the handler on the batch, keeping it claimed meanwhile; ack and return what it
         settled. A handler error is recorded for the batch's entries (they stay pending)."""
         ids = [entry_id for entry_id, _ in batch]
-        self.health.in_flight = len(ids)
+        self.health.in_flight += len(ids)
         keeper = asyncio.create_task(self._keep_claimed(ids), name="keep-claimed")
         try:
             handled = await self.handler(batch)
@@ -276,10 +323,8 @@ class ConsumerGroup:
                 await self._redis_call(lambda: self.record_errors(errors))
             return []
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            self.health.in_flight = 0
+            await cancel_and_wait(keeper)
+            self.health.in_flight -= len(ids)
         settled = list(handled.settled)
         await self._redis_call(lambda: self.ack(settled))
         if handled.failed:
@@ -305,8 +350,10 @@ class ConsumerGroup:
     async def ack(self, ids: Sequence[str]) -> None:
         if not ids:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.client.pipeline(transaction=self.config.delete_on_settle) as pipe:
             pipe.xack(self.config.stream, self.config.group, *ids)
+            if self.config.delete_on_settle:
+                pipe.xdel(self.config.stream, *ids)
             pipe.hdel(self._errors, *ids)
             await pipe.execute()
         ACKED.labels(*self._labels).inc(len(ids))
@@ -400,29 +447,33 @@ class ConsumerGroup:
     async def _dead_letter(self, worn: list[Entry], counts: Mapping[str, int]) -> None:
         ids = [entry_id for entry_id, _ in worn]
         errors: list[Any] = await self.client.hmget(self._errors, ids)
-        for (entry_id, fields), error in zip(worn, errors, strict=True):
+        for entry, error in zip(worn, errors, strict=True):
+            entry_id = entry[0]
             last = error.decode(errors="replace") if error else "none recorded (its consumer died)"
             reason = (
                 f"delivered {counts[entry_id]} times ({self.config.max_deliveries_setting} "
                 f"{self.config.max_deliveries}); last error: {last} (entry {entry_id})"
             )
-            await dead_letter(
-                self.client,
-                self.config.dead_stream,
-                entry_payload(fields),
-                reason,
-                origin=self.config.origin,
-                deliveries=counts[entry_id],
-            )
+            await self.dead_letter(entry, reason, counts[entry_id])
             log.warning("entry_dead_lettered", extra={"entry_id": entry_id, "reason": reason[:500]})
         DEAD.labels(*self._labels).inc(len(worn))
         await self.ack(ids)
+
+    async def _dead_letter_to_stream(self, entry: Entry, reason: str, deliveries: int) -> None:
+        await dead_letter(
+            self.client,
+            self.config.dead_stream,
+            entry_payload(entry[1]),
+            reason,
+            origin=self.config.origin,
+            deliveries=deliveries,
+        )
 
     # --- stopping -----------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         """Handle once more what is pending here (a read cut short by the stop delivered it)."""
-        deadline = time.monotonic() + self.config.drain_s
+        deadline = self._deadline
         after = "0"
         try:
             while time.monotonic() < deadline:

@@ -258,3 +258,59 @@ async def _group_exists(client: aioredis.Redis, stream: str) -> bool:
     with contextlib.suppress(Exception):
         return any(g["name"] == GROUP.encode() for g in await client.xinfo_groups(stream))
     return False
+
+
+async def test_independent_work_runs_side_by_side_and_a_stop_does_not_wait_for_a_hung_one(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """A work queue: one entry per call, three at once, settled entries deleted; a call that
+    never ends is cut at the drain bound and its entry stays pending for the next owner."""
+    cfg = config(streams, batch_size=1, max_in_flight=3, delete_on_settle=True, drain_s=0.5)
+    started: list[str] = []
+
+    async def work(batch: list[Entry]) -> Handled:
+        n = orjson.loads(batch[0][1][b"data"])["n"]
+        started.append(n)
+        await asyncio.sleep(3600 if n == "hung" else 0.3)
+        return Handled([batch[0][0]])
+
+    group = ConsumerGroup(redis_client, cfg, work)
+    async with running(group):
+        await add(redis_client, cfg.stream, {"n": "hung"}, {"n": "a"}, {"n": "b"}, {"n": "c"})
+        await until(lambda: _xlen_is(redis_client, cfg.stream, 1), within_s=5)
+        # "a" and "b" ran beside the hung call, "c" in the slot one of them freed.
+        assert sorted(started) == ["a", "b", "c", "hung"]
+    assert await pending(redis_client, cfg.stream) == 1
+    assert int(await redis_client.xlen(cfg.stream)) == 1  # only the unsettled entry is left
+
+
+async def test_a_custom_dead_letter_gets_the_entry_and_why(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    cfg = config(streams, max_deliveries=1)
+    letters: list[tuple[str, str, int]] = []
+
+    async def letter(entry: Entry, reason: str, deliveries: int) -> None:
+        letters.append((orjson.loads(entry[1][b"data"])["n"], reason, deliveries))
+
+    group = ConsumerGroup(redis_client, cfg, Recorder(), dead_letter=letter)
+    await group.ensure_group()
+    await add(redis_client, cfg.stream, {"n": "x"})
+    await redis_client.xreadgroup(GROUP, "dead", {cfg.stream: ">"})
+    await redis_client.xclaim(cfg.stream, GROUP, "dead", 0, [(await _first_id(redis_client, cfg))])
+    await asyncio.sleep(0.2)
+    await group.reclaim()
+    ((n, reason, deliveries),) = letters
+    assert (
+        n == "x" and deliveries == 3 and reason.startswith("delivered 3 times (MAX_DELIVERIES 1)")
+    )
+    assert await redis_client.xlen(cfg.dead_stream) == 0
+
+
+async def _first_id(client: aioredis.Redis, cfg: GroupConfig) -> str:
+    entries: Any = await client.xrange(cfg.stream, count=1)
+    return str(entries[0][0].decode())
+
+
+async def _xlen_is(client: aioredis.Redis, stream: str, n: int) -> bool:
+    return int(await client.xlen(stream)) == n

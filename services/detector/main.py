@@ -18,7 +18,6 @@ error so that its supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from typing import Any
@@ -36,9 +35,11 @@ from shared.models import TrackedWallet
 from shared.ops import ops_server, run_until_stopped, settle_heap, stop_event
 from shared.redis_streams import connect
 from shared.streams import DETECTOR_GROUP
+from shared.tasks import cancel_and_wait
 from shared.wallets import WalletFileError, load_wallets
 
 log = logging.getLogger(__name__)
+
 
 class Detector:
     """One detector replica: the registry follower and the consumer group around the processor.
@@ -101,12 +102,10 @@ class Detector:
         """Drain and leave the group (bounded by `DETECTOR_SHUTDOWN_GRACE_S`), then close."""
         log.info("detector_stopping", extra={"consumer": self.consumer})
         self._stop.set()
-        self.following.cancel()
         try:
             await self.consuming
         finally:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.following
+            await cancel_and_wait(self.following)
             await self.client.aclose()
         log.info("detector_stopped", extra={"consumer": self.consumer})
 

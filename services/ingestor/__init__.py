@@ -20,7 +20,6 @@ Reads top-down:
   Redis-specific module), batched, retried while Redis is down.
 - `http_api.py` + `ratelimit.py`: rate-limited GETs honouring 429 and Retry-After.
 - `feed_status.py`: per-source state for `/health`, metrics and the dashboard's status hash.
-- `backoff.py`: exponential backoff with jitter; `tasks.py`: cancelling a task for sure.
 - `metrics.py`: Prometheus metrics, prefixed `betterbot_ingestor_`, labelled by source.
 
 docs/ingestion.md explains the sources, the tiers and what happens on each failure.

@@ -47,13 +47,13 @@ from services.ingestor.sources.dome_ws import DomeWebSocketSource
 from services.ingestor.sources.poller import WalletPoller
 from services.ingestor.sources.ws_connection import DOME_FEED
 from services.ingestor.subscriptions import SubscriptionPlanError
-from services.ingestor.tasks import cancel_and_wait
 from shared import wallet_registry
 from shared.backoff import Backoff
 from shared.logs import register_secret
 from shared.models import TrackedWallet
 from shared.ops import ops_server
 from shared.redis_streams import connect
+from shared.tasks import cancel_and_wait
 from shared.wallets import WalletFileError, load_wallets
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import sys
 import time
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +28,7 @@ from services.notifier.status import describe_feed
 from services.notifier.webhooks.config import Webhook, WebhookConfigError, load_webhooks
 from services.notifier.webhooks.consumer import WebhookConsumer
 from services.notifier.webhooks.delivery import RetryPolicy
+from shared.consumer import consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, run_until_stopped, settle_heap, stop_event
 from shared.redis_streams import connect
@@ -43,11 +41,6 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
 # uvicorn's own frame limit: above ours, so an oversized message gets our close reason.
 _UVICORN_WS_MAX = 1 << 20
-
-
-def consumer_name() -> str:
-    """Unique per process, readable in XINFO CONSUMERS."""
-    return f"notifier-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Notifier:
@@ -76,6 +69,7 @@ class Notifier:
                 block_ms=settings.notifier_block_ms,
                 claim_idle_ms=settings.webhook_claim_idle_ms,
                 max_deliveries=settings.webhook_max_deliveries,
+                grace_s=SHUTDOWN_GRACE_S,
             )
         self.slots = ConnectionSlots(settings.notifier_max_clients_per_token)
         self.limits = ClientLimits(
@@ -161,9 +155,7 @@ class Notifier:
 
         async def lifecycle() -> None:
             webhooks = (
-                None
-                if self.webhooks is None
-                else asyncio.ensure_future(self.webhooks.run(stop, SHUTDOWN_GRACE_S))
+                None if self.webhooks is None else asyncio.ensure_future(self.webhooks.run(stop))
             )
             stopping = asyncio.ensure_future(stop.wait())
             try:

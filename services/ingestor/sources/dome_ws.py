@@ -30,8 +30,8 @@ from services.ingestor.subscriptions import (
     SubscriptionLimits,
     SubscriptionPlanError,
 )
-from services.ingestor.tasks import cancel_and_wait
 from shared.logs import register_secret
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

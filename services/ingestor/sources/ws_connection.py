@@ -65,10 +65,10 @@ from services.ingestor.frames import (
 )
 from services.ingestor.http_api import ApiError, AuthError
 from services.ingestor.subscriptions import Slot, SubscriptionRegistry, Unsubscribe, Update
-from services.ingestor.tasks import cancel_and_wait
 from shared.backoff import Backoff
 from shared.logs import redact_url, scrub
 from shared.models import OrderFill, Source
+from shared.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from services.ingestor.settings import IngestorSettings

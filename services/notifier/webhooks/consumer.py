@@ -14,7 +14,10 @@ endpoint waits for it. Everything an endpoint still owes is in Redis, so a resta
 replica) picks it up where it was. Delivery is at least once (see `endpoint`): receivers
 deduplicate on `Idempotency-Key`, the signal's `signal_id`.
 
-Works on Redis 7.0 (no XREADGROUP CLAIM needed).
+Both kinds of group run on the shared consumer runtime (`shared/consumer.py`): reading, acking,
+keeping slow deliveries claimed, reclaiming a dead replica's entries, dead-lettering after
+`WEBHOOK_MAX_DELIVERIES`, waiting out a Redis restart, draining and leaving on stop. Works on
+Redis 7.0 (no XREADGROUP CLAIM needed).
 """
 
 from __future__ import annotations
@@ -22,21 +25,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 from redis.exceptions import RedisError
 
+from services.notifier.metrics import WEBHOOK_BACKLOG
 from services.notifier.webhooks.config import Webhook
 from services.notifier.webhooks.dead import DeadLetters
 from services.notifier.webhooks.delivery import RetryPolicy
-from services.notifier.webhooks.endpoint import EndpointWorker
-from services.notifier.webhooks.handoff import Handoff, Route, queue_key
+from services.notifier.webhooks.endpoint import Endpoint
+from services.notifier.webhooks.handoff import HANDOFF_BATCH, Handoff, Route, queue_key
+from shared.consumer import ConsumerGroup, GroupConfig
 from shared.redis_streams import connect
-from shared.streams import Streams
-
-# Worst first: the state a health check or the dashboard shows for all the parts together.
-_STATES = ("stopped", "retrying", "starting")
+from shared.streams import WEBHOOKS_GROUP, Streams
 
 
 class WebhookConsumer:
@@ -53,95 +54,115 @@ class WebhookConsumer:
         block_ms: int,
         claim_idle_ms: int,
         max_deliveries: int,
+        grace_s: float,
     ) -> None:
         """`timeout_s`: of one POST; `concurrency`: deliveries at once per endpoint and replica;
         `block_ms`: XREADGROUP BLOCK; `claim_idle_ms`: pending this long, an entry is taken over;
-        `max_deliveries`: claims of one queued signal before it is dead-lettered."""
+        `max_deliveries`: claims of one queued signal before it is dead-lettered; `grace_s`: what
+        is in flight at shutdown gets this long."""
         self.consumer = consumer
         self.hooks = tuple(hooks)
-        # Short commands of every part (acks, dead letters, claims); each reader has its own.
         self.redis = connect(redis_url)
         dead = DeadLetters(self.redis, streams.webhooks_dead)
         routes = [Route(hook, queue_key(streams, hook.name)) for hook in self.hooks]
-        self.handoff = Handoff(
-            self.redis,
-            redis_url,
-            streams.signals,
-            routes,
-            dead,
-            consumer=consumer,
-            block_ms=block_ms,
-            claim_idle_ms=claim_idle_ms,
+
+        def config(stream: str, **own: int | bool | str) -> GroupConfig:
+            return GroupConfig(
+                stream=stream,
+                group=WEBHOOKS_GROUP,
+                consumer=consumer,
+                dead_stream=streams.webhooks_dead,
+                origin="notifier",
+                block_ms=block_ms,
+                claim_min_idle_ms=claim_idle_ms,
+                reclaim_every_s=claim_idle_ms / 3000,
+                max_deliveries=max_deliveries,
+                drain_s=grace_s,
+                max_deliveries_setting="WEBHOOK_MAX_DELIVERIES",
+                **own,  # type: ignore[arg-type]
+            )
+
+        # From the stream's end the first time: endpoints get the signals from then on.
+        handoff = Handoff(self.redis, streams.signals, routes, dead)
+        self.handoff = ConsumerGroup(
+            self.redis, config(streams.signals, batch_size=HANDOFF_BATCH, start_id="$"), handoff
         )
         # A pool per endpoint: a hanging endpoint holds its own connections, never another's.
         self._clients = [_http_client(timeout_s, concurrency) for _ in routes]
         self.endpoints = [
-            EndpointWorker(
-                self.redis,
-                redis_url,
-                route,
-                http,
-                policy,
-                dead,
-                consumer=consumer,
-                concurrency=concurrency,
-                block_ms=block_ms,
-                claim_idle_ms=claim_idle_ms,
-                max_deliveries=max_deliveries,
-            )
+            Endpoint(route, http, policy, dead)
             for route, http in zip(routes, self._clients, strict=True)
+        ]
+        self.queues = [
+            ConsumerGroup(
+                self.redis,
+                config(
+                    endpoint.queue,
+                    batch_size=1,
+                    max_in_flight=concurrency,
+                    delete_on_settle=True,
+                    start_id="0",
+                ),
+                endpoint,
+                dead_letter=endpoint.dead_letter,
+            )
+            for endpoint in self.endpoints
         ]
         # Set once every group exists: signals published from then on reach the endpoints.
         self.ready = asyncio.Event()
 
     @property
+    def groups(self) -> list[ConsumerGroup]:
+        return [self.handoff, *self.queues]
+
+    @property
     def status(self) -> str:
-        states = {self.handoff.status, *(worker.status for worker in self.endpoints)}
-        return next((state for state in _STATES if state in states), "reading")
+        """Worst first: what a health check or the dashboard shows for all the groups."""
+        health = [group.health for group in self.groups]
+        if any(h.stopped for h in health):
+            return "stopped"
+        if any(h.redis_down_since is not None for h in health):
+            return "retrying"
+        if not self.ready.is_set():
+            return "starting"
+        return "reading"
 
     @property
     def in_flight(self) -> int:
-        return sum(worker.in_flight for worker in self.endpoints)
+        return sum(group.health.in_flight for group in self.queues)
 
     @property
     def settled(self) -> int:
         """Queued signals this replica brought to an outcome, over all endpoints."""
-        return sum(worker.settled for worker in self.endpoints)
+        return sum(endpoint.settled for endpoint in self.endpoints)
 
-    async def run(self, stop: asyncio.Event, grace_s: float) -> None:
-        """Deliver until `stop` is set; then let every part finish within `grace_s` and return.
-
-        Should a part fail, the others are stopped the same way and the failure is raised.
-        """
-        halt = asyncio.Event()
-        parts = [
-            asyncio.ensure_future(self.handoff.run(halt, grace_s)),
-            *(asyncio.ensure_future(worker.run(halt, grace_s)) for worker in self.endpoints),
-        ]
-        helpers = [
-            asyncio.ensure_future(self._until_ready()),
-            asyncio.ensure_future(_relay(stop, halt)),
-        ]
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set; then let every group drain (within `grace_s`) and leave."""
         try:
-            await asyncio.wait(parts, return_when=asyncio.FIRST_EXCEPTION)
-            halt.set()
-            results = await asyncio.gather(*parts, return_exceptions=True)
+            for group in self.groups:
+                await group.join()
+            self.ready.set()
+            backlog = asyncio.ensure_future(self._watch_backlog())
+            try:
+                await asyncio.gather(*(group.run(stop) for group in self.groups))
+            finally:
+                backlog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await backlog
         finally:
-            halt.set()
-            await _cancel(*parts, *helpers)
             for http in self._clients:
                 await http.aclose()
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.aclose()
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
-    async def _until_ready(self) -> None:
-        await self.handoff.ready.wait()
-        for worker in self.endpoints:
-            await worker.ready.wait()
-        self.ready.set()
+    async def _watch_backlog(self) -> None:
+        """Each endpoint's queue length: the signals it still owes."""
+        while True:
+            for endpoint in self.endpoints:
+                with contextlib.suppress(RedisError, OSError):
+                    length = await self.redis.xlen(endpoint.queue)
+                    WEBHOOK_BACKLOG.labels(endpoint.hook.name).set(length)
+            await asyncio.sleep(1.0)
 
 
 def _http_client(timeout_s: float, concurrency: int) -> httpx.AsyncClient:
@@ -151,14 +172,3 @@ def _http_client(timeout_s: float, concurrency: int) -> httpx.AsyncClient:
         follow_redirects=False,
         limits=httpx.Limits(max_connections=concurrency),
     )
-
-
-async def _relay(stop: asyncio.Event, halt: asyncio.Event) -> None:
-    await stop.wait()
-    halt.set()
-
-
-async def _cancel(*tasks: asyncio.Future[Any]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,34 +16,31 @@ endpoint's backlog waits in its own queue, out of reach of the trimming of `sign
 An endpoint whose queue already holds `max_backlog` signals takes no more: each further signal is
 dead-lettered for it at once ("backlog full"), so a long-dead endpoint cannot fill Redis.
 
-A replica that dies between a read and its hand-off leaves the entry pending; every replica takes
-over entries idle longer than `WEBHOOK_CLAIM_IDLE_MS` (XAUTOCLAIM) and hands them off.
+The group runs on the shared consumer runtime (`shared/consumer.py`): a replica that dies between
+a read and its hand-off leaves the entry pending, and every replica takes over entries idle longer
+than `WEBHOOK_CLAIM_IDLE_MS` and hands them off.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
 
-from services.notifier.fanout import Backoff, reader_connection, rejection_reason
+from services.notifier.fanout import rejection_reason
 from services.notifier.metrics import WEBHOOK_SKIPPED
 from services.notifier.webhooks.config import Webhook
 from services.notifier.webhooks.dead import DeadLetters, until_done
+from shared.consumer import Entry, Fields, Handled
 from shared.models import Signal
-from shared.redis_streams import DATA_FIELD, decode, ensure_group
+from shared.redis_streams import DATA_FIELD, decode
 from shared.streams import WEBHOOKS_GROUP, Streams
 
 log = logging.getLogger(__name__)
 
 HANDOFF_BATCH = 100
-Fields = dict[bytes, bytes]
 
 # KEYS[1]: signals; KEYS[2..]: the queues. ARGV: the group, the entry's id, the entry's JSON.
 # The first ack wins: a second hand-off of the same entry appends nothing.
@@ -70,99 +67,23 @@ class Route:
 
 
 class Handoff:
+    """The handler of group `webhooks` on `signals`: every entry of a batch handed off."""
+
     def __init__(
-        self,
-        redis: aioredis.Redis,
-        redis_url: str,
-        stream: str,
-        routes: Sequence[Route],
-        dead: DeadLetters,
-        *,
-        consumer: str,
-        block_ms: int,
-        claim_idle_ms: int,
+        self, redis: aioredis.Redis, stream: str, routes: Sequence[Route], dead: DeadLetters
     ) -> None:
-        self.consumer = consumer
         self.redis = redis
-        self._url = redis_url
         self._stream = stream
         self._routes = tuple(routes)
         self._dead = dead
-        self._block_ms = block_ms
-        self._claim_idle_ms = claim_idle_ms
         self._script = redis.register_script(_HAND_OFF)
-        self._claim_cursor = "0-0"
-        # Set once the group exists: signals published from then on reach the endpoints.
-        self.ready = asyncio.Event()
-        self.status = "starting"
 
-    async def run(self, stop: asyncio.Event, grace_s: float) -> None:
-        """Hand off until `stop` is set; then, within `grace_s`, what this replica still holds."""
-        reader = reader_connection(
-            self._url, self._stream, self._block_ms, role=f"betterbot-webhooks-{self.consumer}"
-        )
-        reading = asyncio.ensure_future(self._read_loop(reader))
-        reclaiming = asyncio.ensure_future(self._reclaim_loop())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
-            if reading.done():
-                reading.result()
-        finally:
-            await _cancel(reading, reclaiming, stopping)
-            with contextlib.suppress(RedisError, OSError):
-                await reader.aclose()
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                await asyncio.wait_for(self._finish(), grace_s)
-            self.status = "stopped"
+    async def __call__(self, batch: list[Entry]) -> Handled:
+        for entry_id, fields in batch:
+            await self.hand_off(entry_id, fields)
+        return Handled([entry_id for entry_id, _ in batch])
 
-    async def _read_loop(self, reader: aioredis.Redis) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                if not self.ready.is_set():
-                    await self._join()
-                response: Any = await reader.xreadgroup(
-                    WEBHOOKS_GROUP,
-                    self.consumer,
-                    {self._stream: ">"},
-                    count=HANDOFF_BATCH,
-                    block=self._block_ms,
-                )
-            except (RedisError, OSError) as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    # The stream or group was deleted under us: create it again.
-                    self.ready.clear()
-                self.status = "retrying"
-                delay = backoff.next()
-                log.warning(
-                    "webhooks_read_failed",
-                    extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay},
-                )
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            self.status = "reading"
-            await self._hand_off_all(response)
-
-    async def _join(self) -> None:
-        await ensure_group(self.redis, self._stream, WEBHOOKS_GROUP, start="$")
-        self.ready.set()
-        log.info(
-            "webhooks_group_joined",
-            extra={
-                "stream": self._stream,
-                "consumer": self.consumer,
-                "endpoints": [route.hook.name for route in self._routes],
-            },
-        )
-
-    async def _hand_off_all(self, response: Any) -> None:
-        # RESP2 shape, one stream asked: [[name, [(id, fields), ...]]], or empty on timeout.
-        for entry_id, fields in response[0][1] if response else ():
-            await self._hand_off(entry_id.decode(), fields)
-
-    async def _hand_off(self, entry_id: str, fields: Fields | None) -> None:
+    async def hand_off(self, entry_id: str, fields: Fields | None) -> None:
         """Ack `entry_id` and append it to the queue of every endpoint it is for, at once."""
         data, routes = b"", []
         try:
@@ -211,59 +132,3 @@ class Handoff:
             for route in routes:
                 pipe.xlen(route.queue)
             return [int(length) for length in await pipe.execute()]
-
-    # Taking over a dead replica's entries.
-
-    async def _reclaim_loop(self) -> None:
-        period = self._claim_idle_ms / 3000
-        while True:
-            await asyncio.sleep(period)
-            if not self.ready.is_set():
-                continue
-            try:
-                await self._reclaim()
-            except (RedisError, OSError) as exc:
-                log.warning("webhooks_claim_failed", extra={"error": f"{type(exc).__name__}"})
-            except Exception:
-                # A bug here must not end the loop: a dead replica's entries would wait for good.
-                log.exception("webhooks_claim_crashed")
-
-    async def _reclaim(self) -> None:
-        reply: Any = await self.redis.xautoclaim(
-            self._stream,
-            WEBHOOKS_GROUP,
-            self.consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=HANDOFF_BATCH,
-        )
-        next_id, claimed = reply[0], reply[1]
-        self._claim_cursor = next_id.decode() if isinstance(next_id, bytes) else str(next_id)
-        # Redis 7 lists entries trimmed from the stream apart (and drops them from the pending
-        # list); older servers give (None, None) for them.
-        entries = [(entry_id.decode(), fields) for entry_id, fields in claimed if entry_id]
-        if entries:
-            log.info("webhook_entries_reclaimed", extra={"count": len(entries)})
-        for entry_id, fields in entries:
-            await self._hand_off(entry_id, fields)
-
-    # Shutdown.
-
-    async def _finish(self) -> None:
-        """Hand off what a cancelled read or hand-off left pending here, then leave the group."""
-        if not self.ready.is_set():
-            return
-        while True:
-            response: Any = await self.redis.xreadgroup(
-                WEBHOOKS_GROUP, self.consumer, {self._stream: "0"}, count=HANDOFF_BATCH
-            )
-            if not response or not response[0][1]:
-                break
-            await self._hand_off_all(response)
-        await self.redis.xgroup_delconsumer(self._stream, WEBHOOKS_GROUP, self.consumer)
-
-
-async def _cancel(*tasks: asyncio.Future[Any]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
