@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -248,7 +247,3 @@ async def run_scenario(
         "log_dir": str(config.log_dir),
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def scenario_log_dir(base: Path, name: str) -> Path:
-    return base / name

@@ -20,9 +20,6 @@ to decision), `since="exchange"` is detected_at - exchange_ts (the trade on the 
 decision; exchange_ts has whole seconds). Call it once per signal in a consumer that sees each
 signal once per group (the store), so a sum over replicas counts each signal once.
 
-`broker_middleware(app_name)` is FastStream's Redis Prometheus middleware on the default registry,
-prefixed `betterbot_faststream_`, for the services built on a FastStream broker.
-
 Wiring, one call per service (runs until `stop` is set; Redis errors are logged and retried):
 
     asyncio.create_task(track_streams(client, public_streams(settings.streams), stop))
@@ -38,8 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from faststream.redis.prometheus import RedisPrometheusMiddleware
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError, ResponseError
 
 from shared.models import Signal
@@ -220,10 +216,3 @@ def observe_signal_latency(signal: Signal | Mapping[str, Any]) -> None:
             return
     _SINCE_RECEIVED.observe(max(0.0, detected - received))
     _SINCE_EXCHANGE.observe(max(0.0, detected - exchange))
-
-
-def broker_middleware(app_name: str) -> RedisPrometheusMiddleware:
-    """FastStream's per-handler metrics (received, processed, durations, exceptions)."""
-    return RedisPrometheusMiddleware(
-        registry=REGISTRY, app_name=app_name, metrics_prefix="betterbot_faststream"
-    )

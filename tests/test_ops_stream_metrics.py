@@ -11,7 +11,6 @@ from prometheus_client import REGISTRY
 
 from shared.models import Side, Signal, SignalKind, Source
 from shared.stream_metrics import (
-    broker_middleware,
     observe_signal_latency,
     public_streams,
     stream_stats,
@@ -129,10 +128,3 @@ def test_signal_latency_histogram() -> None:
     assert total("received") == pytest.approx(before["received"][1] + 0.5)
     assert count("exchange") == before["exchange"][0] + 2
     assert total("exchange") == pytest.approx(before["exchange"][1] + 3.5)
-
-
-def test_broker_middleware_registers_faststream_metrics_with_our_prefix() -> None:
-    broker_middleware("test")
-    names = {metric.name for metric in REGISTRY.collect()}
-    assert "betterbot_faststream_received_messages" in names
-    assert "betterbot_faststream_received_processed_messages_duration_seconds" in names
