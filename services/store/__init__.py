@@ -11,7 +11,7 @@ doubling to `STORE_RETRY_MAX_S`), never acked meanwhile and never dropped; /heal
 last error class until Postgres answers again, then the backlog in the stream is worked off.
 Entries left pending by a consumer that died are taken over after `STORE_CLAIM_IDLE_MS`.
 
-The same process serves the history API and the tracked wallets over HTTP (`api.py`; OpenAPI at
+The same process serves the history API and the tracked wallets over HTTP (`api*.py`; OpenAPI at
 /docs) on the ops port, next to /health and /metrics. See docs/store.md.
 
 Modules, top-down:
@@ -23,7 +23,14 @@ Modules, top-down:
 - `database.py`: the write (COPY + INSERT ... ON CONFLICT, chosen by measurement), row-by-row
   fallback for bad rows, retry and pool rebuild on outages.
 - `schema.py` + `migrations/NNN_*.sql`: versioned schema under an advisory lock.
-- `api.py`: the FastAPI app: routes, auth, input types, body limit, CSV streaming.
+- `api.py`: the FastAPI app: `create_app` wires the routers, the token guards (auth lives here),
+  the error handlers and the middlewares; the names `main.py` and the tests import.
+  - `api_context.py`: `ApiContext` (what endpoints get) and the errors routers declare.
+  - `api_history.py`: `GET /signals`, `GET /orders`: filters, JSON pages, CSV pages.
+  - `api_export.py`: streamed CSV exports (`Exports`: how many at once, for how long).
+  - `api_wallets.py`: `GET`, `PUT`, `DELETE /wallets`.
+  - `api_inputs.py`: input types: times, addresses, printable text.
+  - `api_middleware.py`: body limit (413), Host check (400), request metrics.
 - `queries.py`: pure: filters -> SQL, keyset cursors, rows -> JSON/CSV.
 - `wallets.py`: tracked wallets in Postgres and the shared registry, kept in step.
 - `metrics.py`: `betterbot_store_*` Prometheus metrics.
