@@ -37,7 +37,7 @@ from services.ingestor.subscriptions import (
     SubscriptionRegistry,
     plan_subscriptions,
 )
-from shared.backoff import Backoff, backoff_bound
+from shared.backoff import Backoff, backoff_bound, retrying
 from shared.models import Source, order_key
 from shared.wallets import load_wallets
 
@@ -475,3 +475,33 @@ def test_relative_wallets_file_is_found_from_any_directory(
     settings = IngestorSettings(_env_file=None)
     assert settings.wallets_path().is_file()
     assert len(load_wallets(settings.wallets_path())) == 20
+
+
+async def test_retrying_retries_transient_errors_and_gives_up_at_its_bound() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    fast = Backoff(0.001, 0.002, jitter=0)
+    assert await retrying(flaky, transient=(ConnectionError,), backoff=fast) == "ok"
+    assert len(calls) == 3
+
+    tries: list[int] = []
+
+    async def down() -> None:
+        tries.append(1)
+        raise ConnectionError("still down")
+
+    with pytest.raises(ConnectionError):  # the bound ends it, after some tries
+        await retrying(down, transient=(ConnectionError,), within_s=0.05, backoff=fast)
+    assert len(tries) > 1
+
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):  # not transient: raised at once
+        await retrying(broken, transient=(ConnectionError,))

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from services.notifier.clients import Client, Delivery, StreamId
-from services.notifier.fanout import Backoff, rejection_reason, to_delivery
+from services.notifier.fanout import rejection_reason, to_delivery
 from services.notifier.protocol import (
     HELLO,
     PONG,
@@ -142,10 +142,3 @@ def test_entries_that_are_not_signals_are_refused(fields: dict[bytes, bytes], re
     with pytest.raises(ValueError) as caught:
         to_delivery(b"1-1", fields)
     assert reason in rejection_reason(caught.value)
-
-
-def test_backoff_doubles_up_to_a_cap_and_resets() -> None:
-    backoff = Backoff(first=0.1, cap=0.5)
-    assert [backoff.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
-    backoff.reset()
-    assert backoff.next() == 0.1

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.detector.rules import WalletMarketState, wallet_unit
+from shared.backoff import retrying
 from shared.redis_streams import dead_letter
 from shared.streams import Streams
 
@@ -375,20 +375,14 @@ class DetectorState:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry while Redis is unreachable, up to `retry_s`: every effect here is idempotent."""
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except TRANSIENT as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("redis_retry", extra={"error": repr(exc), "delay_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return await retrying(call, transient=TRANSIENT, within_s=self.retry_s, on_retry=_said)
 
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
         except (TimeoutError, *TRANSIENT):
             return False
+
+
+def _said(exc: BaseException, delay: float) -> None:
+    log.warning("redis_retry", extra={"error": repr(exc), "delay_s": delay})

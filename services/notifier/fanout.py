@@ -29,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.notifier.clients import Client, Delivery, StreamId
 from services.notifier.metrics import ENTRIES_INVALID, READ_ERRORS, SIGNALS_READ
 from services.notifier.protocol import Close, signal_message
+from shared.backoff import Backoff
 from shared.models import Signal
 from shared.redis_streams import DATA_FIELD, decode
 
@@ -83,20 +84,6 @@ def reader_connection(
     )
 
 
-class Backoff:
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
-        self._first, self._cap = first, cap
-        self._next = first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._cap, delay * 2)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self._first
-
-
 class Fanout:
     """The stream reader and the set of clients it feeds."""
 
@@ -145,7 +132,7 @@ class Fanout:
     async def run(self) -> None:
         """Read the stream until cancelled; Redis errors are retried with backoff, never raised."""
         reader = reader_connection(self._url, self._stream, self._block_ms)
-        backoff = Backoff()
+        backoff = Backoff(0.1, 5.0)
         try:
             while True:
                 try:
@@ -153,7 +140,7 @@ class Fanout:
                 except (RedisError, OSError) as exc:
                     READ_ERRORS.inc()
                     self.status = "retrying"
-                    delay = backoff.next()
+                    delay = backoff.next_delay()
                     log.warning(
                         "signals_read_failed",
                         extra={

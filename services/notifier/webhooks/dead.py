@@ -8,7 +8,6 @@ per endpoint that gave up on the signal: the others may well have had it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,9 +16,9 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.notifier.fanout import Backoff
 from services.notifier.metrics import WEBHOOK_OUTCOMES
 from services.notifier.webhooks.config import Webhook
+from shared.backoff import retrying
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +28,14 @@ _T = TypeVar("_T")
 
 async def until_done(command: Callable[[], Awaitable[_T]]) -> _T:
     """Run a Redis command until it succeeds: the outcome is known, only Redis is away."""
-    backoff = Backoff()
-    while True:
-        try:
-            return await command()
-        except (RedisError, OSError) as exc:
-            delay = backoff.next()
-            log.warning(
-                "webhooks_write_failed",
-                extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay},
-            )
-            await asyncio.sleep(delay)
+    return await retrying(command, transient=(RedisError, OSError), on_retry=_said)
+
+
+def _said(exc: BaseException, delay: float) -> None:
+    log.warning(
+        "webhooks_write_failed",
+        extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": delay},
+    )
 
 
 class DeadLetters:

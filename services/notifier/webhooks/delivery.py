@@ -33,6 +33,7 @@ from services.notifier.webhooks.signing import (
     TIMESTAMP_HEADER,
     signature,
 )
+from shared.backoff import backoff_bound
 
 USER_AGENT = "betterbot-notifier/1"
 _RETRIED_4XX = (408, 429)
@@ -66,8 +67,7 @@ class RetryPolicy:
         rand: Callable[[], float] = random.random,
     ) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        backoff = min(self.cap_s, self.first_s * 2 ** (attempt - 1))
-        backoff *= 1 - rand() / 2
+        backoff = backoff_bound(attempt - 1, self.first_s, self.cap_s) * (1 - rand() / 2)
         if retry_after is not None:
             backoff = max(backoff, min(retry_after, self.cap_s))
         return backoff
