@@ -39,6 +39,8 @@ DecimalTokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,78}$")]
 Title = Annotated[str, StringConstraints(max_length=TITLE_MAX)]
 Slug = Annotated[str, StringConstraints(max_length=SLUG_MAX)]
 Label = Annotated[str, StringConstraints(max_length=LABEL_MAX)]
+REASON_MAX = 300
+StatusReason = Annotated[str, StringConstraints(max_length=REASON_MAX)]
 
 
 def normalize_address(value: str) -> str:
@@ -141,6 +143,21 @@ def order_key(
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+class FillStatus(StrEnum):
+    """Where a fill (and every signal drawn from it) stands.
+
+    `pending`: seen before its block (a mempool event); `confirmed`: in a block (the default, and
+    all a source without pending events ever sends); `retracted`: the fill will not happen or no
+    longer has (a reorg removed its block, a pending fill never confirmed). A status change is a
+    new entry with the same `order_key` (orders.raw) or `signal_id` (signals): readers that ignore
+    the field see a repeat, which every consumer already drops.
+    """
+
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    RETRACTED = "retracted"
+
+
 class OrderFill(DomeOrder):
     """An entry of `orders.raw`: the Dome order plus where and when we got it."""
 
@@ -148,6 +165,9 @@ class OrderFill(DomeOrder):
     order_key: str
     source: Source
     received_at: float
+    status: FillStatus = FillStatus.CONFIRMED
+    # Why the status changed (a retraction's cause), for people.
+    status_reason: StatusReason = ""
 
     @property
     def notional_usd(self) -> float:
@@ -205,6 +225,10 @@ class Signal(Contract):
     exchange_ts: int
     received_at: float
     detected_at: float
+    # A retraction repeats the signal (same `signal_id`) with status `retracted`, the reason, and
+    # `detected_at` the time the retraction was decided.
+    status: FillStatus = FillStatus.CONFIRMED
+    status_reason: StatusReason = ""
 
     def to_json(self) -> bytes:
         """The stream form: the JSON `model_dump_json` gives, from orjson, which is cheaper on
