@@ -20,7 +20,7 @@ from redis.crc import key_slot
 
 from devtools.servers import free_port
 from services.ingestor.publisher import Outgoing, Publisher, watermark_key
-from shared.models import DomeOrder, OrderFill, Source
+from shared.models import DomeOrder, FillStatus, OrderFill, Source
 from shared.streams import Streams
 from tests.helpers.ingestion import until
 
@@ -226,3 +226,20 @@ async def test_nothing_is_lost_while_redis_is_unreachable(
 
 async def _false_redis(publisher: Publisher) -> bool:
     return not publisher.redis_ok
+
+
+async def test_a_fill_is_published_once_per_status_and_a_reorg_can_come_back(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """First sight, its retraction, the fill included again by a later block, and a second
+    reorg: each once, whatever is repeated in between."""
+    publisher = make_publisher(redis_client, streams)
+    fill = tape_fills(1)[0]
+    retraction = fill.model_copy(update={"status": FillStatus.RETRACTED, "status_reason": "reorg"})
+    sequence = [fill, fill, retraction, retraction, fill, fill, retraction]
+    added = [await publisher.publish_now([item]) for item in sequence]
+    assert added == [1, 0, 1, 0, 1, 0, 1]
+    entries = cast(list[Entry], await redis_client.xrange(streams.orders_raw))
+    statuses = [json.loads(fields[b"data"])["status"] for _, fields in entries]
+    assert statuses == ["confirmed", "retracted", "confirmed", "retracted"]
+    assert {json.loads(fields[b"data"])["order_key"] for _, fields in entries} == {fill.order_key}

@@ -1,11 +1,12 @@
 """Fills -> `orders.raw`, each order_key once, with dedupe and XADD in one atomic Lua step; and the
 per-wallet watermarks that gap backfill starts from. The one module that knows Redis tricks.
 
-The script sets `<seen prefix><order_key>` with NX and a TTL, and only when that key was new adds
-the fill to the stream. Both happen in one script, so a crash or a lost reply can neither lose a
-fill nor double it: a retried batch finds its keys set and adds nothing twice. The seen keys carry
-the stream's name as their Redis Cluster hash tag (`{<ns>orders.raw}:seen:<order_key>`), so they
-hash to the stream's slot and the script runs unchanged on a cluster.
+The script sets `<seen prefix><order_key>` (one key per status, `seen_keys`) with NX and a TTL,
+and only when that key was new adds the fill to the stream. Both happen in one script, so a crash
+or a lost reply can neither lose a fill nor double it: a retried batch finds its keys set and adds
+nothing twice. The seen keys carry the stream's name as their Redis Cluster hash tag
+(`{<ns>orders.raw}:seen:<order_key>`), so they hash to the stream's slot and the script runs
+unchanged on a cluster.
 
 Watermarks: the hash `{<ns>orders.raw}:watermark` (same slot) maps `<feed>:<wallet>` (feed `dome`
 for the Dome WebSocket, its backfill and REST polling; `data_api` for the Data API poller) to the
@@ -43,7 +44,7 @@ from redis.typing import EncodableT
 from services.ingestor import metrics
 from shared.backoff import Backoff
 from shared.logs import scrub
-from shared.models import OrderFill
+from shared.models import FillStatus, OrderFill
 from shared.redis_streams import DATA_FIELD, dead_letter, encode
 from shared.streams import Streams
 
@@ -51,26 +52,31 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# KEYS[1] = the stream, KEYS[2] = the watermark hash, KEYS[3..n+2] = the seen keys;
-# ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then three per fill: its JSON, the watermark field to raise
-# ('' = none) and its exchange timestamp. Returns 1 (added) or 0 (duplicate) per fill, in order.
+# KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key and the seen keys
+# its status clears; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then four per fill: its JSON, the
+# watermark field to raise ('' = none), its exchange timestamp and how many keys it clears.
+# Returns 1 (added) or 0 (duplicate) per fill, in order.
 DEDUPE_XADD = """
 local added = {}
-for i = 1, #KEYS - 2 do
-  local base = 3 * i
-  if redis.call('SET', KEYS[i + 2], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[base])
-    added[i] = 1
+local k, a = 3, 3
+while a <= #ARGV do
+  local cleared = tonumber(ARGV[a + 3])
+  if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[a])
+    for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
+    added[#added + 1] = 1
   else
-    added[i] = 0
+    added[#added + 1] = 0
   end
-  local field = ARGV[base + 1]
+  local field = ARGV[a + 1]
   if field ~= '' then
     local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
-    if tonumber(ARGV[base + 2]) > current then
-      redis.call('HSET', KEYS[2], field, ARGV[base + 2])
+    if tonumber(ARGV[a + 2]) > current then
+      redis.call('HSET', KEYS[2], field, ARGV[a + 2])
     end
   end
+  k = k + 1 + cleared
+  a = a + 4
 end
 return added
 """
@@ -84,6 +90,21 @@ if tonumber(ARGV[2]) > current then
 end
 return 0
 """
+
+
+def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...]]:
+    """The dedupe key of the fill in its status, and the keys a new entry in that status clears.
+
+    A fill is published once per status: first sight (`pending` or `confirmed`), then each change.
+    A retraction clears the fill's first sight, so a block that includes the fill again publishes
+    it again; that re-inclusion clears the retraction, so a later reorg can retract it again."""
+    key = fill.order_key
+    if fill.status is FillStatus.RETRACTED:
+        return f"{key}:retracted", (key, f"{key}:pending")
+    if fill.status is FillStatus.PENDING:
+        return f"{key}:pending", ()
+    return key, (f"{key}:retracted",)
+
 
 REDIS_RETRY_MIN_S = 0.05
 REDIS_RETRY_MAX_S = 5.0
@@ -160,11 +181,12 @@ class Publisher:
         """One script call: add the fills whose order_key is new; True for each one added."""
         prefix = self._streams.seen_order_prefix()
         keys = [self._streams.orders_raw, self._watermarks]
-        keys += [prefix + item.fill.order_key for item in items]
         args: list[EncodableT] = [self._ttl, self._maxlen]
         for item in items:
+            own, cleared = seen_keys(item.fill)
+            keys += [prefix + key for key in (own, *cleared)]
             field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
-            args += [encode(item.fill)[DATA_FIELD], field, item.fill.timestamp]
+            args += [encode(item.fill)[DATA_FIELD], field, item.fill.timestamp, len(cleared)]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]
 
