@@ -535,18 +535,19 @@ class _Layout:
 
 def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
     """The layout read back the way the script walks it (KEYS/ARGV cursors), independently of the
-    encoder: per order, its done key, np prerequisite keys and nu unit keys; np, nu, nu triples
-    and ns payloads."""
+    encoder: per order, its done key, np prerequisite keys, nu unit keys and nf forgotten keys;
+    np, nu, nf, the done value, nu triples and ns payloads."""
     steps, k, a = [], 1, 2
     while a < len(args):
-        np, nu = int(args[a]), int(args[a + 1])
+        np, nu, nf, done_value = int(args[a]), int(args[a + 1]), int(args[a + 2]), args[a + 3]
         done, prereqs = keys[k], keys[k + 1 : k + 1 + np]
         units = keys[k + 1 + np : k + 1 + np + nu]
-        k += 1 + np + nu
-        triples = args[a + 2 : a + 2 + 3 * nu]
-        ns = int(args[a + 2 + 3 * nu])
-        payloads = args[a + 3 + 3 * nu : a + 3 + 3 * nu + ns]
-        a += 3 + 3 * nu + ns
+        forgets = keys[k + 1 + np + nu : k + 1 + np + nu + nf]
+        k += 1 + np + nu + nf
+        triples = args[a + 4 : a + 4 + 3 * nu]
+        ns = int(args[a + 4 + 3 * nu])
+        payloads = args[a + 5 + 3 * nu : a + 5 + 3 * nu + ns]
+        a += 5 + 3 * nu + ns
         writes = tuple(
             UnitWrite(unit.removeprefix("unit:"), *triples[3 * i : 3 * i + 3])
             for i, unit in enumerate(units)
@@ -557,6 +558,8 @@ def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
                 tuple(p.removeprefix("done:") for p in prereqs),
                 writes,
                 tuple(payloads),
+                done_value,
+                tuple(f.removeprefix("done:") for f in forgets),
             )
         )
     assert k == len(keys) and a == len(args)
@@ -580,6 +583,8 @@ apply_steps = st.builds(
         unique_by=lambda w: w.unit,
     ).map(tuple),
     st.lists(st.binary(min_size=1, max_size=20), max_size=3).map(tuple),
+    st.binary(min_size=1, max_size=30),
+    st.lists(st.text("0123456789abcdef:", min_size=1, max_size=8), max_size=2).map(tuple),
 )
 
 
@@ -599,7 +604,16 @@ def test_the_apply_layout_round_trips(steps: list[ApplyStep]) -> None:
                 UnitWrite(w.unit, b"" if w.unit in seen else w.expected, w.value, w.ttl_s)
             )
             seen.add(w.unit)
-        expected.append(ApplyStep(step.order_key, step.prerequisites, tuple(writes), step.payloads))
+        expected.append(
+            ApplyStep(
+                step.order_key,
+                step.prerequisites,
+                tuple(writes),
+                step.payloads,
+                step.done_value,
+                step.forgets,
+            )
+        )
     assert decoded == expected
 
 

@@ -83,9 +83,11 @@ async def test_with_confirmations_a_reorg_never_publishes_an_orphaned_fill(
     assert len({f["order_key"] for f in fills}) == len(fills)
 
 
-async def test_without_confirmations_a_removed_log_is_reported_with_its_reason(
+async def test_without_confirmations_a_reorg_retracts_what_it_took_back(
     redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis
 ) -> None:
+    """A fill published on first sight and then orphaned by a reorg goes out again on
+    `orders.raw` as a retraction: same order_key, status `retracted`, the reason."""
     async with simulator(sim_block_time_s=1.0, sim_speed=100) as sim:
         settings = chain_settings(sim, redis_url, namespace)
         chain = sim.sim.chain
@@ -96,14 +98,22 @@ async def test_without_confirmations_a_removed_log_is_reported_with_its_reason(
                 lambda: any(t.user in WALLETS for t in chain.head.trades), what="a tracked fill"
             )
             await sim.post("/_sim/chain", {"reorg": {"depth": 2, "keep": 0}})
-            assert any(t.user in WALLETS for t in chain.orphaned)
+            orphaned = {t.tx_hash for t in chain.orphaned if t.user in WALLETS}
+            assert orphaned
 
-            async def reported() -> bool:
-                return bool(await redis_client.xlen(streams.orders_dead))
+            async def retracted() -> bool:
+                fills = await raw_payloads(redis_client, streams)
+                return any(f["status"] == "retracted" for f in fills)
 
-            await until(reported, what="removed log dead-lettered")
-        dead = await redis_client.xrange(streams.orders_dead)
-        assert b"removed by a reorg" in dead[0][1][b"reason"]
+            await until(retracted, what="a retraction on orders.raw")
+        fills = await raw_payloads(redis_client, streams)
+        retractions = [f for f in fills if f["status"] == "retracted"]
+        first_sight = {f["order_key"]: i for i, f in enumerate(fills) if f["status"] == "confirmed"}
+        for retraction in retractions:
+            assert retraction["tx_hash"] in orphaned
+            assert "chain reorg" in retraction["status_reason"]
+            assert first_sight[retraction["order_key"]] < fills.index(retraction)
+        assert await redis_client.xlen(streams.orders_dead) == 0
         assert metric("betterbot_ingestor_chain_removed_logs_total") > before
 
 

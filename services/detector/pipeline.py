@@ -34,7 +34,14 @@ import orjson
 from pydantic import ValidationError
 
 from services.detector import metrics, rules
-from services.detector.rules import Decision, Plan, RuleSettings, UnitState, WalletMarketState
+from services.detector.rules import (
+    Decision,
+    Effect,
+    Plan,
+    RuleSettings,
+    UnitState,
+    WalletMarketState,
+)
 from services.detector.state import (
     CONFLICT,
     DUPLICATE,
@@ -47,7 +54,7 @@ from services.detector.state import (
     entry_position,
 )
 from shared.errors import describe, validation_reason
-from shared.models import OrderFill, TrackedWallet
+from shared.models import FillStatus, OrderFill, TrackedWallet
 from shared.redis_streams import DATA_FIELD, decode
 from shared.streams import DETECTOR_GROUP
 
@@ -318,12 +325,19 @@ class BatchProcessor:
         local: dict[str, tuple[bytes, UnitState | None]] = {
             unit: (raw or b"", rules.load_unit(unit, raw)) for unit, raw in current.items()
         }
+        effects = await self._effects(steps)
         detected_at = time.time()
         decisions: list[Decision] = []
         applies: list[ApplyStep] = []
+        decided: set[str] = set()
         for step in steps:
+            order = step.plan.order
+            if order.status is FillStatus.RETRACTED and order.order_key in decided:
+                # Its fill is decided in this very round: undo it next round, from what it kept.
+                break
             before = {unit: local[unit][1] for unit in step.plan.units}
-            decision = rules.decide(step.plan, before, self.settings, detected_at)
+            decision = self._decision(step, before, effects, detected_at)
+            decided.add(order.order_key)
             writes = []
             for unit in step.plan.units:
                 expected = local[unit][0]
@@ -335,16 +349,10 @@ class BatchProcessor:
                     after, value = before[unit], expected
                 writes.append(UnitWrite(unit, expected, value, self._ttl(after)))
             decisions.append(decision)
-            applies.append(
-                ApplyStep(
-                    step.plan.order.order_key,
-                    prerequisites.get(step.entry_id, ()),
-                    tuple(writes),
-                    tuple(s.to_json() for s in decision.signals),
-                )
-            )
+            applies.append(_apply_step(step, prerequisites, writes, decision))
         codes = await self.state.apply(applies)
-        for step, decision, code in zip(steps, decisions, codes, strict=True):
+        codes += [WAITING] * (len(steps) - len(applies))
+        for step, decision, code in zip(steps, decisions, codes, strict=False):
             if code == DUPLICATE:
                 outcome.duplicates += 1
             elif code == CONFLICT:
@@ -354,6 +362,29 @@ class BatchProcessor:
                 outcome.signals.update(s.kind.value for s in decision.signals)
                 outcome.suppressed.update(kind.value for kind in decision.suppressed)
         return codes
+
+    def _decision(
+        self,
+        step: Step,
+        before: Mapping[str, UnitState | None],
+        effects: Mapping[str, bytes | None],
+        detected_at: float,
+    ) -> Decision:
+        order = step.plan.order
+        if order.status is not FillStatus.RETRACTED:
+            return rules.decide(step.plan, before, self.settings, detected_at)
+        effect = Effect.load(effects.get(order.order_key))
+        if effect is None:
+            # Never decided here (or so long ago its record expired): nothing to undo.
+            return Decision((), {})
+        return rules.undo(step.plan, before, effect, detected_at)
+
+    async def _effects(self, steps: Sequence[Step]) -> dict[str, bytes | None]:
+        """What each fill retracted in these steps did when it was decided (its done key)."""
+        keys = [
+            s.plan.order.order_key for s in steps if s.plan.order.status is FillStatus.RETRACTED
+        ]
+        return await self.state.effects(keys) if keys else {}
 
     def _ttl(self, state: UnitState | None) -> int:
         """Positions are kept until sold; state that only serves cooldowns and windows expires."""
@@ -417,7 +448,7 @@ class BatchProcessor:
             return None
         if planned is None or not planned.units:
             return None
-        return Footprint(entry_position(entry_id), parsed.order_key, planned.units)
+        return Footprint(entry_position(entry_id), rules.decision_key(parsed), planned.units)
 
     def _remember(self, entry_id: str, footprint: Footprint | None) -> None:
         self._footprints[entry_id] = footprint
@@ -427,7 +458,27 @@ class BatchProcessor:
 
 def _footprint(step: Step) -> Footprint | None:
     units = step.plan.units
-    return Footprint(step.position, step.plan.order.order_key, units) if units else None
+    return Footprint(step.position, rules.decision_key(step.plan.order), units) if units else None
+
+
+def _apply_step(
+    step: Step,
+    prerequisites: Mapping[str, tuple[str, ...]],
+    writes: list[UnitWrite],
+    decision: Decision,
+) -> ApplyStep:
+    order = step.plan.order
+    retraction = order.status is FillStatus.RETRACTED
+    return ApplyStep(
+        rules.decision_key(order),
+        prerequisites.get(step.entry_id, ()),
+        tuple(writes),
+        tuple(s.to_json() for s in decision.signals),
+        # A fill keeps its effect for a retraction; the retraction forgets the fill, so a block
+        # that includes it again has it decided afresh.
+        b"1" if retraction else decision.effect.dump(),
+        (order.order_key,) if retraction else (),
+    )
 
 
 def _merge(total: BatchOutcome, part: BatchOutcome) -> None:

@@ -39,6 +39,7 @@ threshold, `n` the notional, `size = min(1, n / T)`:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -48,6 +49,7 @@ import orjson
 
 from shared.models import (
     SHARE_DECIMALS,
+    FillStatus,
     OrderFill,
     Side,
     Signal,
@@ -306,13 +308,56 @@ def join_consensus(
 
 
 @dataclass(frozen=True)
+class Effect:
+    """What one decided order did, kept with it (in its done key) so that a retraction of the fill
+    can undo it: the signals it emitted, the change of its wallet's position in its token, and the
+    consensus member its wallet had before (None: none)."""
+
+    signals: tuple[Signal, ...] = ()
+    position_delta: int = 0
+    joined: bool = False
+    previous_member: Member | None = None
+
+    def dump(self) -> bytes:
+        if not (self.signals or self.position_delta or self.joined):
+            return b"1"
+        member = self.previous_member
+        return orjson.dumps(
+            {
+                "signals": [orjson.loads(s.to_json()) for s in self.signals],
+                "position_delta": self.position_delta,
+                "joined": self.joined,
+                "previous_member": None if member is None else list(vars(member).values()),
+            }
+        )
+
+    @classmethod
+    def load(cls, raw: bytes | None) -> Effect | None:
+        """The effect kept in a done key; None when the order was never decided (or its record
+        expired), an empty Effect when it had none."""
+        if raw is None:
+            return None
+        if raw == b"1":
+            return cls()
+        data = orjson.loads(raw)
+        member = data["previous_member"]
+        return cls(
+            tuple(Signal.model_validate(s) for s in data["signals"]),
+            int(data["position_delta"]),
+            bool(data["joined"]),
+            None if member is None else Member(*member),
+        )
+
+
+@dataclass(frozen=True)
 class Decision:
-    """What one order does: the signals to emit, each unit's state after it (None: delete), and
-    the kinds its cooldowns held back."""
+    """What one order does: the signals to emit, each unit's state after it (None: delete), the
+    kinds its cooldowns held back, and its effect (for a retraction to undo)."""
 
     signals: tuple[Signal, ...]
     states: dict[str, UnitState | None]
     suppressed: tuple[SignalKind, ...] = ()
+    effect: Effect = field(default_factory=Effect)
 
 
 def decide(
@@ -330,6 +375,7 @@ def decide(
     after: dict[str, UnitState | None] = {}
     emitted: list[Signal] = []
     suppressed: list[SignalKind] = []
+    delta, joined, previous = 0, False, None
     if planned.wallet_unit is None:
         emitted = candidates
     else:
@@ -348,19 +394,71 @@ def decide(
                 last[kind] = max(ts, last.get(kind, ts))
         state = WalletMarketState(positions, last)
         after[planned.wallet_unit] = None if state.empty else state
+        token = order.token_id
+        delta = positions.get(token, 0) - before.positions.get(token, 0)
     if planned.token_unit is not None and wallet is not None:
         token_state = states.get(planned.token_unit)
-        consensus, signal, held = _consensus(
-            order,
-            wallet,
-            token_state if isinstance(token_state, ConsensusState) else None,
-            settings,
-            detected_at,
-        )
+        prior = token_state if isinstance(token_state, ConsensusState) else None
+        consensus, signal, held = _consensus(order, wallet, prior, settings, detected_at)
         after[planned.token_unit] = consensus
         emitted += [signal] if signal else []
         suppressed += [held] if held else []
-    return Decision(tuple(emitted), after, tuple(suppressed))
+        member = consensus.members.get(order.user)
+        joined = member is not None and member.order_key == order.order_key
+        previous = prior.members.get(order.user) if prior is not None else None
+    effect = Effect(tuple(emitted), delta, joined, previous)
+    return Decision(tuple(emitted), after, tuple(suppressed), effect)
+
+
+def decision_key(order: OrderFill) -> str:
+    """What the order's decision is known by (its done key): the fill's order_key, or for a
+    retraction that key and the retraction's cause (a fill included again and orphaned again is
+    retracted again)."""
+    if order.status is not FillStatus.RETRACTED:
+        return order.order_key
+    cause = hashlib.sha256(order.status_reason.encode()).hexdigest()[:12]
+    return f"{order.order_key}:retracted:{cause}"
+
+
+def undo(
+    planned: Plan,
+    states: Mapping[str, UnitState | None],
+    effect: Effect,
+    detected_at: float,
+) -> Decision:
+    """A retraction of the fill `planned.order`: its effect undone on the units as they are now,
+    and each signal it emitted repeated with status `retracted` and the reason.
+
+    The position loses what the fill added (or gets back what it took, floor 0); the consensus gets
+    back the wallet's previous member, unless a later buy has replaced the fill's since. Cooldowns
+    and consensus episodes stay as they are: a retraction never makes a signal fire."""
+    order = planned.order
+    after: dict[str, UnitState | None] = {}
+    if planned.wallet_unit is not None and effect.position_delta:
+        state = _wallet_state(states.get(planned.wallet_unit))
+        positions = dict(state.positions)
+        position = max(0, positions.get(order.token_id, 0) - effect.position_delta)
+        if position:
+            positions[order.token_id] = position
+        else:
+            positions.pop(order.token_id, None)
+        undone = WalletMarketState(positions, state.last_signal)
+        after[planned.wallet_unit] = None if undone.empty else undone
+    current = states.get(planned.token_unit) if planned.token_unit is not None else None
+    if effect.joined and isinstance(current, ConsensusState) and planned.token_unit is not None:
+        members = dict(current.members)
+        mine = members.get(order.user)
+        if mine is not None and mine.order_key == order.order_key:
+            if effect.previous_member is None:
+                members.pop(order.user)
+            else:
+                members[order.user] = effect.previous_member
+            after[planned.token_unit] = replace(current, members=members)
+    update = {"status": FillStatus.RETRACTED, "status_reason": order.status_reason}
+    retracted = tuple(
+        s.model_copy(update={**update, "detected_at": detected_at}) for s in effect.signals
+    )
+    return Decision(retracted, after)
 
 
 def _wallet_state(state: UnitState | None) -> WalletMarketState:

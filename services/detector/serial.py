@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from services.detector import rules
-from services.detector.rules import RuleSettings, UnitState
-from shared.models import OrderFill, Signal, TrackedWallet
+from services.detector.rules import Decision, Effect, RuleSettings, UnitState
+from shared.models import FillStatus, OrderFill, Signal, TrackedWallet
 
 
 class SerialDetector:
@@ -23,22 +23,32 @@ class SerialDetector:
         self.settings = settings
         self.states: dict[str, UnitState] = {}
         self.done: set[str] = set()
+        # What each decided fill did, for its retraction.
+        self.effects: dict[str, Effect] = {}
         self.suppressed: Counter[str] = Counter()
 
     def process(self, order: OrderFill, detected_at: float | None = None) -> list[Signal]:
-        """The signals of one order; a repeated order_key emits and changes nothing."""
+        """The signals of one order; a repeated order_key emits and changes nothing. A retraction
+        undoes its fill and repeats its signals as retracted (docs/signals.md, "Retractions")."""
         planned = rules.plan(order, self.wallets.get(order.user), self.settings)
-        if planned is None or order.order_key in self.done:
+        key = rules.decision_key(order)
+        if planned is None or key in self.done:
             return []
         before = {unit: self.states.get(unit) for unit in planned.units}
         at = order.received_at if detected_at is None else detected_at
-        decision = rules.decide(planned, before, self.settings, at)
+        if order.status is FillStatus.RETRACTED:
+            effect = self.effects.pop(order.order_key, None)
+            self.done.discard(order.order_key)
+            decision = rules.undo(planned, before, effect, at) if effect else Decision((), {})
+        else:
+            decision = rules.decide(planned, before, self.settings, at)
+            self.effects[order.order_key] = decision.effect
         for unit, state in decision.states.items():
             if state is None:
                 self.states.pop(unit, None)
             else:
                 self.states[unit] = state
-        self.done.add(order.order_key)
+        self.done.add(key)
         self.suppressed.update(kind.value for kind in decision.suppressed)
         return list(decision.signals)
 

@@ -58,26 +58,31 @@ PENDING_PAGE = 1000
 SPAN_FACTOR = 4
 
 # KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
-# keys. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per order: np, nu,
-# nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
-# Per-unit compare and write, done keys last: see the module docstring.
+# keys, nf done keys it forgets. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per
+# order: np, nu, nf, its done key's value (its effect, for a retraction to undo), nu x (expected
+# value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
+# Per-unit compare and write, done keys last: see the module docstring. A forgotten done key goes
+# at once (a later order of the same call may need it gone: a fill included again after its
+# retraction).
 _APPLY = (
     f"local DUPLICATE, WAITING, CONFLICT = {DUPLICATE}, {WAITING}, {CONFLICT}\n"
     + """
 local stream, maxlen, done_ttl = KEYS[1], ARGV[1], ARGV[2]
 local results, blocked, checked, done_here = {}, {}, {}, {}
-local written, values, ttls, dones = {}, {}, {}, {}
+local written, values, ttls, dones, done_values = {}, {}, {}, {}, {}
 local a, k = 3, 2
 while a <= #ARGV do
-  local np, nu = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local np, nu, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local done_value = ARGV[a + 3]
   local done, first_prereq, first_unit = KEYS[k], k + 1, k + 1 + np
-  k = first_unit + nu
-  local unit_args = a + 2
+  local first_forget = first_unit + nu
+  k = first_forget + nf
+  local unit_args = a + 4
   local ns = tonumber(ARGV[unit_args + 3 * nu])
   local first_signal = unit_args + 3 * nu + 1
   a = first_signal + ns
   local code
-  for i = first_unit, k - 1 do
+  for i = first_unit, first_forget - 1 do
     if blocked[KEYS[i]] then code = WAITING end
   end
   if not code then
@@ -98,7 +103,7 @@ while a <= #ARGV do
     end
   end
   if code then
-    for i = first_unit, k - 1 do blocked[KEYS[i]] = true end
+    for i = first_unit, first_forget - 1 do blocked[KEYS[i]] = true end
   else
     for i = 0, nu - 1 do
       local key = KEYS[first_unit + i]
@@ -109,8 +114,14 @@ while a <= #ARGV do
     for i = first_signal, a - 1 do
       redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i])
     end
+    for i = first_forget, k - 1 do
+      redis.call('DEL', KEYS[i])
+      done_here[KEYS[i]] = nil
+      done_values[KEYS[i]] = nil
+    end
     done_here[done] = true
     dones[#dones + 1] = done
+    done_values[done] = done_value
     code = ns
   end
   results[#results + 1] = code
@@ -126,7 +137,9 @@ for _, key in ipairs(written) do
   end
 end
 for _, done in ipairs(dones) do
-  redis.call('SET', done, '1', 'EX', done_ttl)
+  if done_values[done] then
+    redis.call('SET', done, done_values[done], 'EX', done_ttl)
+  end
 end
 return results
 """
@@ -150,12 +163,15 @@ class UnitWrite:
 
 @dataclass(frozen=True)
 class ApplyStep:
-    """One decided order, as the apply script takes it."""
+    """One decided order, as the apply script takes it: the key its done key is named by, the
+    value it holds (its effect), and the done keys it forgets."""
 
     order_key: str
     prerequisites: tuple[str, ...]
     units: tuple[UnitWrite, ...]
     payloads: tuple[bytes, ...]
+    done_value: bytes = b"1"
+    forgets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,7 +201,8 @@ def encode_apply(
         keys.append(layout.done_key(step.order_key))
         keys += [layout.done_key(key) for key in step.prerequisites]
         keys += [layout.unit_key(write.unit) for write in step.units]
-        args += [len(step.prerequisites), len(step.units)]
+        keys += [layout.done_key(key) for key in step.forgets]
+        args += [len(step.prerequisites), len(step.units), len(step.forgets), step.done_value]
         for write in step.units:
             # The script compares only a unit's first expected value in a call.
             expected = b"" if write.unit in seen else write.expected
@@ -257,6 +274,12 @@ class DetectorState:
         values = replies[1] if keys else []
         holders = {c["name"].decode(): int(c["pending"]) for c in replies[0]["consumers"] or ()}
         return holders, dict(zip(units, values, strict=True))
+
+    async def effects(self, order_keys: Sequence[str]) -> dict[str, bytes | None]:
+        """The done key of each order: what it did when it was decided (None: never decided)."""
+        keys = [self.done_key(key) for key in order_keys]
+        values: list[Any] = await self._retrying(partial(self.client.mget, keys))
+        return dict(zip(order_keys, values, strict=True))
 
     async def apply(self, steps: Sequence[ApplyStep]) -> list[int]:
         """Apply the steps in order, `script_batch` per script call; one code per step.

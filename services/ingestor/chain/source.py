@@ -53,7 +53,7 @@ from services.ingestor.chain.rpc import (
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.publisher import Publisher
 from shared.backoff import Backoff
-from shared.models import DomeOrder, FeedOrder, OrderFill, Source
+from shared.models import DomeOrder, FeedOrder, FillStatus, OrderFill, Source
 
 log = logging.getLogger(__name__)
 
@@ -379,21 +379,24 @@ class PolygonSource:
             return
         if fill.maker not in wallets:
             return  # The wallet filter was too wide to send, or the wallet was just removed.
-        if fill.removed:
-            # Confirmations 0 only: the block read skips the orphaned block, but what was already
-            # published cannot be unsent; it is reported for people (docs/ingestion.md).
-            metrics.CHAIN_REMOVED.inc()
-            await self._dead(raw, "removed by a reorg after it was published")
-            return
         header = await self._header(socket, fill.block_number)
         try:
             order = await self._order(fill, header.timestamp)
         except ValidationError as exc:
             await self._dead(raw, f"invalid fill: {exc.errors()[0].get('msg', 'invalid')}")
             return
-        metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
-        self._status.mark_event(received_at, order.timestamp)
         outgoing = OrderFill.from_dome(order, Source.POLYGON, received_at, self._occurrence(fill))
+        if fill.removed:
+            # Confirmations 0 only (the block reads skip orphaned blocks): what was published is
+            # retracted, and the block that includes the fill again publishes it afresh.
+            metrics.CHAIN_REMOVED.inc()
+            reason = f"chain reorg: block {fill.block_number} ({fill.block_hash[:18]}) was replaced"
+            outgoing = outgoing.model_copy(
+                update={"status": FillStatus.RETRACTED, "status_reason": reason}
+            )
+        else:
+            metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
+            self._status.mark_event(received_at, order.timestamp)
         if live:
             await self.publisher.submit(outgoing)
         else:
