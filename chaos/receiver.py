@@ -89,11 +89,14 @@ class WebhookReceiver:
             self.bad_signatures += 1
             return Response(status_code=401)
         try:
-            signal_id = str(orjson.loads(body)["signal"]["signal_id"])
+            signal = orjson.loads(body)["signal"]
+            signal_id, status = str(signal["signal_id"]), signal.get("status", "confirmed")
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.bad_bodies += 1
             return Response(status_code=400)
-        if signal_id != headers.get(IDEMPOTENCY_HEADER):
+        # A status change is its own delivery: `<signal_id>:<status>` (docs/notifier.md).
+        expected = signal_id if status == "confirmed" else f"{signal_id}:{status}"
+        if expected != headers.get(IDEMPOTENCY_HEADER):
             self.bad_bodies += 1
             return Response(status_code=400)
         if headers.get(ATTEMPT_HEADER) == "1" and flaky(signal_id):

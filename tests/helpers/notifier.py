@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection
 from devtools.servers import free_port
 from services.notifier.main import Notifier
 from services.notifier.settings import NotifierSettings
-from shared.models import Side, Signal, SignalKind, Source, signal_id
+from shared.models import FillStatus, Side, Signal, SignalKind, Source, signal_id
 from shared.redis_streams import encode
 
 RECV_TIMEOUT_S = 10.0
@@ -131,6 +131,13 @@ async def assert_nothing_more(ws: ClientConnection) -> None:
 def variant(n: int, **changes: Any) -> Signal:
     """`make_signal(n)` with some fields changed (validated again, like a real entry)."""
     return Signal.model_validate(make_signal(n).model_dump() | changes)
+
+
+def restated(signal: Signal, status: FillStatus, reason: str = "") -> Signal:
+    """`signal` repeated with a new status, as the detector publishes a status change: same
+    `signal_id` and fields, `detected_at` the time the change was decided."""
+    changes = {"status": status, "status_reason": reason, "detected_at": time.time()}
+    return Signal.model_validate(signal.model_dump() | changes)
 
 
 def wallet(n: int) -> str:

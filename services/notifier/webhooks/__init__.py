@@ -12,6 +12,7 @@
     letters (`dead`: `webhooks.dead`).
 
 Delivery is at least once: an endpoint can get a signal twice (a lost response, a replica dying
-between the 2xx and the ack). Every request carries `Idempotency-Key: <signal_id>`, the same on
-every try and every replica, for the receiver to drop repeats.
+between the 2xx and the ack). Every request carries `Idempotency-Key: <signal_id>` (for a
+pending or retracted signal `<signal_id>:<status>`, so a status change is not taken for a repeat),
+the same on every try and every replica, for the receiver to drop repeats.
 """

@@ -9,8 +9,9 @@
   two 4xx retried, because they say "later", not "never".
 
 Every attempt is signed afresh (see `signing`) with its own timestamp; the body is the same bytes
-each time, and so is `Idempotency-Key` (the signal's `signal_id`). A 2xx whose response is lost
-(a timeout after the receiver acted) is retried all the same: delivery is at least once.
+each time, and so are `Idempotency-Key` (the signal's `signal_id`, plus `:<status>` unless it is
+confirmed) and `X-BetterBot-Status`. A 2xx whose response is lost (a timeout after the receiver
+acted) is retried all the same: delivery is at least once.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from services.notifier.webhooks.signing import (
     ATTEMPT_HEADER,
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
+    STATUS_HEADER,
     TIMESTAMP_HEADER,
+    idempotency_key,
     signature,
 )
 from shared.backoff import backoff_bound
+from shared.models import FillStatus
 
 USER_AGENT = "betterbot-notifier/1"
 _RETRIED_4XX = (408, 429)
@@ -96,12 +100,17 @@ async def deliver(
     signal_id: str,
     policy: RetryPolicy,
     *,
+    status: FillStatus = FillStatus.CONFIRMED,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome:
     """POST until delivered, refused for good, or out of attempts."""
     last = ""
+    fixed = {
+        IDEMPOTENCY_HEADER: idempotency_key(signal_id, status),
+        STATUS_HEADER: status.value,
+    }
     for attempt in range(1, policy.max_attempts + 1):
-        result = await _attempt(http, hook, body, signal_id, attempt)
+        result = await _attempt(http, hook, body, fixed, attempt)
         WEBHOOK_ATTEMPTS.labels(hook.name, result.label).inc()
         if result.verdict is Verdict.DELIVERED:
             return Outcome(True, attempt)
@@ -114,13 +123,14 @@ async def deliver(
 
 
 async def _attempt(
-    http: httpx.AsyncClient, hook: Webhook, body: bytes, signal_id: str, attempt: int
+    http: httpx.AsyncClient, hook: Webhook, body: bytes, fixed: dict[str, str], attempt: int
 ) -> _Try:
+    """One POST; `fixed`: the headers that are the same on every attempt of this delivery."""
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        IDEMPOTENCY_HEADER: signal_id,
+        **fixed,
         ATTEMPT_HEADER: str(attempt),
         TIMESTAMP_HEADER: str(timestamp),
     }

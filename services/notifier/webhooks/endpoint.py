@@ -21,7 +21,8 @@ is dead-lettered for this endpoint instead of being tried again.
 
 Delivery is at least once: the endpoint sees a signal again when a replica dies between the 2xx
 and the ack (the new owner delivers it again), or when a response is lost and the POST retried.
-Every request carries the signal's `signal_id` in `Idempotency-Key` for receivers to deduplicate.
+Every request carries the signal's `signal_id` in `Idempotency-Key` for receivers to deduplicate
+(with `:<status>` appended for a pending or retracted signal: a status change is not a repeat).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class Endpoint:
 
     async def _deliver(self, entry_id: str, signal: Signal, data: bytes) -> None:
         body = render(self.hook.preset, entry_id, signal, data)
-        outcome = await deliver(self._http, self.hook, body, signal.signal_id, self._policy)
+        outcome = await deliver(
+            self._http, self.hook, body, signal.signal_id, self._policy, status=signal.status
+        )
         if outcome.delivered:
             WEBHOOK_OUTCOMES.labels(self.hook.name, "delivered").inc()
             WEBHOOK_LATENCY.observe(time.time() - signal.received_at)

@@ -5,6 +5,13 @@
 - `discord`: `{"content": one line, "embeds": [one embed with the details]}`.
 - `slack`: `{"text": one line (notifications, fallback), "blocks": [header, title, fields, why]}`.
 
+A signal that is not confirmed shows it (a retraction repeats the signal it retracts, with
+`status` and `status_reason`, see docs/streams.md): in Discord and Slack its one line, Discord's
+title and Slack's header start with `RETRACTED: ` or `PENDING: `, the line ends with the reason,
+and a "Status" field (Discord) or section (Slack, after the header) says it with the reason; a
+retraction is grey in Discord. The reason is feed text like the rest, escaped the same way, and
+kept whole when a long title must be cut. `generic` needs nothing: the signal carries its status.
+
 Every text that comes from the feed (title, slug, labels, reasons) is hostile: a market can be
 named `<!channel>` or `[Polymarket](https://evil.example)`. So:
 - Slack: `& < >` are escaped (`&amp; &lt; &gt;`, Slack's documented rule) in every mrkdwn text and
@@ -25,7 +32,7 @@ than rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -34,12 +41,15 @@ import orjson
 
 from services.notifier.protocol import signal_message
 from services.notifier.webhooks.config import Preset
-from shared.models import Side, Signal
+from shared.models import REASON_MAX, FillStatus, Side, Signal
 
 MARKET_URL = "https://polymarket.com/market/{slug}"
 # Real slugs are a few dozen characters of [a-z0-9-]; a longer one is not a market worth linking.
 MAX_SLUG_CHARS = 200
-_BUY_COLOR, _SELL_COLOR = 0x0F7B3F, 0xB3261E
+_BUY_COLOR, _SELL_COLOR, _RETRACTED_COLOR = 0x0F7B3F, 0xB3261E, 0x6B6B66
+_MARKS = {FillStatus.PENDING: "PENDING: ", FillStatus.RETRACTED: "RETRACTED: "}
+# A reason fits its bound even if every character is escaped (Slack's `&` takes five).
+_REASON_CHARS = 5 * REASON_MAX
 # Discord: the whole embed (title, description, field names and values, footer) is capped too.
 _DISCORD_EMBED_CHARS = 6000
 
@@ -62,7 +72,10 @@ def discord_body(signal: Signal) -> dict[str, Any]:
         {"name": name, "value": _discord(value, 512), "inline": True}
         for name, value in _facts(signal)
     ]
-    title = _discord(_title(signal), 256)
+    status = _status(signal)
+    if status:
+        fields.insert(0, {"name": "Status", "value": _discord(status, 1024), "inline": False})
+    title = _discord(_MARKS.get(signal.status, "") + _title(signal), 256)
     # The footer renders no markdown: cut, not escaped.
     footer = _cut(f"BetterBot · signal {signal.signal_id}", 256)
     # Fields and footer are capped so that the description always has room left in the 6000.
@@ -71,7 +84,7 @@ def discord_body(signal: Signal) -> dict[str, Any]:
     embed: dict[str, Any] = {
         "title": title,
         "description": _discord("\n".join(signal.reasons), room),
-        "color": _BUY_COLOR if signal.side is Side.BUY else _SELL_COLOR,
+        "color": _color(signal),
         "fields": fields,
         "timestamp": datetime.fromtimestamp(signal.exchange_ts, UTC).isoformat(),
         "footer": {"text": footer},
@@ -80,7 +93,7 @@ def discord_body(signal: Signal) -> dict[str, Any]:
     if url is not None:
         embed["url"] = url
     return {
-        "content": _discord(headline(signal), 2000),
+        "content": _line(signal, _discord, 2000),
         "embeds": [embed],
         "allowed_mentions": {"parse": []},
     }
@@ -94,6 +107,10 @@ def slack_body(signal: Signal) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = [
         # plain_text parses no mention or link: nothing to escape there.
         {"type": "header", "text": {"type": "plain_text", "text": _cut(_header(signal), 150)}},
+    ]
+    if signal.status is not FillStatus.CONFIRMED:
+        blocks.append({"type": "section", "text": _mrkdwn(_slack_status(signal))})
+    blocks += [
         {"type": "section", "text": _mrkdwn(f"*{title}*")},
         {
             "type": "section",
@@ -106,7 +123,7 @@ def slack_body(signal: Signal) -> dict[str, Any]:
         why = _slack(" · ".join(signal.reasons), 2900)
         blocks.append({"type": "context", "elements": [_mrkdwn(why)]})
     # The fallback `text` shows in notifications and is mrkdwn as well.
-    return {"text": _slack(headline(signal), 3000), "blocks": blocks}
+    return {"text": _line(signal, _slack, 3000), "blocks": blocks}
 
 
 def market_url(slug: str) -> str | None:
@@ -126,9 +143,49 @@ def headline(signal: Signal) -> str:
     )
 
 
+def _line(signal: Signal, escape: Callable[[str, int], str], limit: int) -> str:
+    """The headline, marked with the status and ending with its reason when not confirmed.
+
+    The reason is short and is the news: the headline is cut to leave room for it.
+    """
+    line = _MARKS.get(signal.status, "") + headline(signal)
+    reason = _reason(signal)
+    if not reason:
+        return escape(line, limit)
+    tail = " — " + escape(reason, _REASON_CHARS)
+    return escape(line, limit - len(tail)) + tail
+
+
 def _header(signal: Signal) -> str:
     outcome = f" {signal.token_label}" if signal.token_label else ""
-    return f"{_kind(signal)}: {signal.side.value}{outcome} at {_cents(signal.price)}"
+    mark = _MARKS.get(signal.status, "")
+    return f"{mark}{_kind(signal)}: {signal.side.value}{outcome} at {_cents(signal.price)}"
+
+
+def _reason(signal: Signal) -> str:
+    """Why the status changed; none for a confirmed signal, whose bodies stay as they were."""
+    return "" if signal.status is FillStatus.CONFIRMED else signal.status_reason
+
+
+def _status(signal: Signal) -> str:
+    """`Retracted: <reason>`, `Pending`, ...; empty for a confirmed signal."""
+    if signal.status is FillStatus.CONFIRMED:
+        return ""
+    word = signal.status.value.capitalize()
+    reason = _reason(signal)
+    return f"{word}: {reason}" if reason else word
+
+
+def _slack_status(signal: Signal) -> str:
+    word = signal.status.value.capitalize()
+    reason = _reason(signal)
+    return f"*{word}:* {_slack(reason, _REASON_CHARS)}" if reason else f"*{word}*"
+
+
+def _color(signal: Signal) -> int:
+    if signal.status is FillStatus.RETRACTED:
+        return _RETRACTED_COLOR
+    return _BUY_COLOR if signal.side is Side.BUY else _SELL_COLOR
 
 
 def _facts(signal: Signal) -> list[tuple[str, str]]:

@@ -4,8 +4,11 @@ Headers of each POST:
 - `X-BetterBot-Timestamp`: Unix seconds when this attempt was sent.
 - `X-BetterBot-Signature`: `sha256=<hex>`, the HMAC-SHA256, keyed with the endpoint's secret, of
   the bytes `<timestamp>.<body>` (the timestamp header's text, a dot, the raw request body).
-- `Idempotency-Key`: the signal's `signal_id`. The same signal may arrive more than once (a retry
-  after a lost response, a replica that crashed mid-delivery): receivers drop repeats by this key.
+- `Idempotency-Key`: the signal's `signal_id` for a confirmed signal, `<signal_id>:<status>` for
+  the others (`pending`, `retracted`). The same signal may arrive more than once (a retry after a
+  lost response, a replica that crashed mid-delivery): receivers drop repeats by this key. A
+  status change is a new delivery, not a repeat, so it has a key of its own.
+- `X-BetterBot-Status`: the signal's status (`confirmed`, `pending`, `retracted`).
 - `X-BetterBot-Attempt`: 1 for the first try, 2 for the first retry, ...
 
 A receiver recomputes the HMAC over the raw body it got (before any JSON parsing), compares in
@@ -18,11 +21,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from shared.models import FillStatus
+
 SIGNATURE_HEADER = "X-BetterBot-Signature"
 TIMESTAMP_HEADER = "X-BetterBot-Timestamp"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 ATTEMPT_HEADER = "X-BetterBot-Attempt"
+STATUS_HEADER = "X-BetterBot-Status"
 DEFAULT_TOLERANCE_S = 300
+
+
+def idempotency_key(signal_id: str, status: FillStatus) -> str:
+    """The key a receiver deduplicates on: one per signal and status.
+
+    A confirmed signal keeps the bare `signal_id` it always had, so receivers keyed on it see no
+    change; a pending or retracted one carries its status, so that a receiver that already holds
+    the signal under its id does not drop the change as a repeat.
+    """
+    if status is FillStatus.CONFIRMED:
+        return signal_id
+    return f"{signal_id}:{status.value}"
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
