@@ -31,9 +31,9 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from services.ingestor.publisher import Publisher
 from shared.errors import validation_reason
 from shared.models import DomeOrder, OrderFill, Signal, Source
+from shared.orders_raw import OrdersRaw
 from shared.streams import Streams
 
 INGESTOR_ORIGIN = "ingestor"
@@ -161,7 +161,7 @@ class Replayer:
         self.streams = streams
         self.maxlen = stream_maxlen
         self.force = force
-        self.publisher = Publisher(
+        self.orders = OrdersRaw(
             client, streams, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl_s
         )
 
@@ -198,7 +198,7 @@ class Replayer:
         except ValueError as exc:
             return Outcome(entry.entry_id, False, f"kept: {exc}")
         fill = OrderFill.from_dome(order, Source.DOME_WS, time.time())
-        if await self.publisher.publish_now([fill]):
+        if await self.orders.publish_all([fill]):
             return Outcome(entry.entry_id, True, f"-> {self.streams.orders_raw} (new order)")
         return Outcome(
             entry.entry_id, True, f"already in {self.streams.orders_raw} (order_key seen)"

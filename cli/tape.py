@@ -1,8 +1,8 @@
 """`betterbot replay-tape FILE`: feed a Polymarket Data-API trades file through the pipeline.
 
 Choice: the fills go straight into `orders.raw` through the ingestor's own dedupe step
-(`services.ingestor.publisher.Publisher.publish_now`, as its backfill uses: SET NX of the order_key
-and XADD in one Lua script), not through the simulator. So it needs only Redis, works against a
+(`shared.orders_raw.OrdersRaw`, as its backfill uses: SET NX of the order_key and XADD in one Lua
+script), not through the simulator. So it needs only Redis, works against a
 production deployment, and is idempotent: replaying a file twice adds nothing the second time, and a
 fill the live feed already delivered (same order_key from any source) is not added again. The
 detector and the store then treat the fills like any other (`source` = `data_api`).
@@ -24,10 +24,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from services.ingestor.publisher import Publisher
 from shared.data_api import order_from_data_api
 from shared.errors import describe
 from shared.models import OrderFill, Source
+from shared.orders_raw import OrdersRaw
 from shared.streams import Streams
 
 SHARE_SCALE = 1_000_000
@@ -92,10 +92,8 @@ async def replay(
     dedupe_ttl_s: int,
     batch: int = 500,
 ) -> TapeReport:
-    publisher = Publisher(
-        client, streams, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl_s, batch_max=batch
-    )
-    added = await publisher.publish_now(fills)
+    orders = OrdersRaw(client, streams, stream_maxlen=stream_maxlen, dedupe_ttl_s=dedupe_ttl_s)
+    added = await orders.publish_all(fills, batch)
     report.added += added
     report.duplicates += len(fills) - added
     return report

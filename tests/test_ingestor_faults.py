@@ -13,9 +13,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from services.ingestor.publisher import watermark_key
 from services.ingestor.service import Ingestor
 from services.ingestor.sources.dome_ws import DomeWebSocketSource
+from shared.orders_raw import watermark_key
 from shared.streams import Streams
 from tests.helpers.ingestion import (
     WALLETS,

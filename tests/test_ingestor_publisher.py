@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from devtools.servers import free_port
-from services.ingestor.publisher import Outgoing, Publisher, watermark_key
+from services.ingestor.publisher import Publisher
 from shared.models import DomeOrder, FillStatus, OrderFill, Source
+from shared.orders_raw import Outgoing, watermark_key
 from shared.streams import Streams
 from tests.helpers.ingestion import until
 

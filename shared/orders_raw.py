@@ -1,0 +1,149 @@
+"""Adding fills to `orders.raw`: the one way, for the ingestor, `betterbot replay-tape` and
+`betterbot dead replay`.
+
+The script sets `<seen prefix><order_key>` (one key per status, `seen_keys`) with NX and a TTL,
+and only when that key was new adds the fill to the stream. Both happen in one script, so a crash
+or a lost reply can neither lose a fill nor double it: a retried batch finds its keys set and adds
+nothing twice. The seen keys carry the stream's name as their Redis Cluster hash tag
+(`{<ns>orders.raw}:seen:<order_key>`), so they hash to the stream's slot and the script runs
+unchanged on a cluster.
+
+Watermarks: the hash `{<ns>orders.raw}:watermark` (same slot) maps `<feed>:<wallet>` to the newest
+exchange `timestamp` read and published for that wallet; a fill may raise its wallet's mark in the
+script that publishes it, and a backfill raises it after reading every page (the ingestor's
+`publisher.py` says when). It only ever grows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT
+
+from shared.backoff import Backoff, retrying
+from shared.models import FillStatus, OrderFill
+from shared.redis_streams import DATA_FIELD, encode
+from shared.streams import Streams
+
+# KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key and the seen keys
+# its status clears; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then four per fill: its JSON, the
+# watermark field to raise ('' = none), its exchange timestamp and how many keys it clears.
+# Returns 1 (added) or 0 (duplicate) per fill, in order.
+DEDUPE_XADD = """
+local added = {}
+local k, a = 3, 3
+while a <= #ARGV do
+  local cleared = tonumber(ARGV[a + 3])
+  if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[a])
+    for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
+    added[#added + 1] = 1
+  else
+    added[#added + 1] = 0
+  end
+  local field = ARGV[a + 1]
+  if field ~= '' then
+    local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+    if tonumber(ARGV[a + 2]) > current then
+      redis.call('HSET', KEYS[2], field, ARGV[a + 2])
+    end
+  end
+  k = k + 1 + cleared
+  a = a + 4
+end
+return added
+"""
+
+# KEYS[1] = the watermark hash; ARGV[1] = field, ARGV[2] = timestamp. Raises it, never lowers it.
+RAISE_WATERMARK = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...]]:
+    """The dedupe key of the fill in its status, and the keys a new entry in that status clears.
+
+    A fill is published once per status: first sight (`pending` or `confirmed`), then each change.
+    A retraction clears the fill's first sight, so a block that includes the fill again publishes
+    it again; that re-inclusion clears the retraction, so a later reorg can retract it again."""
+    key = fill.order_key
+    if fill.status is FillStatus.RETRACTED:
+        return f"{key}:retracted", (key, f"{key}:pending")
+    if fill.status is FillStatus.PENDING:
+        return f"{key}:pending", ()
+    return key, (f"{key}:retracted",)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    fill: OrderFill
+    # The watermark feed this fill may raise (None: publish only).
+    watermark: str | None = None
+
+
+def watermark_key(streams: Streams) -> str:
+    """The watermark hash, in the slot of `orders.raw` (its hash tag) so one script touches both."""
+    return "{" + streams.orders_raw + "}:watermark"
+
+
+def watermark_field(feed: str, wallet: str) -> str:
+    return f"{feed}:{wallet}"
+
+
+class OrdersRaw:
+    """The dedupe-and-XADD script and the watermarks, on one client."""
+
+    def __init__(
+        self, client: aioredis.Redis, streams: Streams, *, stream_maxlen: int, dedupe_ttl_s: int
+    ) -> None:
+        self.client = client
+        self.streams = streams
+        self._script = client.register_script(DEDUPE_XADD)
+        self._raise = client.register_script(RAISE_WATERMARK)
+        self.watermarks = watermark_key(streams)
+        self._maxlen = stream_maxlen
+        self._ttl = dedupe_ttl_s
+
+    async def publish(self, items: Sequence[Outgoing]) -> list[bool]:
+        """One script call: add the fills new in their status; True for each one added."""
+        prefix = self.streams.seen_order_prefix()
+        keys = [self.streams.orders_raw, self.watermarks]
+        args: list[EncodableT] = [self._ttl, self._maxlen]
+        for item in items:
+            own, cleared = seen_keys(item.fill)
+            keys += [prefix + key for key in (own, *cleared)]
+            field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
+            args += [encode(item.fill)[DATA_FIELD], field, item.fill.timestamp, len(cleared)]
+        added = await self._script(keys=keys, args=args)
+        return [bool(flag) for flag in added]
+
+    async def publish_all(self, fills: Sequence[OrderFill], batch_max: int = 500) -> int:
+        """Publish in batches, waiting out Redis outages (a retried batch adds nothing twice);
+        returns how many were new."""
+        new = 0
+        for start in range(0, len(fills), batch_max):
+            chunk = [Outgoing(fill) for fill in fills[start : start + batch_max]]
+            added = await retrying(
+                functools.partial(self.publish, chunk),
+                transient=(RedisError, OSError),
+                backoff=Backoff(0.05, 5.0),
+            )
+            new += sum(added)
+        return new
+
+    async def watermark(self, feed: str, wallet: str) -> int | None:
+        raw = await self.client.hget(self.watermarks, watermark_field(feed, wallet))
+        return int(raw) if raw is not None else None
+
+    async def raise_watermark(self, feed: str, wallet: str, timestamp: int) -> None:
+        """Raise the wallet's mark to `timestamp` (never lower it)."""
+        await self._raise(keys=[self.watermarks], args=[watermark_field(feed, wallet), timestamp])
