@@ -117,6 +117,38 @@ async def test_without_confirmations_a_reorg_retracts_what_it_took_back(
         assert metric("betterbot_ingestor_chain_removed_logs_total") > before
 
 
+async def test_a_reorg_deeper_than_the_confirmations_retracts_what_went_out(
+    redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis
+) -> None:
+    """With 2 confirmations, a 5-block reorg replaces blocks already read: the source finds the
+    last block read changed, steps back to the fork, and retracts the fills of the replaced blocks
+    before it reads the new chain."""
+    async with simulator(sim_block_time_s=0.5, sim_speed=100) as sim:
+        settings = chain_settings(sim, redis_url, namespace, polygon_confirmations=2)
+        chain = sim.sim.chain
+        async with running(settings):
+
+            async def published() -> bool:
+                return len(await raw_payloads(redis_client, streams)) >= 3
+
+            await until(published, what="fills read with 2 confirmations")
+            await sim.post("/_sim/chain", {"reorg": {"depth": 5, "keep": 0}})
+            orphaned = {t.tx_hash for t in chain.orphaned if t.user in WALLETS}
+
+            async def retracted() -> bool:
+                fills = await raw_payloads(redis_client, streams)
+                return any(f["status"] == "retracted" for f in fills)
+
+            await until(retracted, what="a retraction of a fill read before the reorg")
+        fills = await raw_payloads(redis_client, streams)
+        first_sight = {f["order_key"]: i for i, f in enumerate(fills) if f["status"] == "confirmed"}
+        for i, fill in enumerate(fills):
+            if fill["status"] == "retracted":
+                assert fill["tx_hash"] in orphaned
+                assert "replaced" in fill["status_reason"]
+                assert first_sight[fill["order_key"]] < i
+
+
 async def test_a_stalled_head_turns_health_red_and_back(
     redis_url: str, namespace: str, streams: Streams
 ) -> None:

@@ -121,6 +121,9 @@ class PolygonSource:
         self._filter_changed = asyncio.Event()
         # tx hash -> {log index: what makes fills identical}, for `occurrence` (recent txs only).
         self._tx_fills: OrderedDict[tuple[str, str], dict[int, tuple[Any, ...]]] = OrderedDict()
+        # What went out per block, kept as deep as a reorg is looked for: a block replaced under
+        # the watermark retracts its fills.
+        self._published: OrderedDict[int, list[tuple[str, OrderFill]]] = OrderedDict()
         self.endpoint = 0
         self.head = 0
         self.head_seen_at = time.time()
@@ -347,6 +350,29 @@ class PolygonSource:
             self.reorgs += 1
             metrics.CHAIN_REORGS.inc()
             log.warning("polygon_reorg", extra={"depth": depth, "fork_after": self._cursor})
+            await self._retract_after(socket, self._cursor)
+
+    async def _retract_after(self, socket: RpcSocket, fork: int) -> None:
+        """Retract what went out from blocks after the fork that the chain no longer holds; the
+        re-read of the new chain publishes again those of their fills it still includes."""
+        for number in [n for n in self._published if n > fork]:
+            block = await socket.call("eth_getBlockByNumber", [hex(number), False])
+            header = self._remember_header(block)
+            canonical = header.hash if header is not None else ""  # none: the chain is shorter
+            kept: list[tuple[str, OrderFill]] = []
+            gone: list[OrderFill] = []
+            for block_hash, fill in self._published.pop(number):
+                if block_hash == canonical:
+                    kept.append((block_hash, fill))
+                else:
+                    gone.append(fill)
+            if kept:
+                self._published[number] = kept
+            reason = f"chain reorg: block {number} was replaced (fork after block {fork})"
+            for fill in gone:
+                metrics.CHAIN_REMOVED.inc()
+                retraction = {"status": FillStatus.RETRACTED, "status_reason": reason}
+                await self.publisher.publish_now([fill.model_copy(update=retraction)])
 
     async def _read_range(self, socket: RpcSocket, start: int, end: int, wallets: set[str]) -> None:
         if start > end or not wallets:
@@ -397,10 +423,18 @@ class PolygonSource:
         else:
             metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
             self._status.mark_event(received_at, order.timestamp)
+            self._remember_published(fill, outgoing)
         if live:
             await self.publisher.submit(outgoing)
         else:
             await self.publisher.publish_now([outgoing])
+
+    def _remember_published(self, fill: ChainFill, published: OrderFill) -> None:
+        block = fill.block_number
+        self._published.setdefault(block, []).append((fill.block_hash, published))
+        self._published.move_to_end(block)
+        while len(self._published) > REORG_MAX_DEPTH:
+            self._published.popitem(last=False)
 
     async def _order(self, fill: ChainFill, timestamp: int) -> DomeOrder:
         return chain_order(fill, await self.markets.describe(fill.token_id), timestamp)
