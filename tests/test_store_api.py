@@ -228,6 +228,8 @@ async def test_a_signal_item_carries_every_field(api: Api) -> None:
         "detected_at": iso(sig.detected_at),
         "stream_id": "1-0",
         "stored_at": None,
+        "status": "confirmed",
+        "status_reason": "",
     }
 
 
@@ -289,6 +291,8 @@ async def test_every_order_filter_and_the_order_fields(api: Api) -> None:
         "received_at": iso(fill.received_at),
         "source": "dome_ws",
         "stored_at": None,
+        "status": "confirmed",
+        "status_reason": "",
     }
 
 

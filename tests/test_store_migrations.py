@@ -8,7 +8,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.store.rows import ORDERS, STATUS_COLUMNS, prepare
 from services.store.schema import MigrationError, load, migrate
+from tests.test_store_rows import entry, make_fill
 
 pytestmark = pytest.mark.integration
 
@@ -16,12 +18,13 @@ pytestmark = pytest.mark.integration
 async def test_applied_once_then_a_no_op(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn, load()) == ["001", "002"]
+        assert await migrate(conn, load()) == ["001", "002", "003"]
         assert await migrate(conn, load()) == []
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         assert [(r["version"], r["name"]) for r in rows] == [
             ("001", "001_init.sql"),
             ("002", "002_wallets_and_history_api.sql"),
+            ("003", "003_status.sql"),
         ]
         tables = {
             r["tablename"]
@@ -44,6 +47,8 @@ async def test_applied_once_then_a_no_op(database_url: str) -> None:
             "orders_condition_time",
             "signals_condition_time",
             "signals_token_time",
+            "orders_unconfirmed_time",
+            "signals_unconfirmed_time",
         } <= indexes
         # Every listing index ends with (time, key), the API's keyset.
         definition = await conn.fetchval(
@@ -54,12 +59,39 @@ async def test_applied_once_then_a_no_op(database_url: str) -> None:
         await conn.close()
 
 
+async def test_rows_stored_before_statuses_are_confirmed_and_take_only_known_ones(
+    database_url: str,
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, load()[:2])
+        [row] = prepare(ORDERS, [entry(make_fill(1), "5-0")]).rows
+        columns = [c for c in ORDERS.columns if c not in STATUS_COLUMNS]
+        values = [v for c, v in zip(ORDERS.columns, row.values, strict=True) if c in columns]
+        params = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        await conn.execute(f"INSERT INTO orders ({', '.join(columns)}) VALUES ({params})", *values)
+        await migrate(conn, load())
+        stored = await conn.fetchrow(f"SELECT {', '.join(STATUS_COLUMNS)} FROM orders")
+        assert dict(stored) == {
+            "status": "confirmed",
+            "status_reason": "",
+            "status_ms": 0,
+            "status_seq": 0,
+            "newest_ms": 0,
+            "newest_seq": 0,
+        }
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE orders SET status = 'gone'")
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_runners_do_not_conflict(database_url: str) -> None:
     conns = [await asyncpg.connect(database_url) for _ in range(4)]
     try:
         results = await asyncio.gather(*(migrate(conn, load()) for conn in conns))
-        assert sorted(results) == [[], [], [], ["001", "002"]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 2
+        assert sorted(results) == [[], [], [], ["001", "002", "003"]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 3
     finally:
         for conn in conns:
             await conn.close()

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from services.store.database import inserted_count, is_data_error, is_retryable, statements
+from services.store.database import is_data_error, is_retryable, rounds, statements
 from services.store.rows import ORDERS, SIGNALS, prepare
 from services.store.schema import MigrationError, load
 from shared.models import DomeOrder, OrderFill, Signal, SignalKind, Source, signal_id
@@ -112,14 +112,26 @@ def test_signal_row_carries_its_stream_id() -> None:
 def test_unknown_fields_are_kept_in_the_payload() -> None:
     payload = {**make_fill(1).model_dump(mode="json"), "venue_extra": {"a": 1}}
     prepared = prepare(ORDERS, [entry(payload)])
-    assert orjson.loads(prepared.rows[0].values[-1])["venue_extra"] == {"a": 1}
+    values = dict(zip(ORDERS.columns, prepared.rows[0].values, strict=True))
+    assert orjson.loads(values["payload"])["venue_extra"] == {"a": 1}
 
 
-def test_repeats_within_a_batch_become_one_row() -> None:
+def test_repeats_within_a_batch_are_written_in_rounds() -> None:
     fill = make_fill(1)
-    prepared = prepare(ORDERS, [entry(fill, "1-0"), entry(fill, "1-1"), entry(make_fill(2), "1-2")])
-    assert prepared.valid == 3
-    assert [row.stream_id for row in prepared.rows] == ["1-0", "1-2"]
+    entries = [
+        entry(fill, "1-0"),
+        entry(fill, "1-1"),
+        entry(make_fill(2), "1-2"),
+        entry(fill, "2-0"),
+    ]
+    prepared = prepare(ORDERS, entries)
+    assert prepared.valid == 4
+    # One statement cannot write a row twice: a key's second entry goes in a second round.
+    assert [[row.stream_id for row in batch] for batch in rounds(prepared.rows)] == [
+        ["1-0", "1-2"],
+        ["1-1"],
+        ["2-0"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -195,12 +207,12 @@ def test_error_classes() -> None:
     assert not is_retryable(KeyError("bug"))
 
 
-def test_statements_and_status() -> None:
+def test_statements() -> None:
     sql = statements(ORDERS)
-    assert "ON CONFLICT DO NOTHING" in sql.insert_from_staging
-    assert "ORDER BY order_key" in sql.insert_from_staging
-    assert sql.insert_one.count("$") == len(ORDERS.columns)
-    assert inserted_count("INSERT 0 42") == 42
+    assert "ON CONFLICT (order_key) DO UPDATE" in sql.upsert_from_staging
+    assert "ORDER BY order_key" in sql.upsert_from_staging
+    assert "(t.newest_ms, t.newest_seq) < (EXCLUDED.newest_ms" in sql.upsert_one
+    assert sql.upsert_one.count("$") == len(ORDERS.columns)
 
 
 def test_shipped_migrations_load_in_order() -> None:

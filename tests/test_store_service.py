@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from services.store.main import Store
+from services.store.rows import id_parts
 from services.store.settings import StoreSettings
 from shared.models import OrderFill
 from shared.redis_streams import encode
@@ -141,19 +142,20 @@ async def test_orders_and_signals_become_rows_with_their_values(
     fills = [make_fill(i) for i in range(30)]
     signals = [make_signal(i) for i in range(5)]
     async with running_store(store_settings(redis_url, database_url, namespace)) as store:
-        await xadd_all(redis_client, streams.orders_raw, fills)
+        order_ids = await xadd_all(redis_client, streams.orders_raw, fills)
         signal_ids = await xadd_all(redis_client, streams.signals, signals)
         await wait_until(has_rows(database_url, "orders", 30), "30 orders")
         await wait_until(has_rows(database_url, "signals", 5), "5 signals")
         await wait_until(lambda: settled(redis_client, streams.orders_raw), "orders acked")
         await wait_until(lambda: settled(redis_client, streams.signals), "signals acked")
         ok, details = await store.health()
-        assert ok and details["postgres"] == "up" and details["schema"] == "002"
+        assert ok and details["postgres"] == "up" and details["schema"] == "003"
 
     order = (
         await fetch(database_url, "SELECT * FROM orders WHERE order_key = $1", fills[7].order_key)
     )[0]
     expected: OrderFill = fills[7]
+    status_ms, status_seq = id_parts(order_ids[7])
     assert dict(order) | {"stored_at": None, "payload": None} == {
         "order_key": expected.order_key,
         "wallet": WALLET,
@@ -178,6 +180,12 @@ async def test_orders_and_signals_become_rows_with_their_values(
         "v": 1,
         "stored_at": None,
         "payload": None,
+        "status": "confirmed",
+        "status_reason": "",
+        "status_ms": status_ms,
+        "status_seq": status_seq,
+        "newest_ms": status_ms,
+        "newest_seq": status_seq,
     }
     assert orjson.loads(order["payload"]) == expected.model_dump(mode="json")
     assert order["stored_at"] >= order["received_at"]
@@ -411,8 +419,9 @@ async def test_a_batch_that_keeps_failing_is_dead_lettered_after_max_deliveries(
         await wait_until(lambda: settled(redis_client, streams.signals), "the signal acked")
         await wait_until(has_rows(database_url, "orders", 1), "the order, unaffected")
     [(_, fields)] = await dead_letters(redis_client, streams.signals_dead)
-    assert b"(STORE_MAX_DELIVERIES 3); last error: RuntimeError: a bug in the signal path" in (
-        fields[b"reason"]
+    assert (
+        b"(STORE_MAX_DELIVERIES 3); last error: RuntimeError: a bug in the signal path"
+        in (fields[b"reason"])
     )
     assert int(fields[b"deliveries"]) > 3
     assert orjson.loads(fields[b"raw"])["signal_id"] == make_signal(1).signal_id

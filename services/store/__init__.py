@@ -2,9 +2,11 @@
 
 Group `store` reads both streams in batches (`STORE_BATCH_MAX` entries, `STORE_BLOCK_MS` block),
 validates every entry against the shared contract (`OrderFill`, `Signal`), writes the valid ones in
-one transaction with `ON CONFLICT DO NOTHING` on their deterministic keys (`order_key`,
-`signal_id`), dead-letters the rest (`orders.dead` / `signals.dead`, with the reason), and only
-then XACKs the batch. A crash at any point replays entries; the keys absorb the replay.
+one transaction keyed on their deterministic ids (`order_key`, `signal_id`), dead-letters the rest
+(`orders.dead` / `signals.dead`, with the reason), and only then XACKs the batch. A crash at any
+point replays entries; the keys absorb the replay. An entry for a stored key changes the row's
+status (`pending`, `confirmed`, `retracted`) when it is newer in the stream than every entry
+applied to the row, so a redelivered old entry never undoes a newer status.
 
 Postgres outages: the batch in hand is retried with exponential backoff (`STORE_RETRY_MIN_S`
 doubling to `STORE_RETRY_MAX_S`), never acked meanwhile and never dropped; /health is 503 with the
@@ -20,8 +22,8 @@ Modules, top-down:
 - `settings.py`: every setting with its env name and default.
 - `batches.py`: one batch: validate, write, dead-letter; the caller acks after it.
 - `rows.py`: pure: entries -> typed rows for `orders` and `signals`.
-- `database.py`: the write (COPY + INSERT ... ON CONFLICT, chosen by measurement), row-by-row
-  fallback for bad rows, retry and pool rebuild on outages.
+- `database.py`: the write (COPY + INSERT ... ON CONFLICT DO UPDATE of the status, chosen by
+  measurement), row-by-row fallback for bad rows, retry and pool rebuild on outages.
 - `schema.py` + `migrations/NNN_*.sql`: versioned schema under an advisory lock.
 - `api.py`: the FastAPI app: `create_app` wires the routers, the token guards (auth lives here),
   the error handlers and the middlewares; the names `main.py` and the tests import.

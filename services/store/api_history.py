@@ -3,7 +3,8 @@
 JSON pages are keyset-paged (`limit` 1..1000, default 100; `next_cursor` continues; the SQL and
 the cursors are `queries.py`). `format=csv` or `Accept: text/csv` gives CSV: without `limit`
 every matching row is streamed (`api_export.py`); with `limit`, one page and its cursor in
-`X-Next-Cursor`. A bad cursor or an empty time range is a 400.
+`X-Next-Cursor`. A bad cursor or an empty time range is a 400. Every row carries its `status`
+(`pending`, `confirmed`, `retracted`) and `status_reason`; `status=` selects by it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from services.store.api_context import ApiContext, Ctx, read_router
 from services.store.api_export import CSV_MEDIA, stream_csv
 from services.store.api_inputs import ADDRESS_PATTERN, Text, Time, Wallet
 from services.store.queries import CursorError, Order, Resource
-from shared.models import SignalKind
+from shared.models import FillStatus, SignalKind
 
 PAGE_DEFAULT = 100
 PAGE_MAX = 1000
@@ -57,6 +58,15 @@ CursorQ = Annotated[
 FormatQ = Annotated[
     Format | None, Query(description="json (default) or csv; also `Accept: text/csv`")
 ]
+StatusQ = Annotated[
+    list[FillStatus] | None,
+    Query(
+        description="one or more of pending, confirmed, retracted (default: all); a retracted "
+        "row is a fill that did not happen (a chain reorg), or a signal drawn from one"
+    ),
+]
+StatusField = Annotated[FillStatus, Field(description="pending, confirmed or retracted")]
+ReasonField = Annotated[str, Field(description="why the status changed (empty when confirmed)")]
 
 
 class SignalItem(BaseModel):
@@ -82,6 +92,8 @@ class SignalItem(BaseModel):
     detected_at: datetime
     stream_id: str
     stored_at: datetime
+    status: StatusField
+    status_reason: ReasonField
 
 
 class OrderItem(BaseModel):
@@ -106,6 +118,8 @@ class OrderItem(BaseModel):
     received_at: datetime
     source: str
     stored_at: datetime
+    status: StatusField
+    status_reason: ReasonField
 
 
 class SignalPage(BaseModel):
@@ -139,6 +153,7 @@ async def get_signals(
     since: SinceQ = None,
     until: UntilQ = None,
     min_confidence: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
+    status: StatusQ = None,
     order: OrderQ = "desc",
     limit: LimitQ = None,
     cursor: CursorQ = None,
@@ -154,6 +169,7 @@ async def get_signals(
         since=since,
         until=until,
         min_confidence=min_confidence,
+        statuses=[s.value for s in status or ()],
     )
     return await listing(
         ctx,
@@ -181,6 +197,7 @@ async def get_orders(
     token: TokenQ = None,
     since: SinceQ = None,
     until: UntilQ = None,
+    status: StatusQ = None,
     order: OrderQ = "desc",
     limit: LimitQ = None,
     cursor: CursorQ = None,
@@ -188,7 +205,13 @@ async def get_orders(
 ) -> Response:
     time_range(since, until)
     where = queries.filters(
-        queries.ORDERS, wallet=wallet, market=market, token=token, since=since, until=until
+        queries.ORDERS,
+        wallet=wallet,
+        market=market,
+        token=token,
+        since=since,
+        until=until,
+        statuses=[s.value for s in status or ()],
     )
     return await listing(
         ctx,

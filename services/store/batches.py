@@ -1,10 +1,11 @@
 """One batch of stream entries: validate, write and commit, dead-letter what cannot be stored.
 
-`BatchStore.store` returns only when every valid row is committed in Postgres (or was there
-already) and every invalid or refused entry is in the feed's dead-letter stream, so the caller may
-then XACK the whole batch. It waits through Postgres outages (see `database.py`); it raises only
-when shutting down (`Stopping`) or when Redis refuses the dead letters, and then nothing may be
-acked: the entries stay pending and are reclaimed.
+`BatchStore.store` returns only when every valid entry is committed in Postgres (a new row, a
+status change of a stored row, or a repeat of what was there already) and every invalid or
+refused entry is in the feed's dead-letter stream, so the caller may then XACK the whole batch.
+It waits through Postgres outages (see `database.py`); it raises only when shutting down
+(`Stopping`) or when Redis refuses the dead letters, and then nothing may be acked: the entries
+stay pending and are reclaimed.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ def feeds(streams: Streams) -> tuple[Feed, Feed]:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What became of the entries of a batch: each is counted once, in one of these."""
+
     inserted: int
     duplicates: int
     dead_lettered: int
+    status_changes: int = 0
 
 
 class BatchStore:
@@ -65,10 +69,14 @@ class BatchStore:
         refused = [Rejected(row.stream_id, row.raw, reason) for row, reason in result.rejected]
         await self.dead_letter(feed, prepared.rejected, "invalid")
         await self.dead_letter(feed, refused, "rejected")
-        duplicates = prepared.valid - len(refused) - result.inserted
+        changed = sum(result.status_changes.values())
+        duplicates = prepared.valid - len(refused) - result.inserted - changed
         metrics.ROWS_INSERTED.labels(table).inc(result.inserted)
         metrics.DUPLICATES.labels(table).inc(duplicates)
-        return Outcome(result.inserted, duplicates, len(prepared.rejected) + len(refused))
+        for status, count in result.status_changes.items():
+            metrics.STATUS_CHANGES.labels(table, status).inc(count)
+        dead = len(prepared.rejected) + len(refused)
+        return Outcome(result.inserted, duplicates, dead, changed)
 
     async def dead_letter(
         self, feed: Feed, rejected: Sequence[Rejected], kind: str, deliveries: int = 1

@@ -1,14 +1,28 @@
 """Postgres side of the store: one batch = one transaction, retried until Postgres takes it.
 
 Write path, chosen by measurement: COPY the batch into a session temp table, then
-`INSERT INTO <table> SELECT ... ORDER BY <key> ON CONFLICT DO NOTHING`, commit. The INSERT's status
-gives the rows actually inserted, so duplicates are counted exactly; ordering by key makes replicas
-that insert overlapping batches lock rows in the same order (no deadlock cycles). The temp table
-is created on a session's first batch (and again if the session lost it), not on every batch.
+`INSERT INTO <table> SELECT ... ORDER BY <key> ON CONFLICT (<key>) DO UPDATE ... WHERE <newer>`,
+commit. Ordering by key makes replicas that write overlapping batches lock rows in the same order
+(no deadlock cycles). The temp table is created on a session's first batch (and again if the
+session lost it), not on every batch.
+
+An entry whose key is stored already is a status change or a repeat (docs/streams.md, "Status"). It
+changes the row only when it is newer in its stream than the newest entry applied to the row
+(`newest_ms`, `newest_seq`): then the row takes its position, and its status when that differs
+(with the reason and `status_ms`/`status_seq`, the entry that set it). Otherwise, a redelivered
+older entry, it changes nothing. Comparing with the newest entry, not only with the one that set
+the status, keeps stream order across batches that commit out of order: a retraction redelivered
+after the fill's later confirmation does not win. The row's data stay those of the entry that
+stored it first. The statement counts, from the rows it wrote, what it inserted and which statuses
+it changed, so every entry is counted exactly once: inserted, status change, or duplicate.
+
+One statement cannot write a row twice, so a key that comes more than once in a batch (an order
+and its retraction read together) is written in rounds: the first entry of every key, then the
+second, ... in the same transaction; nearly every batch is one round.
 
 Against `executemany` INSERT ... ON CONFLICT, `fetchmany` INSERT ... RETURNING and one INSERT ...
-SELECT FROM unnest(...), none was faster beyond noise; COPY was never slower and, unlike
-`executemany`, reports how many rows it inserted (the figures: bench/README.md).
+SELECT FROM unnest(...), none was faster beyond noise; COPY was never slower (the figures:
+bench/README.md).
 
 Failures are sorted in two:
 - data errors (SQLSTATE classes 22 data exception, 23 integrity, 54 program limit, and client-side
@@ -28,7 +42,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TypeVar
@@ -60,6 +75,15 @@ class Unavailable(Exception):
 class WriteResult:
     inserted: int
     rejected: list[tuple[Row, str]] = field(default_factory=list)
+    # Stored rows whose status an entry changed, by the status it set.
+    status_changes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, written: Iterable[asyncpg.Record]) -> None:
+        """Count the rows of one write statement (`status`, `inserted`, `changed` per status)."""
+        for counts in written:
+            self.inserted += counts["inserted"]
+            if counts["changed"]:
+                self.status_changes[counts["status"]] += counts["changed"]
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -85,8 +109,9 @@ def is_conflict(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class Statements:
     create_staging: str
-    insert_from_staging: str
-    insert_one: str
+    clear_staging: str
+    upsert_from_staging: str
+    upsert_one: str
     staging: str
 
 
@@ -102,18 +127,55 @@ def statements(table: Table) -> Statements:
             f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) "
             "ON COMMIT DELETE ROWS"
         ),
-        insert_from_staging=(
-            f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {staging} "
-            f"ORDER BY {table.key} ON CONFLICT DO NOTHING"
-        ),
-        insert_one=f"INSERT INTO {table.name} ({cols}) VALUES ({params}) ON CONFLICT DO NOTHING",
+        clear_staging=f"DELETE FROM {staging}",
+        upsert_from_staging=upsert(table, f"SELECT {cols} FROM {staging} ORDER BY {table.key}"),
+        upsert_one=upsert(table, f"VALUES ({params})"),
         staging=staging,
     )
 
 
-def inserted_count(status: str) -> int:
-    """Rows inserted, from a command status such as `INSERT 0 42`."""
-    return int(status.rsplit(" ", 1)[-1])
+def upsert(table: Table, source: str) -> str:
+    """Write the rows of `source`: insert, or apply to the stored row if newer (module doc); one
+    result row per status: how many rows were inserted with it and how many changed to it."""
+    # Only a status change moves the reason and the entry that set the status.
+    on_change = ",\n        ".join(
+        f"{c} = CASE WHEN t.status = EXCLUDED.status THEN t.{c} ELSE EXCLUDED.{c} END"
+        for c in ("status_reason", "status_ms", "status_seq")
+    )
+    # `xmax = 0` only in a row version this statement inserted: an update by ON CONFLICT locked
+    # the row first. A changed status was set by the entry just applied, so it is the newest.
+    return f"""
+WITH written AS (
+    INSERT INTO {table.name} AS t ({", ".join(table.columns)})
+    {source}
+    ON CONFLICT ({table.key}) DO UPDATE SET
+        status = EXCLUDED.status,
+        {on_change},
+        newest_ms = EXCLUDED.newest_ms,
+        newest_seq = EXCLUDED.newest_seq
+    WHERE (t.newest_ms, t.newest_seq) < (EXCLUDED.newest_ms, EXCLUDED.newest_seq)
+    RETURNING status,
+              xmax = 0 AS inserted,
+              (status_ms, status_seq) = (newest_ms, newest_seq) AS status_set
+)
+SELECT status,
+       count(*) FILTER (WHERE inserted) AS inserted,
+       count(*) FILTER (WHERE status_set AND NOT inserted) AS changed
+FROM written GROUP BY status
+"""
+
+
+def rounds(rows: Sequence[Row]) -> list[list[Row]]:
+    """The rows in rounds that hold each key once: the first entry of every key, the second..."""
+    result: list[list[Row]] = []
+    seen: Counter[str] = Counter()
+    for row in rows:
+        number = seen[row.key]
+        seen[row.key] += 1
+        if number == len(result):
+            result.append([])
+        result[number].append(row)
+    return result
 
 
 def db_reason(exc: BaseException) -> str:
@@ -124,7 +186,7 @@ def db_reason(exc: BaseException) -> str:
 async def write_batch(
     conn: asyncpg.Connection, table: Table, rows: Sequence[Row], copy_timeout: float
 ) -> WriteResult:
-    """Insert the rows in one transaction; on a data error, redo them one by one."""
+    """Write the rows in one transaction; on a data error, redo them one by one."""
     try:
         try:
             return await _copy_batch(conn, table, rows, copy_timeout, create=False)
@@ -152,16 +214,21 @@ async def _copy_batch(
     create: bool,
 ) -> WriteResult:
     sql = statements(table)
+    result = WriteResult(0)
     async with conn.transaction():
         if create:
             await conn.execute(sql.create_staging)
-        await conn.copy_records_to_table(
-            sql.staging,
-            records=[row.values for row in rows],
-            columns=table.columns,
-            timeout=copy_timeout,
-        )
-        return WriteResult(inserted_count(await conn.execute(sql.insert_from_staging)))
+        for number, batch in enumerate(rounds(rows)):
+            if number:
+                await conn.execute(sql.clear_staging)
+            await conn.copy_records_to_table(
+                sql.staging,
+                records=[row.values for row in batch],
+                columns=table.columns,
+                timeout=copy_timeout,
+            )
+            result.add(await conn.fetch(sql.upsert_from_staging))
+    return result
 
 
 async def write_rows_one_by_one(
@@ -173,8 +240,8 @@ async def write_rows_one_by_one(
         for row in rows:
             try:
                 async with conn.transaction():  # a savepoint: a bad row undoes only itself
-                    status = await conn.execute(sql.insert_one, *row.values)
-                result.inserted += inserted_count(status)
+                    written = await conn.fetch(sql.upsert_one, *row.values)
+                result.add(written)
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -210,7 +277,8 @@ class Database:
         return await self._retrying("migrations", apply)
 
     async def write(self, table: Table, rows: Sequence[Row]) -> WriteResult:
-        """Store the rows (idempotently); returns only once Postgres has committed them."""
+        """Store the rows (idempotently, in stream order whatever the order of `rows`); returns
+        only once Postgres has committed them."""
         if not rows:
             return WriteResult(0)
 

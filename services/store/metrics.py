@@ -9,8 +9,15 @@ PREFIX = "betterbot_store_"
 ROWS_INSERTED = Counter(PREFIX + "rows_inserted", "Rows newly written", ["table"])
 DUPLICATES = Counter(
     PREFIX + "duplicates_skipped",
-    "Valid entries whose key was already stored (or repeated within the batch)",
+    "Valid entries whose key was already stored and that changed no status (a repeat, or older "
+    "than the newest entry applied to the row)",
     ["table"],
+)
+STATUS_CHANGES = Counter(
+    PREFIX + "status_changes",
+    "Entries that changed the status of a stored row, by the status set (an entry that inserts "
+    "its row counts in rows_inserted, whatever its status)",
+    ["table", "status"],
 )
 DEAD_LETTERED = Counter(
     PREFIX + "dead_lettered",

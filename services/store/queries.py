@@ -29,7 +29,8 @@ import orjson
 
 from services.store.rows import ORDERS as ORDER_ROWS
 from services.store.rows import SIGNALS as SIGNAL_ROWS
-from services.store.rows import Table
+from services.store.rows import STATUS_COLUMNS, Table
+from shared.models import FillStatus
 
 Order = Literal["desc", "asc"]
 
@@ -55,10 +56,17 @@ class Resource:
     columns: tuple[str, ...]  # selected, in output order (JSON and CSV)
 
 
+SERVED_STATUS = ("status", "status_reason")
+_NOT_SERVED = ("v", "payload", *STATUS_COLUMNS)
+STATUSES = frozenset(s.value for s in FillStatus)
+
+
 def served(table: Table) -> tuple[str, ...]:
-    """A table's columns as the API serves them: what the store wrote, minus the schema version
-    and the raw payload, plus when it was stored."""
-    return (*(c for c in table.columns if c not in ("v", "payload")), "stored_at")
+    """A table's columns as the API serves them: what the store wrote, minus the schema version,
+    the raw payload and the stream positions, plus when it was stored, then the status last (so
+    the columns a CSV reader already knows keep their places)."""
+    data = (c for c in table.columns if c not in _NOT_SERVED)
+    return (*data, "stored_at", *SERVED_STATUS)
 
 
 SIGNALS = Resource(
@@ -153,6 +161,7 @@ def filters(
     since: datetime | None = None,
     until: datetime | None = None,
     min_confidence: float | None = None,
+    statuses: Sequence[str] = (),
 ) -> Query:
     """The conditions of a listing; `since` is inclusive, `until` exclusive."""
     query = Query([], [])
@@ -171,6 +180,12 @@ def filters(
         query.add(f"{resource.time_column} < {{}}", until)
     if min_confidence is not None:
         query.add("confidence >= {}", min_confidence)
+    if statuses and set(statuses) != STATUSES:
+        if "confirmed" not in statuses:
+            # Spelled out as the partial indexes' predicate, so the planner can use them with a
+            # generic plan too, where the parameter's value is unknown.
+            query.conditions.append("status <> 'confirmed'")
+        query.add("status = ANY({}::text[])", list(statuses))
     return query
 
 

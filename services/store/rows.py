@@ -3,6 +3,10 @@
 Pure functions, no I/O. An entry that is not our plain format (`data` holding JSON), fails the
 `OrderFill` / `Signal` contract, or carries a time outside what a timestamp can hold becomes a
 `Rejected` with a reason; everything else becomes a `Row` whose values follow `Table.columns`.
+
+Every valid entry is a row of its own, a key repeated within the batch too: a status change is an
+entry with the same key (docs/streams.md, "Status"), and the write applies each one in turn. Its
+last columns (`STATUS_COLUMNS`) are the status, its reason and the entry's stream position.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.errors import validation_reason
-from shared.models import OrderFill, Signal
+from shared.models import FillStatus, OrderFill, Signal
 from shared.redis_streams import decode, entry_payload
 from shared.stream_metrics import observe_signal_latency
 
@@ -52,9 +56,36 @@ class Rejected:
 
 @dataclass
 class Prepared:
-    rows: list[Row]  # one per key, first occurrence kept
+    rows: list[Row]  # one per valid entry, in-batch repeats of a key included, in batch order
     rejected: list[Rejected]
-    valid: int  # entries that passed validation, in-batch duplicates included
+
+    @property
+    def valid(self) -> int:
+        return len(self.rows)
+
+
+# The status and where it comes from: the entry that set it (`status_*`) and the newest entry
+# applied to the row (`newest_*`), as stream id parts. A new row gets its entry's id in both;
+# `database.py` says how an existing row changes.
+STATUS_COLUMNS = (
+    "status",
+    "status_reason",
+    "status_ms",
+    "status_seq",
+    "newest_ms",
+    "newest_seq",
+)
+
+
+def id_parts(stream_id: str) -> tuple[int, int]:
+    """A stream id as numbers, which compare in stream order ("9-0" sorts after "10-0" as text)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def status_values(stream_id: str, status: FillStatus, reason: str) -> Values:
+    ms, seq = id_parts(stream_id)
+    return (status.value, reason, ms, seq, ms, seq)
 
 
 def utc(seconds: float, name: str) -> datetime:
@@ -89,14 +120,17 @@ def order_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
         fill.source.value,
         fill.v,
         text,
+        *status_values(stream_id, fill.status, fill.status_reason),
     )
 
 
 def signal_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]:
     signal = Signal.model_validate(payload)
     # The store's group sees each signal once, so its latency is recorded here and summed across
-    # store replicas without double counting.
-    observe_signal_latency(signal)
+    # store replicas without double counting. Only a confirmed signal is one to act on: a pending
+    # one is not yet, and a retraction's `detected_at` is when it was retracted.
+    if signal.status is FillStatus.CONFIRMED:
+        observe_signal_latency(signal)
     return signal.signal_id, (
         signal.signal_id,
         signal.kind.value,
@@ -121,6 +155,7 @@ def signal_values(stream_id: str, payload: Any, text: str) -> tuple[str, Values]
         stream_id,
         signal.v,
         text,
+        *status_values(stream_id, signal.status, signal.status_reason),
     )
 
 
@@ -150,6 +185,7 @@ ORDERS = Table(
         "source",
         "v",
         "payload",
+        *STATUS_COLUMNS,
     ),
     order_values,
 )
@@ -181,16 +217,16 @@ SIGNALS = Table(
         "stream_id",
         "v",
         "payload",
+        *STATUS_COLUMNS,
     ),
     signal_values,
 )
 
 
 def prepare(table: Table, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]) -> Prepared:
-    """Rows for the valid entries of one batch (deduplicated by key), rejections for the rest."""
-    rows: dict[str, Row] = {}
+    """Rows for the valid entries of one batch, rejections for the rest."""
+    rows: list[Row] = []
     rejected: list[Rejected] = []
-    valid = 0
     for stream_id, fields in entries:
         raw = entry_payload(fields)
         try:
@@ -199,9 +235,8 @@ def prepare(table: Table, entries: Sequence[tuple[str, Mapping[bytes, bytes]]]) 
         except ValueError as exc:  # ValidationError and JSON errors are ValueErrors
             rejected.append(Rejected(stream_id, raw, _reason(exc)))
             continue
-        valid += 1
-        rows.setdefault(key, Row(stream_id, raw, key, values))
-    return Prepared(list(rows.values()), rejected, valid)
+        rows.append(Row(stream_id, raw, key, values))
+    return Prepared(rows, rejected)
 
 
 def _reason(exc: Exception) -> str:

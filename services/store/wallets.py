@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from services.store import metrics
 from services.store.database import Database, Stopping, is_data_error
+from services.store.rows import id_parts
 from shared import wallet_registry
 from shared.models import TrackedWallet
 from shared.streams import Streams
@@ -111,11 +112,6 @@ def stored(row: asyncpg.Record) -> StoredWallet:
     return StoredWallet(
         row["address"], row["label"], row["score"], row["added_at"], row["updated_at"]
     )
-
-
-def id_parts(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def differences(
