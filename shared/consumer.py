@@ -202,25 +202,37 @@ class ConsumerGroup:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Read, handle and reclaim until `stop` is set (or `stop()` is called), then drain and
         leave the group. Returns only then; Redis being away is waited out, never raised."""
-        await self.join()
         watcher = asyncio.ensure_future(self._watch_stop(stop)) if stop is not None else None
-        reclaim = asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.config.group}")
         try:
-            await self._read_loop()
+            if not await self.join():
+                return  # stopped while Redis was away: nothing was read
+            reclaim = asyncio.create_task(self._reclaim_loop(), name=f"reclaim-{self.config.group}")
+            try:
+                await self._read_loop()
+            finally:
+                await cancel_and_wait(reclaim)
+                await self._drain()
+                await self._leave_group()
         finally:
-            await cancel_and_wait(reclaim)
             if watcher is not None:
                 watcher.cancel()
-            await self._drain()
-            await self._leave_group()
             self.health.stopped = True
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def join(self) -> None:
-        """Create the group unless it exists, waiting out a Redis outage."""
-        await self._redis_call(self.ensure_group)
+    async def join(self, stop: asyncio.Event | None = None) -> bool:
+        """Create the group unless it exists, waiting out a Redis outage; False when stopped
+        (`stop` or `stop()`) before Redis answered."""
+        watcher = asyncio.ensure_future(self._watch_stop(stop)) if stop is not None else None
+        try:
+            await self._redis_call(self.ensure_group)
+        except TRANSIENT:
+            return False
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return True
 
     async def _watch_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -257,8 +269,7 @@ class ConsumerGroup:
             # pending (for a reclaimer, or this consumer's next start).
             _, late = await asyncio.wait(handling, timeout=self.config.drain_s)
             for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+                await cancel_and_wait(task)
 
     async def _free_slot(self, slots: asyncio.Semaphore) -> bool:
         """Take a slot for the next batch; False once stopping (also while every slot is busy)."""
@@ -292,7 +303,9 @@ class ConsumerGroup:
             if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
             log.warning("group_recreated", extra={"group": self.config.group})
-            await self.ensure_group()
+            # From the stream's start whatever `start_id` says: it holds only what was written
+            # since the loss, which no one has read.
+            await ensure_group(self.client, self.config.stream, self.config.group, "0")
             return []
         entries = [(eid.decode(), f) for _, items in reply or [] for eid, f in items if f]
         READ.labels(*self._labels).inc(len(entries))
@@ -490,13 +503,20 @@ class ConsumerGroup:
                 await self.ack(trimmed)
                 live = [(entry_id, fields) for entry_id, fields in items if fields]
                 if live:
-                    await asyncio.wait_for(self.handle(live), max(0.1, deadline - time.monotonic()))
+                    await self._handle_within(live, deadline - time.monotonic())
                 # What is still unsettled stays pending for a reclaimer; read on past it.
                 after = items[-1][0]
         except Exception as exc:
             log.warning(
                 "drain_incomplete", extra={"group": self.config.group, "error": describe(exc)}
             )
+
+    async def _handle_within(self, batch: list[Entry], within_s: float) -> None:
+        """Handle the batch, or stop it for sure (`cancel_and_wait`) once `within_s` is up."""
+        task = asyncio.ensure_future(self.handle(batch))
+        await asyncio.wait([task], timeout=max(0.1, within_s))
+        if not task.done():
+            await cancel_and_wait(task)
 
     async def _leave_group(self) -> None:
         try:

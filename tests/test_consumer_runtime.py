@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from chaos.redis_server import ThrowawayRedis
+from devtools.servers import free_port
 from shared.consumer import (
     DELETED,
     ConsumerGroup,
@@ -314,3 +315,34 @@ async def _first_id(client: aioredis.Redis, cfg: GroupConfig) -> str:
 
 async def _xlen_is(client: aioredis.Redis, stream: str, n: int) -> bool:
     return int(await client.xlen(stream)) == n
+
+
+async def test_a_stop_while_redis_is_away_at_start_ends_the_run(streams: Streams) -> None:
+    """Nothing answers at the address: the join waits, and a stop ends it (no hang)."""
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    group = ConsumerGroup(client, config(streams), Recorder())
+    stop = asyncio.Event()
+    run = asyncio.create_task(group.run(stop))
+    await asyncio.sleep(0.5)
+    assert not run.done() and group.health.redis_down_since is not None
+    stop.set()
+    await asyncio.wait_for(run, 10)
+    assert group.health.stopped
+    await client.aclose()
+
+
+async def test_a_group_lost_with_the_data_is_made_again_from_the_start(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """A group that starts at `$` the first time still reads what was written after Redis lost
+    its data and before the group was made again."""
+    cfg = config(streams, start_id="$")
+    handler = Recorder()
+    group = ConsumerGroup(redis_client, cfg, handler)
+    await group.ensure_group()
+    await redis_client.delete(cfg.stream)
+    await add(redis_client, cfg.stream, {"n": "after-the-loss"})
+    assert await group.read_batch() == []  # NOGROUP: made again
+    batch = await group.read_batch()
+    await group.handle(batch)
+    assert handler.seen == ["after-the-loss"]

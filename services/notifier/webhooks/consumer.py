@@ -140,7 +140,8 @@ class WebhookConsumer:
         """Deliver until `stop` is set; then let every group drain (within `grace_s`) and leave."""
         try:
             for group in self.groups:
-                await group.join()
+                if not await group.join(stop):
+                    return  # stopped before Redis answered
             self.ready.set()
             backlog = asyncio.ensure_future(self._watch_backlog())
             try:
