@@ -130,3 +130,36 @@ async def test_a_fill_orphaned_twice_is_retracted_twice(
     assert [s["status"] for s in found] == ["confirmed", "retracted", "confirmed", "retracted"]
     assert len({s["signal_id"] for s in found}) == 1
     assert [identity(s) for s in reference(orders, [TRACKED])] == [identity(s) for s in found]
+
+
+async def test_a_fill_replayed_after_its_retraction_is_still_a_repeat(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """The fill and its retraction applied, then both entries handled again (a crash before the
+    ack, a reclaim): nothing moves, nothing is emitted again (from review)."""
+    fill = make_order(shares=100)
+    entries = [RawEntry("1-0", fields_of(fill)), RawEntry("2-0", fields_of(retraction(fill)))]
+    await ensure_group(redis_client, streams.orders_raw, DETECTOR_GROUP)
+    decider = processor(make_state(redis_client, streams), [TRACKED], SETTINGS)
+    await decider.process(entries, wait_s=5)
+    again = await decider.process(entries, wait_s=5)
+    assert sum(again.signals.values()) == 0 and again.duplicates == 2
+    found = await signals_of(redis_client, streams)
+    assert [s["status"] for s in found] == ["confirmed", "retracted"]
+    unit = make_state(redis_client, streams).unit_key(rules.wallet_unit(WALLET, MARKET))
+    assert (
+        await redis_client.get(unit) is None
+        or not WalletMarketState.load(await redis_client.get(unit)).positions
+    )
+
+
+async def test_the_same_reason_twice_still_retracts_twice(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """A chain that flips back and forth removes the same block twice: same reason, two
+    retractions (from review)."""
+    fill = make_order(shares=100)
+    orders = [fill, retraction(fill), fill, retraction(fill)]
+    found = await run_through_processor(redis_client, streams, orders, [TRACKED], 1)
+    assert [s["status"] for s in found] == ["confirmed", "retracted", "confirmed", "retracted"]
+    assert [identity(s) for s in reference(orders, [TRACKED])] == [identity(s) for s in found]

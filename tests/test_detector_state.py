@@ -540,14 +540,15 @@ def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
     steps, k, a = [], 1, 2
     while a < len(args):
         np, nu, nf, done_value = int(args[a]), int(args[a + 1]), int(args[a + 2]), args[a + 3]
+        position = args[a + 4]
         done, prereqs = keys[k], keys[k + 1 : k + 1 + np]
         units = keys[k + 1 + np : k + 1 + np + nu]
         forgets = keys[k + 1 + np + nu : k + 1 + np + nu + nf]
         k += 1 + np + nu + nf
-        triples = args[a + 4 : a + 4 + 3 * nu]
-        ns = int(args[a + 4 + 3 * nu])
-        payloads = args[a + 5 + 3 * nu : a + 5 + 3 * nu + ns]
-        a += 5 + 3 * nu + ns
+        triples = args[a + 5 : a + 5 + 3 * nu]
+        ns = int(args[a + 5 + 3 * nu])
+        payloads = args[a + 6 + 3 * nu : a + 6 + 3 * nu + ns]
+        a += 6 + 3 * nu + ns
         writes = tuple(
             UnitWrite(unit.removeprefix("unit:"), *triples[3 * i : 3 * i + 3])
             for i, unit in enumerate(units)
@@ -560,6 +561,7 @@ def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
                 tuple(payloads),
                 done_value,
                 tuple(f.removeprefix("done:") for f in forgets),
+                position,
             )
         )
     assert k == len(keys) and a == len(args)
@@ -585,6 +587,7 @@ apply_steps = st.builds(
     st.lists(st.binary(min_size=1, max_size=20), max_size=3).map(tuple),
     st.binary(min_size=1, max_size=30),
     st.lists(st.text("0123456789abcdef:", min_size=1, max_size=8), max_size=2).map(tuple),
+    st.tuples(st.integers(0, 2**45), st.integers(0, 99)).map(lambda p: f"{p[0]}-{p[1]}"),
 )
 
 
@@ -612,6 +615,7 @@ def test_the_apply_layout_round_trips(steps: list[ApplyStep]) -> None:
                 step.payloads,
                 step.done_value,
                 step.forgets,
+                step.position,
             )
         )
     assert decoded == expected

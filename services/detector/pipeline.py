@@ -448,7 +448,8 @@ class BatchProcessor:
             return None
         if planned is None or not planned.units:
             return None
-        return Footprint(entry_position(entry_id), rules.decision_key(parsed), planned.units)
+        key = rules.decision_key(parsed, entry_id)
+        return Footprint(entry_position(entry_id), key, planned.units)
 
     def _remember(self, entry_id: str, footprint: Footprint | None) -> None:
         self._footprints[entry_id] = footprint
@@ -458,7 +459,8 @@ class BatchProcessor:
 
 def _footprint(step: Step) -> Footprint | None:
     units = step.plan.units
-    return Footprint(step.position, rules.decision_key(step.plan.order), units) if units else None
+    key = rules.decision_key(step.plan.order, step.entry_id)
+    return Footprint(step.position, key, units) if units else None
 
 
 def _apply_step(
@@ -470,14 +472,16 @@ def _apply_step(
     order = step.plan.order
     retraction = order.status is FillStatus.RETRACTED
     return ApplyStep(
-        rules.decision_key(order),
+        rules.decision_key(order, step.entry_id),
         prerequisites.get(step.entry_id, ()),
         tuple(writes),
         tuple(s.to_json() for s in decision.signals),
-        # A fill keeps its effect for a retraction; the retraction forgets the fill, so a block
-        # that includes it again has it decided afresh.
+        # A fill keeps its effect for a retraction; the retraction leaves a tombstone in its
+        # place, so a block that includes the fill again has it decided afresh, while a
+        # redelivered entry of the fill is still a repeat.
         b"1" if retraction else decision.effect.dump(),
         (order.order_key,) if retraction else (),
+        step.entry_id,
     )
 
 

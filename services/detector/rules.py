@@ -39,7 +39,6 @@ threshold, `n` the notional, `size = min(1, n / T)`:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -335,8 +334,8 @@ class Effect:
     def load(cls, raw: bytes | None) -> Effect | None:
         """The effect kept in a done key; None when the order was never decided (or its record
         expired), an empty Effect when it had none."""
-        if raw is None:
-            return None
+        if raw is None or raw.startswith(b"x:"):
+            return None  # never decided, or retracted already (a tombstone)
         if raw == b"1":
             return cls()
         data = orjson.loads(raw)
@@ -410,14 +409,13 @@ def decide(
     return Decision(tuple(emitted), after, tuple(suppressed), effect)
 
 
-def decision_key(order: OrderFill) -> str:
+def decision_key(order: OrderFill, entry_id: str) -> str:
     """What the order's decision is known by (its done key): the fill's order_key, or for a
-    retraction that key and the retraction's cause (a fill included again and orphaned again is
-    retracted again)."""
+    retraction that key and the retraction's own entry id (each retraction of a fill included
+    again and orphaned again is its own; a redelivered one is a repeat)."""
     if order.status is not FillStatus.RETRACTED:
         return order.order_key
-    cause = hashlib.sha256(order.status_reason.encode()).hexdigest()[:12]
-    return f"{order.order_key}:retracted:{cause}"
+    return f"{order.order_key}:retracted:{entry_id}"
 
 
 def undo(

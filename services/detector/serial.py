@@ -26,12 +26,15 @@ class SerialDetector:
         # What each decided fill did, for its retraction.
         self.effects: dict[str, Effect] = {}
         self.suppressed: Counter[str] = Counter()
+        self.position = 0
 
     def process(self, order: OrderFill, detected_at: float | None = None) -> list[Signal]:
         """The signals of one order; a repeated order_key emits and changes nothing. A retraction
-        undoes its fill and repeats its signals as retracted (docs/signals.md, "Retractions")."""
+        undoes its fill and repeats its signals as retracted (docs/signals.md, "Retractions"):
+        each stream entry comes once here, so a fill after its retraction is a new inclusion."""
+        self.position += 1
         planned = rules.plan(order, self.wallets.get(order.user), self.settings)
-        key = rules.decision_key(order)
+        key = rules.decision_key(order, f"{self.position}-0")
         if planned is None or key in self.done:
             return []
         before = {unit: self.states.get(unit) for unit in planned.units}

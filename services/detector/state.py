@@ -59,25 +59,32 @@ SPAN_FACTOR = 4
 
 # KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
 # keys, nf done keys it forgets. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per
-# order: np, nu, nf, its done key's value (its effect, for a retraction to undo), nu x (expected
-# value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
-# Per-unit compare and write, done keys last: see the module docstring. A forgotten done key goes
-# at once (a later order of the same call may need it gone: a fill included again after its
-# retraction).
+# order: np, nu, nf, its done key's value (its effect, for a retraction to undo), its entry id,
+# nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
+# Per-unit compare and write, done keys last: see the module docstring. A retraction turns its
+# fill's done key into a tombstone `x:<its entry id>`: an entry of the fill up to there is a
+# repeat (a redelivery), one after it a new inclusion of the fill, decided afresh.
 _APPLY = (
     f"local DUPLICATE, WAITING, CONFLICT = {DUPLICATE}, {WAITING}, {CONFLICT}\n"
     + """
 local stream, maxlen, done_ttl = KEYS[1], ARGV[1], ARGV[2]
-local results, blocked, checked, done_here = {}, {}, {}, {}
+local results, blocked, checked = {}, {}, {}
 local written, values, ttls, dones, done_values = {}, {}, {}, {}, {}
+local function after_tombstone(value, position)
+  local tms, tseq = string.match(value, '^x:(%d+)-(%d+)$')
+  if not tms then return false end
+  local ms, seq = string.match(position, '^(%d+)-(%d+)$')
+  ms, seq, tms, tseq = tonumber(ms), tonumber(seq), tonumber(tms), tonumber(tseq)
+  return ms > tms or (ms == tms and seq > tseq)
+end
 local a, k = 3, 2
 while a <= #ARGV do
   local np, nu, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local done_value = ARGV[a + 3]
+  local done_value, position = ARGV[a + 3], ARGV[a + 4]
   local done, first_prereq, first_unit = KEYS[k], k + 1, k + 1 + np
   local first_forget = first_unit + nu
   k = first_forget + nf
-  local unit_args = a + 4
+  local unit_args = a + 5
   local ns = tonumber(ARGV[unit_args + 3 * nu])
   local first_signal = unit_args + 3 * nu + 1
   a = first_signal + ns
@@ -90,8 +97,9 @@ while a <= #ARGV do
       if redis.call('EXISTS', KEYS[i]) == 0 then code = WAITING break end
     end
   end
-  if not code and (done_here[done] or redis.call('EXISTS', done) == 1) then
-    code = DUPLICATE
+  if not code then
+    local known = done_values[done] or redis.call('GET', done)
+    if known and not after_tombstone(known, position) then code = DUPLICATE end
   end
   if not code then
     for i = 0, nu - 1 do
@@ -115,12 +123,10 @@ while a <= #ARGV do
       redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i])
     end
     for i = first_forget, k - 1 do
-      redis.call('DEL', KEYS[i])
-      done_here[KEYS[i]] = nil
-      done_values[KEYS[i]] = nil
+      if not done_values[KEYS[i]] then dones[#dones + 1] = KEYS[i] end
+      done_values[KEYS[i]] = 'x:' .. position
     end
-    done_here[done] = true
-    dones[#dones + 1] = done
+    if not done_values[done] then dones[#dones + 1] = done end
     done_values[done] = done_value
     code = ns
   end
@@ -171,7 +177,10 @@ class ApplyStep:
     units: tuple[UnitWrite, ...]
     payloads: tuple[bytes, ...]
     done_value: bytes = b"1"
+    # Done keys this order turns into tombstones (a retraction: its fill's).
     forgets: tuple[str, ...] = ()
+    # Its entry id: where a tombstone it writes stands, and how a fill compares to one.
+    position: str = "0-0"
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,13 @@ def encode_apply(
         keys += [layout.done_key(key) for key in step.prerequisites]
         keys += [layout.unit_key(write.unit) for write in step.units]
         keys += [layout.done_key(key) for key in step.forgets]
-        args += [len(step.prerequisites), len(step.units), len(step.forgets), step.done_value]
+        args += [
+            len(step.prerequisites),
+            len(step.units),
+            len(step.forgets),
+            step.done_value,
+            step.position,
+        ]
         for write in step.units:
             # The script compares only a unit's first expected value in a call.
             expected = b"" if write.unit in seen else write.expected
