@@ -163,3 +163,34 @@ async def test_the_same_reason_twice_still_retracts_twice(
     found = await run_through_processor(redis_client, streams, orders, [TRACKED], 1)
     assert [s["status"] for s in found] == ["confirmed", "retracted", "confirmed", "retracted"]
     assert [identity(s) for s in reference(orders, [TRACKED])] == [identity(s) for s in found]
+
+
+COOLDOWN = RuleSettings(signal_cooldown_s=300, consensus_min_wallets=3)
+
+
+async def test_a_fill_included_again_signals_again_despite_the_cooldown_it_left(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """The cooldown stamp and the consensus episode the fill moved go back with it, so its
+    re-inclusion gives its signals again (from review)."""
+    wallets = [wallet(n) for n in (1, 2, 3)]
+    buys = [make_order(user=w.address, shares=10) for w in wallets]
+    orders = [*buys, retraction(buys[2]), buys[2]]
+    await ensure_group(redis_client, streams.orders_raw, DETECTOR_GROUP)
+    decider = processor(make_state(redis_client, streams), wallets, COOLDOWN)
+    entries = [RawEntry(f"{i + 1}-0", fields_of(order)) for i, order in enumerate(orders)]
+    for entry in entries:
+        await decider.process([entry], wait_s=5)
+    found = await signals_of(redis_client, streams)
+    third = [(s["kind"], s["status"]) for s in found if buys[2].order_key in s["order_keys"]]
+    assert third == [
+        ("trader_entry", "confirmed"),
+        ("consensus", "confirmed"),
+        ("trader_entry", "retracted"),
+        ("consensus", "retracted"),
+        ("trader_entry", "confirmed"),
+        ("consensus", "confirmed"),
+    ]
+    detector = SerialDetector(wallets, COOLDOWN)
+    expected = [s for order in orders for s in detector.process(order)]
+    assert [identity(s) for s in expected] == [identity(s) for s in found]

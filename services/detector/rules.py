@@ -306,19 +306,30 @@ def join_consensus(
 # --- decide -------------------------------------------------------------------------------------
 
 
+# A consensus episode: (formed_at, fired, last_signal).
+Episode = tuple[int, int, int | None]
+
+
+def _episode(state: ConsensusState | None) -> Episode:
+    return (0, 0, None) if state is None else (state.formed_at, state.fired, state.last_signal)
+
+
 @dataclass(frozen=True)
 class Effect:
     """What one decided order did, kept with it (in its done key) so that a retraction of the fill
-    can undo it: the signals it emitted, the change of its wallet's position in its token, and the
-    consensus member its wallet had before (None: none)."""
+    can undo it: the signals it emitted, the change of its wallet's position in its token, the
+    consensus member its wallet had before (None: none), the cooldown stamps it moved (kind,
+    before, after) and the consensus episode (formed_at, fired, last_signal) before and after."""
 
     signals: tuple[Signal, ...] = ()
     position_delta: int = 0
     joined: bool = False
     previous_member: Member | None = None
+    stamps: tuple[tuple[str, int | None, int], ...] = ()
+    episode: tuple[Episode, Episode] | None = None
 
     def dump(self) -> bytes:
-        if not (self.signals or self.position_delta or self.joined):
+        if not (self.signals or self.position_delta or self.joined or self.stamps or self.episode):
             return b"1"
         member = self.previous_member
         return orjson.dumps(
@@ -327,6 +338,8 @@ class Effect:
                 "position_delta": self.position_delta,
                 "joined": self.joined,
                 "previous_member": None if member is None else list(vars(member).values()),
+                "stamps": self.stamps,
+                "episode": self.episode,
             }
         )
 
@@ -340,11 +353,14 @@ class Effect:
             return cls()
         data = orjson.loads(raw)
         member = data["previous_member"]
+        episode = data.get("episode")
         return cls(
             tuple(Signal.model_validate(s) for s in data["signals"]),
             int(data["position_delta"]),
             bool(data["joined"]),
             None if member is None else Member(*member),
+            tuple((kind, before, after) for kind, before, after in data.get("stamps", ())),
+            None if episode is None else (tuple(episode[0]), tuple(episode[1])),
         )
 
 
@@ -375,6 +391,8 @@ def decide(
     emitted: list[Signal] = []
     suppressed: list[SignalKind] = []
     delta, joined, previous = 0, False, None
+    stamps: list[tuple[str, int | None, int]] = []
+    episode: tuple[Episode, Episode] | None = None
     if planned.wallet_unit is None:
         emitted = candidates
     else:
@@ -395,6 +413,11 @@ def decide(
         after[planned.wallet_unit] = None if state.empty else state
         token = order.token_id
         delta = positions.get(token, 0) - before.positions.get(token, 0)
+        stamps = [
+            (kind, before.last_signal.get(kind), stamp)
+            for kind, stamp in last.items()
+            if before.last_signal.get(kind) != stamp
+        ]
     if planned.token_unit is not None and wallet is not None:
         token_state = states.get(planned.token_unit)
         prior = token_state if isinstance(token_state, ConsensusState) else None
@@ -405,7 +428,9 @@ def decide(
         member = consensus.members.get(order.user)
         joined = member is not None and member.order_key == order.order_key
         previous = prior.members.get(order.user) if prior is not None else None
-    effect = Effect(tuple(emitted), delta, joined, previous)
+        if _episode(prior) != _episode(consensus):
+            episode = (_episode(prior), _episode(consensus))
+    effect = Effect(tuple(emitted), delta, joined, previous, tuple(stamps), episode)
     return Decision(tuple(emitted), after, tuple(suppressed), effect)
 
 
@@ -428,11 +453,13 @@ def undo(
     and each signal it emitted repeated with status `retracted` and the reason.
 
     The position loses what the fill added (or gets back what it took, floor 0); the consensus gets
-    back the wallet's previous member, unless a later buy has replaced the fill's since. Cooldowns
-    and consensus episodes stay as they are: a retraction never makes a signal fire."""
+    back the wallet's previous member, unless a later buy has replaced the fill's since. The
+    cooldown stamps and the consensus episode the fill moved go back when nothing has moved them
+    since, so a fill included again is decided as the first time; a retraction itself never
+    makes a signal fire."""
     order = planned.order
     after: dict[str, UnitState | None] = {}
-    if planned.wallet_unit is not None and effect.position_delta:
+    if planned.wallet_unit is not None and (effect.position_delta or effect.stamps):
         state = _wallet_state(states.get(planned.wallet_unit))
         positions = dict(state.positions)
         position = max(0, positions.get(order.token_id, 0) - effect.position_delta)
@@ -440,18 +467,30 @@ def undo(
             positions[order.token_id] = position
         else:
             positions.pop(order.token_id, None)
-        undone = WalletMarketState(positions, state.last_signal)
+        last = dict(state.last_signal)
+        for kind, before, stamp in effect.stamps:
+            if last.get(kind) == stamp:  # not moved since by a later signal
+                if before is None:
+                    last.pop(kind, None)
+                else:
+                    last[kind] = before
+        undone = WalletMarketState(positions, last)
         after[planned.wallet_unit] = None if undone.empty else undone
     current = states.get(planned.token_unit) if planned.token_unit is not None else None
-    if effect.joined and isinstance(current, ConsensusState) and planned.token_unit is not None:
+    if isinstance(current, ConsensusState) and planned.token_unit is not None:
         members = dict(current.members)
         mine = members.get(order.user)
-        if mine is not None and mine.order_key == order.order_key:
+        if effect.joined and mine is not None and mine.order_key == order.order_key:
             if effect.previous_member is None:
                 members.pop(order.user)
             else:
                 members[order.user] = effect.previous_member
-            after[planned.token_unit] = replace(current, members=members)
+        restored = replace(current, members=members)
+        if effect.episode is not None and _episode(current) == effect.episode[1]:
+            formed_at, fired, last_signal = effect.episode[0]
+            restored = replace(restored, formed_at=formed_at, fired=fired, last_signal=last_signal)
+        if restored != current:
+            after[planned.token_unit] = restored
     update = {"status": FillStatus.RETRACTED, "status_reason": order.status_reason}
     retracted = tuple(
         s.model_copy(update={**update, "detected_at": detected_at}) for s in effect.signals
