@@ -193,8 +193,9 @@ def plan(order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings)
     passes = passes_filters(order, settings)
     whale = passes and order.notional_usd >= settings.whale_min_notional_usd
     tracked = wallet is not None
-    needs_cooldown = whale and settings.signal_cooldown_s > 0
-    w_unit = wallet_unit(order.user, market_of(order)) if tracked or needs_cooldown else None
+    # A whale has its wallet unit even without a cooldown to keep: the unit is what orders the
+    # fill before its retraction across replicas.
+    w_unit = wallet_unit(order.user, market_of(order)) if tracked or whale else None
     t_unit = token_unit(order.token_id) if tracked and order.side is Side.BUY and passes else None
     if not (whale or w_unit or t_unit):
         return None
