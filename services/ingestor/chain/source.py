@@ -124,6 +124,8 @@ class PolygonSource:
         # What went out per block, kept as deep as a reorg is looked for: a block replaced under
         # the watermark retracts its fills.
         self._published: OrderedDict[int, list[tuple[str, OrderFill]]] = OrderedDict()
+        # The fork of a reorg whose retractions are not all out yet (a failure meanwhile).
+        self._retract_from: int | None = None
         self.endpoint = 0
         self.head = 0
         self.head_seen_at = time.time()
@@ -311,6 +313,8 @@ class PolygonSource:
         """Read every settled block after the cursor, then move the watermark past them."""
         assert self._cursor is not None
         await self._step_back_over_reorg(socket)
+        if self._retract_from is not None:
+            await self._retract_after(socket, self._retract_from)
         target = self.head - self.settings.confirmations
         while self._cursor < target:
             end = min(target, self._cursor + self.settings.getlogs_max_blocks)
@@ -350,7 +354,10 @@ class PolygonSource:
             self.reorgs += 1
             metrics.CHAIN_REORGS.inc()
             log.warning("polygon_reorg", extra={"depth": depth, "fork_after": self._cursor})
-            await self._retract_after(socket, self._cursor)
+            fork = self._cursor
+            self._retract_from = (
+                fork if self._retract_from is None else min(fork, self._retract_from)
+            )
 
     async def _retract_after(self, socket: RpcSocket, fork: int) -> None:
         """Retract what went out from blocks after the fork that the chain no longer holds; the
@@ -359,20 +366,20 @@ class PolygonSource:
             block = await socket.call("eth_getBlockByNumber", [hex(number), False])
             header = self._remember_header(block)
             canonical = header.hash if header is not None else ""  # none: the chain is shorter
-            kept: list[tuple[str, OrderFill]] = []
-            gone: list[OrderFill] = []
-            for block_hash, fill in self._published.pop(number):
-                if block_hash == canonical:
-                    kept.append((block_hash, fill))
-                else:
-                    gone.append(fill)
+            published = self._published[number]
+            reason = f"chain reorg: block {number} was replaced (fork after block {fork})"
+            for block_hash, fill in published:
+                if block_hash != canonical:
+                    metrics.CHAIN_REMOVED.inc()
+                    retraction = {"status": FillStatus.RETRACTED, "status_reason": reason}
+                    await self.publisher.publish_now([fill.model_copy(update=retraction)])
+            # Dropped only once out: a failure above leaves them for the next pass.
+            kept = [(h, fill) for h, fill in published if h == canonical]
             if kept:
                 self._published[number] = kept
-            reason = f"chain reorg: block {number} was replaced (fork after block {fork})"
-            for fill in gone:
-                metrics.CHAIN_REMOVED.inc()
-                retraction = {"status": FillStatus.RETRACTED, "status_reason": reason}
-                await self.publisher.publish_now([fill.model_copy(update=retraction)])
+            else:
+                del self._published[number]
+        self._retract_from = None
 
     async def _read_range(self, socket: RpcSocket, start: int, end: int, wallets: set[str]) -> None:
         if start > end or not wallets:
