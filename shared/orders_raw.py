@@ -25,20 +25,24 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from shared.backoff import Backoff, retrying
-from shared.models import FillStatus, OrderFill
+from shared.models import FillStatus, OrderFill, Source
 from shared.redis_streams import DATA_FIELD, encode
 from shared.streams import Streams
 
-# KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key and the seen keys
-# its status clears; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then four per fill: its JSON, the
-# watermark field to raise ('' = none), its exchange timestamp and how many keys it clears.
-# Returns 1 (added) or 0 (duplicate) per fill, in order.
+# KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key, the seen keys its
+# status clears and those that hold it back; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then five per
+# fill: its JSON, the watermark field to raise ('' = none), its exchange timestamp, how many keys it
+# clears and how many hold it back. Returns 1 (added) or 0 (duplicate) per fill, in order.
 DEDUPE_XADD = """
 local added = {}
 local k, a = 3, 3
 while a <= #ARGV do
-  local cleared = tonumber(ARGV[a + 3])
-  if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
+  local cleared, held = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local free = true
+  for i = k + 1 + cleared, k + cleared + held do
+    if redis.call('EXISTS', KEYS[i]) == 1 then free = false end
+  end
+  if free and redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[a])
     for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
     added[#added + 1] = 1
@@ -52,8 +56,8 @@ while a <= #ARGV do
       redis.call('HSET', KEYS[2], field, ARGV[a + 2])
     end
   end
-  k = k + 1 + cleared
-  a = a + 4
+  k = k + 1 + cleared + held
+  a = a + 5
 end
 return added
 """
@@ -69,18 +73,23 @@ return 0
 """
 
 
-def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...]]:
-    """The dedupe key of the fill in its status, and the keys a new entry in that status clears.
+def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The dedupe key of the fill in its status, the keys a new entry in that status clears, and
+    those that hold it back.
 
     A fill is published once per status: first sight (`pending` or `confirmed`), then each change.
     A retraction clears the fill's first sight, so a block that includes the fill again publishes
-    it again; that re-inclusion clears the retraction, so a later reorg can retract it again."""
+    it again; that re-inclusion clears the retraction, so a later reorg can retract it again. Only
+    the chain can tell a new inclusion from a late copy of the old one: from any other source a
+    retracted fill stays retracted."""
     key = fill.order_key
     if fill.status is FillStatus.RETRACTED:
-        return f"{key}:retracted", (key, f"{key}:pending")
+        return f"{key}:retracted", (key, f"{key}:pending"), ()
     if fill.status is FillStatus.PENDING:
-        return f"{key}:pending", ()
-    return key, (f"{key}:retracted",)
+        return f"{key}:pending", (), ()
+    if fill.source is Source.POLYGON:
+        return key, (f"{key}:retracted",), ()
+    return key, (), (f"{key}:retracted",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +128,11 @@ class OrdersRaw:
         keys = [self.streams.orders_raw, self.watermarks]
         args: list[EncodableT] = [self._ttl, self._maxlen]
         for item in items:
-            own, cleared = seen_keys(item.fill)
-            keys += [prefix + key for key in (own, *cleared)]
+            own, cleared, held = seen_keys(item.fill)
+            keys += [prefix + key for key in (own, *cleared, *held)]
             field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
-            args += [encode(item.fill)[DATA_FIELD], field, item.fill.timestamp, len(cleared)]
+            fill = encode(item.fill)[DATA_FIELD]
+            args += [fill, field, item.fill.timestamp, len(cleared), len(held)]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]
 

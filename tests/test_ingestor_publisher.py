@@ -235,11 +235,14 @@ async def test_a_fill_is_published_once_per_status_and_a_reorg_can_come_back(
     """First sight, its retraction, the fill included again by a later block, and a second
     reorg: each once, whatever is repeated in between."""
     publisher = make_publisher(redis_client, streams)
-    fill = tape_fills(1)[0]
+    fill = tape_fills(1)[0].model_copy(update={"source": Source.POLYGON})
+    late_copy = fill.model_copy(update={"source": Source.DOME_WS})
     retraction = fill.model_copy(update={"status": FillStatus.RETRACTED, "status_reason": "reorg"})
-    sequence = [fill, fill, retraction, retraction, fill, fill, retraction]
+    # Only the chain re-opens a retracted fill: the same fill from another source (a late copy
+    # of the old inclusion) stays held back.
+    sequence = [fill, fill, retraction, retraction, late_copy, fill, fill, retraction, late_copy]
     added = [await publisher.publish_now([item]) for item in sequence]
-    assert added == [1, 0, 1, 0, 1, 0, 1]
+    assert added == [1, 0, 1, 0, 0, 1, 0, 1, 0]
     entries = cast(list[Entry], await redis_client.xrange(streams.orders_raw))
     statuses = [json.loads(fields[b"data"])["status"] for _, fields in entries]
     assert statuses == ["confirmed", "retracted", "confirmed", "retracted"]
