@@ -47,13 +47,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from services.notifier.auth import MIN_TOKEN_LENGTH, token_is_strong
+from shared.hosts import NAME, entries, host_names, served_names
 from shared.settings import CommonSettings
 
-_NAME = r"(?:\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)"
-_HOST = re.compile(rf"^(?:\*|{_NAME})$")
-_ORIGIN = re.compile(rf"^(?:\*|https?://{_NAME}(?::\d{{1,5}})?)$")
-# Listening on every interface names no host a client would use.
-_ANY_ADDRESS = {"", "0.0.0.0", "[::]"}
+_ORIGIN = re.compile(rf"^(?:\*|https?://{NAME}(?::\d{{1,5}})?)$")
 
 
 class NotifierSettings(CommonSettings):
@@ -112,21 +109,12 @@ class NotifierSettings(CommonSettings):
     @field_validator("notifier_allowed_hosts")
     @classmethod
     def _host_names(cls, value: str) -> str:
-        names = _entries(value)
-        if not names:
-            raise ValueError("NOTIFIER_ALLOWED_HOSTS is empty: list host names, or * for any")
-        for name in names:
-            if not _HOST.match(name):
-                raise ValueError(
-                    f"NOTIFIER_ALLOWED_HOSTS: {name[:60]!r} is not a host name "
-                    "(no scheme or port; IPv6 in brackets, like [::1]; * for any)"
-                )
-        return ",".join(names)
+        return host_names(value, "NOTIFIER_ALLOWED_HOSTS")
 
     @field_validator("notifier_allowed_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        origins = [origin.rstrip("/") for origin in _entries(value)]
+        origins = [origin.rstrip("/") for origin in entries(value)]
         for origin in origins:
             if not _ORIGIN.match(origin):
                 raise ValueError(
@@ -142,23 +130,10 @@ class NotifierSettings(CommonSettings):
 
     def allowed_hosts(self) -> tuple[str, ...]:
         """The Host names served: the listed ones, plus NOTIFIER_HOST when it names one address."""
-        names = self.notifier_allowed_hosts.split(",")
-        own = _bracketed(self.notifier_host.lower())
-        if own not in _ANY_ADDRESS and _HOST.match(own) and own not in names:
-            names.append(own)
-        return tuple(names)
+        return served_names(self.notifier_allowed_hosts, self.notifier_host)
 
     def allowed_origins(self) -> tuple[str, ...]:
         """Origins allowed on `/ws` besides the notifier's own (same-origin is always allowed)."""
         return (
             tuple(self.notifier_allowed_origins.split(",")) if self.notifier_allowed_origins else ()
         )
-
-
-def _entries(value: str) -> list[str]:
-    # Host names and origins are case-insensitive; lower-cased once here, compared as is later.
-    return [part.strip().lower() for part in value.split(",") if part.strip()]
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

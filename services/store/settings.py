@@ -43,16 +43,13 @@ Plus the common ones: `REDIS_URL`, `STREAM_NAMESPACE`, `LOG_LEVEL`, `OPS_HOST`.
 
 from __future__ import annotations
 
-import re
-
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.hosts import host_names, served_names
 from shared.settings import DatabaseSettings
 
 # A host name or an IP address (IPv6 in brackets), as in a Host header without its port.
-_HOST_NAME = re.compile(r"^(\*|\[[0-9a-f:.]+\]|[a-z0-9_.-]+)$")
-_ANY_ADDRESS = ("", "0.0.0.0", "[::]")
 
 
 class StoreSettings(DatabaseSettings):
@@ -91,26 +88,12 @@ class StoreSettings(DatabaseSettings):
     @field_validator("store_api_allowed_hosts")
     @classmethod
     def _host_names(cls, value: str) -> str:
-        hosts = [host.strip().lower() for host in value.split(",") if host.strip()]
-        if not hosts:
-            raise ValueError("STORE_API_ALLOWED_HOSTS names no host: list host names, or * for any")
-        for host in hosts:
-            if not _HOST_NAME.match(host):
-                raise ValueError(
-                    f"STORE_API_ALLOWED_HOSTS: {host[:80]!r} is not a host name "
-                    "(no scheme, no port; IPv6 in brackets)"
-                )
-        return ",".join(hosts)
+        return host_names(value, "STORE_API_ALLOWED_HOSTS")
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:
         """The listed names, plus OPS_HOST when it names one address: clients reach it by that."""
-        hosts = self.store_api_allowed_hosts.split(",")
-        own = self.ops_host.lower()
-        own = f"[{own}]" if ":" in own else own
-        if own not in _ANY_ADDRESS and _HOST_NAME.match(own) and own not in hosts:
-            hosts.append(own)
-        return tuple(hosts)
+        return served_names(self.store_api_allowed_hosts, self.ops_host)
 
     @model_validator(mode="after")
     def _consistent(self) -> StoreSettings:
