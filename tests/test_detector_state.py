@@ -539,16 +539,17 @@ def _decode_apply(keys: list[str], args: list[Any]) -> list[ApplyStep]:
     np, nu, nf, the done value, nu triples and ns payloads."""
     steps, k, a = [], 1, 2
     while a < len(args):
-        np, nu, nf, done_value = int(args[a]), int(args[a + 1]), int(args[a + 2]), args[a + 3]
-        position = args[a + 4]
+        head = args[a].split(b",", 4)
+        np, nu, nf, position, done_value = int(head[0]), int(head[1]), int(head[2]), *head[3:]
+        position = position.decode()
         done, prereqs = keys[k], keys[k + 1 : k + 1 + np]
         units = keys[k + 1 + np : k + 1 + np + nu]
         forgets = keys[k + 1 + np + nu : k + 1 + np + nu + nf]
         k += 1 + np + nu + nf
-        triples = args[a + 5 : a + 5 + 3 * nu]
-        ns = int(args[a + 5 + 3 * nu])
-        payloads = args[a + 6 + 3 * nu : a + 6 + 3 * nu + ns]
-        a += 6 + 3 * nu + ns
+        triples = args[a + 1 : a + 1 + 3 * nu]
+        ns = int(args[a + 1 + 3 * nu])
+        payloads = args[a + 2 + 3 * nu : a + 2 + 3 * nu + ns]
+        a += 2 + 3 * nu + ns
         writes = tuple(
             UnitWrite(unit.removeprefix("unit:"), *triples[3 * i : 3 * i + 3])
             for i, unit in enumerate(units)

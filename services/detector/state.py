@@ -59,7 +59,8 @@ SPAN_FACTOR = 4
 
 # KEYS[1]: the signals stream; then per order: its done key, np prerequisite done keys, nu unit
 # keys, nf done keys it forgets. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per
-# order: np, nu, nf, its done key's value (its effect, for a retraction to undo), its entry id,
+# order: one header `np,nu,nf,<entry id>,<its done key's value>` (the value: its effect, for a
+# retraction to undo; one argument, as each argument costs redis-py's packing per order),
 # nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
 # Per-unit compare and write, done keys last: see the module docstring. A retraction turns its
 # fill's done key into a tombstone `x:<its entry id>`: an entry of the fill up to there is a
@@ -79,12 +80,13 @@ local function after_tombstone(value, position)
 end
 local a, k = 3, 2
 while a <= #ARGV do
-  local np, nu, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local done_value, position = ARGV[a + 3], ARGV[a + 4]
+  local np, nu, nf, position, done_value =
+    string.match(ARGV[a], '^(%d+),(%d+),(%d+),([%d-]+),(.*)$')
+  np, nu, nf = tonumber(np), tonumber(nu), tonumber(nf)
   local done, first_prereq, first_unit = KEYS[k], k + 1, k + 1 + np
   local first_forget = first_unit + nu
   k = first_forget + nf
-  local unit_args = a + 5
+  local unit_args = a + 1
   local ns = tonumber(ARGV[unit_args + 3 * nu])
   local first_signal = unit_args + 3 * nu + 1
   a = first_signal + ns
@@ -211,13 +213,8 @@ def encode_apply(
         keys += [layout.done_key(key) for key in step.prerequisites]
         keys += [layout.unit_key(write.unit) for write in step.units]
         keys += [layout.done_key(key) for key in step.forgets]
-        args += [
-            len(step.prerequisites),
-            len(step.units),
-            len(step.forgets),
-            step.done_value,
-            step.position,
-        ]
+        header = f"{len(step.prerequisites)},{len(step.units)},{len(step.forgets)},{step.position},"
+        args.append(header.encode() + step.done_value)
         for write in step.units:
             # The script compares only a unit's first expected value in a call.
             expected = b"" if write.unit in seen else write.expected
