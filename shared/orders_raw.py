@@ -30,14 +30,16 @@ from shared.redis_streams import DATA_FIELD, encode
 from shared.streams import Streams
 
 # KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key, the seen keys its
-# status clears and those that hold it back; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then five per
-# fill: its JSON, the watermark field to raise ('' = none), its exchange timestamp, how many keys it
-# clears and how many hold it back. Returns 1 (added) or 0 (duplicate) per fill, in order.
+# status clears and those that hold it back; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then two per
+# fill: its JSON, and one header `<keys it clears>,<keys that hold it back>,<exchange timestamp>,
+# <watermark field to raise, or nothing>` (one argument: each costs redis-py's packing per fill).
+# Returns 1 (added) or 0 (duplicate) per fill, in order.
 DEDUPE_XADD = """
 local added = {}
 local k, a = 3, 3
 while a <= #ARGV do
-  local cleared, held = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local cleared, held, ts, field = string.match(ARGV[a + 1], '^(%d+),(%d+),(%d+),(.*)$')
+  cleared, held = tonumber(cleared), tonumber(held)
   local free = true
   for i = k + 1 + cleared, k + cleared + held do
     if redis.call('EXISTS', KEYS[i]) == 1 then free = false end
@@ -49,15 +51,14 @@ while a <= #ARGV do
   else
     added[#added + 1] = 0
   end
-  local field = ARGV[a + 1]
   if field ~= '' then
     local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
-    if tonumber(ARGV[a + 2]) > current then
-      redis.call('HSET', KEYS[2], field, ARGV[a + 2])
+    if tonumber(ts) > current then
+      redis.call('HSET', KEYS[2], field, ts)
     end
   end
   k = k + 1 + cleared + held
-  a = a + 5
+  a = a + 2
 end
 return added
 """
@@ -131,8 +132,8 @@ class OrdersRaw:
             own, cleared, held = seen_keys(item.fill)
             keys += [prefix + key for key in (own, *cleared, *held)]
             field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
-            fill = encode(item.fill)[DATA_FIELD]
-            args += [fill, field, item.fill.timestamp, len(cleared), len(held)]
+            header = f"{len(cleared)},{len(held)},{item.fill.timestamp},{field}"
+            args += [encode(item.fill)[DATA_FIELD], header]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]
 
