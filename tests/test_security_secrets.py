@@ -34,9 +34,9 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from devtools.processes import ROOT, ServiceProcess, start_all
 from chaos.receiver import WebhookReceiver
 from chaos.redis_server import ThrowawayRedis
+from devtools.processes import ROOT, ServiceProcess, start_all
 from devtools.servers import create_database, drop_database, free_port
 from services.ingestor.settings import IngestorSettings
 from services.notifier.settings import NotifierSettings
