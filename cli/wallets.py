@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from shared import wallet_registry
 from shared.models import TrackedWallet
+from shared.redis_streams import entry_position
 from shared.streams import Streams
 
 DbMode = Literal["auto", "require", "off"]
@@ -72,11 +73,6 @@ async def _columns(conn: asyncpg.Connection) -> set[str]:
     return {r["column_name"] for r in rows}
 
 
-def _control(control_id: str) -> tuple[int, int]:
-    ms, _, seq = control_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _newer_than_row(columns: set[str]) -> str:
     """SQL guard: the row was not already changed by a later control entry."""
     if {"control_ms", "control_seq"} <= columns:
@@ -94,7 +90,7 @@ async def _upsert_row(
     updates = ["label = EXCLUDED.label", "score = EXCLUDED.score"]
     if {"control_ms", "control_seq"} <= columns:
         names += ["control_ms", "control_seq"]
-        values += list(_control(control_id))
+        values += list(entry_position(control_id))
         updates += ["control_ms = EXCLUDED.control_ms", "control_seq = EXCLUDED.control_seq"]
     if "updated_at" in columns:
         updates.append("updated_at = now()")
@@ -119,7 +115,7 @@ async def _remove_row(
     guard = ""
     if {"control_ms", "control_seq"} <= columns:
         sets += ["control_ms = $2", "control_seq = $3"]
-        args += list(_control(control_id))
+        args += list(entry_position(control_id))
         guard = " AND (control_ms IS NULL OR (control_ms, control_seq) < ($2, $3))"
     if "updated_at" in columns:
         sets.append("updated_at = now()")

@@ -47,7 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.backoff import Backoff
 from shared.errors import describe
-from shared.redis_streams import dead_letter, ensure_group, entry_payload
+from shared.redis_streams import dead_letter, ensure_group, entry_payload, entry_position
 from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -445,8 +445,8 @@ class ConsumerGroup:
         pending: Any = await self.client.xpending_range(
             self.config.stream,
             self.config.group,
-            min=min(ids, key=_position),
-            max=max(ids, key=_position),
+            min=min(ids, key=entry_position),
+            max=max(ids, key=entry_position),
             count=len(ids) + 1000,
             consumername=self.config.consumer,
         )
@@ -570,8 +570,3 @@ class ConsumerGroup:
                 self.health.redis_down_since = None
                 REDIS_DOWN.labels(*self._labels).set(0)
             return result
-
-
-def _position(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -43,6 +43,12 @@ def decode(fields: Mapping[bytes, bytes]) -> Any:
         raise ValueError(f"entry 'data' is not JSON: {exc}") from exc
 
 
+def entry_position(entry_id: str) -> tuple[int, int]:
+    """A stream id as numbers, which compare in stream order ("9-0" sorts after "10-0" as text)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def entry_payload(fields: Mapping[bytes, bytes]) -> bytes:
     """What to keep of an entry for people to inspect: its `data`, else all its fields as JSON."""
     data = fields.get(DATA_FIELD)

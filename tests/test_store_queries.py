@@ -19,8 +19,9 @@ from services.store import queries
 from services.store.api import wants_csv
 from services.store.queries import ORDERS, SIGNALS, Cursor, CursorError
 from services.store.settings import StoreSettings
-from services.store.wallets import differences, id_parts
+from services.store.wallets import differences
 from shared.models import TrackedWallet
+from shared.redis_streams import entry_position
 
 T0 = datetime(2025, 11, 6, 20, 53, 11, 123456, tzinfo=UTC)
 A, B, C = ("0x" + c * 40 for c in "abc")
@@ -168,8 +169,8 @@ def test_differences_make_the_registry_equal_postgres() -> None:
 
 
 def test_stream_ids_compare_as_numbers() -> None:
-    assert id_parts("1700000000000-12") == (1_700_000_000_000, 12)
-    assert id_parts("9-0") < id_parts("10-0")
+    assert entry_position("1700000000000-12") == (1_700_000_000_000, 12)
+    assert entry_position("9-0") < entry_position("10-0")
 
 
 def test_api_settings_refuse_weak_or_inconsistent_auth() -> None:

@@ -23,9 +23,9 @@ from services.store.main import Store
 from services.store.queries import ORDERS as ORDER_LISTING
 from services.store.queries import SIGNALS as SIGNAL_LISTING
 from services.store.queries import filters
-from services.store.rows import ORDERS, SIGNALS, id_parts, prepare
+from services.store.rows import ORDERS, SIGNALS, prepare
 from shared.models import FillStatus, OrderFill, Signal
-from shared.redis_streams import encode
+from shared.redis_streams import encode, entry_position
 from shared.streams import Streams
 from tests.test_store_api import Api, parse_csv, seed_file, serving
 from tests.test_store_rows import entry, make_fill, make_signal
@@ -96,7 +96,7 @@ def test_a_row_carries_its_status_and_the_position_of_its_entry() -> None:
         SIGNALS, [entry(make_signal(1), "1-0"), entry(retraction(make_signal(1)), "2-0")]
     )
     assert [row.stream_id for row in both.rows] == ["1-0", "2-0"] and both.valid == 2
-    assert id_parts("9-0") < id_parts("10-0")
+    assert entry_position("9-0") < entry_position("10-0")
 
 
 def test_the_status_filter_names_the_partial_index_predicate_when_it_can() -> None:

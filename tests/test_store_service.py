@@ -22,10 +22,9 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from services.store.main import Store
-from services.store.rows import id_parts
 from services.store.settings import StoreSettings
 from shared.models import OrderFill
-from shared.redis_streams import encode
+from shared.redis_streams import encode, entry_position
 from shared.streams import STORE_GROUP, Streams
 from tests.test_store_rows import EXCHANGE_TS, WALLET, make_fill, make_signal
 
@@ -155,7 +154,7 @@ async def test_orders_and_signals_become_rows_with_their_values(
         await fetch(database_url, "SELECT * FROM orders WHERE order_key = $1", fills[7].order_key)
     )[0]
     expected: OrderFill = fills[7]
-    status_ms, status_seq = id_parts(order_ids[7])
+    status_ms, status_seq = entry_position(order_ids[7])
     assert dict(order) | {"stored_at": None, "payload": None} == {
         "order_key": expected.order_key,
         "wallet": WALLET,

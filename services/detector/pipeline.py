@@ -51,11 +51,10 @@ from services.detector.state import (
     DetectorState,
     Rejection,
     UnitWrite,
-    entry_position,
 )
 from shared.errors import describe, validation_reason
 from shared.models import FillStatus, OrderFill, TrackedWallet
-from shared.redis_streams import DATA_FIELD, decode
+from shared.redis_streams import DATA_FIELD, decode, entry_position
 from shared.streams import DETECTOR_GROUP
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.detector.rules import WalletMarketState, wallet_unit
 from shared.backoff import retrying
-from shared.redis_streams import dead_letter
+from shared.redis_streams import dead_letter, entry_position
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,6 @@ def encode_apply(
         args.append(len(step.payloads))
         args += step.payloads
     return keys, args
-
-
-def entry_position(entry_id: str) -> tuple[int, int]:
-    """An entry id as a comparable pair (`ms-seq`)."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class DetectorState:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from shared.errors import validation_reason
 from shared.models import FillStatus, OrderFill, Signal
-from shared.redis_streams import decode, entry_payload
+from shared.redis_streams import decode, entry_payload, entry_position
 from shared.stream_metrics import observe_signal_latency
 
 REASON_MAX = 500
@@ -77,14 +77,8 @@ STATUS_COLUMNS = (
 )
 
 
-def id_parts(stream_id: str) -> tuple[int, int]:
-    """A stream id as numbers, which compare in stream order ("9-0" sorts after "10-0" as text)."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def status_values(stream_id: str, status: FillStatus, reason: str) -> Values:
-    ms, seq = id_parts(stream_id)
+    ms, seq = entry_position(stream_id)
     return (status.value, reason, ms, seq, ms, seq)
 
 

@@ -40,9 +40,9 @@ from redis.exceptions import RedisError
 
 from services.store import metrics
 from services.store.database import Database, Stopping, is_data_error
-from services.store.rows import id_parts
 from shared import wallet_registry
 from shared.models import TrackedWallet
+from shared.redis_streams import entry_position
 from shared.streams import Streams
 from shared.wallet_registry import WalletChange
 from shared.wallets import WalletFileError, load_wallets
@@ -129,7 +129,7 @@ async def apply_change(
     conn: asyncpg.Connection, wallet: TrackedWallet, removed: bool, stream_id: str
 ) -> bool:
     """Record one control entry on the wallet's row; False when the row already had a newer one."""
-    ms, seq = id_parts(stream_id)
+    ms, seq = entry_position(stream_id)
     status = await conn.execute(
         _APPLY, wallet.address, wallet.label, wallet.score, removed, ms, seq
     )
