@@ -162,12 +162,9 @@ class GroupConfig:
 
 @dataclass
 class GroupHealth:
-    reading: bool = False
     redis_down_since: float | None = None
-    last_error: str = ""
     in_flight: int = 0
     stopped: bool = False
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 class ConsumerGroup:
@@ -309,7 +306,6 @@ class ConsumerGroup:
             return []
         entries = [(eid.decode(), f) for _, items in reply or [] for eid, f in items if f]
         READ.labels(*self._labels).inc(len(entries))
-        self.health.reading = True
         return entries
 
     async def ensure_group(self) -> None:
@@ -554,7 +550,6 @@ class ConsumerGroup:
                         "redis_unreachable",
                         extra={"group": self.config.group, "error": describe(exc)},
                     )
-                self.health.last_error = describe(exc)
                 if self._stop.is_set():
                     raise
                 await asyncio.sleep(backoff.next_delay())
