@@ -9,10 +9,11 @@ REASON_MAX = 2000
 PROBLEMS_MAX = 5
 
 
-def validation_reason(exc: ValidationError) -> str:
-    """`field.path: message; ...` for the first few problems of a pydantic error."""
+def validation_reason(exc: ValidationError, whole: str = "payload") -> str:
+    """`field.path: message; ...` for the first few problems of a pydantic error; `whole` names
+    a problem of the input as a whole."""
     problems = [
-        f"{'.'.join(str(part) for part in error['loc']) or 'payload'}: {error['msg']}"
+        f"{'.'.join(str(part) for part in error['loc']) or whole}: {error['msg']}"
         for error in exc.errors(include_url=False, include_input=False)[:PROBLEMS_MAX]
     ]
     more = len(exc.errors()) - PROBLEMS_MAX

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from shared.errors import validation_reason
 from shared.models import FeedOrder, OrderFill, Source
 
 _MAX_ID_CHARS = 100
@@ -118,22 +119,17 @@ def _event(
     try:
         order = FeedOrder.model_validate(data)
     except ValidationError as exc:
-        return Rejected(RejectKind.INVALID_EVENT, _validation_reason(exc), subscription_id)
+        return Rejected(
+            RejectKind.INVALID_EVENT,
+            "invalid order: " + validation_reason(exc, whole="data"),
+            subscription_id,
+        )
     if order.user not in tracked:
         if order.user in ignored:
             return Ignored(order.user)
         reason = f"user {order.user} is not a tracked wallet"
         return Rejected(RejectKind.UNTRACKED_WALLET, reason, subscription_id)
     return Fill(OrderFill.from_dome(order, Source.DOME_WS, received_at), subscription_id)
-
-
-def _validation_reason(exc: ValidationError) -> str:
-    # Field and message only: input values could be huge, and the dead letter keeps them anyway.
-    problems = [
-        f"{'.'.join(str(part) for part in error['loc']) or 'data'}: {error['msg']}"
-        for error in exc.errors(include_url=False, include_input=False)
-    ]
-    return "invalid order: " + "; ".join(problems)
 
 
 def _subscription_id(message: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ from services.notifier.clients import Client, Delivery, StreamId
 from services.notifier.metrics import ENTRIES_INVALID, READ_ERRORS, SIGNALS_READ
 from services.notifier.protocol import Close, signal_message
 from shared.backoff import Backoff
+from shared.errors import validation_reason
 from shared.models import Signal
 from shared.redis_streams import DATA_FIELD, decode
 
@@ -50,10 +51,7 @@ def to_delivery(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Delivery:
 def rejection_reason(exc: ValueError) -> str:
     """A short, single-line account of why an entry is not a Signal (no input values echoed)."""
     if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'entry'}: {error['msg']}"
-            for error in exc.errors()[:5]
-        )
+        return validation_reason(exc, whole="entry")
     return str(exc)[:300]
 
 
