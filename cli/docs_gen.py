@@ -120,7 +120,7 @@ def producers(s: Streams) -> list[Producer]:
             s.wallets_control,
             WalletChange,
             "A change to the tracked wallets, written in one MULTI with the hash"
-            " `wallets:tracked` by the store's API and `betterbot wallets add|remove`.",
+            " `{wallets.control}:tracked` by the store's API and `betterbot wallets add|remove`.",
         ),
         Producer("ingestor", s.orders_dead, DeadLetter, "Feed frames the ingestor rejected."),
         Producer(

@@ -25,7 +25,6 @@ from cli.settings import CliSettings
 from cli.signals import SignalFilter, tail
 from shared.logs import redact_url
 from shared.models import TrackedWallet, normalize_address
-from shared.redis_streams import connect
 from shared.stream_metrics import public_streams
 from shared.streams import Streams
 from shared.terminal import printable
@@ -322,7 +321,7 @@ def settings_for(args: argparse.Namespace) -> CliSettings:
 async def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_for(args)
-    client = connect(settings.redis_url)
+    client = settings.redis()
     try:
         return await COMMANDS[args.command](args, client, settings)
     except UsageError as exc:

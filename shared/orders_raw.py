@@ -12,11 +12,19 @@ Watermarks: the hash `{<ns>orders.raw}:watermark` (same slot) maps `<feed>:<wall
 exchange `timestamp` read and published for that wallet; a fill may raise its wallet's mark in the
 script that publishes it, and a backfill raises it after reading every page (the ingestor's
 `publisher.py` says when). It only ever grows.
+
+Partitions (`STREAM_PARTITIONS` > 1, shared/streams.py): each fill goes to its wallet's partition,
+whose slot holds its seen keys and its wallet's watermark, and a BUY also to its token's partition
+(seen keys of its own, no watermark). The token partitions are written first: if the process dies
+between the two, the wallet partition, which raises the watermark, does not have the fill either,
+so the next backfill reads it again and the token partition's seen key drops the second copy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +33,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from shared.backoff import Backoff, retrying
-from shared.models import FillStatus, OrderFill, Source
+from shared.models import FillStatus, OrderFill, Side, Source
 from shared.redis_streams import DATA_FIELD, encode
 from shared.streams import Streams
 
@@ -100,9 +108,10 @@ class Outgoing:
     watermark: str | None = None
 
 
-def watermark_key(streams: Streams) -> str:
-    """The watermark hash, in the slot of `orders.raw` (its hash tag) so one script touches both."""
-    return "{" + streams.orders_raw + "}:watermark"
+def watermark_key(streams: Streams, stream: str | None = None) -> str:
+    """The watermark hash of `stream` (`orders.raw`, or a wallet partition), in its slot (its hash
+    tag), so one script touches both."""
+    return "{" + (stream or streams.orders_raw) + "}:watermark"
 
 
 def watermark_field(feed: str, wallet: str) -> str:
@@ -119,14 +128,34 @@ class OrdersRaw:
         self.streams = streams
         self._script = client.register_script(DEDUPE_XADD)
         self._raise = client.register_script(RAISE_WATERMARK)
-        self.watermarks = watermark_key(streams)
         self._maxlen = stream_maxlen
         self._ttl = dedupe_ttl_s
 
     async def publish(self, items: Sequence[Outgoing]) -> list[bool]:
-        """One script call: add the fills new in their status; True for each one added."""
-        prefix = self.streams.seen_order_prefix()
-        keys = [self.streams.orders_raw, self.watermarks]
+        """Add the fills new in their status, one script call per partition; True for each one
+        added (to its wallet's partition: the token partitions are a copy for the detector)."""
+        by_token: dict[str, list[Outgoing]] = defaultdict(list)
+        by_wallet: dict[str, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            by_wallet[self.streams.wallet_stream(item.fill.user)].append(index)
+            token_stream = self.streams.token_stream(item.fill.token_id)
+            if token_stream is not None and item.fill.side is Side.BUY:
+                by_token[token_stream].append(Outgoing(item.fill))
+        if by_token:
+            await asyncio.gather(*(self._add(s, group) for s, group in by_token.items()))
+        streams = list(by_wallet)
+        replies = await asyncio.gather(
+            *(self._add(s, [items[i] for i in by_wallet[s]]) for s in streams)
+        )
+        added = [False] * len(items)
+        for stream, flags in zip(streams, replies, strict=True):
+            for index, flag in zip(by_wallet[stream], flags, strict=True):
+                added[index] = flag
+        return added
+
+    async def _add(self, stream: str, items: Sequence[Outgoing]) -> list[bool]:
+        prefix = self.streams.seen_order_prefix(stream)
+        keys = [stream, watermark_key(self.streams, stream)]
         args: list[EncodableT] = [self._ttl, self._maxlen]
         for item in items:
             own, cleared, held = seen_keys(item.fill)
@@ -151,10 +180,16 @@ class OrdersRaw:
             new += sum(added)
         return new
 
+    def watermarks(self, wallet: str) -> str:
+        """The watermark hash that holds `wallet`'s marks."""
+        return watermark_key(self.streams, self.streams.wallet_stream(wallet))
+
     async def watermark(self, feed: str, wallet: str) -> int | None:
-        raw = await self.client.hget(self.watermarks, watermark_field(feed, wallet))
+        raw = await self.client.hget(self.watermarks(wallet), watermark_field(feed, wallet))
         return int(raw) if raw is not None else None
 
     async def raise_watermark(self, feed: str, wallet: str, timestamp: int) -> None:
         """Raise the wallet's mark to `timestamp` (never lower it)."""
-        await self._raise(keys=[self.watermarks], args=[watermark_field(feed, wallet), timestamp])
+        await self._raise(
+            keys=[self.watermarks(wallet)], args=[watermark_field(feed, wallet), timestamp]
+        )

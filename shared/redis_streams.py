@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 DATA_FIELD = b"data"
 
 
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+def connect(url: str, *, cluster: bool = False, **options: Any) -> aioredis.Redis:
+    """A client of one Redis, or of a Redis Cluster through any of its nodes.
+
+    The cluster client speaks the same commands (every script and MULTI of the services keeps its
+    keys in one slot, shared/streams.py) and is typed as the plain one, which it stands in for.
+    """
+    options = {"decode_responses": False, "health_check_interval": 30, **options}
+    if not cluster:
+        return aioredis.Redis.from_url(url, **options)
+    return cast(aioredis.Redis, RedisCluster.from_url(url, **options))
 
 
 def encode(payload: Mapping[str, Any] | Any) -> dict[FieldT, EncodableT]:

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
-from pydantic import field_serializer
+import redis.asyncio as aioredis
+from pydantic import Field, field_serializer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.logs import redact_url
+from shared.redis_streams import connect
 from shared.streams import Streams
 
 # URLs that carry a password: plain strings for the client libraries, shown only redacted.
@@ -27,6 +29,11 @@ class CommonSettings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster: REDIS_URL names any node and the client discovers the rest.
+    redis_cluster: bool = False
+    # Partitions of `orders.raw` (shared/streams.py): the same in every service; changing it is
+    # an operation (docs/operations.md, "Changing the partition count").
+    stream_partitions: int = Field(1, ge=1, le=256)
     # Prefix of every stream and key; lets tests and several deployments share one Redis.
     stream_namespace: str = ""
     # Approximate MAXLEN of the streams: sized so a group that keeps up never loses an unread entry.
@@ -38,7 +45,11 @@ class CommonSettings(BaseSettings):
 
     @cached_property
     def streams(self) -> Streams:
-        return Streams(self.stream_namespace)
+        return Streams(self.stream_namespace, self.stream_partitions)
+
+    def redis(self) -> aioredis.Redis:
+        """A client of the configured Redis (a cluster client with REDIS_CLUSTER)."""
+        return connect(self.redis_url, cluster=self.redis_cluster)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():

@@ -1,6 +1,8 @@
 """The live set of tracked wallets, shared by every service through Redis.
 
-- The hash `streams.wallets_key()` maps address -> TrackedWallet JSON: the current set.
+- The hash `streams.wallets_key()` (`{wallets.control}:tracked`) maps address -> TrackedWallet
+  JSON: the current set. It and the seed marker carry the control stream's name as their hash
+  tag, so the MULTI and the seed script below stay in one Redis Cluster slot.
 - The stream `streams.wallets_control` announces each change as a plain `data` entry:
   `{"v": 1, "op": "upsert" | "remove", "wallet": {address, label, score}, "at": <unix s>}`.
 
@@ -17,6 +19,7 @@ between the two is missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -26,6 +29,7 @@ from typing import Any, Literal
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.backoff import Backoff
@@ -76,6 +80,17 @@ async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[Track
     return int(await client.eval(_SEED_ONCE, len(keys), *keys, *args))
 
 
+async def adopt_legacy_keys(client: aioredis.Redis, streams: Streams) -> None:
+    """Rename the registry's keys of an older release (`wallets:tracked`, in no shared slot) to
+    their names now. Only a single Redis can hold them (no release ran on a cluster before), where
+    RENAMENX is safe when several services start at once: the first renames, the rest find none.
+    """
+    for old, new in streams.legacy_wallet_keys().items():
+        if await client.exists(old):
+            with contextlib.suppress(ResponseError):  # renamed meanwhile by another service
+                await client.renamenx(old, new)
+
+
 async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[TrackedWallet], str]:
     """The current wallets and the control-stream id to follow changes from."""
     pipe = client.pipeline(transaction=True)
@@ -90,6 +105,7 @@ async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[Track
 async def load(
     client: aioredis.Redis, streams: Streams, seed_wallets: Iterable[TrackedWallet]
 ) -> tuple[list[TrackedWallet], str]:
+    await adopt_legacy_keys(client, streams)
     await seed(client, streams, seed_wallets)
     return await snapshot(client, streams)
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from services.detector.forward import Forwarder
 from services.detector.pipeline import BatchProcessor, RawEntry
 from services.detector.rules import describe
 from services.detector.settings import DetectorSettings, RulesFileError
@@ -33,16 +35,26 @@ from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer
 from shared.logs import configure_logging, redact_url
 from shared.models import TrackedWallet
 from shared.ops import ops_server, run_until_stopped, settle_heap, stop_event
-from shared.redis_streams import connect
-from shared.streams import DETECTOR_GROUP
+from shared.streams import DETECTOR_GROUP, Lane
 from shared.tasks import cancel_and_wait
 from shared.wallets import WalletFileError, load_wallets
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LaneWorker:
+    """One lane of the detector (shared/streams.py): its state, its processor and its group."""
+
+    lane: Lane
+    state: DetectorState
+    processor: BatchProcessor
+    group: ConsumerGroup
+
+
 class Detector:
-    """One detector replica: the registry follower and the consumer group around the processor.
+    """One detector replica: the registry follower and a consumer group per lane around its
+    processor (one lane, or one per partition with their outboxes' forwarders).
 
     `wallets` seeds the wallet registry when it is empty; the registry is the truth after that.
     """
@@ -53,49 +65,88 @@ class Detector:
         self.settings = settings
         self.seed_wallets = wallets
         self.consumer = consumer or consumer_name()
-        self.client = connect(settings.redis_url)
-        self.state = DetectorState(
+        self.client = settings.redis()
+        self.workers = [self._worker(lane, wallets) for lane in settings.streams.lanes()]
+        self.forwarders = [
+            self._forwarder(worker.lane) for worker in self.workers if worker.lane.outbox
+        ]
+        self.groups = [w.group for w in self.workers] + self.forwarders
+
+    @property
+    def processor(self) -> BatchProcessor:
+        """The first lane's processor (the only one without partitions)."""
+        return self.workers[0].processor
+
+    @property
+    def state(self) -> DetectorState:
+        return self.workers[0].state
+
+    @property
+    def group(self) -> ConsumerGroup:
+        return self.workers[0].group
+
+    def _worker(self, lane: Lane, wallets: list[TrackedWallet]) -> LaneWorker:
+        settings = self.settings
+        state = DetectorState(
             self.client,
             settings.streams,
             maxlen=settings.stream_maxlen,
             done_ttl_s=settings.detector_done_ttl_s,
             script_batch=settings.detector_script_batch,
             retry_s=settings.detector_state_retry_s,
+            lane=lane,
         )
-        self.processor = BatchProcessor(
-            self.state,
+        processor = BatchProcessor(
+            state,
             wallets,
             settings.rules(),
             consumer=self.consumer,
             wait_s=settings.detector_wait_s,
             touch_every_s=settings.touch_every_s,
         )
-        streams = settings.streams
-        self.group = ConsumerGroup(
-            self.client,
-            GroupConfig(
-                stream=streams.orders_raw,
-                group=DETECTOR_GROUP,
-                consumer=self.consumer,
-                dead_stream=streams.orders_dead,
-                origin="detector",
-                batch_size=settings.detector_batch_size,
-                block_ms=settings.detector_block_ms,
-                claim_min_idle_ms=settings.detector_claim_min_idle_ms,
-                reclaim_every_s=settings.detector_reclaim_interval_s,
-                max_deliveries=settings.detector_max_deliveries,
-                drain_s=settings.detector_shutdown_grace_s,
-                max_deliveries_setting="DETECTOR_MAX_DELIVERIES",
-            ),
-            self.handle,
+
+        async def handle(batch: list[Entry]) -> Handled:
+            outcome = await processor.process([RawEntry(eid, fields) for eid, fields in batch])
+            return Handled(outcome.settled, outcome.failed)
+
+        group = ConsumerGroup(self.client, self._config(lane.stream), handle)
+        return LaneWorker(lane, state, processor, group)
+
+    def _forwarder(self, lane: Lane) -> ConsumerGroup:
+        forward = Forwarder(
+            self.client, self.settings.streams, lane.signals, maxlen=self.settings.stream_maxlen
+        )
+        config = replace(
+            self._config(lane.signals),
+            dead_stream=self.settings.streams.signals_dead,
+            delete_on_settle=True,
+        )
+        return ConsumerGroup(self.client, config, forward)
+
+    def _config(self, stream: str) -> GroupConfig:
+        settings = self.settings
+        return GroupConfig(
+            stream=stream,
+            group=DETECTOR_GROUP,
+            consumer=self.consumer,
+            dead_stream=settings.streams.orders_dead,
+            origin="detector",
+            batch_size=settings.detector_batch_size,
+            block_ms=settings.detector_block_ms,
+            claim_min_idle_ms=settings.detector_claim_min_idle_ms,
+            reclaim_every_s=settings.detector_reclaim_interval_s,
+            max_deliveries=settings.detector_max_deliveries,
+            drain_s=settings.detector_shutdown_grace_s,
+            max_deliveries_setting="DETECTOR_MAX_DELIVERIES",
         )
 
     async def start(self) -> None:
         """Load the wallets, then follow the registry and consume, in the background."""
         last_id = await self.load_wallets()
-        await self.group.ensure_group()
+        for group in self.groups:
+            await group.ensure_group()
         self._stop = asyncio.Event()
-        self.consuming = asyncio.create_task(self.group.run(self._stop), name="detector-group")
+        self.consuming = asyncio.create_task(self._consume(), name="detector-groups")
         self.following = asyncio.create_task(self.follow_wallets(last_id), name="detector-wallets")
 
     async def stop(self) -> None:
@@ -109,6 +160,19 @@ class Detector:
             await self.client.aclose()
         log.info("detector_stopped", extra={"consumer": self.consumer})
 
+    async def _consume(self) -> None:
+        # The forwarders stop last: what the lanes' drain decides still reaches `signals`.
+        lanes = [asyncio.create_task(w.group.run(self._stop)) for w in self.workers]
+        lanes_done = asyncio.Event()
+        forwarders = [asyncio.create_task(g.run(lanes_done)) for g in self.forwarders]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            lanes_done.set()
+            for task in lanes:
+                await cancel_and_wait(task)
+            await asyncio.gather(*forwarders, return_exceptions=True)
+
     async def watch(self) -> None:
         """Raise when the group or the registry follower ends unasked: nothing would restart it."""
         done, _ = await asyncio.wait(
@@ -119,20 +183,21 @@ class Detector:
         raise RuntimeError(f"{task.get_name()} stopped: {error!r}")
 
     async def handle(self, batch: list[Entry]) -> Handled:
-        outcome = await self.processor.process([RawEntry(eid, fields) for eid, fields in batch])
-        return Handled(outcome.settled, outcome.failed)
+        """The first lane's handler (the only lane without partitions)."""
+        return await self.group.handler(batch)
 
     async def load_wallets(self) -> str:
         """The registry's wallets into the processor; returns the control id to follow from."""
         wallets, last_id = await wallet_registry.load(
             self.client, self.settings.streams, self.seed_wallets
         )
-        self.processor.set_wallets(wallets)
+        for worker in self.workers:
+            worker.processor.set_wallets(wallets)
         log.info(
             "detector_started",
             extra={
                 "consumer": self.consumer,
-                "stream": self.settings.streams.orders_raw,
+                "streams": [worker.lane.stream for worker in self.workers],
                 "signals": self.settings.streams.signals,
                 "group": DETECTOR_GROUP,
                 "wallets": len(self.processor.wallets),
@@ -146,10 +211,11 @@ class Detector:
     async def follow_wallets(self, after_id: str) -> None:
         """Apply every change of the wallet registry as it comes."""
         async for change in wallet_registry.follow(self.client, self.settings.streams, after_id):
-            if change.op == "upsert":
-                self.processor.upsert_wallet(change.wallet)
-            else:
-                self.processor.remove_wallet(change.wallet.address)
+            for worker in self.workers:
+                if change.op == "upsert":
+                    worker.processor.upsert_wallet(change.wallet)
+                else:
+                    worker.processor.remove_wallet(change.wallet.address)
             log.info(
                 "wallet_changed",
                 extra={
@@ -163,14 +229,16 @@ class Detector:
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.state.ping()
-        group = self.group.health
-        reading = not self.consuming.done() and group.redis_down_since is None
+        healths = [group.health for group in self.groups]
+        down = [h.redis_down_since for h in healths if h.redis_down_since is not None]
+        reading = not self.consuming.done() and not down
         loops = reading and not self.following.done()
         return redis_ok and loops, {
             "redis": redis_ok,
             "reading": reading,
-            "redis_down_since": group.redis_down_since,
-            "in_flight": group.in_flight,
+            "redis_down_since": min(down) if down else None,
+            "in_flight": sum(h.in_flight for h in healths),
+            "lanes": len(self.workers),
             "consumer": self.consumer,
             "wallets": len(self.processor.wallets),
         }

@@ -149,6 +149,8 @@ class BatchProcessor:
         touch_every_s: float = 10.0,
     ) -> None:
         self.state = state
+        # The rules of this processor's lane (shared/streams.py): all, or a partition's share.
+        self.scope = state.lane.scope
         self.settings = settings
         self.consumer = consumer
         self.group = group
@@ -236,7 +238,9 @@ class BatchProcessor:
                 self._remember(entry.entry_id, None)
                 continue
             try:
-                planned = rules.plan(parsed, self.wallets.get(parsed.user), self.settings)
+                planned = rules.plan(
+                    parsed, self.wallets.get(parsed.user), self.settings, self.scope
+                )
             except Exception as exc:
                 # A rule bug on one odd order must not hold up the stream behind it.
                 log.exception("rule_failed", extra={"entry_id": entry.entry_id})
@@ -442,7 +446,7 @@ class BatchProcessor:
         if isinstance(parsed, Rejection):
             return None
         try:
-            planned = rules.plan(parsed, self.wallets.get(parsed.user), self.settings)
+            planned = rules.plan(parsed, self.wallets.get(parsed.user), self.settings, self.scope)
         except Exception:
             return None
         if planned is None or not planned.units:

@@ -56,6 +56,7 @@ from shared.models import (
     TrackedWallet,
     signal_id,
 )
+from shared.streams import Scope
 
 DEFAULT_SCORE = 0.5
 # EXIT_MIN_FRACTION is compared in integer parts per million: exact, the same on every replica.
@@ -188,15 +189,25 @@ class Plan:
         object.__setattr__(self, "units", units)
 
 
-def plan(order: OrderFill, wallet: TrackedWallet | None, settings: RuleSettings) -> Plan | None:
-    """None when the order can neither emit nor change state (an untracked non-whale)."""
+def plan(
+    order: OrderFill,
+    wallet: TrackedWallet | None,
+    settings: RuleSettings,
+    scope: Scope = Scope.ALL,
+) -> Plan | None:
+    """None when the order can neither emit nor change state (an untracked non-whale).
+
+    `scope`: the rules of a wallet partition (whale, entry, exit: the wallet unit) or of a token
+    partition (consensus: the token unit), or all of them."""
     passes = passes_filters(order, settings)
-    whale = passes and order.notional_usd >= settings.whale_min_notional_usd
+    by_wallet, by_token = scope is not Scope.TOKEN, scope is not Scope.WALLET
+    whale = by_wallet and passes and order.notional_usd >= settings.whale_min_notional_usd
     tracked = wallet is not None
     # A whale has its wallet unit even without a cooldown to keep: the unit is what orders the
     # fill before its retraction across replicas.
-    w_unit = wallet_unit(order.user, market_of(order)) if tracked or whale else None
-    t_unit = token_unit(order.token_id) if tracked and order.side is Side.BUY and passes else None
+    w_unit = wallet_unit(order.user, market_of(order)) if by_wallet and (tracked or whale) else None
+    buys = by_token and tracked and order.side is Side.BUY
+    t_unit = token_unit(order.token_id) if buys and passes else None
     if not (whale or w_unit or t_unit):
         return None
     return Plan(order, wallet, whale, w_unit, t_unit)

@@ -43,7 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.detector.rules import WalletMarketState, wallet_unit
 from shared.backoff import retrying
 from shared.redis_streams import dead_letter, entry_position
-from shared.streams import Streams
+from shared.streams import Lane, Streams
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,20 @@ class DetectorState:
         done_ttl_s: int,
         script_batch: int,
         retry_s: float,
+        lane: Lane | None = None,
     ) -> None:
         self.client = client
         self.streams = streams
+        if lane is None:
+            if streams.partitioned:
+                raise ValueError("a partitioned layout needs the lane the state is for")
+            lane = streams.lanes()[0]
+        self.lane = lane
         self.maxlen = maxlen
         self.done_ttl_s = done_ttl_s
         self.script_batch = script_batch
         self.retry_s = retry_s
-        self._prefix = streams.detector_prefix()
+        self._prefix = lane.state_prefix
         self._apply = client.register_script(_APPLY)
 
     # --- keys -----------------------------------------------------------------------------------
@@ -271,7 +277,7 @@ class DetectorState:
 
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xpending(self.streams.orders_raw, group)
+                pipe.xpending(self.lane.stream, group)
                 if keys:
                     pipe.mget(keys)
                 return list(await pipe.execute())
@@ -314,7 +320,7 @@ class DetectorState:
         return codes
 
     async def _run(self, steps: Sequence[ApplyStep]) -> list[int]:
-        keys, args = encode_apply(steps, self.streams.signals, self.maxlen, self.done_ttl_s, self)
+        keys, args = encode_apply(steps, self.lane.signals, self.maxlen, self.done_ttl_s, self)
         return list(await self._apply(keys=keys, args=args))
 
     # --- the pending list -----------------------------------------------------------------------
@@ -327,7 +333,7 @@ class DetectorState:
             page: Any = await self._retrying(
                 partial(
                     self.client.xpending_range,
-                    self.streams.orders_raw,
+                    self.lane.stream,
                     group,
                     min=start,
                     max=last_id,
@@ -352,7 +358,7 @@ class DetectorState:
         span: Any = await self._retrying(
             partial(
                 self.client.xrange,
-                self.streams.orders_raw,
+                self.lane.stream,
                 min=ids[0],
                 max=ids[-1],
                 count=SPAN_FACTOR * len(ids) + PENDING_PAGE,
@@ -371,7 +377,7 @@ class DetectorState:
         async def read() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for entry_id in entry_ids:
-                    pipe.xrange(self.streams.orders_raw, min=entry_id, max=entry_id, count=1)
+                    pipe.xrange(self.lane.stream, min=entry_id, max=entry_id, count=1)
                 return list(await pipe.execute())
 
         replies = await self._retrying(read)

@@ -52,7 +52,6 @@ from shared.backoff import Backoff
 from shared.logs import register_secret
 from shared.models import TrackedWallet
 from shared.ops import ops_server
-from shared.redis_streams import connect
 from shared.tasks import cancel_and_wait
 from shared.wallets import WalletFileError, load_wallets
 
@@ -88,7 +87,7 @@ class Ingestor:
             self.seed: list[TrackedWallet] = load_wallets(settings.wallets_path())
         except WalletFileError as exc:
             raise StartupError(str(exc)) from exc
-        self.redis: aioredis.Redis = connect(settings.redis_url)
+        self.redis: aioredis.Redis = settings.redis()
         self.publisher = Publisher(
             self.redis,
             settings.streams,

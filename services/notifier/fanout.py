@@ -32,7 +32,7 @@ from services.notifier.protocol import Close, signal_message
 from shared.backoff import Backoff
 from shared.errors import validation_reason
 from shared.models import Signal
-from shared.redis_streams import DATA_FIELD, decode
+from shared.redis_streams import DATA_FIELD, connect, decode
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,23 @@ async def stream_tail(client: aioredis.Redis, stream: str) -> str:
 
 
 def reader_connection(
-    url: str, stream: str, block_ms: int, *, role: str = "betterbot-notifier"
+    url: str,
+    stream: str,
+    block_ms: int,
+    *,
+    role: str = "betterbot-notifier",
+    cluster: bool = False,
 ) -> aioredis.Redis:
     # A connection of its own, since a blocked XREAD holds it. The socket timeout sits above the
     # block time, so a silently dead connection raises instead of hanging the reader for good.
     name = f"{role}:" + re.sub(r"\s", "_", stream)
-    return aioredis.Redis.from_url(
-        url, socket_timeout=block_ms / 1000 + 5, socket_connect_timeout=5, client_name=name
+    return connect(
+        url,
+        cluster=cluster,
+        socket_timeout=block_ms / 1000 + 5,
+        socket_connect_timeout=5,
+        client_name=name,
+        health_check_interval=0,
     )
 
 
@@ -86,9 +96,16 @@ class Fanout:
     """The stream reader and the set of clients it feeds."""
 
     def __init__(
-        self, redis_url: str, stream: str, *, block_ms: int, count: int = READ_COUNT
+        self,
+        redis_url: str,
+        stream: str,
+        *,
+        block_ms: int,
+        count: int = READ_COUNT,
+        cluster: bool = False,
     ) -> None:
         self._url = redis_url
+        self._cluster = cluster
         self._stream = stream
         self._block_ms = block_ms
         self._count = count
@@ -129,7 +146,9 @@ class Fanout:
 
     async def run(self) -> None:
         """Read the stream until cancelled; Redis errors are retried with backoff, never raised."""
-        reader = reader_connection(self._url, self._stream, self._block_ms)
+        reader = reader_connection(
+            self._url, self._stream, self._block_ms, cluster=self._cluster
+        )
         backoff = Backoff(0.1, 5.0)
         try:
             while True:

@@ -31,7 +31,6 @@ from services.notifier.webhooks.delivery import RetryPolicy
 from shared.consumer import consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, run_until_stopped, settle_heap, stop_event
-from shared.redis_streams import connect
 from shared.stream_metrics import public_streams, track_streams
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,13 @@ class Notifier:
         self.settings = settings
         stream = settings.streams.signals
         # Short commands (backlog pages, health pings) share a pool; the reader has its own link.
-        self.redis = connect(settings.redis_url)
-        self.fanout = Fanout(settings.redis_url, stream, block_ms=settings.notifier_block_ms)
+        self.redis = settings.redis()
+        self.fanout = Fanout(
+            settings.redis_url,
+            stream,
+            block_ms=settings.notifier_block_ms,
+            cluster=settings.redis_cluster,
+        )
         self.tokens = Tokens(settings.notifier_tokens)
         self.hooks = _webhooks(settings)
         self.webhooks: WebhookConsumer | None = None
@@ -70,6 +74,7 @@ class Notifier:
                 claim_idle_ms=settings.webhook_claim_idle_ms,
                 max_deliveries=settings.webhook_max_deliveries,
                 grace_s=SHUTDOWN_GRACE_S,
+                cluster=settings.redis_cluster,
             )
         self.slots = ConnectionSlots(settings.notifier_max_clients_per_token)
         self.limits = ClientLimits(

@@ -33,7 +33,6 @@ from services.store.wallets import Wallets
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, settle_heap, stop_event
-from shared.redis_streams import connect
 from shared.streams import STORE_GROUP
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class Store:
             retry_min=settings.store_retry_min_s,
             retry_max=settings.store_retry_max_s,
         )
-        self.redis = connect(settings.redis_url)
+        self.redis = settings.redis()
         self.wallets = Wallets(
             self.db, self.api_db, self.redis, settings.streams, settings.wallets_file
         )

@@ -55,6 +55,7 @@ class WebhookConsumer:
         claim_idle_ms: int,
         max_deliveries: int,
         grace_s: float,
+        cluster: bool = False,
     ) -> None:
         """`timeout_s`: of one POST; `concurrency`: deliveries at once per endpoint and replica;
         `block_ms`: XREADGROUP BLOCK; `claim_idle_ms`: pending this long, an entry is taken over;
@@ -62,7 +63,7 @@ class WebhookConsumer:
         is in flight at shutdown gets this long."""
         self.consumer = consumer
         self.hooks = tuple(hooks)
-        self.redis = connect(redis_url)
+        self.redis = connect(redis_url, cluster=cluster)
         dead = DeadLetters(self.redis, streams.webhooks_dead)
         routes = [Route(hook, queue_key(streams, hook.name)) for hook in self.hooks]
 
