@@ -103,8 +103,9 @@ def origin_stream(streams: Streams, dead_stream: str) -> str | None:
 
 
 def payload_model(streams: Streams, stream: str) -> type[BaseModel] | None:
-    models: dict[str, type[BaseModel]] = {streams.orders_raw: OrderFill, streams.signals: Signal}
-    return models.get(stream)
+    if stream in (streams.orders_raw, *streams.order_streams()):
+        return OrderFill
+    return Signal if stream == streams.signals else None
 
 
 async def list_entries(
@@ -168,6 +169,8 @@ class Replayer:
     async def replay(self, dead_stream: str, entry: DeadEntry, target: str) -> Outcome:
         if entry.origin == INGESTOR_ORIGIN and target == self.streams.orders_raw:
             outcome = await self._replay_frame(entry)
+        elif target == self.streams.orders_raw and self.streams.partitioned:
+            outcome = await self._replay_fill(entry)
         else:
             outcome = await self._replay_entry(entry, target, payload_model(self.streams, target))
         if outcome.replayed:
@@ -192,14 +195,25 @@ class Replayer:
         )
         return Outcome(entry.entry_id, True, f"-> {target} {new_id.decode()}")
 
+    async def _replay_fill(self, entry: DeadEntry) -> Outcome:
+        """A fill into its partitions, through the dedupe: only a valid fill has a partition."""
+        try:
+            fill = OrderFill.model_validate_json(entry.raw)
+        except ValidationError as exc:
+            reason = validation_reason(exc)
+            return Outcome(entry.entry_id, False, f"kept: not a valid OrderFill ({reason})")
+        return await self._published(entry, fill)
+
     async def _replay_frame(self, entry: DeadEntry) -> Outcome:
         try:
             order = frame_order(entry.raw)
         except ValueError as exc:
             return Outcome(entry.entry_id, False, f"kept: {exc}")
         fill = OrderFill.from_dome(order, Source.DOME_WS, time.time())
+        return await self._published(entry, fill)
+
+    async def _published(self, entry: DeadEntry, fill: OrderFill) -> Outcome:
+        stream = self.streams.wallet_stream(fill.user)
         if await self.orders.publish_all([fill]):
-            return Outcome(entry.entry_id, True, f"-> {self.streams.orders_raw} (new order)")
-        return Outcome(
-            entry.entry_id, True, f"already in {self.streams.orders_raw} (order_key seen)"
-        )
+            return Outcome(entry.entry_id, True, f"-> {stream} (new order)")
+        return Outcome(entry.entry_id, True, f"already in {stream} (order_key seen)")

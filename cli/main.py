@@ -289,10 +289,11 @@ async def cmd_replay_tape(args: argparse.Namespace, client: aioredis.Redis, s: C
             "untracked": report.skipped_untracked,
             "added": report.added,
             "duplicates": report.duplicates,
-            "stream": s.streams.orders_raw,
+            "streams": s.streams.order_streams(),
         },
         [
-            f"{report.read} trades read: {report.added} added to {s.streams.orders_raw}, "
+            f"{report.read} trades read: {report.added} added to "
+            f"{', '.join(s.streams.order_streams())}, "
             f"{report.duplicates} already there, {report.skipped_untracked} of untracked wallets, "
             f"{len(report.invalid)} invalid"
         ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -28,10 +29,21 @@ def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
     return False
 
 
+# Below Linux's ephemeral range (32768-60999 by default): a port chosen there could be taken by
+# any outgoing connection (a service's own Redis clients) between the choice and the bind.
+LISTEN_PORTS = (20_000, 32_000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, outside the range outgoing connections draw from."""
+    # A generator of its own: tests may seed the global one (hypothesis does).
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randrange(*LISTEN_PORTS)
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError(f"no free port in {LISTEN_PORTS}")
 
 
 def docker_answers() -> bool:

@@ -95,7 +95,8 @@ class StreamStats:
 def public_streams(streams: Streams) -> list[str]:
     """The streams worth watching in every deployment: data, dead letters, wallet changes."""
     return [
-        streams.orders_raw,
+        *streams.order_streams(),
+        *streams.token_streams(),
         streams.signals,
         streams.orders_dead,
         streams.signals_dead,

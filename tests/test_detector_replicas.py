@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -31,7 +31,8 @@ from services.detector.replay import tape_orders
 from services.detector.rules import RuleSettings
 from services.detector.serial import run
 from services.detector.settings import DetectorSettings
-from shared.models import OrderFill, TrackedWallet
+from shared.models import OrderFill, Side, TrackedWallet
+from shared.redis_streams import encode
 from shared.streams import DETECTOR_GROUP, Streams
 from shared.wallets import dump_wallets, load_wallets
 from tests.helpers.processes import ServiceProcess
@@ -102,22 +103,54 @@ def adversarial(start_ts: int, seed: int = 20251010) -> list[OrderFill]:
 
 @pytest.fixture(scope="module")
 def scenario() -> tuple[list[OrderFill], list[TrackedWallet]]:
+    return replica_scenario()
+
+
+def replica_scenario() -> tuple[list[OrderFill], list[TrackedWallet]]:
+    """The tape, then the adversarial part; the example wallets and the adversarial ones."""
     tape = tape_orders(TAPE)
     wallets = load_wallets(EXAMPLE_WALLETS) + ADVERSARIAL
     return tape + adversarial(tape[-1].timestamp + 60), wallets
 
 
 async def drained(client: aioredis.Redis, streams: Streams) -> None:
-    """Wait until the group has read every entry of orders.raw and acked all of them."""
+    """Wait until the group has read and acked every entry of every lane (`orders.raw`, or each
+    partition) and forwarded every outbox entry to `signals`."""
     deadline = time.monotonic() + DRAIN_S
+    lanes = streams.lanes()
     while time.monotonic() < deadline:
-        last = await client.xrevrange(streams.orders_raw, count=1)
-        groups = await client.xinfo_groups(streams.orders_raw)
-        group = next(g for g in groups if g["name"] == DETECTOR_GROUP.encode())
-        if last and group["last-delivered-id"] == last[0][0] and group["pending"] == 0:
+        states = [await lane_drained(client, lane.stream) for lane in lanes]
+        outboxes = [await client.xlen(lane.signals) for lane in lanes if lane.outbox]
+        if all(states) and not any(outboxes):
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"orders.raw not drained in {DRAIN_S}s: {groups}")
+    raise AssertionError(f"lanes not drained in {DRAIN_S}s: {states}, outboxes {outboxes}")
+
+
+async def lane_drained(client: aioredis.Redis, stream: str) -> bool:
+    last = await client.xrevrange(stream, count=1)
+    if not last:
+        return True
+    groups = await client.xinfo_groups(stream)
+    group = next((g for g in groups if g["name"] == DETECTOR_GROUP.encode()), None)
+    return bool(group and group["last-delivered-id"] == last[0][0] and group["pending"] == 0)
+
+
+async def publish(client: aioredis.Redis, streams: Streams, orders: list[OrderFill]) -> None:
+    """Add the orders as they are, repeats included (no dedupe), each to its wallet's partition
+    and a BUY also to its token's, as the ingestor routes them (`orders.raw` without partitions).
+    """
+    if not streams.partitioned:
+        await xadd_all(client, streams, orders)
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for order in orders:
+            fields = cast(dict[Any, Any], encode(order))
+            pipe.xadd(streams.wallet_stream(order.user), fields)
+            token_stream = streams.token_stream(order.token_id)
+            if token_stream is not None and order.side is Side.BUY:
+                pipe.xadd(token_stream, fields)
+        await pipe.execute()
 
 
 def identities(signals: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
@@ -157,7 +190,14 @@ async def one_replica(
 class Replicas:
     """N detector processes on one namespace, 4 entries per batch, quick reclaim."""
 
-    def __init__(self, redis_url: str, namespace: str, wallets_file: Path, tag: str) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        wallets_file: Path,
+        tag: str,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.procs: list[ServiceProcess] = []
         self.ports: list[int] = []
         for i in range(REPLICAS):
@@ -172,6 +212,7 @@ class Replicas:
                 "DETECTOR_RECLAIM_INTERVAL_S": "0.2",
                 # DEBUG shows each batch and the stop phases when investigating a failure.
                 "LOG_LEVEL": os.environ.get("DETECTOR_TEST_LOG_LEVEL", "INFO"),
+                **(extra_env or {}),
             }
             url = f"http://127.0.0.1:{port}/health"
             self.procs.append(ServiceProcess("detector", env, url, tag=f"{tag}{i}-"))
@@ -201,11 +242,16 @@ class Replicas:
 
 @contextlib.asynccontextmanager
 async def replicas(
-    redis_url: str, namespace: str, wallets: list[TrackedWallet], tmp_path: Path, tag: str
+    redis_url: str,
+    namespace: str,
+    wallets: list[TrackedWallet],
+    tmp_path: Path,
+    tag: str,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Replicas]:
     wallets_file = tmp_path / f"{tag}wallets.json"
     wallets_file.write_bytes(dump_wallets(wallets))
-    group = Replicas(redis_url, namespace, wallets_file, tag)
+    group = Replicas(redis_url, namespace, wallets_file, tag, env)
     try:
         await group.wait_healthy()
         yield group

@@ -55,7 +55,14 @@ BAD_FRAMES = [
 
 
 class Pipeline:
-    def __init__(self, redis_url: str, database_url: str, namespace: str) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        database_url: str,
+        namespace: str,
+        env: dict[str, str] | None = None,
+        detectors: int = 1,
+    ) -> None:
         self.key = "e2e" + secrets.token_hex(12)
         self.sim_port, self.notifier_port = free_port(), free_port()
         self.namespace = namespace
@@ -65,7 +72,9 @@ class Pipeline:
             "STREAM_NAMESPACE": namespace,
             "LOG_LEVEL": "DEBUG",
             "WALLETS_FILE": str(WALLETS),
+            **(env or {}),
         }
+        self.detectors = detectors
         self.procs: list[ServiceProcess] = []
 
     @property
@@ -83,7 +92,10 @@ class Pipeline:
         return await self.start(name, {"OPS_PORT": str(port)}, f"http://127.0.0.1:{port}/health")
 
     def stop_all(self) -> dict[str, int]:
-        return {p.name: p.stop(signal.SIGTERM) for p in reversed(self.procs)}
+        return {
+            f"{p.name}#{i}": p.stop(signal.SIGTERM)
+            for i, p in reversed(list(enumerate(self.procs)))
+        }
 
 
 @pytest.fixture
@@ -118,6 +130,14 @@ async def _until(predicate: Any, within_s: float, what: str) -> None:
 async def test_tape_flows_end_to_end_exactly_once(
     pipeline: Pipeline, redis_client: aioredis.Redis, database_url: str, namespace: str
 ) -> None:
+    await tape_end_to_end(pipeline, redis_client, database_url, namespace)
+
+
+async def tape_end_to_end(
+    pipeline: Pipeline, redis_client: aioredis.Redis, database_url: str, namespace: str
+) -> None:
+    """The tape through every service: each tracked fill stored once, each signal delivered,
+    stored and streamed once, malformed frames dead-lettered, no key in any log."""
     await pipeline.start(
         "simulator",
         {
@@ -130,7 +150,8 @@ async def test_tape_flows_end_to_end_exactly_once(
         f"{pipeline.sim_url}/health",
     )
     await pipeline.start_ops_service("store")
-    await pipeline.start_ops_service("detector")
+    for _ in range(pipeline.detectors):
+        await pipeline.start_ops_service("detector")
     await pipeline.start(
         "notifier",
         {"NOTIFIER_PORT": str(pipeline.notifier_port)},

@@ -47,7 +47,7 @@ async def _serve(settings: IngestorSettings) -> int:
             "sources": ",".join(settings.sources()),
             "dialect": settings.dome_dialect,
             "seed_wallets": len(ingestor.seed),
-            "stream": settings.streams.orders_raw,
+            "streams": settings.streams.order_streams(),
         },
     )
     return await ingestor.run(stop_event())

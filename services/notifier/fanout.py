@@ -146,9 +146,7 @@ class Fanout:
 
     async def run(self) -> None:
         """Read the stream until cancelled; Redis errors are retried with backoff, never raised."""
-        reader = reader_connection(
-            self._url, self._stream, self._block_ms, cluster=self._cluster
-        )
+        reader = reader_connection(self._url, self._stream, self._block_ms, cluster=self._cluster)
         backoff = Backoff(0.1, 5.0)
         try:
             while True:

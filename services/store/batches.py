@@ -38,11 +38,10 @@ class Feed:
     dead_stream: str
 
 
-def feeds(streams: Streams) -> tuple[Feed, Feed]:
-    return (
-        Feed(ORDERS, streams.orders_raw, streams.orders_dead),
-        Feed(SIGNALS, streams.signals, streams.signals_dead),
-    )
+def feeds(streams: Streams) -> tuple[Feed, ...]:
+    """`orders.raw` (or each of its wallet partitions) and `signals`."""
+    orders = (Feed(ORDERS, stream, streams.orders_dead) for stream in streams.order_streams())
+    return (*orders, Feed(SIGNALS, streams.signals, streams.signals_dead))
 
 
 @dataclass(frozen=True)

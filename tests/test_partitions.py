@@ -1,0 +1,165 @@
+"""`STREAM_PARTITIONS` > 1 on one Redis: fills routed to their wallet's and token's partitions with
+the dedupe and watermarks of each, signals forwarded from the partitions' outboxes exactly once,
+and three detector replicas on four partitions emitting exactly the reference signals.
+
+The same runs on a real Redis Cluster: tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.detector.forward import Forwarder
+from services.detector.rules import RuleSettings
+from services.detector.serial import run
+from shared.models import OrderFill, Side, TrackedWallet
+from shared.orders_raw import OrdersRaw, Outgoing, watermark_key
+from shared.redis_streams import decode
+from shared.streams import Scope, Streams, partition_of
+from tests.test_detector_replicas import (
+    drained,
+    identities,
+    publish,
+    replica_scenario,
+    replicas,
+)
+from tests.test_detector_rules import make_order, wallet
+from tests.test_detector_service import read_signals
+
+pytestmark = [pytest.mark.integration]
+
+WALLETS = [wallet(0x51 + i).address for i in range(8)]
+TOKENS = [str(10**70 + i) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def scenario() -> tuple[list[OrderFill], list[TrackedWallet]]:
+    return replica_scenario()
+
+
+def fills() -> list[OrderFill]:
+    return [
+        make_order(
+            user=WALLETS[i % len(WALLETS)],
+            token_id=TOKENS[i % len(TOKENS)],
+            side="BUY" if i % 3 else "SELL",
+            shares=10 + i,
+            timestamp=1_760_000_000 + i,
+        )
+        for i in range(48)
+    ]
+
+
+async def entries(client: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
+    return [decode(fields) for _, fields in await client.xrange(stream)]
+
+
+def test_partition_of_is_stable_and_spreads() -> None:
+    # Fixed values: every process and language must route a wallet to the same partition.
+    assert partition_of("0xABC", 4) == partition_of("0xabc", 4) == 0x03ED5F38 % 4 == 0
+    spread = {partition_of(address, 4) for address in WALLETS}
+    assert spread == {0, 1, 2, 3}
+    streams = Streams("x:", 4)
+    assert [lane.scope for lane in streams.lanes()] == [Scope.WALLET] * 4 + [Scope.TOKEN] * 4
+    assert all(lane.signals == "{" + lane.stream + "}:signals" for lane in streams.lanes())
+    single = Streams("x:").lanes()
+    assert [(lane.stream, lane.scope, lane.signals) for lane in single] == [
+        ("x:orders.raw", Scope.ALL, "x:signals")
+    ]
+
+
+async def test_fills_go_to_their_wallet_and_token_partitions_once(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    streams = Streams(namespace, 4)
+    orders = OrdersRaw(redis_client, streams, stream_maxlen=10_000, dedupe_ttl_s=600)
+    batch = fills()
+    added = await orders.publish([Outgoing(f, "dome") for f in batch])
+    assert added == [True] * len(batch)
+    # Again, as a retried batch or a second source would: nothing is added anywhere.
+    assert await orders.publish([Outgoing(f, "dome") for f in batch]) == [False] * len(batch)
+
+    by_wallet = {stream: await entries(redis_client, stream) for stream in streams.order_streams()}
+    assert sum(len(found) for found in by_wallet.values()) == len(batch)
+    for stream, found in by_wallet.items():
+        expected = [f.order_key for f in batch if streams.wallet_stream(f.user) == stream]
+        assert [e["order_key"] for e in found] == expected  # in publishing order
+    by_token = {stream: await entries(redis_client, stream) for stream in streams.token_streams()}
+    buys = [f for f in batch if f.side is Side.BUY]
+    assert sum(len(found) for found in by_token.values()) == len(buys)
+    for stream, found in by_token.items():
+        expected = [f.order_key for f in buys if streams.token_stream(f.token_id) == stream]
+        assert [e["order_key"] for e in found] == expected
+    assert await redis_client.exists(namespace + "orders.raw") == 0
+
+    # Each wallet's watermark lives in its partition's hash, at its newest fill.
+    for address in WALLETS:
+        newest = max(f.timestamp for f in batch if f.user == address)
+        assert await orders.watermark("dome", address) == newest
+        key = watermark_key(streams, streams.wallet_stream(address))
+        assert await redis_client.hget(key, f"dome:{address}") == str(newest).encode()
+
+
+async def test_an_outbox_entry_reaches_signals_once(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    streams = Streams(namespace, 2)
+    outbox = streams.lanes()[0].signals
+    ids = [
+        (await redis_client.xadd(outbox, {b"data": b'{"n": %d}' % i})).decode() for i in range(3)
+    ]
+    forwarder = Forwarder(redis_client, streams, outbox, maxlen=1000)
+    batch = [(entry_id, {b"data": b'{"n": %d}' % i}) for i, entry_id in enumerate(ids)]
+    handled = await forwarder(batch)
+    assert list(handled.settled) == ids and not handled.failed
+    # The process died before its ack: the redelivered batch adds nothing.
+    assert await forwarder.forward([(entry_id, b"{}") for entry_id in ids]) == 0
+    assert [decode(f) for _, f in await redis_client.xrange(streams.signals)] == [
+        {"n": 0},
+        {"n": 1},
+        {"n": 2},
+    ]
+    broken = await forwarder([("9-9", {b"other": b"x"})])
+    assert broken.failed == {"9-9": "outbox entry has no 'data' field"}
+
+
+@pytest.mark.e2e
+async def test_three_replicas_on_four_partitions_emit_the_reference(
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    scenario: tuple[list[OrderFill], list[TrackedWallet]],
+) -> None:
+    await replicas_emit_the_reference(
+        redis_url, redis_client, Streams(namespace, 4), scenario, tmp_path, {}
+    )
+
+
+async def replicas_emit_the_reference(
+    redis_url: str,
+    client: aioredis.Redis,
+    streams: Streams,
+    scenario: tuple[list[OrderFill], list[TrackedWallet]],
+    tmp_path: Path,
+    env: dict[str, str],
+) -> None:
+    """Three detector processes on `streams`' layout: the serial reference's signals, once each."""
+    orders, wallets = scenario
+    reference = identities(
+        [s.model_dump(mode="json") for s in run(orders, wallets, RuleSettings())]
+    )
+    env = {**env, "STREAM_PARTITIONS": str(streams.partitions)}
+    async with replicas(redis_url, streams.namespace, wallets, tmp_path, "parts-", env) as group:
+        await publish(client, streams, orders)
+        await drained(client, streams)
+        waits = await group.metric("betterbot_detector_order_waits_total")
+    assert set(group.stop().values()) == {0}
+    found = await read_signals(client, streams)
+    assert len(found) == len({s["signal_id"] for s in found}), "a signal was emitted twice"
+    assert identities(found) == reference
+    print(f"{streams.partitions} partitions: {len(found)} signals, {waits:g} waits")
