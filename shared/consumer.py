@@ -48,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.backoff import Backoff
 from shared.errors import describe
 from shared.redis_streams import dead_letter, ensure_group, entry_payload, entry_position
+from shared.streams import slot_tag
 from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ def consumer_name() -> str:
 
 def errors_key(stream: str, group: str) -> str:
     """Hash entry id -> the last error of a failed attempt, in the stream's slot."""
-    return "{" + stream + "}:errors:" + group
+    tag = slot_tag(stream)
+    if tag == "{" + stream + "}":
+        return tag + ":errors:" + group
+    return f"{tag}:errors:{stream}:{group}"  # a stream with a tag of its own (an outbox)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,17 @@ class Lane:
         return self.scope is not Scope.ALL
 
 
+def slot_tag(key: str) -> str:
+    """The hash tag that places `key` (and any key starting with it) in `key`'s Redis Cluster
+    slot: its own tag when it has one (`{orders.raw.0}:signals`), else the whole name in braces.
+    """
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    if start >= 0 and end > start + 1:
+        return key[start : end + 1]
+    return "{" + key + "}"
+
+
 def partition_of(value: str, partitions: int) -> int:
     """The partition of a wallet address or a token id: the same in every process and language
     (CRC-32 of the lowercase UTF-8 text, modulo N)."""

@@ -19,7 +19,8 @@ from services.detector.serial import run
 from shared.models import OrderFill, Side, TrackedWallet
 from shared.orders_raw import OrdersRaw, Outgoing, watermark_key
 from shared.redis_streams import decode
-from shared.streams import Scope, Streams, partition_of
+from shared.consumer import errors_key
+from shared.streams import Scope, Streams, partition_of, slot_tag
 from tests.test_detector_replicas import (
     drained,
     identities,
@@ -66,6 +67,10 @@ def test_partition_of_is_stable_and_spreads() -> None:
     streams = Streams("x:", 4)
     assert [lane.scope for lane in streams.lanes()] == [Scope.WALLET] * 4 + [Scope.TOKEN] * 4
     assert all(lane.signals == "{" + lane.stream + "}:signals" for lane in streams.lanes())
+    outbox = streams.lanes()[0].signals
+    assert errors_key(outbox, "g") == "{x:orders.raw.0}:errors:{x:orders.raw.0}:signals:g"
+    assert errors_key("x:signals", "g") == "{x:signals}:errors:g"
+    assert slot_tag("a{}b") == "{a{}b}"
     single = Streams("x:").lanes()
     assert [(lane.stream, lane.scope, lane.signals) for lane in single] == [
         ("x:orders.raw", Scope.ALL, "x:signals")

@@ -276,14 +276,14 @@ class DetectorState:
         keys = [self.unit_key(unit) for unit in units]
 
         async def read() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xpending(self.lane.stream, group)
-                if keys:
-                    pipe.mget(keys)
-                return list(await pipe.execute())
+            # Two commands at once rather than one pipeline: a cluster client refuses MGET in a
+            # pipeline (the lane's units share a slot, which it does not know).
+            pending = self.client.xpending(self.lane.stream, group)
+            values = self.client.mget(keys) if keys else _nothing()
+            return list(await asyncio.gather(pending, values))
 
         replies = await self._retrying(read)
-        values = replies[1] if keys else []
+        values = replies[1]
         holders = {c["name"].decode(): int(c["pending"]) for c in replies[0]["consumers"] or ()}
         return holders, dict(zip(units, values, strict=True))
 
@@ -417,6 +417,10 @@ class DetectorState:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
         except (TimeoutError, *TRANSIENT):
             return False
+
+
+async def _nothing() -> list[Any]:
+    return []
 
 
 def _said(exc: BaseException, delay: float) -> None:

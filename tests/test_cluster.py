@@ -1,0 +1,119 @@
+"""The pipeline on a real Redis Cluster (3 masters, 3 replicas, started from the installed
+`redis-server` by devtools/cluster.py): the wallet registry's MULTI and seed script in one slot,
+three detector replicas emitting exactly the reference signals with 1 and 4 partitions, the whole
+pipeline end to end with 1 and 4 partitions, and the partitions spread over the masters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from devtools.cluster import Cluster
+from shared import wallet_registry
+from shared.models import OrderFill, TrackedWallet
+from shared.redis_streams import connect
+from shared.consumer import errors_key
+from shared.streams import DETECTOR_GROUP, Streams
+from tests.test_detector_replicas import replica_scenario
+from tests.test_partitions import replicas_emit_the_reference
+from tests.test_pipeline_e2e import Pipeline, tape_end_to_end
+
+pytestmark = [pytest.mark.integration]
+
+CLUSTER_ENV = {"REDIS_CLUSTER": "true"}
+
+
+@pytest.fixture(scope="module")
+def scenario() -> tuple[list[OrderFill], list[TrackedWallet]]:
+    return replica_scenario()
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster: Cluster, namespace: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(redis_cluster.url, cluster=True)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"*{namespace}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def test_the_wallet_registry_runs_on_a_cluster(
+    cluster_client: aioredis.Redis, namespace: str
+) -> None:
+    streams = Streams(namespace)
+    first = TrackedWallet(address="0x" + "a1" * 20, label="first")
+    wallets, last_id = await wallet_registry.load(cluster_client, streams, [first])
+    assert wallets == [first]
+    assert await wallet_registry.seed(cluster_client, streams, [first]) == -1  # seeded once
+    second = TrackedWallet(address="0x" + "b2" * 20, label="second", score=0.7)
+    await wallet_registry.upsert(cluster_client, streams, second)
+    assert await wallet_registry.remove(cluster_client, streams, first.address)
+    changes = wallet_registry.follow(cluster_client, streams, last_id, block_ms=100)
+    seen = [await anext(changes), await anext(changes)]
+    assert [(c.op, c.wallet.address) for c in seen] == [
+        ("upsert", second.address),
+        ("remove", first.address),
+    ]
+    assert (await wallet_registry.snapshot(cluster_client, streams))[0] == [second]
+
+
+def test_partitions_spread_over_the_masters(redis_cluster: Cluster) -> None:
+    """Four wallet and four token partitions (with the default namespace) land on every master:
+    each partition's slot is its name's, so their load spreads as the slots do."""
+    lanes = Streams("", 4).lanes()
+    masters = {redis_cluster.master_of(lane.stream) for lane in lanes}
+    assert masters == set(redis_cluster.masters())
+    for lane in lanes:
+        # The lane's state, outbox and stream share its slot: one script touches all three.
+        slot_keys = [
+            lane.stream,
+            lane.signals,
+            lane.state_prefix + "x",
+            errors_key(lane.stream, DETECTOR_GROUP),
+            errors_key(lane.signals, DETECTOR_GROUP),
+        ]
+        assert {redis_cluster.master_of(key) for key in slot_keys} == {
+            redis_cluster.master_of(lane.stream)
+        }
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("partitions", [1, 4])
+async def test_three_replicas_on_a_cluster_emit_the_reference(
+    redis_cluster: Cluster,
+    cluster_client: aioredis.Redis,
+    namespace: str,
+    tmp_path: Path,
+    scenario: tuple[list[OrderFill], list[TrackedWallet]],
+    partitions: int,
+) -> None:
+    await replicas_emit_the_reference(
+        redis_cluster.url,
+        cluster_client,
+        Streams(namespace, partitions),
+        scenario,
+        tmp_path,
+        CLUSTER_ENV,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("partitions", [1, 4])
+async def test_the_tape_end_to_end_on_a_cluster(
+    redis_cluster: Cluster,
+    cluster_client: aioredis.Redis,
+    database_url: str,
+    namespace: str,
+    partitions: int,
+) -> None:
+    env = {**CLUSTER_ENV, "STREAM_PARTITIONS": str(partitions)}
+    pipeline = Pipeline(redis_cluster.url, database_url, namespace, env, detectors=2)
+    try:
+        await tape_end_to_end(pipeline, cluster_client, database_url, namespace)
+    finally:
+        pipeline.stop_all()
