@@ -143,13 +143,13 @@ class Cluster:
     def restart(self, port: int) -> None:
         """Start a killed node again; returns once it rejoined (as a replica, if it failed over)."""
         self._start(self._nodes[port])
-        self._wait_settled("the restarted node rejoining", SETTLE_TIMEOUT_S)
+        _wait("the restarted node rejoining", self._settled, SETTLE_TIMEOUT_S)
 
     def wait_failover(self, old_master_port: int, timeout: float = 30) -> None:
         """Until a replica of the killed master serves its slots and every live node is ok."""
         if self._nodes[old_master_port].alive:
             raise ValueError(f"{old_master_port} is alive: kill it first")
-        self._wait_settled(f"failover of {old_master_port}", timeout)
+        _wait(f"failover of {old_master_port}", self._settled, timeout)
 
     def flushall(self) -> None:
         for port in self.masters():
@@ -174,8 +174,8 @@ class Cluster:
             self._binary,
             "--port",
             str(node.port),
-            # Free ports come from the ephemeral range, where port + 10000 (the default bus port)
-            # may be taken or beyond 65535: the bus gets a free port of its own.
+            # The default bus port, port + 10000, was never checked free (and may fall in the
+            # range outgoing connections draw from): the bus gets a free port of its own.
             "--cluster-port",
             str(node.bus_port),
             "--bind",
@@ -218,23 +218,23 @@ class Cluster:
                 return False
         return all(_linked_if_replica(port) for port in live)
 
-    def _wait_settled(self, what: str, timeout: float) -> None:
-        _wait(what, self._settled, timeout)
-
     def _create(self) -> None:
         redis_cli = shutil.which("redis-cli")
         if not redis_cli:
             raise RuntimeError("redis-cli is not installed (it comes with redis-server)")
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
         options = ["--cluster-replicas", "1", "--cluster-yes"]
-        subprocess.run(
+        created = subprocess.run(
             [redis_cli, "--cluster", "create", *addresses, *options],
-            check=True,
             capture_output=True,
+            text=True,
             timeout=SETTLE_TIMEOUT_S,
+            check=False,
         )
+        if created.returncode != 0:  # redis-cli tells why on stdout
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
         # redis-cli returns once the slots are assigned; the replicas attach a moment later.
-        self._wait_settled("cluster_state:ok with every replica linked", SETTLE_TIMEOUT_S)
+        _wait("cluster_state:ok with every replica linked", self._settled, SETTLE_TIMEOUT_S)
 
     def _stop(self) -> None:
         for node in self._nodes.values():

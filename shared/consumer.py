@@ -41,13 +41,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.backoff import Backoff
 from shared.errors import describe
-from shared.redis_streams import dead_letter, ensure_group, entry_payload, entry_position
+from shared.redis_streams import (
+    UNREACHABLE,
+    dead_letter,
+    ensure_group,
+    entry_payload,
+    entry_position,
+)
 from shared.streams import slot_tag
 from shared.tasks import cancel_and_wait
 
@@ -71,7 +75,7 @@ Handler = Callable[[list[Entry]], Awaitable[Handled]]
 DeadLetter = Callable[[Entry, str, int], Awaitable[None]]
 
 # Redis unreachable (or restarting): retried, never a reason to exit or to blame an entry.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT = UNREACHABLE
 ERROR_TEXT_MAX = 1000
 
 READ = Counter(

@@ -14,10 +14,31 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 DATA_FIELD = b"data"
+
+# Redis (or part of a cluster) out of reach for now: waited out, never an entry's fault. On a
+# cluster that includes the seconds of a failover: the cluster down, a slot unserved, a write to
+# a master just demoted.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    ReadOnlyError,
+    OSError,
+)
 
 
 def connect(url: str, *, cluster: bool = False, **options: Any) -> aioredis.Redis:

@@ -28,14 +28,12 @@ from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.backoff import Backoff
 from shared.errors import describe
 from shared.models import TrackedWallet, normalize_address
-from shared.redis_streams import decode, encode
+from shared.redis_streams import UNREACHABLE, decode, encode
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -158,7 +156,7 @@ async def follow(
             reply: Any = await client.xread(
                 {streams.wallets_control: last}, block=block_ms, count=100
             )
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except UNREACHABLE as exc:
             log.warning("wallet_registry_unreachable", extra={"error": describe(exc)})
             await asyncio.sleep(backoff.next_delay())
             continue

@@ -10,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
+from devtools.cluster import Cluster
+from devtools.cluster import redis_cluster as start_redis_cluster
 from devtools.servers import postgres_server, redis_server, throwaway_database
 from shared.streams import Streams
 
@@ -59,3 +61,15 @@ async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
     """A fresh, empty database of this test's own, dropped afterwards."""
     async with throwaway_database(postgres_admin_url, "bb_test") as url:
         yield url
+
+
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A real Redis Cluster, 3 masters and 3 replicas, started by the first test that asks for it
+    and shared by the rest of the session. Shared, so each test keeps to a namespace of its own
+    (the `namespace` fixture, `Streams(namespace=...)`), and a test that kills a node restarts it
+    (`wait_failover`, then `restart`) so the next one finds every node up."""
+    with start_redis_cluster() as cluster:
+        yield cluster

@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 
 from devtools.cluster import Cluster
 from shared import wallet_registry
+from shared.consumer import errors_key
 from shared.models import OrderFill, TrackedWallet
 from shared.redis_streams import connect
-from shared.consumer import errors_key
 from shared.streams import DETECTOR_GROUP, Streams
 from tests.test_detector_replicas import replica_scenario
 from tests.test_partitions import replicas_emit_the_reference

@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from services.detector.forward import Forwarder
 from services.detector.rules import RuleSettings
 from services.detector.serial import run
+from shared.consumer import errors_key
 from shared.models import OrderFill, Side, TrackedWallet
 from shared.orders_raw import OrdersRaw, Outgoing, watermark_key
 from shared.redis_streams import decode
-from shared.consumer import errors_key
 from shared.streams import Scope, Streams, partition_of, slot_tag
 from tests.test_detector_replicas import (
     drained,

@@ -37,12 +37,10 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.detector.rules import WalletMarketState, wallet_unit
 from shared.backoff import retrying
-from shared.redis_streams import dead_letter, entry_position
+from shared.redis_streams import UNREACHABLE, dead_letter, entry_position
 from shared.streams import Lane, Streams
 
 log = logging.getLogger(__name__)
@@ -153,7 +151,7 @@ return results
 """
 )
 
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+TRANSIENT = UNREACHABLE
 T = TypeVar("T")
 
 Fields = dict[bytes, bytes]
@@ -415,7 +413,9 @@ class DetectorState:
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), timeout=2))
-        except (TimeoutError, *TRANSIENT):
+        except TimeoutError:
+            return False
+        except TRANSIENT:
             return False
 
 

@@ -82,10 +82,19 @@ class Publisher:
         self._unfinished = 0
         self._retry = Backoff(REDIS_RETRY_MIN_S, REDIS_RETRY_MAX_S)
         self.redis_ok = True
+        # Called when Redis answers again after failing: what it acknowledged last may be gone.
+        self._on_recovered: list[Callable[[], None]] = []
         self.published = 0
         self.duplicates = 0
         self.published_by_source: Counter[str] = Counter()
         self.duplicates_by_source: Counter[str] = Counter()
+
+    def on_recovered(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time Redis answers again after an outage: a restart without its
+        data, or a failover whose replica missed the last writes, may have lost fills that were
+        acknowledged, so the sources read their gaps again (from the watermarks, which such a
+        loss takes back with the fills)."""
+        self._on_recovered.append(callback)
 
     @property
     def unfinished(self) -> int:
@@ -209,7 +218,9 @@ class Publisher:
                 continue
             if not self.redis_ok:
                 log.info("redis_recovered", extra={"queued": self._unfinished})
-            self.redis_ok = True
+                self.redis_ok = True
+                for callback in self._on_recovered:
+                    callback()
             self._retry.reset()
             return result
 
@@ -227,6 +238,9 @@ class Publisher:
 
 
 def _redis_address(client: aioredis.Redis) -> str:
-    # Host and port only: the URL may carry a password.
-    kwargs = client.connection_pool.connection_kwargs
+    # Host and port only: the URL may carry a password. A cluster client has no single pool.
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return "cluster"
+    kwargs = pool.connection_kwargs
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"

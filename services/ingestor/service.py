@@ -130,9 +130,11 @@ class Ingestor:
                 self.websocket = DomeWebSocketSource(
                     s, wallets, self.publisher, self._backfill_catch_up()
                 )
+                self.publisher.on_recovered(self.websocket.catch_up_again)
                 self.sources.append(self.websocket)
             elif name == "polygon":
                 self.polygon = polygon_source(s, wallets, self.publisher, self.redis)
+                self.publisher.on_recovered(self.polygon.catch_up_again)
                 self.sources.append(self.polygon)
             elif name == "dome_rest":
                 self._poller(

@@ -114,6 +114,7 @@ class PolygonSource:
         self._status = FeedStatus(source=SOURCE, wallets=len(self.wallets))
         self._headers: OrderedDict[int, Header] = OrderedDict()
         self._cursor: int | None = None  # the last block fully read and published
+        self._recheck_watermark = False
         # Hash of each block the cursor stood on, as read: the reference a reorg is detected by
         # (the header cache follows newHeads, which already shows the new fork).
         self._read_hashes: OrderedDict[int, str] = OrderedDict()
@@ -309,9 +310,23 @@ class PolygonSource:
             stored = max(0, self.head - self.settings.initial_lookback_blocks)
         self._cursor = stored
 
+    def catch_up_again(self) -> None:
+        """Read again from the stored watermark if it fell behind the cursor (Redis lost recent
+        writes, and with them the watermark's last moves)."""
+        self._recheck_watermark = True
+
     async def _catch_up(self, socket: RpcSocket) -> None:
         """Read every settled block after the cursor, then move the watermark past them."""
         assert self._cursor is not None
+        if self._recheck_watermark:
+            self._recheck_watermark = False
+            stored = await self.publisher.watermark(WATERMARK_FEED, WATERMARK_FIELD)
+            if stored is None or stored < self._cursor:
+                log.warning(
+                    "chain_reread_after_redis_outage",
+                    extra={"from_block": stored, "cursor": self._cursor},
+                )
+                self._cursor = stored if stored is not None else self._cursor
         await self._step_back_over_reorg(socket)
         if self._retract_from is not None:
             await self._retract_after(socket, self._retract_from)

@@ -106,6 +106,12 @@ class DomeWebSocketSource:
     def slots(self, index: int) -> list[Slot]:
         return self.layout.connections[index]
 
+    def catch_up_again(self) -> None:
+        """Every connection backfills its wallets again (Redis may have lost recent fills)."""
+        log.warning("backfill_after_redis_outage", extra={"source": SOURCE})
+        for conn in self.connections:
+            conn.catch_up_again()
+
     def refreshed(self) -> None:
         """Recompute the source-wide gauges after a connection changed."""
         status = self.status

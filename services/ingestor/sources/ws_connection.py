@@ -166,6 +166,11 @@ class DomeConnection:
         """The layout changed for this connection: reconcile with the server."""
         self._dirty.set()
 
+    def catch_up_again(self) -> None:
+        """Backfill every wallet again, as after a reconnect (Redis lost recent writes)."""
+        self.caught_up.clear()
+        self._backfill_wanted.set()
+
     def _wanted(self) -> bool:
         return any(slot.wallets for slot in self._source.slots(self.index))
 
