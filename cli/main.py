@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from cli import dead, lag, tape, wallets
+from cli import dead, lag, partitions, tape, wallets
 from cli.settings import CliSettings
 from cli.signals import SignalFilter, tail
 from shared.logs import redact_url
@@ -101,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("file", type=Path)
     rt.add_argument("--all-wallets", action="store_true", help="not only tracked wallets' trades")
     rt.add_argument("--batch", type=int, default=500)
+
+    parts = commands.add_parser(
+        "partitions", help="the partition count of orders.raw (STREAM_PARTITIONS)"
+    ).add_subparsers(dest="action", required=True)
+    parts.add_parser("status", parents=[common], help="lanes, lengths, what is not drained yet")
+    mv = parts.add_parser(
+        "move", parents=[common], help="move the state of a drained pipeline to another count"
+    )
+    mv.add_argument("--to", type=int, required=True, help="the new STREAM_PARTITIONS")
+    mv.add_argument(
+        "--recent-s",
+        type=int,
+        default=3600,
+        help="decisions younger than this move (those a fill can still change status in)",
+    )
+    mv.add_argument("--done-ttl-s", type=int, default=7 * 24 * 3600, help="DETECTOR_DONE_TTL_S")
     return parser
 
 
@@ -301,12 +317,44 @@ async def cmd_replay_tape(args: argparse.Namespace, client: aioredis.Redis, s: C
     return 1 if report.invalid else 0
 
 
+async def cmd_partitions(args: argparse.Namespace, client: aioredis.Redis, s: CliSettings) -> int:
+    streams = s.streams
+    problems = await partitions.undrained(client, streams)
+    if args.action == "status":
+        data, lines = await partitions.status(client, streams, problems)
+        _emit(args, data, lines)
+        return 1 if problems else 0
+    if args.to < 1 or args.to == streams.partitions:
+        raise UsageError(f"--to must be a count other than the current {streams.partitions}")
+    if problems:
+        raise UsageError(
+            "the pipeline is not drained (stop the ingestors, let every group catch up): "
+            + "; ".join(problems[:5])
+        )
+    new = Streams(streams.namespace, args.to)
+    report = await partitions.move(
+        client, streams, new, recent_s=args.recent_s, done_ttl_s=args.done_ttl_s
+    )
+    _emit(
+        args,
+        {"from": streams.partitions, "to": args.to, **vars(report)},
+        [
+            f"moved {streams.partitions} -> {args.to} partitions: {report.units} detector units, "
+            f"{report.decisions} recent decisions ({report.decisions_too_old} older left), "
+            f"{report.dedupe_keys} dedupe keys, {report.watermarks} watermarks",
+            f"now start every service with STREAM_PARTITIONS={args.to}",
+        ],
+    )
+    return 0
+
+
 COMMANDS = {
     "signals": cmd_signals,
     "wallets": cmd_wallets,
     "lag": cmd_lag,
     "dead": cmd_dead,
     "replay-tape": cmd_replay_tape,
+    "partitions": cmd_partitions,
 }
 
 

@@ -377,6 +377,36 @@ class Effect:
             None if episode is None else (tuple(episode[0]), tuple(episode[1])),
         )
 
+    def part(self, scope: Scope) -> Effect:
+        """The share of the effect a lane of `scope` keeps: a wallet partition its signals but
+        consensus, position and stamps; a token partition the consensus signal and member."""
+        if scope is Scope.ALL:
+            return self
+        consensus = SignalKind.CONSENSUS
+        if scope is Scope.WALLET:
+            signals = tuple(s for s in self.signals if s.kind is not consensus)
+            return Effect(signals, self.position_delta, stamps=self.stamps)
+        signals = tuple(s for s in self.signals if s.kind is consensus)
+        return Effect(
+            signals, joined=self.joined, previous_member=self.previous_member, episode=self.episode
+        )
+
+    def merge(self, other: Effect) -> Effect:
+        """One effect from two lanes' shares of it (a partition count lowered); a share both
+        hold (copied to every partition by an earlier move) counts once."""
+        ids = {(s.signal_id, s.status) for s in self.signals}
+        signals = self.signals + tuple(
+            s for s in other.signals if (s.signal_id, s.status) not in ids
+        )
+        return Effect(
+            signals,
+            self.position_delta or other.position_delta,
+            self.joined or other.joined,
+            self.previous_member or other.previous_member,
+            self.stamps or other.stamps,
+            self.episode or other.episode,
+        )
+
 
 @dataclass(frozen=True)
 class Decision:
