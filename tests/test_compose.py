@@ -243,6 +243,8 @@ def test_the_pipeline_runs_on_the_cluster_with_the_override(
         env = _environment(service)
         url = urlsplit(env["REDIS_URL"])
         assert env["REDIS_CLUSTER"] == "true", name
+        # Every service must route fills to the same partitions.
+        assert env["STREAM_PARTITIONS"] == "4", name
         assert url.hostname in CLUSTER_NODES and url.port == 6379 and url.path == "/0", name
         init = service["depends_on"][CLUSTER_INIT]
         assert init["condition"] == "service_completed_successfully", name
@@ -251,7 +253,9 @@ def test_the_pipeline_runs_on_the_cluster_with_the_override(
 def _without_cluster(service: dict[str, Any]) -> dict[str, Any]:
     service = dict(service)
     service["environment"] = {
-        k: v for k, v in _environment(service).items() if k not in ("REDIS_URL", "REDIS_CLUSTER")
+        k: v
+        for k, v in _environment(service).items()
+        if k not in ("REDIS_URL", "REDIS_CLUSTER", "STREAM_PARTITIONS")
     }
     service["depends_on"] = {
         k: v for k, v in (service.get("depends_on") or {}).items() if k != CLUSTER_INIT
