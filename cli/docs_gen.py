@@ -106,7 +106,9 @@ def producers(s: Streams) -> list[Producer]:
             s.orders_raw,
             OrderFill,
             "Every fill of a tracked wallet, once per order_key (dedupe and XADD in one Lua step)."
-            " Trimmed with MAXLEN ~ STREAM_MAXLEN.",
+            " Trimmed with MAXLEN ~ STREAM_MAXLEN. With STREAM_PARTITIONS > 1 the same entries go"
+            " to `orders.raw.<i>` (by wallet) instead, and every BUY also to `orders.bytoken.<j>`"
+            " (by token): docs/streams.md.",
         ),
         Producer(
             "detector",
