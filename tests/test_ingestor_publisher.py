@@ -201,11 +201,15 @@ async def test_nothing_is_lost_while_redis_is_unreachable(
     client, proxy = proxied_client
     await proxy.start()
     publisher = make_publisher(client, streams, queue_size=2, batch_max=2)
+    recoveries: list[bool] = []
+    # What a source does on this call: backfill again, since Redis may have lost recent writes.
+    publisher.on_recovered(lambda: recoveries.append(publisher.redis_ok))
     runner = asyncio.create_task(publisher.run())
     first, *rest = tape_fills(7)
     try:
         await publisher.submit(first)
         assert await publisher.flush(10) == 0
+        assert recoveries == []
         await proxy.stop()
 
         # The queue holds 2 and the publisher's retried batch 2; the other submits must wait.
@@ -221,6 +225,7 @@ async def test_nothing_is_lost_while_redis_is_unreachable(
     finally:
         runner.cancel()
     assert publisher.redis_ok
+    assert recoveries == [True], "the sources are told once, after Redis answered again"
     keys = await stream_keys(redis_client, streams)
     assert sorted(keys) == sorted(fill.order_key for fill in [first, *rest])
 
