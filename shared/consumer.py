@@ -12,7 +12,8 @@ The runtime owns, around that:
   a handler runs, its entries' idle time is reset (XCLAIM JUSTID, own entries only) every
   `claim_min_idle_ms / 3`, so another replica never reclaims work that is merely slow;
 - reclaiming entries idle past `claim_min_idle_ms` (XAUTOCLAIM; the ids it reports as deleted,
-  trimmed from the stream while pending, are counted) and dead-lettering those delivered too often;
+  trimmed from the stream while pending, are counted, logged as errors and dead-lettered with their
+  ids, their content being gone) and dead-lettering those delivered too often;
 - riding out a Redis restart: a connection error is retried with backoff, and a group that vanished
   with a Redis that lost its data (NOGROUP) is created again; the service never exits for it;
 - draining on stop: no new reads, the batch in flight finishes, what is still pending here is
@@ -417,8 +418,7 @@ class ConsumerGroup:
             cursor = reply[0].decode()
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
-                DELETED.labels(*self._labels).inc(len(deleted))
-                log.warning("pending_entries_trimmed", extra={"count": len(deleted)})
+                await self._trimmed([entry_id.decode() for entry_id in deleted])
             # Redis 6.2 lists a trimmed entry as (id, None); 7 reports it in `deleted` instead.
             claimed = [(eid.decode(), f) for eid, f in reply[1] if f]
             if claimed:
@@ -428,6 +428,25 @@ class ConsumerGroup:
             if cursor == "0-0":
                 break
         return total
+
+    async def _trimmed(self, ids: list[str]) -> None:
+        """Pending entries trimmed away before they were settled (MAXLEN caught up with a slow or
+        dead consumer): their content is gone, so the dead letter keeps their ids and why, for
+        people to find what was lost (Redis has dropped them from the pending list already)."""
+        DELETED.labels(*self._labels).inc(len(ids))
+        log.error(
+            "pending_entries_trimmed",
+            extra={**self._log, "stream": self.config.stream, "count": len(ids), "ids": ids[:20]},
+        )
+        for entry_id in ids:
+            reason = (
+                f"trimmed from {self.config.stream} (MAXLEN) before group {self.config.group} "
+                f"settled it; its content is lost (entry {entry_id}): raise STREAM_MAXLEN or "
+                "add consumers"
+            )
+            payload = {b"trimmed_entry": entry_id.encode(), b"stream": self.config.stream.encode()}
+            await self.dead_letter((entry_id, payload), reason, 0)
+        DEAD.labels(*self._labels).inc(len(ids))
 
     async def _handle_reclaimed(self, claimed: list[Entry]) -> None:
         counts = await self.deliveries([entry_id for entry_id, _ in claimed])

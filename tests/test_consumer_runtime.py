@@ -11,12 +11,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from chaos.redis_server import ThrowawayRedis
 from devtools.servers import free_port
+from services.notifier.webhooks.config import Webhook
+from services.notifier.webhooks.dead import DeadLetters
+from services.notifier.webhooks.delivery import RetryPolicy
+from services.notifier.webhooks.endpoint import Endpoint
+from services.notifier.webhooks.handoff import Route, queue_key
 from shared.consumer import (
     DELETED,
     ConsumerGroup,
@@ -170,7 +176,7 @@ async def test_slow_work_stays_claimed_by_its_consumer(
     assert taken == 0 and len(await work) == 1
 
 
-async def test_pending_entries_trimmed_from_the_stream_are_counted(
+async def test_pending_entries_trimmed_from_the_stream_are_counted_and_dead_lettered(
     redis_client: aioredis.Redis, streams: Streams
 ) -> None:
     cfg = config(streams)
@@ -184,6 +190,13 @@ async def test_pending_entries_trimmed_from_the_stream_are_counted(
     await group.reclaim()
     assert DELETED.labels(GROUP, cfg.stream)._value.get() - before == 2
     assert await pending(redis_client, cfg.stream) == 0
+    dead = await redis_client.xrange(cfg.dead_stream)
+    assert [fields[b"reason"].decode() for _, fields in dead] == [
+        f"trimmed from {cfg.stream} (MAXLEN) before group {GROUP} settled it; its content is "
+        f"lost (entry {entry_id}): raise STREAM_MAXLEN or add consumers"
+        for entry_id in ids
+    ]
+    assert [orjson.loads(fields[b"raw"])["trimmed_entry"] for _, fields in dead] == ids
 
 
 async def test_stop_handles_what_was_delivered_here_then_leaves_the_group(
@@ -346,3 +359,30 @@ async def test_a_group_lost_with_the_data_is_made_again_from_the_start(
     batch = await group.read_batch()
     await group.handle(batch)
     assert handler.seen == ["after-the-loss"]
+
+
+async def test_a_webhook_queue_entry_trimmed_while_pending_is_dead_lettered(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """The webhook endpoints' own dead-letter hook keeps a trimmed entry too, not only a signal."""
+    hook = Webhook(name="desk", url="http://127.0.0.1:9/hook", secret="s3cret-" + "x" * 16)
+    queue = queue_key(streams, hook.name)
+    async with httpx.AsyncClient() as http:
+        endpoint = Endpoint(
+            Route(hook, queue),
+            http,
+            RetryPolicy(1, 0.1, 0.1),
+            DeadLetters(redis_client, streams.webhooks_dead),
+        )
+        cfg = config(streams, stream=queue, dead_stream=streams.webhooks_dead)
+        group = ConsumerGroup(redis_client, cfg, endpoint, dead_letter=endpoint.dead_letter)
+        await group.ensure_group()
+        ids = await add(redis_client, queue, {"n": "a"})
+        await redis_client.xreadgroup(GROUP, "dead", {queue: ">"})
+        await redis_client.xdel(queue, *ids)
+        await asyncio.sleep(0.2)
+        await group.reclaim()
+    dead = await redis_client.xrange(streams.webhooks_dead)
+    assert len(dead) == 1
+    assert b"trimmed from" in dead[0][1][b"reason"]
+    assert orjson.loads(dead[0][1][b"raw"])["trimmed_entry"] == ids[0]

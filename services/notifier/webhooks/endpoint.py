@@ -39,7 +39,7 @@ from services.notifier.webhooks.handoff import Route
 from services.notifier.webhooks.presets import render
 from shared.consumer import Entry, Fields, Handled
 from shared.models import Signal
-from shared.redis_streams import DATA_FIELD, decode
+from shared.redis_streams import DATA_FIELD, decode, entry_payload
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class Endpoint:
         try:
             entry_id, data, signal = _queued(entry[1])
         except ValueError:
+            # Trimmed from the queue while pending (or foreign): what is left is its id and why.
+            await self._dead.add(self.hook, entry[0], "", entry_payload(entry[1]), reason, 0)
             return
         await self._dead.add(self.hook, entry_id, signal.signal_id, data, reason, 0)
 
