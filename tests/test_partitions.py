@@ -109,27 +109,40 @@ async def test_fills_go_to_their_wallet_and_token_partitions_once(
         assert await redis_client.hget(key, f"dome:{address}") == str(newest).encode()
 
 
-async def test_an_outbox_entry_reaches_signals_once(
+async def test_an_outbox_reaches_signals_once_and_in_order_through_its_lease_holder(
     redis_client: aioredis.Redis, namespace: str
 ) -> None:
     streams = Streams(namespace, 2)
     outbox = streams.lanes()[0].signals
-    ids = [
-        (await redis_client.xadd(outbox, {b"data": b'{"n": %d}' % i})).decode() for i in range(3)
-    ]
-    forwarder = Forwarder(redis_client, streams, outbox, maxlen=1000)
-    batch = [(entry_id, {b"data": b'{"n": %d}' % i}) for i, entry_id in enumerate(ids)]
-    handled = await forwarder(batch)
-    assert list(handled.settled) == ids and not handled.failed
-    # The process died before its ack: the redelivered batch adds nothing.
-    assert await forwarder.forward([(entry_id, b"{}") for entry_id in ids]) == 0
+
+    async def put(*numbers: int) -> list[str]:
+        ids = [await redis_client.xadd(outbox, {b"data": b'{"n": %d}' % n}) for n in numbers]
+        return [entry_id.decode() for entry_id in ids]
+
+    first = Forwarder(redis_client, streams, outbox, owner="a", maxlen=1000, batch=2)
+    second = Forwarder(redis_client, streams, outbox, owner="b", maxlen=1000, batch=2)
+    ids = await put(0, 1, 2)
+    assert await first.hold() and not await second.hold()
+    # Only the holder forwards: the other's batch would overtake the holder's.
+    assert await second.forward([(ids[0], b'{"n": 0}')]) == -1
+    assert await first.forward_once() == 2
+    # The holder died after forwarding, before deleting: its successor adds nothing twice.
+    await put(3)
+    assert await first.forward([(ids[2], b'{"n": 2}')]) == 1
+    await redis_client.delete(streams.forwarded_key_prefix() + "lease:" + outbox)
+    assert await second.hold()
+    assert await second.forward_once() == 2  # entries 2 (marked) and 3
+    assert await redis_client.xlen(outbox) == 0
     assert [decode(f) for _, f in await redis_client.xrange(streams.signals)] == [
         {"n": 0},
         {"n": 1},
         {"n": 2},
+        {"n": 3},
     ]
-    broken = await forwarder([("9-9", {b"other": b"x"})])
-    assert broken.failed == {"9-9": "outbox entry has no 'data' field"}
+    await redis_client.xadd(outbox, {b"other": b"x"})
+    assert await second.forward_once() == 1
+    dead = await redis_client.xrange(streams.signals_dead)
+    assert b"outbox entry has no 'data' field" in dead[0][1][b"reason"]
 
 
 @pytest.mark.e2e

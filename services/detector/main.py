@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -70,7 +70,6 @@ class Detector:
         self.forwarders = [
             self._forwarder(worker.lane) for worker in self.workers if worker.lane.outbox
         ]
-        self.groups = [w.group for w in self.workers] + self.forwarders
 
     @property
     def processor(self) -> BatchProcessor:
@@ -112,16 +111,16 @@ class Detector:
         group = ConsumerGroup(self.client, self._config(lane.stream), handle)
         return LaneWorker(lane, state, processor, group)
 
-    def _forwarder(self, lane: Lane) -> ConsumerGroup:
-        forward = Forwarder(
-            self.client, self.settings.streams, lane.signals, maxlen=self.settings.stream_maxlen
+    def _forwarder(self, lane: Lane) -> Forwarder:
+        return Forwarder(
+            self.client,
+            self.settings.streams,
+            lane.signals,
+            owner=self.consumer,
+            maxlen=self.settings.stream_maxlen,
+            batch=self.settings.detector_batch_size,
+            block_ms=self.settings.detector_block_ms,
         )
-        config = replace(
-            self._config(lane.signals),
-            dead_stream=self.settings.streams.signals_dead,
-            delete_on_settle=True,
-        )
-        return ConsumerGroup(self.client, config, forward)
 
     def _config(self, stream: str) -> GroupConfig:
         settings = self.settings
@@ -143,8 +142,8 @@ class Detector:
     async def start(self) -> None:
         """Load the wallets, then follow the registry and consume, in the background."""
         last_id = await self.load_wallets()
-        for group in self.groups:
-            await group.ensure_group()
+        for worker in self.workers:
+            await worker.group.ensure_group()
         self._stop = asyncio.Event()
         self.consuming = asyncio.create_task(self._consume(), name="detector-groups")
         self.following = asyncio.create_task(self.follow_wallets(last_id), name="detector-wallets")
@@ -164,7 +163,8 @@ class Detector:
         # The forwarders stop last: what the lanes' drain decides still reaches `signals`.
         lanes = [asyncio.create_task(w.group.run(self._stop)) for w in self.workers]
         lanes_done = asyncio.Event()
-        forwarders = [asyncio.create_task(g.run(lanes_done)) for g in self.forwarders]
+        grace = self.settings.detector_shutdown_grace_s
+        forwarders = [asyncio.create_task(f.run(lanes_done, grace)) for f in self.forwarders]
         try:
             await asyncio.gather(*lanes)
         finally:
@@ -229,7 +229,7 @@ class Detector:
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.state.ping()
-        healths = [group.health for group in self.groups]
+        healths = [w.group.health for w in self.workers] + [f.health for f in self.forwarders]
         down = [h.redis_down_since for h in healths if h.redis_down_since is not None]
         reading = not self.consuming.done() and not down
         loops = reading and not self.following.done()
