@@ -2,7 +2,7 @@
 
 - The hash `streams.wallets_key()` (`{wallets.control}:tracked`) maps address -> TrackedWallet
   JSON: the current set. It and the seed marker carry the control stream's name as their hash
-  tag, so the MULTI and the seed script below stay in one Redis Cluster slot.
+  tag, so the scripts below each stay in one Redis Cluster slot.
 - The stream `streams.wallets_control` announces each change as a plain `data` entry:
   `{"v": 1, "op": "upsert" | "remove", "wallet": {address, label, score}, "at": <unix s>}`.
 
@@ -12,7 +12,7 @@ each wallet and announces it on the control stream like any other change, so eve
 the seed. Concurrent starts agree (the script is atomic), and an emptied list stays empty: a
 registry that once existed is never re-seeded, whatever the file says. Writers (the store's API,
 the operator CLI) call `upsert`/`remove`, which change the hash and announce the change in one
-MULTI. Readers call `snapshot` and then `follow` from the id `snapshot` returned, so no change
+script. Readers call `snapshot` and then `follow` from the id `snapshot` returned, so no change
 between the two is missed.
 """
 
@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from shared.backoff import Backoff
 from shared.errors import describe
 from shared.models import TrackedWallet, normalize_address
-from shared.redis_streams import UNREACHABLE, decode, encode
+from shared.redis_streams import UNREACHABLE, decode
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,25 @@ return n
 """
 
 
+# KEYS: the control stream, the hash. The last control id and every wallet, at one instant.
+_SNAPSHOT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+return {last[1] and last[1][1] or '0-0', redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: the hash, the control stream; ARGV: set|del, address, wallet JSON, change JSON, MAXLEN.
+# A change and its announcement together (scripts rather than MULTI: redis-py 8.1's cluster
+# client loses a transaction that is its very first command, see docs/operations.md).
+_ANNOUNCE = """
+if ARGV[1] == 'set' then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], ARGV[2])
+end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
+"""
+
+
 async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[TrackedWallet]) -> int:
     """Put the file's wallets in the registry the first time ever; returns how many (-1: not
     seeded, the registry exists or existed)."""
@@ -90,14 +109,14 @@ async def adopt_legacy_keys(client: aioredis.Redis, streams: Streams) -> None:
 
 
 async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[TrackedWallet], str]:
-    """The current wallets and the control-stream id to follow changes from."""
-    pipe = client.pipeline(transaction=True)
-    pipe.xrevrange(streams.wallets_control, count=1)
-    pipe.hgetall(streams.wallets_key())
-    last, entries = await pipe.execute()
-    last_id = last[0][0].decode() if last else "0-0"
-    wallets = [TrackedWallet.model_validate_json(raw) for raw in entries.values()]
-    return sorted(wallets, key=lambda w: w.address), last_id
+    """The current wallets and the control-stream id to follow changes from, read at one instant
+    (one script: no change can fall between the two)."""
+    keys = [streams.wallets_control, streams.wallets_key()]
+    reply: Any = await client.eval(_SNAPSHOT, len(keys), *keys)
+    last_id, flat = reply[0], reply[1]
+    last = last_id.decode() if isinstance(last_id, bytes) else str(last_id)
+    wallets = [TrackedWallet.model_validate_json(raw) for raw in flat[1::2]]
+    return sorted(wallets, key=lambda w: w.address), last
 
 
 async def load(
@@ -111,15 +130,17 @@ async def load(
 async def _announce(
     client: aioredis.Redis, streams: Streams, op: str, wallet: TrackedWallet, hash_op: str
 ) -> str:
-    pipe = client.pipeline(transaction=True)
-    if hash_op == "set":
-        pipe.hset(streams.wallets_key(), wallet.address, wallet.model_dump_json())
-    else:
-        pipe.hdel(streams.wallets_key(), wallet.address)
     change = {"v": 1, "op": op, "wallet": wallet.model_dump(mode="json"), "at": time.time()}
-    pipe.xadd(streams.wallets_control, encode(change), maxlen=CONTROL_MAXLEN, approximate=True)
-    result = await pipe.execute()
-    return str(result[-1].decode())
+    keys = [streams.wallets_key(), streams.wallets_control]
+    args: list[str | bytes | int] = [
+        hash_op,
+        wallet.address,
+        wallet.model_dump_json(),
+        orjson.dumps(change),
+        CONTROL_MAXLEN,
+    ]
+    entry_id: Any = await client.eval(_ANNOUNCE, len(keys), *keys, *args)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 async def upsert(client: aioredis.Redis, streams: Streams, wallet: TrackedWallet) -> str:

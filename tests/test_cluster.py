@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from cli.main import run as cli
 from devtools.cluster import Cluster
 from shared import wallet_registry
 from shared.consumer import errors_key
@@ -25,6 +27,7 @@ from tests.test_pipeline_e2e import Pipeline, tape_end_to_end
 pytestmark = [pytest.mark.integration]
 
 CLUSTER_ENV = {"REDIS_CLUSTER": "true"}
+TAPE = Path(__file__).resolve().parents[1] / "data" / "polymarket_trades_nobel2025.json"
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,32 @@ async def test_the_tape_end_to_end_on_a_cluster(
         await tape_end_to_end(pipeline, cluster_client, database_url, namespace)
     finally:
         pipeline.stop_all()
+
+
+async def test_the_operators_tool_runs_on_a_cluster(
+    redis_cluster: Cluster,
+    cluster_client: aioredis.Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Wallets, a tape replayed into 4 partitions, lag and partition status, through `betterbot`
+    with REDIS_CLUSTER, each stream read on whichever master holds it."""
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    monkeypatch.setenv("STREAM_PARTITIONS", "4")
+    target = ["--redis-url", redis_cluster.url, "--namespace", namespace]
+    address = "0x" + "c3" * 20
+    assert await cli(["wallets", "add", address, "--label", "desk", "--db", "off", *target]) == 0
+    assert await cli(["replay-tape", str(TAPE), "--all-wallets", *target]) == 0
+    replayed = capsys.readouterr().out
+    assert "1000 trades read: 1000 added" in replayed
+    streams = Streams(namespace, 4)
+    lengths = [await cluster_client.xlen(s) for s in streams.order_streams()]
+    assert sum(lengths) == 1000 and all(lengths)
+    assert await cli(["lag", "--json", *target]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert {row["stream"] for row in report} >= set(streams.order_streams())
+    assert await cli(["partitions", "status", *target]) == 0
+    assert "drained: nothing waits" in capsys.readouterr().out
+    assert await cli(["wallets", "list", "--db", "off", "--json", *target]) == 0
+    assert address in capsys.readouterr().out
