@@ -53,6 +53,10 @@ def test_filters_describe_themselves_normalized() -> None:
         "markets": ["a", "b"],
         "kinds": ["consensus"],
         "min_confidence": 0.0,
+        "min_notional_usd": 0.0,
+        "min_price": 0.0,
+        "max_price": 1.0,
+        "sides": None,
     }
 
 
@@ -67,7 +71,7 @@ def test_filters_describe_themselves_normalized() -> None:
         ({"min_confidence": -0.1}, "min_confidence: Input should be greater than or equal to 0"),
         (
             {"wallet": [wallet(1)]},
-            "wallet: unknown field (known: wallets, markets, kinds, min_confidence)",
+            "wallet: unknown field (did you mean wallets?)",
         ),
         ({"markets": ["a", "b", "c"], "kinds": ["consensus"]}, "4 values, limit 3"),
     ],
@@ -92,6 +96,10 @@ def test_filters_from_the_query_string() -> None:
         "markets": ["a", "b", "c"],
         "kinds": ["whale_order"],
         "min_confidence": 0.5,
+        "min_notional_usd": 0.0,
+        "min_price": 0.0,
+        "max_price": 1.0,
+        "sides": None,
     }
     with pytest.raises(FilterError, match="min_confidence given more than once"):
         filters_from_query({"min_confidence": ["0.1", "0.2"]}, max_values=10)

@@ -97,6 +97,10 @@ async def test_clients_with_different_filters_each_get_exactly_theirs(
             "markets": [MARKETS[0]],
             "kinds": None,
             "min_confidence": 0.95,
+            "min_notional_usd": 0.0,
+            "min_price": 0.0,
+            "max_price": 1.0,
+            "sides": None,
         }
 
         signals = [mixed_signal(n) for n in range(120)]
@@ -254,7 +258,7 @@ async def publishing(
             "",
             '{"type":"subscribe","filters":{"wallet":["0x1"]}}',
             1008,
-            "bad filter: wallet: unknown field (known: wallets, markets, kinds, min_confidence)",
+            "bad filter: wallet: unknown field (did you mean wallets?)",
         ),
         (
             "",

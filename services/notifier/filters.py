@@ -2,13 +2,17 @@
 
 ```json
 {"wallets": ["0xabc…"], "markets": ["nobel-peace-prize-2025"], "kinds": ["whale_order"],
- "min_confidence": 0.8}
+ "min_confidence": 0.8, "min_notional_usd": 500, "min_price": 0.05, "max_price": 0.9,
+ "sides": ["BUY"]}
 ```
 
 - A field left out (or `null`) matches every signal; the fields combine with AND, the values of
   one field with OR.
 - `wallets`: 0x addresses (any case). `markets`: market slugs or condition ids (any case).
   `kinds`: `SignalKind` values. `min_confidence`: 0..1, inclusive.
+- The noise controls a trader sets for themself: `min_notional_usd` (the fill's shares x price,
+  inclusive), `min_price` / `max_price` (0..1, inclusive: leave out the near-certain outcomes and
+  the long shots), `sides` (`BUY`, `SELL`).
 - An empty list is an error rather than "match nothing": leave the field out to match any.
 - Unknown fields are errors too, so a typo (`"wallet"`) is reported instead of silently matching
   everything.
@@ -19,6 +23,7 @@ comma-separated and may repeat.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -29,12 +34,23 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from shared.models import Address, Signal, SignalKind
+from shared.models import Address, Side, Signal, SignalKind
 
-FILTER_FIELDS = ("wallets", "markets", "kinds", "min_confidence")
-_LIST_FIELDS = ("wallets", "markets", "kinds")
+FILTER_FIELDS = (
+    "wallets",
+    "markets",
+    "kinds",
+    "min_confidence",
+    "min_notional_usd",
+    "min_price",
+    "max_price",
+    "sides",
+)
+_LIST_FIELDS = ("wallets", "markets", "kinds", "sides")
+_NUMBER_FIELDS = ("min_confidence", "min_notional_usd", "min_price", "max_price")
 
 Market = Annotated[
     str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=200)
@@ -52,6 +68,10 @@ class Filters(BaseModel):
     markets: frozenset[Market] | None = None
     kinds: frozenset[SignalKind] | None = None
     min_confidence: float = Field(default=0.0, ge=0, le=1)
+    min_notional_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    min_price: float = Field(default=0.0, ge=0, le=1)
+    max_price: float = Field(default=1.0, ge=0, le=1)
+    sides: frozenset[Side] | None = None
 
     @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod
@@ -60,6 +80,19 @@ class Filters(BaseModel):
             raise ValueError("empty list matches nothing; leave the field out to match any")
         return value
 
+    @field_validator("sides", mode="before")
+    @classmethod
+    def _any_case_side(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple | set | frozenset):
+            return [item.upper() if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _a_price_range(self) -> Filters:
+        if self.min_price > self.max_price:
+            raise ValueError("min_price is above max_price: that matches nothing")
+        return self
+
     @property
     def matches_all(self) -> bool:
         return self == MATCH_ALL
@@ -67,6 +100,9 @@ class Filters(BaseModel):
     def matches(self, signal: Signal) -> bool:
         return (
             signal.confidence >= self.min_confidence
+            and signal.notional_usd >= self.min_notional_usd
+            and self.min_price <= signal.price <= self.max_price
+            and (self.sides is None or signal.side in self.sides)
             and (self.kinds is None or signal.kind in self.kinds)
             and (self.wallets is None or signal.wallet in self.wallets)
             and (
@@ -83,10 +119,15 @@ class Filters(BaseModel):
             "markets": _sorted(self.markets),
             "kinds": _sorted(self.kinds),
             "min_confidence": self.min_confidence,
+            "min_notional_usd": self.min_notional_usd,
+            "min_price": self.min_price,
+            "max_price": self.max_price,
+            "sides": _sorted(self.sides),
         }
 
     def size(self) -> int:
-        return sum(len(values or ()) for values in (self.wallets, self.markets, self.kinds))
+        lists = (self.wallets, self.markets, self.kinds, self.sides)
+        return sum(len(values or ()) for values in lists)
 
 
 MATCH_ALL = Filters()
@@ -123,11 +164,12 @@ def filters_from_query(params: Mapping[str, list[str]], *, max_values: int) -> F
             payload[name] = [
                 part.strip() for value in params[name] for part in value.split(",") if part.strip()
             ]
-    if "min_confidence" in params:
-        values = params["min_confidence"]
-        if len(values) != 1:
-            raise FilterError("min_confidence given more than once")
-        payload["min_confidence"] = values[0]
+    for name in _NUMBER_FIELDS:
+        if name in params:
+            values = params[name]
+            if len(values) != 1:
+                raise FilterError(f"{name} given more than once")
+            payload[name] = values[0]
     return parse_filters(payload, max_values=max_values)
 
 
@@ -135,7 +177,10 @@ def _first_problem(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "filters"
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field (known: {', '.join(FILTER_FIELDS)})"
+        # Short enough for a WebSocket close reason (123 bytes), which lists of fields are not.
+        close = difflib.get_close_matches(where, FILTER_FIELDS, n=1)
+        hint = f"did you mean {close[0]}?" if close else "see docs/notifier.md, filters"
+        return f"{where}: unknown field ({hint})"
     if error["type"] == "frozen_set_type":
         return f"{where}: must be a list"
     if error["type"] == "string_pattern_mismatch":
