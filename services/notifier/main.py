@@ -196,12 +196,9 @@ class Notifier:
 def _webhooks(settings: NotifierSettings) -> list[Webhook]:
     if settings.webhooks_file is None:
         return []
-    hooks = load_webhooks(settings.webhooks_file)
-    for hook in hooks:
-        register_secret(hook.url)
-        if hook.secret is not None:
-            register_secret(hook.secret.get_secret_value())
-    return hooks
+    # load_webhooks registers each endpoint's secrets (a Discord or Slack URL, a secret, a bot
+    # token) for scrubbing; Telegram's URL is the public API's, not one of them.
+    return load_webhooks(settings.webhooks_file)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Webhooks: every signal POSTed, signed, to each endpoint whose filters it matches.
 
-- `config`: the endpoints, from `WEBHOOKS_FILE` (JSON or YAML).
-- `presets`: the request body: `generic` (the WebSocket signal message), `discord`, `slack`; feed
-  text escaped for Discord and Slack.
+- `config`: the endpoints, from `WEBHOOKS_FILE` (JSON or YAML); a telegram one has a `chat_id`
+  and a `bot_token`, and posts to the Bot API's `sendMessage`.
+- `presets`: the request body: `generic` (the WebSocket signal message), `discord`, `slack`,
+  `telegram` (HTML); feed text escaped for each.
 - `signing`: the HMAC-SHA256 signature headers, and the check a receiver runs.
 - `delivery`: one signal to one endpoint: POST, retries with exponential backoff, the outcome.
 - `consumer`: the Redis side, in two steps, so that endpoints never wait for each other:

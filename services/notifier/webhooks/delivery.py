@@ -7,6 +7,16 @@
   to the cap), at most `WEBHOOK_MAX_ATTEMPTS` tries in all.
 - Any other status (4xx, and 3xx: redirects are not followed): final at once. 408 and 429 are the
   two 4xx retried, because they say "later", not "never".
+- Telegram's Bot API says why in its JSON answer, `{"ok": false, "error_code": 429, "description":
+  "Too Many Requests: retry after 5", "parameters": {"retry_after": 5}}`: the description is the
+  reason (a 403 "Forbidden: bot was blocked by the user", a 400 "Bad Request: chat not found",
+  both final), and `parameters.retry_after` is honoured like a Retry-After header, up to the cap.
+  A group that became a supergroup answers 400 with `parameters.migrate_to_chat_id`: the reason
+  names the new id, for the operator to put in `WEBHOOKS_FILE`.
+
+A telegram request goes to a URL that carries the bot token (`Webhook.target()`): it is never
+logged, an exception's text (which may hold the URL) is reduced to its type, and the endpoint's
+secrets are blanked out of any reason (a receiver may echo the path back).
 
 Every attempt is signed afresh (see `signing`) with its own timestamp; the body is the same bytes
 each time, and so are `Idempotency-Key` (the signal's `signal_id`, plus `:<status>` unless it is
@@ -24,9 +34,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 import httpx
+import orjson
 
 from services.notifier.metrics import WEBHOOK_ATTEMPTS
-from services.notifier.webhooks.config import Webhook
+from services.notifier.webhooks.config import Preset, Webhook
 from services.notifier.webhooks.signing import (
     ATTEMPT_HEADER,
     IDEMPOTENCY_HEADER,
@@ -42,6 +53,7 @@ from shared.models import FillStatus
 USER_AGENT = "betterbot-notifier/1"
 _RETRIED_4XX = (408, 429)
 _ERROR_BODY_BYTES = 1024
+_DETAIL_CHARS = 200
 
 
 class Verdict(Enum):
@@ -137,19 +149,29 @@ async def _attempt(
     if hook.secret is not None:
         headers[SIGNATURE_HEADER] = signature(hook.secret.get_secret_value(), timestamp, body)
     try:
-        async with http.stream("POST", hook.url, content=body, headers=headers) as response:
+        async with http.stream("POST", hook.target(), content=body, headers=headers) as response:
             head = await _head(response) if not 200 <= response.status_code < 300 else b""
     except httpx.TimeoutException as exc:
         return _Try(Verdict.RETRY, "timeout", f"timeout ({type(exc).__name__})")
     except httpx.HTTPError as exc:
         # The exception's text may carry the URL, which can be a credential: its type only.
         return _Try(Verdict.RETRY, "error", f"connection error ({type(exc).__name__})")
+    return _answered(hook, response, head)
+
+
+def _answered(hook: Webhook, response: httpx.Response, head: bytes) -> _Try:
+    """The verdict on an answer, `head` the start of its body (empty for a 2xx)."""
     status = response.status_code
+    said, retry_after = _bot_api_error(head) if hook.preset is Preset.TELEGRAM else ("", None)
+    if retry_after is None:
+        retry_after = _retry_after(response)
     detail = f"HTTP {status}"
-    snippet = " ".join(head.decode(errors="replace")[:200].split())
+    # Secrets blanked before the cut, which could leave a part of one.
+    said = _blanked(said or head.decode(errors="replace"), hook)
+    snippet = " ".join(said[:_DETAIL_CHARS].split())
     if snippet:
         detail += f": {snippet}"
-    return _Try(verdict(status), f"{status // 100}xx", detail, _retry_after(response))
+    return _Try(verdict(status), f"{status // 100}xx", detail, retry_after)
 
 
 async def _head(response: httpx.Response) -> bytes:
@@ -160,6 +182,35 @@ async def _head(response: httpx.Response) -> bytes:
         if len(head) >= _ERROR_BODY_BYTES:
             break
     return head[:_ERROR_BODY_BYTES]
+
+
+def _bot_api_error(head: bytes) -> tuple[str, float | None]:
+    """What a Bot API error answer says: its description (with a migrated group's new id) and
+    `parameters.retry_after`; nothing when it is not one (a proxy's page, a cut body)."""
+    try:
+        answer = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        return "", None
+    if not isinstance(answer, dict):
+        return "", None
+    said = str(answer.get("description") or "")
+    parameters = answer.get("parameters")
+    if not isinstance(parameters, dict):
+        return said, None
+    migrated = parameters.get("migrate_to_chat_id")
+    if type(migrated) is int:
+        said = f"{said} (migrate_to_chat_id {migrated})"
+    wait = parameters.get("retry_after")
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and wait >= 0:
+        return said, float(wait)
+    return said, None
+
+
+def _blanked(text: str, hook: Webhook) -> str:
+    """`text` without the endpoint's secrets: the reason is logged and dead-lettered."""
+    for secret in hook.secrets():
+        text = text.replace(secret, "***")
+    return text
 
 
 def _retry_after(response: httpx.Response) -> float | None:

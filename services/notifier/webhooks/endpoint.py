@@ -84,7 +84,7 @@ class Endpoint:
         await self._dead.add(self.hook, entry_id, signal.signal_id, data, reason, 0)
 
     async def _deliver(self, entry_id: str, signal: Signal, data: bytes) -> None:
-        body = render(self.hook.preset, entry_id, signal, data)
+        body = render(self.hook.preset, entry_id, signal, data, chat_id=self.hook.chat_id)
         outcome = await deliver(
             self._http, self.hook, body, signal.signal_id, self._policy, status=signal.status
         )

@@ -1,16 +1,21 @@
-"""Request bodies: `generic` for programs, `discord` and `slack` for their incoming webhooks.
+"""Request bodies: `generic` for programs, `discord` and `slack` for their incoming webhooks,
+`telegram` for the Bot API's `sendMessage`.
 
 - `generic`: exactly the WebSocket `signal` message, `{"type":"signal","id":...,"signal":{...}}`,
   with the entry's JSON as the producer wrote it (unknown fields included).
 - `discord`: `{"content": one line, "embeds": [one embed with the details]}`.
 - `slack`: `{"text": one line (notifications, fallback), "blocks": [header, title, fields, why]}`.
+- `telegram`: `{"chat_id", "text", "parse_mode": "HTML", "link_preview_options": {"is_disabled":
+  true}}`; the text is the one line in bold, the status, the title linked to the market, the facts
+  and the reasons in italics, one per line.
 
 A signal that is not confirmed shows it (a retraction repeats the signal it retracts, with
-`status` and `status_reason`, see docs/streams.md): in Discord and Slack its one line, Discord's
-title and Slack's header start with `RETRACTED: ` or `PENDING: `, the line ends with the reason,
-and a "Status" field (Discord) or section (Slack, after the header) says it with the reason; a
-retraction is grey in Discord. The reason is feed text like the rest, escaped the same way, and
-kept whole when a long title must be cut. `generic` needs nothing: the signal carries its status.
+`status` and `status_reason`, see docs/streams.md): in Discord, Slack and Telegram its one line,
+Discord's title and Slack's header start with `RETRACTED: ` or `PENDING: `, the line ends with the
+reason, and a "Status" field (Discord), section (Slack, after the header) or line (Telegram, after
+the first) says it with the reason; a retraction is grey in Discord. The reason is feed text like
+the rest, escaped the same way, and kept whole when a long title must be cut. `generic` needs
+nothing: the signal carries its status.
 
 Every text that comes from the feed (title, slug, labels, reasons) is hostile: a market can be
 named `<!channel>` or `[Polymarket](https://evil.example)`. So:
@@ -20,6 +25,14 @@ named `<!channel>` or `[Polymarket](https://evil.example)`. So:
 - Discord: `allowed_mentions: {"parse": []}` (Discord's documented switch) so nothing pings, and
   markdown / mention characters are escaped with a backslash wherever Discord renders markdown
   (content, title, description, field values), so no masked link or mention pill either.
+- Telegram: HTML rather than MarkdownV2, because HTML has three characters to escape (`& < >` as
+  `&amp; &lt; &gt;`; `"` goes too, as `&quot;`, which the link's `href` attribute needs) where
+  MarkdownV2 has eighteen (_ * [ ] ( ) ~ backtick > # + - = | { } . !) with other rules inside
+  links and code: the shorter rule is the one that stays right. Our tags are never nested, so that
+  a cut can close each one where it stands. Link previews are off (`link_preview_options`), so no
+  title can make Telegram fetch a page and show it. Telegram still finds bare URLs, @usernames
+  and #hashtags in plain text by itself (the Bot API has no switch for that): a title can show a
+  clickable bare URL or name a user, but never a masked link, a tag or a formatting of its own.
 - The market link is ours alone: `MARKET_URL` with the slug percent-encoded as one path segment
   (`quote(..., safe="")`), so no slug can leave polymarket.com, break out of Slack's `<url|label>`
   (`|`, `>`) or make an invalid URL (a space) that Discord would refuse with a 400. A slug that is
@@ -27,12 +40,17 @@ named `<!channel>` or `[Polymarket](https://evil.example)`. So:
 
 Discord and Slack cap lengths (embed title 256, field 1024, all of an embed 6000, Slack header
 150, ...): texts are escaped first and then cut with an ellipsis, never inside an escape, rather
-than rejected.
+than rejected. Telegram takes 4096 characters "after entities parsing": the HTML itself, tags and
+entities included, is kept within 4096 UTF-16 code units (how Telegram counts, an emoji is two),
+which is never less than the text it shows; a cut comes inside the tag it falls in, which is then
+closed, never inside a tag or an entity.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -56,14 +74,33 @@ _DISCORD_EMBED_CHARS = 6000
 _SLACK_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # Markdown (* _ ~ ` | > # - [ ]), mentions and custom emoji (< @), and the escape itself.
 _DISCORD_ESCAPES = {char: "\\" + char for char in "\\*_~`|<>#-[]@"}
+# Telegram's HTML: `& < >` in text; `"` too, for the one attribute we write (href).
+_TELEGRAM_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+# One character of escaped Telegram text: an entity we wrote, or any single character.
+_TELEGRAM_TOKEN = re.compile(r"&(?:amp|lt|gt|quot);|.", re.DOTALL)
+TELEGRAM_TEXT_UNITS = 4096
+# Caps of each part, so that one long feed text cannot crowd out the rest.
+_TELEGRAM_LINE_UNITS, _TELEGRAM_TITLE_UNITS, _TELEGRAM_FACT_UNITS = 2048, 1024, 512
 
 
-def render(preset: Preset, stream_id: str, signal: Signal, data: bytes) -> bytes:
-    """The body to POST for one signal (`data`: the entry's JSON as stored on the stream)."""
+def render(
+    preset: Preset,
+    stream_id: str,
+    signal: Signal,
+    data: bytes,
+    *,
+    chat_id: int | str | None = None,
+) -> bytes:
+    """The body to POST for one signal (`data`: the entry's JSON as stored on the stream;
+    `chat_id`: the endpoint's, for telegram)."""
     if preset is Preset.DISCORD:
         return orjson.dumps(discord_body(signal))
     if preset is Preset.SLACK:
         return orjson.dumps(slack_body(signal))
+    if preset is Preset.TELEGRAM:
+        if chat_id is None:
+            raise ValueError("a telegram body needs the endpoint's chat_id")
+        return orjson.dumps(telegram_body(signal, chat_id))
     return signal_message(stream_id, data).encode()
 
 
@@ -124,6 +161,33 @@ def slack_body(signal: Signal) -> dict[str, Any]:
         blocks.append({"type": "context", "elements": [_mrkdwn(why)]})
     # The fallback `text` shows in notifications and is mrkdwn as well.
     return {"text": _line(signal, _slack, 3000), "blocks": blocks}
+
+
+def telegram_body(signal: Signal, chat_id: int | str) -> dict[str, Any]:
+    return {
+        "chat_id": chat_id,
+        "text": telegram_html(signal),
+        "parse_mode": "HTML",
+        # No preview: the market link needs none, and no feed text makes Telegram fetch a page.
+        "link_preview_options": {"is_disabled": True},
+    }
+
+
+def telegram_html(signal: Signal) -> str:
+    """The message in Telegram's HTML, within its 4096 units, every feed text escaped."""
+    newline = _Html("\n")
+    parts = [_Html(_line(signal, _telegram, _TELEGRAM_LINE_UNITS), "<b>", "</b>"), newline]
+    status = _status(signal)
+    if status:
+        parts += [_Html(_telegram(f"Status: {status}", _TELEGRAM_LINE_UNITS)), newline]
+    parts += [_telegram_title(signal), newline]
+    for name, value in _facts(signal):
+        parts += [_Html(_telegram(f"{name}: {value}", _TELEGRAM_FACT_UNITS)), newline]
+    parts.append(_Html(f"Signal {_telegram(signal.signal_id, 64)}"))
+    if signal.reasons:
+        why = _telegram("\n".join(signal.reasons), TELEGRAM_TEXT_UNITS)
+        parts += [newline, _Html(why, "<i>", "</i>")]
+    return _fit(parts, TELEGRAM_TEXT_UNITS)
 
 
 def market_url(slug: str) -> str | None:
@@ -235,6 +299,75 @@ def _slack(text: str, limit: int) -> str:
 
 def _discord(text: str, limit: int) -> str:
     return _escaped(text, _DISCORD_ESCAPES, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class _Html:
+    """A part of a Telegram message: escaped text, inside one tag or none. Tags are never nested,
+    so a part cut short still closes its own tag and leaves none open."""
+
+    body: str
+    open: str = ""
+    close: str = ""
+
+
+def _telegram_title(signal: Signal) -> _Html:
+    title = _telegram(_title(signal), _TELEGRAM_TITLE_UNITS)
+    url = market_url(signal.market_slug)
+    if url is None:
+        return _Html(title)
+    # Percent-encoded already, so nothing changes; escaped all the same, as an attribute must be.
+    # Never cut: a shortened URL is another URL.
+    return _Html(title, f'<a href="{_telegram_escape(url)}">', "</a>")
+
+
+def _telegram(text: str, limit: int) -> str:
+    """`text` escaped for Telegram's HTML, then cut to `limit` UTF-16 units with an ellipsis."""
+    escaped = _telegram_escape(text)
+    if _units(escaped) <= limit:
+        return escaped
+    return _trim(escaped, limit - 1) + "…"
+
+
+def _telegram_escape(text: str) -> str:
+    return "".join(_TELEGRAM_ESCAPES.get(char, char) for char in text)
+
+
+def _fit(parts: list[_Html], limit: int) -> str:
+    """The parts joined, within `limit` UTF-16 units: when they are longer, the part that crosses
+    the limit is cut (an ellipsis last, inside its tag, which is closed) and the rest left out."""
+    whole = ["".join((part.open, part.body, part.close)) for part in parts]
+    if sum(map(_units, whole)) <= limit:
+        return "".join(whole)
+    kept: list[str] = []
+    room = limit - 1  # the ellipsis
+    for part, text in zip(parts, whole, strict=True):
+        if _units(text) <= room:
+            kept.append(text)
+            room -= _units(text)
+            continue
+        inner = room - _units(part.open) - _units(part.close)
+        if inner < 0:
+            kept.append("…")
+        else:
+            kept.append(part.open + _trim(part.body, inner) + "…" + part.close)
+        break
+    return "".join(kept)
+
+
+def _trim(escaped: str, limit: int) -> str:
+    """The longest start of escaped text within `limit` UTF-16 units, never cutting an entity."""
+    size = 0
+    for match in _TELEGRAM_TOKEN.finditer(escaped):
+        size += _units(match.group())
+        if size > limit:
+            return escaped[: match.start()]
+    return escaped
+
+
+def _units(text: str) -> int:
+    """Length in UTF-16 code units, as Telegram counts (a character beyond U+FFFF is two)."""
+    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
 
 
 def _escaped(text: str, escapes: Mapping[str, str], limit: int) -> str:
