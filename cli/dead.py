@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import validation_reason
-from shared.models import DomeOrder, OrderFill, Signal, Source
+from shared.models import DomeOrder, OrderFill, Side, Signal, Source
 from shared.orders_raw import OrdersRaw
 from shared.streams import Streams
 
@@ -196,13 +196,25 @@ class Replayer:
         return Outcome(entry.entry_id, True, f"-> {target} {new_id.decode()}")
 
     async def _replay_fill(self, entry: DeadEntry) -> Outcome:
-        """A fill into its partitions, through the dedupe: only a valid fill has a partition."""
+        """A fill a consumer gave up on, added again as it is (like `orders.raw` without
+        partitions) to its wallet's partition, and a BUY to its token's: not through the dedupe,
+        whose marks hold it as published already. Only a valid fill has a partition."""
         try:
             fill = OrderFill.model_validate_json(entry.raw)
         except ValidationError as exc:
             reason = validation_reason(exc)
             return Outcome(entry.entry_id, False, f"kept: not a valid OrderFill ({reason})")
-        return await self._published(entry, fill)
+        targets = [self.streams.wallet_stream(fill.user)]
+        token_stream = self.streams.token_stream(fill.token_id)
+        if token_stream is not None and fill.side is Side.BUY:
+            targets.append(token_stream)
+        added = []
+        for target in targets:
+            new_id: Any = await self.client.xadd(
+                target, {b"data": entry.raw}, maxlen=self.maxlen, approximate=True
+            )
+            added.append(f"{target} {new_id.decode()}")
+        return Outcome(entry.entry_id, True, "-> " + ", ".join(added))
 
     async def _replay_frame(self, entry: DeadEntry) -> Outcome:
         try:
@@ -213,6 +225,7 @@ class Replayer:
         return await self._published(entry, fill)
 
     async def _published(self, entry: DeadEntry, fill: OrderFill) -> Outcome:
+        """A rejected feed frame's fill, through the dedupe (the feed may have delivered it)."""
         stream = self.streams.wallet_stream(fill.user)
         if await self.orders.publish_all([fill]):
             return Outcome(entry.entry_id, True, f"-> {stream} (new order)")

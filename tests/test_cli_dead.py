@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.models import DomeOrder, OrderFill, Side, Signal, SignalKind, Source
+from shared.orders_raw import OrdersRaw
 from shared.redis_streams import dead_letter, decode
 from shared.streams import Streams
 from tests.helpers.cli import Cli
@@ -143,3 +144,29 @@ async def test_unknown_ids_and_streams_without_origin(
     code, out, _ = await cli("dead", "replay", "webhooks.dead", "--all", "--to", "retry.me")
     assert code == 0 and out["target"] == streams.namespace + "retry.me"
     assert await redis_client.xlen(streams.namespace + "retry.me") == 1
+
+
+async def test_with_partitions_a_consumers_dead_fill_goes_back_to_its_partitions(
+    cli: Cli,
+    redis_client: aioredis.Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Published once (its dedupe mark set), then dead-lettered by the store: the replay adds it
+    to its wallet's partition and, a BUY, to its token's, as it is, the mark notwithstanding."""
+    monkeypatch.setenv("STREAM_PARTITIONS", "4")
+    parts = Streams(namespace, 4)
+    fill = _fill()
+    assert await OrdersRaw(redis_client, parts, stream_maxlen=100, dedupe_ttl_s=60).publish_all(
+        [fill]
+    )
+    raw = fill.model_dump_json().encode()
+    await dead_letter(redis_client, parts.orders_dead, raw, "postgres refused", origin="store")
+    code, out, _ = await cli("dead", "replay", "orders.dead", "--all")
+    assert code == 0 and out["outcomes"][0]["replayed"]
+    wallet_stream, token_stream = parts.wallet_stream(WALLET), parts.token_stream(fill.token_id)
+    assert token_stream is not None
+    assert [f for _, f in await redis_client.xrange(wallet_stream)][-1] == {b"data": raw}
+    assert await redis_client.xlen(wallet_stream) == 2
+    assert [f for _, f in await redis_client.xrange(token_stream)][-1] == {b"data": raw}
+    assert await redis_client.xlen(parts.orders_dead) == 0
