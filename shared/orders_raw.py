@@ -11,7 +11,7 @@ unchanged on a cluster.
 Watermarks: the hash `{<ns>orders.raw}:watermark` (same slot) maps `<feed>:<wallet>` to the newest
 exchange `timestamp` read and published for that wallet; a fill may raise its wallet's mark in the
 script that publishes it, and a backfill raises it after reading every page (the ingestor's
-`publisher.py` says when). It only ever grows.
+`publisher.py` says when). It only ever grows, and never past the moment the fill was received.
 
 Partitions (`STREAM_PARTITIONS` > 1, shared/streams.py): each fill goes to its wallet's partition,
 whose slot holds its seen keys and its wallet's watermark, and a BUY also to its token's partition
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,10 +132,20 @@ class OrdersRaw:
         self._raise = client.register_script(RAISE_WATERMARK)
         self._maxlen = stream_maxlen
         self._ttl = dedupe_ttl_s
+        # One batch at a time across the partitions: two batches interleaved (the live queue and
+        # a backfill) could reach a wallet partition in one order and a token partition in the
+        # other, and the lanes would then disagree on which fill came first.
+        self._one_at_a_time = asyncio.Lock()
 
     async def publish(self, items: Sequence[Outgoing]) -> list[bool]:
         """Add the fills new in their status, one script call per partition; True for each one
         added (to its wallet's partition: the token partitions are a copy for the detector)."""
+        if not self.streams.partitioned:
+            return await self._add(self.streams.orders_raw, items)
+        async with self._one_at_a_time:
+            return await self._publish_partitioned(items)
+
+    async def _publish_partitioned(self, items: Sequence[Outgoing]) -> list[bool]:
         by_token: dict[str, list[Outgoing]] = defaultdict(list)
         by_wallet: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -161,7 +173,7 @@ class OrdersRaw:
             own, cleared, held = seen_keys(item.fill)
             keys += [prefix + key for key in (own, *cleared, *held)]
             field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
-            header = f"{len(cleared)},{len(held)},{item.fill.timestamp},{field}"
+            header = f"{len(cleared)},{len(held)},{_mark(item.fill)},{field}"
             args += [encode(item.fill)[DATA_FIELD], header]
         added = await self._script(keys=keys, args=args)
         return [bool(flag) for flag in added]
@@ -189,7 +201,15 @@ class OrdersRaw:
         return int(raw) if raw is not None else None
 
     async def raise_watermark(self, feed: str, wallet: str, timestamp: int) -> None:
-        """Raise the wallet's mark to `timestamp` (never lower it)."""
-        await self._raise(
-            keys=[self.watermarks(wallet)], args=[watermark_field(feed, wallet), timestamp]
-        )
+        """Raise the wallet's mark to `timestamp` (never lower it), never past now."""
+        mark = min(timestamp, int(time.time()))
+        field = watermark_field(feed, wallet)
+        await self._raise(keys=[self.watermarks(wallet)], args=[field, mark])
+
+
+def _mark(fill: OrderFill) -> int:
+    """What a fill may raise its wallet's watermark to: its exchange time, but never past the
+    moment it was received. An exchange clock a little ahead (allowed by the ingestor's bounds)
+    would otherwise put the mark in the future, and the next backfill would start after fills
+    that have not happened yet."""
+    return min(fill.timestamp, math.floor(fill.received_at))

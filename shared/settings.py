@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import Field, field_serializer
+from pydantic import Field, field_serializer, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.logs import redact_url
@@ -42,6 +42,14 @@ class CommonSettings(BaseSettings):
     # Host and port of the service's /health and /metrics; port 0 picks a free one.
     ops_host: str = "127.0.0.1"
     ops_port: int = 0
+
+    @field_validator("stream_namespace")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # A brace would change the Redis Cluster hash tag of every key (shared/streams.py).
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or }")
+        return value
 
     @cached_property
     def streams(self) -> Streams:

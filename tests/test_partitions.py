@@ -7,11 +7,13 @@ The same runs on a real Redis Cluster: tests/test_cluster.py.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from services.detector.forward import Forwarder
 from services.detector.rules import RuleSettings
@@ -20,6 +22,7 @@ from shared.consumer import errors_key
 from shared.models import OrderFill, Side, TrackedWallet
 from shared.orders_raw import OrdersRaw, Outgoing, watermark_key
 from shared.redis_streams import decode
+from shared.settings import CommonSettings
 from shared.streams import Scope, Streams, partition_of, slot_tag
 from tests.test_detector_replicas import (
     drained,
@@ -70,7 +73,7 @@ def test_partition_of_is_stable_and_spreads() -> None:
     outbox = streams.lanes()[0].signals
     assert errors_key(outbox, "g") == "{x:orders.raw.0}:errors:{x:orders.raw.0}:signals:g"
     assert errors_key("x:signals", "g") == "{x:signals}:errors:g"
-    assert slot_tag("a{}b") == "{a{}b}"
+    assert slot_tag("{signals}:webhook:x") == "{signals}"
     single = Streams("x:").lanes()
     assert [(lane.stream, lane.scope, lane.signals) for lane in single] == [
         ("x:orders.raw", Scope.ALL, "x:signals")
@@ -181,3 +184,30 @@ async def replicas_emit_the_reference(
     assert len(found) == len({s["signal_id"] for s in found}), "a signal was emitted twice"
     assert identities(found) == reference
     print(f"{streams.partitions} partitions: {len(found)} signals, {waits:g} waits")
+
+
+async def test_batches_published_at_once_reach_every_partition_in_one_order(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    """The live queue and a backfill publish concurrently: a wallet partition and a token
+    partition must still see the two batches in the same order."""
+    streams = Streams(namespace, 4)
+    orders = OrdersRaw(redis_client, streams, stream_maxlen=10_000, dedupe_ttl_s=600)
+    token = TOKENS[0]
+    batches = [
+        [make_order(user=WALLETS[0], token_id=token, shares=10 + n + 100 * b) for n in range(30)]
+        for b in range(6)
+    ]
+    await asyncio.gather(*(orders.publish([Outgoing(f) for f in batch]) for batch in batches))
+    wallet_side = [
+        e["order_key"] for e in await entries(redis_client, streams.wallet_stream(WALLETS[0]))
+    ]
+    token_stream = streams.token_stream(token)
+    assert token_stream is not None
+    token_side = [e["order_key"] for e in await entries(redis_client, token_stream)]
+    assert wallet_side == token_side and len(wallet_side) == 180
+
+
+def test_a_namespace_with_braces_is_refused() -> None:
+    with pytest.raises(ValidationError, match="must not contain"):
+        CommonSettings(stream_namespace="prod{1}:")

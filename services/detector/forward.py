@@ -119,6 +119,12 @@ class Forwarder:
                 self._down(exc)
                 await _wait(stop, backoff.next_delay())
                 continue
+            except Exception as exc:
+                # Redis out of memory, a refused command: said and retried, never the silent end
+                # of this outbox's forwarding (its signals would wait there unseen).
+                log.error("forward_failed", extra={"outbox": self.outbox, "error": describe(exc)})
+                await _wait(stop, backoff.next_delay())
+                continue
             backoff.reset()
             self._up()
         await self._drain(time.monotonic() + drain_s)
