@@ -90,6 +90,7 @@ return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[TrackedWallet]) -> int:
     """Put the file's wallets in the registry the first time ever; returns how many (-1: not
     seeded, the registry exists or existed)."""
+    await adopt_legacy_keys(client, streams)
     args: list[str] = [f"{time.time():.6f}", str(CONTROL_MAXLEN)]
     for wallet in wallets:
         args += [wallet.address, wallet.model_dump_json()]
@@ -98,14 +99,23 @@ async def seed(client: aioredis.Redis, streams: Streams, wallets: Iterable[Track
 
 
 async def adopt_legacy_keys(client: aioredis.Redis, streams: Streams) -> None:
-    """Rename the registry's keys of an older release (`wallets:tracked`, in no shared slot) to
-    their names now. Only a single Redis can hold them (no release ran on a cluster before), where
-    RENAMENX is safe when several services start at once: the first renames, the rest find none.
-    """
+    """Move the registry's keys of an older release (`wallets:tracked`, in no shared slot) to
+    their names now: renamed when the new one does not exist yet, else merged into it (a wallet
+    the new hash has wins) and dropped, so a `betterbot wallets add` run before the services were
+    upgraded loses no wallet. Only a single Redis can hold them (no release ran on a cluster
+    before)."""
     for old, new in streams.legacy_wallet_keys().items():
-        if await client.exists(old):
-            with contextlib.suppress(ResponseError):  # renamed meanwhile by another service
-                await client.renamenx(old, new)
+        if not await client.exists(old):
+            continue
+        with contextlib.suppress(ResponseError):  # renamed meanwhile by another service
+            if await client.renamenx(old, new):
+                continue
+        if new == streams.wallets_key():
+            legacy: Any = await client.hgetall(old)
+            for address, raw in legacy.items():
+                await client.hsetnx(new, address, raw)
+        await client.delete(old)
+        log.warning("wallet_registry_legacy_merged", extra={"legacy_key": old, "key": new})
 
 
 async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[TrackedWallet], str]:
@@ -122,7 +132,6 @@ async def snapshot(client: aioredis.Redis, streams: Streams) -> tuple[list[Track
 async def load(
     client: aioredis.Redis, streams: Streams, seed_wallets: Iterable[TrackedWallet]
 ) -> tuple[list[TrackedWallet], str]:
-    await adopt_legacy_keys(client, streams)
     await seed(client, streams, seed_wallets)
     return await snapshot(client, streams)
 

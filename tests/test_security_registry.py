@@ -74,3 +74,37 @@ async def test_an_empty_file_seeds_an_empty_registry_for_good(
     assert await wallet_registry.seed(redis_client, streams, []) == 0
     assert await wallet_registry.seed(redis_client, streams, FILE) == -1
     assert (await wallet_registry.snapshot(redis_client, streams))[0] == []
+
+
+async def test_an_older_releases_registry_is_adopted_and_merged(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    """`wallets:tracked` (before the keys shared a slot) becomes `{wallets.control}:tracked`;
+    when a new CLI already wrote the new hash, the old wallets are merged into it, none lost."""
+    old_hash, old_marker = list(streams.legacy_wallet_keys())
+    kept = TrackedWallet(address="0x" + "a1" * 20, label="old label")
+    await redis_client.hset(old_hash, kept.address, kept.model_dump_json())
+    await redis_client.set(old_marker, "1")
+    newer = TrackedWallet(address="0x" + "b2" * 20, label="added by a new CLI")
+    await redis_client.hset(streams.wallets_key(), newer.address, newer.model_dump_json())
+    both = TrackedWallet(address="0x" + "a1" * 20, label="new label")
+    await redis_client.hset(streams.wallets_key(), both.address, both.model_dump_json())
+
+    wallets, _ = await wallet_registry.load(redis_client, streams, [])
+    assert wallets == [both, newer]  # the new hash's version of a wallet in both wins
+    assert not await redis_client.exists(old_hash, old_marker)
+    assert await redis_client.exists(streams.wallets_seeded_key())
+
+
+async def test_an_older_registry_alone_is_renamed(
+    redis_client: aioredis.Redis, streams: Streams
+) -> None:
+    old_hash, _ = list(streams.legacy_wallet_keys())
+    kept = TrackedWallet(address="0x" + "c3" * 20)
+    await redis_client.hset(old_hash, kept.address, kept.model_dump_json())
+    assert (
+        await wallet_registry.seed(redis_client, streams, [TrackedWallet(address="0x" + "d4" * 20)])
+        == -1
+    )
+    wallets, _ = await wallet_registry.snapshot(redis_client, streams)
+    assert wallets == [kept]
