@@ -1,7 +1,8 @@
 """Arguments and wiring of `betterbot`; each command's logic lives in its own module.
 
 Exit codes: 0 done; 1 done in part (entries kept, items skipped, a required Postgres write
-failed, nothing to remove); 2 bad input (arguments, an address, a file) or Redis unreachable.
+failed, nothing to remove); 2 bad input (arguments, an address, a file) or Redis unreachable
+(`validate`: Postgres, which it reads).
 Results go to stdout, problems to stderr; `--json` prints machine-readable output instead.
 """
 
@@ -20,13 +21,14 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from cli import dead, lag, partitions, tape, wallets
+from cli import dead, lag, partitions, tape, validate, wallets
 from cli.settings import CliSettings
 from cli.signals import SignalFilter, tail
+from shared import layout
 from shared.logs import redact_url
 from shared.models import TrackedWallet, normalize_address
 from shared.stream_metrics import public_streams
-from shared.streams import Streams
+from shared.streams import MAX_PARTITIONS, Streams
 from shared.terminal import printable
 from shared.wallet_registry import load, snapshot
 from shared.wallets import WalletFileError, load_wallets
@@ -116,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600,
         help="decisions younger than this move (those a fill can still change status in)",
     )
-    mv.add_argument("--done-ttl-s", type=int, default=7 * 24 * 3600, help="DETECTOR_DONE_TTL_S")
+    mv.add_argument("--done-ttl-s", type=int, default=0, help="default: DETECTOR_DONE_TTL_S")
+
+    val = commands.add_parser(
+        "validate", parents=[common], help="does following the signals pay? (markouts, settlement)"
+    )
+    val.add_argument("--by", choices=("kind", "wallet", "source"), default="kind")
+    val.add_argument("--since", help="signals detected from: RFC 3339, Unix seconds, or 7d, 24h")
+    val.add_argument("--until", help="signals detected before; as --since")
     return parser
 
 
@@ -248,6 +257,7 @@ async def cmd_dead(args: argparse.Namespace, client: aioredis.Redis, s: CliSetti
     target = _stream(s.streams, args.to) if args.to else dead.origin_stream(s.streams, stream)
     if target is None:
         raise UsageError(f"{stream} has no known origin stream: name one with --to")
+    await layout.claim(client, s.streams)
     entries, missing = await dead.select(client, stream, args.ids, args.all)
     replayer = dead.Replayer(
         client,
@@ -276,6 +286,7 @@ async def cmd_dead(args: argparse.Namespace, client: aioredis.Redis, s: CliSetti
 
 
 async def cmd_replay_tape(args: argparse.Namespace, client: aioredis.Redis, s: CliSettings) -> int:
+    await layout.claim(client, s.streams)
     try:
         items = tape.read_tape(args.file)
     except tape.TapeFileError as exc:
@@ -324,17 +335,22 @@ async def cmd_partitions(args: argparse.Namespace, client: aioredis.Redis, s: Cl
         data, lines = await partitions.status(client, streams, problems)
         _emit(args, data, lines)
         return 1 if problems else 0
-    if args.to < 1 or args.to == streams.partitions:
-        raise UsageError(f"--to must be a count other than the current {streams.partitions}")
+    if not 1 <= args.to <= MAX_PARTITIONS or args.to == streams.partitions:
+        raise UsageError(
+            f"--to must be 1..{MAX_PARTITIONS} and not the current {streams.partitions}"
+        )
+    await layout.claim(client, streams)
     if problems:
         raise UsageError(
             "the pipeline is not drained (stop the ingestors, let every group catch up): "
             + "; ".join(problems[:5])
         )
     new = Streams(streams.namespace, args.to)
+    done_ttl_s = args.done_ttl_s or s.detector_done_ttl_s
     report = await partitions.move(
-        client, streams, new, recent_s=args.recent_s, done_ttl_s=args.done_ttl_s
+        client, streams, new, recent_s=args.recent_s, done_ttl_s=done_ttl_s
     )
+    await layout.record(client, new)
     _emit(
         args,
         {"from": streams.partitions, "to": args.to, **vars(report)},
@@ -348,6 +364,22 @@ async def cmd_partitions(args: argparse.Namespace, client: aioredis.Redis, s: Cl
     return 0
 
 
+async def cmd_validate(args: argparse.Namespace, client: aioredis.Redis, s: CliSettings) -> int:
+    try:
+        since = validate.parse_when(args.since) if args.since else None
+        until = validate.parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        raise UsageError(f"--since/--until: {exc}") from None
+    try:
+        tallies = await validate.collect(s.database_url, args.by, since, until)
+    except validate.ValidateError as exc:
+        print(f"betterbot: {exc}", file=sys.stderr)
+        return 2
+    data, lines = validate.report(tallies, args.by, since, until)
+    _emit(args, data, lines)
+    return 0
+
+
 COMMANDS = {
     "signals": cmd_signals,
     "wallets": cmd_wallets,
@@ -355,6 +387,7 @@ COMMANDS = {
     "dead": cmd_dead,
     "replay-tape": cmd_replay_tape,
     "partitions": cmd_partitions,
+    "validate": cmd_validate,
 }
 
 
@@ -373,7 +406,7 @@ async def run(argv: Sequence[str] | None = None) -> int:
     client = settings.redis()
     try:
         return await COMMANDS[args.command](args, client, settings)
-    except UsageError as exc:
+    except (UsageError, layout.LayoutMismatch) as exc:
         print(f"betterbot: {exc}", file=sys.stderr)
         return 2
     except (RedisError, OSError) as exc:

@@ -12,7 +12,9 @@ wallet's state to another slot. `move` does that, once the pipeline is drained (
 - dedupe keys: to every new partition, for the same reason, with the time they had left;
 - watermarks: each `<feed>:<wallet>` to the new wallet partition of the wallet (the larger mark
   wins).
-The old streams are left as they are: drained, read by no one, their history still there.
+The old layout's keys that were not written again are deleted last (a later move back would find
+them stale otherwise). The old streams are left as they are: drained, read by no one, their
+history still there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.detector.forward import unforwarded
 from services.detector.rules import TOKEN_UNIT, WALLET_UNIT, Effect
 from shared.orders_raw import watermark_key
 from shared.streams import Lane, Scope, Streams
@@ -39,6 +42,8 @@ class MoveReport:
     decisions_too_old: int = 0
     dedupe_keys: int = 0
     watermarks: int = 0
+    # Keys of the old layout deleted once moved.
+    removed: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -74,7 +79,7 @@ async def undrained(client: aioredis.Redis, streams: Streams) -> list[str]:
     for stream in names:
         problems += await _stream_problems(client, stream)
     for lane in lanes:
-        if lane.outbox and (length := int(await client.xlen(lane.signals))):
+        if lane.outbox and (length := await unforwarded(client, streams, lane.signals)):
             problems.append(f"{lane.signals}: {length} signals not forwarded yet")
     return problems
 
@@ -105,13 +110,31 @@ async def move(
     recent_s: int,
     done_ttl_s: int,
 ) -> MoveReport:
-    """Copy the state of layout `old` into layout `new` (see the module docstring)."""
+    """Copy the state of layout `old` into layout `new` (see the module docstring), then delete
+    what of the old layout was not written again: a key left behind would come back, stale, when
+    a later move returns to a layout it shares prefixes with (1 -> 4 -> 1, 2 -> 4)."""
     report = MoveReport()
-    report.units = await _move_units(client, old, new)
-    await _move_decisions(client, old, new, recent_s, done_ttl_s, report)
-    report.dedupe_keys = await _copy_dedupe(client, old, new)
+    before = await _state_keys(client, old)
+    written: set[str] = set()
+    report.units = await _move_units(client, old, new, written)
+    await _move_decisions(client, old, new, recent_s, done_ttl_s, report, written)
+    report.dedupe_keys = await _copy_dedupe(client, old, new, written)
     report.watermarks = await _move_watermarks(client, old, new)
+    stale = sorted(before - written)
+    for start in range(0, len(stale), SCAN_COUNT):
+        await client.unlink(*stale[start : start + SCAN_COUNT])
+    report.removed = len(stale)
     return report
+
+
+async def _state_keys(client: aioredis.Redis, streams: Streams) -> set[str]:
+    """Every detector and dedupe key of a layout."""
+    prefixes = [lane.state_prefix for lane in streams.lanes()]
+    prefixes += [
+        streams.seen_order_prefix(stream)
+        for stream in [*streams.order_streams(), *streams.token_streams()]
+    ]
+    return {key.decode() for prefix in prefixes for key in await _keys(client, prefix)}
 
 
 def _lane_for(new: Streams, scope: Scope, key: str) -> Lane:
@@ -131,7 +154,7 @@ def _glob(prefix: str) -> str:
     return "".join("\\" + c if c in "?*[]\\" else c for c in prefix)
 
 
-async def _move_units(client: aioredis.Redis, old: Streams, new: Streams) -> int:
+async def _move_units(client: aioredis.Redis, old: Streams, new: Streams, written: set[str]) -> int:
     moved = 0
     for lane in old.lanes():
         for key in await _keys(client, lane.state_prefix):
@@ -142,7 +165,7 @@ async def _move_units(client: aioredis.Redis, old: Streams, new: Streams) -> int
             value, ttl = await _read(client, key)
             if value is None:
                 continue
-            await _set(client, target.state_prefix + unit, value, ttl)
+            await _set(client, target.state_prefix + unit, value, ttl, written)
             moved += 1
     return moved
 
@@ -163,6 +186,7 @@ async def _move_decisions(
     recent_s: int,
     done_ttl_s: int,
     report: MoveReport,
+    written: set[str],
 ) -> None:
     found: dict[str, list[tuple[bytes, int]]] = defaultdict(list)
     for lane in old.lanes():
@@ -178,7 +202,7 @@ async def _move_decisions(
         ttl = max(t for _, t in copies)
         for lane in new.lanes():
             value = _share(lane.scope, [v for v, _ in copies])
-            await _set(client, lane.state_prefix + name, value, ttl)
+            await _set(client, lane.state_prefix + name, value, ttl, written)
         report.decisions += 1
 
 
@@ -197,7 +221,9 @@ def _share(scope: Scope, values: Iterable[bytes]) -> bytes:
     return merged.part(scope).dump()
 
 
-async def _copy_dedupe(client: aioredis.Redis, old: Streams, new: Streams) -> int:
+async def _copy_dedupe(
+    client: aioredis.Redis, old: Streams, new: Streams, written: set[str]
+) -> int:
     sources = [*old.order_streams(), *old.token_streams()]
     targets = [*new.order_streams(), *new.token_streams()]
     copied = 0
@@ -207,7 +233,8 @@ async def _copy_dedupe(client: aioredis.Redis, old: Streams, new: Streams) -> in
             ttl = await client.pttl(key)
             name = key.decode()[len(prefix) :]
             for target in targets:
-                await _set(client, new.seen_order_prefix(target) + name, b"1", ttl, only_new=True)
+                copy = new.seen_order_prefix(target) + name
+                await _set(client, copy, b"1", ttl, written, only_new=True)
             copied += 1
     return copied
 
@@ -233,9 +260,16 @@ async def _read(client: aioredis.Redis, key: bytes) -> tuple[bytes | None, int]:
 
 
 async def _set(
-    client: aioredis.Redis, key: str, value: bytes, ttl_ms: int, *, only_new: bool = False
+    client: aioredis.Redis,
+    key: str,
+    value: bytes,
+    ttl_ms: int,
+    written: set[str],
+    *,
+    only_new: bool = False,
 ) -> None:
     """SET keeping the time to live it had (PTTL -1: none; -2: gone meanwhile, then skipped)."""
     if ttl_ms == -2:
         return
     await client.set(key, value, px=ttl_ms if ttl_ms > 0 else None, nx=only_new)
+    written.add(key)

@@ -25,6 +25,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 class CliSettings(DatabaseSettings):
     wallets_file: str = "config/wallets.example.json"
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    # The detector's, for `partitions move` to tell recent decisions from old ones.
+    detector_done_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
 
     def wallets_path(self) -> Path:
         path = Path(self.wallets_file)

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 SHARE_DECIMALS = 6
@@ -33,6 +43,11 @@ Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$", to_lo
 # Polymarket's real ones are stricter (`FeedOrder` holds orders from outside to those).
 HexId = Annotated[str, StringConstraints(pattern=rf"^0x[0-9a-fA-F]{{1,{ID_MAX - 2}}}$")]
 HexIdOrEmpty = Annotated[str, StringConstraints(pattern=rf"^(0x[0-9a-fA-F]{{1,{ID_MAX - 2}}})?$")]
+# Lower-cased at the boundary: feeds spell one market's id in either case, and every piece of state
+# keyed by it (the detector's units, the store's filters) would otherwise split in two.
+ConditionId = Annotated[
+    str, StringConstraints(pattern=rf"^(0x[0-9a-fA-F]{{1,{ID_MAX - 2}}})?$", to_lower=True)
+]
 TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z_-]{0,99}$")]
 # A CLOB token id is a uint256 written in decimal: at most 78 digits.
 DecimalTokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,78}$")]
@@ -78,7 +93,7 @@ class DomeOrder(Contract):
     token_id: TokenId
     side: Side
     market_slug: Slug = ""
-    condition_id: HexIdOrEmpty = ""
+    condition_id: ConditionId = ""
     token_label: Label = ""
     shares: int | None = None
     # Bounded so micro-shares fit the 64-bit integers Redis keeps positions in; no market has
@@ -93,6 +108,9 @@ class DomeOrder(Contract):
     taker: HexId | None = None
     block_number: int | None = None
     log_index: int | None = None
+    # Ours, not Dome's: which of the identical fills of this wallet in this transaction this is
+    # (0: the first). Set by the ingestor (`occurrences`, `Twins`), never read from a feed.
+    occurrence: int = Field(default=0, ge=0)
 
     @field_validator("price", "shares_normalized", mode="before")
     @classmethod
@@ -109,6 +127,14 @@ class FeedOrder(DomeOrder):
     every source through this model, so an order that fails it is dead-lettered there."""
 
     token_id: DecimalTokenId
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_outside_occurrence(cls, data: Any) -> Any:
+        # The occurrence is counted by the ingestor; a feed that sent one must not pick the key.
+        if isinstance(data, dict) and "occurrence" in data:
+            return {name: value for name, value in data.items() if name != "occurrence"}
+        return data
 
 
 def order_key(
@@ -143,6 +169,81 @@ def order_key(
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def base_key(order: DomeOrder) -> str:
+    """What makes two fills identical: their order_key before the occurrence tells them apart."""
+    return order_key(
+        order.tx_hash, order.user, order.token_id, order.side, order.shares_normalized, order.price
+    )
+
+
+def occurrences(orders: Sequence[DomeOrder]) -> list[int]:
+    """The occurrence of each order of one listing among the identical ones in it.
+
+    Identical fills are interchangeable, so any count that every source makes over the same
+    transaction gives the same set of keys. Ranking by log index where the listing has it (Dome
+    REST) follows the chain's log order; the listed order stands in where it has not (the Data
+    API). The listing must hold the whole transaction: callers count over one response.
+    """
+    ranked = sorted(
+        range(len(orders)),
+        key=lambda i: (orders[i].log_index is None, orders[i].log_index or 0, i),
+    )
+    counted: dict[str, int] = {}
+    result = [0] * len(orders)
+    for index in ranked:
+        key = base_key(orders[index])
+        result[index] = counted.get(key, 0)
+        counted[key] = result[index] + 1
+    return result
+
+
+# 2020-01-01 UTC: before Polymarket's first trade, so no real fill is older.
+MIN_EXCHANGE_TS = 1_577_836_800
+MAX_FUTURE_S = 300
+_LAST_DATETIME_TS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeTimeBounds:
+    """The exchange times a feed may send: none before `min_ts`, none more than `max_future_s`
+    after the fill was received (clock skew between the exchange and us stays well inside it).
+
+    A time outside is a producer bug (milliseconds, a broken clock) and must not reach the
+    pipeline: it would raise the wallet's watermark past every later fill, stop the token's
+    consensus clock, and fail to fit the store's timestamp columns."""
+
+    max_future_s: int = MAX_FUTURE_S
+    min_ts: int = MIN_EXCHANGE_TS
+
+    def problem(self, timestamp: int, received_at: float) -> str | None:
+        """Why `timestamp` is implausible for a fill received at `received_at`; None if it is
+        plausible. No source documents milliseconds (feeds.md), so one is refused, not divided."""
+        latest = received_at + self.max_future_s
+        if self.min_ts <= timestamp <= latest:
+            return None
+        if timestamp > latest and self.min_ts <= timestamp // 1000 <= latest:
+            return (
+                f"timestamp {timestamp} looks like milliseconds ({_utc(timestamp // 1000)} if "
+                "divided by 1000); exchange times must be Unix seconds"
+            )
+        if timestamp > latest:
+            return (
+                f"timestamp {timestamp} ({_utc(timestamp)}) is {timestamp - received_at:,.0f} s "
+                f"after the fill was received; at most {self.max_future_s} s is allowed "
+                "(EXCHANGE_TS_MAX_FUTURE_S)"
+            )
+        return (
+            f"timestamp {timestamp} ({_utc(timestamp)}) is before {_utc(self.min_ts)} "
+            "(EXCHANGE_TS_MIN)"
+        )
+
+
+def _utc(timestamp: int) -> str:
+    if not 0 <= timestamp <= _LAST_DATETIME_TS:
+        return "out of the calendar"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 class FillStatus(StrEnum):
     """Where a fill (and every signal drawn from it) stands.
 
@@ -175,8 +276,14 @@ class OrderFill(DomeOrder):
 
     @classmethod
     def from_dome(
-        cls, order: DomeOrder, source: Source, received_at: float, occurrence: int = 0
+        cls,
+        order: DomeOrder,
+        source: Source,
+        received_at: float,
+        occurrence: int | None = None,
     ) -> OrderFill:
+        """The fill of `order`; its occurrence is `occurrence`, else the one the order carries."""
+        counted = order.occurrence if occurrence is None else occurrence
         key = order_key(
             order.tx_hash,
             order.user,
@@ -184,9 +291,10 @@ class OrderFill(DomeOrder):
             order.side,
             order.shares_normalized,
             order.price,
-            occurrence,
+            counted,
         )
-        return cls(**order.model_dump(), order_key=key, source=source, received_at=received_at)
+        fields = order.model_dump() | {"occurrence": counted}
+        return cls(**fields, order_key=key, source=source, received_at=received_at)
 
 
 class SignalKind(StrEnum):
@@ -211,7 +319,7 @@ class Signal(Contract):
     wallet_label: Label = ""
     market_slug: Slug = ""
     title: Title = ""
-    condition_id: HexIdOrEmpty = ""
+    condition_id: ConditionId = ""
     token_id: TokenId
     token_label: Label = ""
     side: Side
@@ -229,6 +337,9 @@ class Signal(Contract):
     # `detected_at` the time the retraction was decided.
     status: FillStatus = FillStatus.CONFIRMED
     status_reason: StatusReason = ""
+    # The fill reached us more than SIGNAL_MAX_AGE_S after it traded (`received_at - exchange_ts`,
+    # a backfill): the signal describes the past, not something to act on now.
+    late: bool = False
 
     def to_json(self) -> bytes:
         """The stream form: the JSON `model_dump_json` gives, from orjson, which is cheaper on

@@ -53,6 +53,16 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> aioredis.Redi
     return cast(aioredis.Redis, RedisCluster.from_url(url, **options))
 
 
+async def server_identity(client: aioredis.Redis) -> frozenset[str]:
+    """The run ids of the servers holding the data (a cluster's masters): another set means a
+    server was restarted or a replica took a master's place."""
+    if isinstance(client, RedisCluster):
+        replies: Any = await client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        return frozenset(str(info["run_id"]) for info in replies.values())
+    info: Any = await client.info("server")
+    return frozenset({str(info["run_id"])})
+
+
 def encode(payload: Mapping[str, Any] | Any) -> dict[FieldT, EncodableT]:
     """The entry fields for a payload (a dict or a pydantic model)."""
     if hasattr(payload, "model_dump"):

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.logs import redact_url
 from shared.redis_streams import connect
-from shared.streams import Streams
+from shared.streams import MAX_PARTITIONS, Streams
 
 # URLs that carry a password: plain strings for the client libraries, shown only redacted.
 CREDENTIAL_URLS = frozenset({"redis_url", "database_url"})
@@ -33,7 +33,7 @@ class CommonSettings(BaseSettings):
     redis_cluster: bool = False
     # Partitions of `orders.raw` (shared/streams.py): the same in every service; changing it is
     # an operation (docs/operations.md, "Changing the partition count").
-    stream_partitions: int = Field(1, ge=1, le=256)
+    stream_partitions: int = Field(1, ge=1, le=MAX_PARTITIONS)
     # Prefix of every stream and key; lets tests and several deployments share one Redis.
     stream_namespace: str = ""
     # Approximate MAXLEN of the streams: sized so a group that keeps up never loses an unread entry.
@@ -53,7 +53,7 @@ class CommonSettings(BaseSettings):
 
     @cached_property
     def streams(self) -> Streams:
-        return Streams(self.stream_namespace, self.stream_partitions)
+        return Streams(self.stream_namespace, self.stream_partitions, self.redis_cluster)
 
     def redis(self) -> aioredis.Redis:
         """A client of the configured Redis (a cluster client with REDIS_CLUSTER)."""

@@ -13,7 +13,8 @@ wallet's positions and cooldowns in its wallet partition, a token's consensus in
 partition (docs/signals.md, "Partitions"). Each partition is its own slot (its name is its hash
 tag): its dedupe keys, watermarks, detector state and signal outbox live with it, so partitions
 spread over a cluster's nodes. A partition's signals go to its outbox first and are forwarded to
-`signals` (one stream, the public contract) exactly once.
+`signals` (one stream, the public contract) exactly once. On a cluster, one partition works the
+same way (its state and outbox in the slot of `orders.raw`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from enum import StrEnum
+
+# Partitions of `orders.raw` at most (STREAM_PARTITIONS): far more than masters in any cluster.
+MAX_PARTITIONS = 256
 
 DETECTOR_GROUP = "detector"
 STORE_GROUP = "store"
@@ -45,10 +49,14 @@ class Lane:
     state_prefix: str
     # Where the apply script adds this lane's signals: `signals` itself, or the lane's outbox.
     signals: str
+    # True when `signals` is the lane's outbox, forwarded by services/detector/forward.py.
+    outbox: bool = False
 
-    @property
-    def outbox(self) -> bool:
-        return self.scope is not Scope.ALL
+
+def _own_slot_lane(stream: str, scope: Scope) -> Lane:
+    """A lane whose state and outbox share its stream's slot."""
+    tag = "{" + stream + "}"
+    return Lane(stream, scope, tag + ":det:", tag + ":signals", outbox=True)
 
 
 def slot_tag(key: str) -> str:
@@ -72,6 +80,11 @@ def partition_of(value: str, partitions: int) -> int:
 class Streams:
     namespace: str = ""
     partitions: int = 1
+    # On a Redis Cluster even one partition keeps its detector state and outbox in the slot of
+    # `orders.raw`: a failover that loses recent writes there then loses a fill, its decision and
+    # its ack together, and the re-backfill brings all back; with the state in the slot of
+    # `signals` a lost decision would stay lost behind an ack that survived.
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.partitions < 1:
@@ -117,16 +130,16 @@ class Streams:
 
     def lanes(self) -> list[Lane]:
         """What the detector reads: one lane with every rule, or one per partition."""
-        if not self.partitioned:
+        if not self.partitioned and not self.cluster:
             return [Lane(self.orders_raw, Scope.ALL, self.detector_prefix(), self.signals)]
+        if not self.partitioned:
+            stream = self.orders_raw
+            return [_own_slot_lane(stream, Scope.ALL)]
         lanes = [
             *((stream, Scope.WALLET) for stream in self.order_streams()),
             *((stream, Scope.TOKEN) for stream in self.token_streams()),
         ]
-        return [
-            Lane(stream, scope, "{" + stream + "}:det:", "{" + stream + "}:signals")
-            for stream, scope in lanes
-        ]
+        return [_own_slot_lane(stream, scope) for stream, scope in lanes]
 
     def forwarded_key_prefix(self) -> str:
         """Prefix of the keys that make forwarding an outbox entry to `signals` happen once."""
@@ -176,6 +189,10 @@ class Streams:
     def detector_prefix(self) -> str:
         """Prefix of the detector's state keys, in the slot of `signals`."""
         return "{" + self.signals + "}:det:"
+
+    def layout_key(self) -> str:
+        """The partition count this Redis holds (shared/layout.py)."""
+        return f"{self.namespace}layout:partitions"
 
     def feed_status_key(self) -> str:
         """Hash where the ingestor publishes the feed's state for dashboards and health."""

@@ -6,6 +6,8 @@ twice (dedupe keys moved), and every wallet keeps its watermark. A pipeline not 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -14,13 +16,17 @@ from services.detector.main import Detector
 from services.detector.rules import RuleSettings
 from services.detector.serial import run as reference_run
 from services.detector.settings import DetectorSettings
+from shared.layout import LayoutMismatch
 from shared.models import OrderFill, TrackedWallet
 from shared.orders_raw import OrdersRaw, Outgoing
 from shared.streams import Streams
 from tests.test_detector_replicas import drained, identities, replica_scenario
+from tests.test_detector_rules import make_order
 from tests.test_detector_service import read_signals
 
 pytestmark = [pytest.mark.integration]
+
+TAPE = Path(__file__).resolve().parents[1] / "data" / "polymarket_trades_nobel2025.json"
 
 
 async def through(
@@ -105,3 +111,59 @@ async def test_a_pipeline_not_drained_is_not_moved(
     status = await cli(["partitions", "status", "--redis-url", redis_url, "--namespace", namespace])
     assert status == 1
     assert "group detector has lag 1" in capsys.readouterr().out
+
+
+async def test_a_count_other_than_the_one_the_redis_holds_is_refused(
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One layout recorded (here by a detector of one partition); a detector, a replay and a move
+    from a count other than it are refused, saying both counts; a move records the new one."""
+    orders, wallets = replica_scenario()
+    await through(redis_url, redis_client, Streams(namespace, 1), orders[:20], wallets)
+    settings = DetectorSettings(
+        redis_url=redis_url, stream_namespace=namespace, stream_partitions=4, ops_port=0
+    )
+    detector = Detector(settings, wallets)
+    with pytest.raises(LayoutMismatch, match="STREAM_PARTITIONS is 4, but this Redis holds"):
+        await detector.start()
+    await detector.client.aclose()
+
+    monkeypatch.setenv("STREAM_PARTITIONS", "4")
+    target = ["--redis-url", redis_url, "--namespace", namespace]
+    assert await cli(["replay-tape", str(TAPE), *target]) == 2
+    assert "holds the layout of 1 partition(s)" in capsys.readouterr().err
+    assert await move(redis_url, Streams(namespace, 2), 4, monkeypatch) == 2
+    assert await move(redis_url, Streams(namespace, 1), 4, monkeypatch) == 0
+    assert await redis_client.get(Streams(namespace).layout_key()) == b"4"
+    assert await move(redis_url, Streams(namespace, 4), 300, monkeypatch) == 2
+
+
+async def test_a_move_back_finds_no_stale_state(
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A position opened on one partition (at 0.97: no signal, so nothing but the position in its
+    unit), closed after a move to four (the unit then empty, deleted), then a move back: the
+    closed position must not come back from the first layout, so the next BUY is an entry."""
+    wallet = TrackedWallet(address="0x" + "ab" * 20, label="w")
+    buy = make_order(user=wallet.address, token_id="77", shares=200, price=0.97)
+    sell = make_order(user=wallet.address, token_id="77", side="SELL", shares=200, price=0.97)
+    again = make_order(user=wallet.address, token_id="77", shares=100, price=0.55)
+    sell = sell.model_copy(update={"timestamp": buy.timestamp + 1000})
+    again = again.model_copy(update={"timestamp": buy.timestamp + 5000})
+    one, four = Streams(namespace, 1), Streams(namespace, 4)
+    await through(redis_url, redis_client, one, [buy], [wallet])
+    assert await move(redis_url, one, 4, monkeypatch) == 0
+    await through(redis_url, redis_client, four, [sell], [wallet])
+    assert await move(redis_url, four, 1, monkeypatch) == 0
+    await through(redis_url, redis_client, one, [again], [wallet])
+    kinds = [s["kind"] for s in await read_signals(redis_client, one)]
+    expected = reference_run([buy, sell, again], [wallet], RuleSettings())
+    assert [s.kind.value for s in expected] == ["trader_entry"]
+    assert kinds == ["trader_entry"]

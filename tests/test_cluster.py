@@ -6,6 +6,8 @@ pipeline end to end with 1 and 4 partitions, and the partitions spread over the 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +17,13 @@ import redis.asyncio as aioredis
 
 from cli.main import run as cli
 from devtools.cluster import Cluster
+from services.ingestor.publisher import Publisher
 from shared import wallet_registry
 from shared.consumer import errors_key
 from shared.models import OrderFill, TrackedWallet
 from shared.redis_streams import connect
 from shared.streams import DETECTOR_GROUP, Streams
+from shared.tasks import cancel_and_wait
 from tests.test_detector_replicas import replica_scenario
 from tests.test_partitions import replicas_emit_the_reference
 from tests.test_pipeline_e2e import Pipeline, tape_end_to_end
@@ -149,3 +153,34 @@ async def test_the_operators_tool_runs_on_a_cluster(
     assert "drained: nothing waits" in capsys.readouterr().out
     assert await cli(["wallets", "list", "--db", "off", "--json", *target]) == 0
     assert address in capsys.readouterr().out
+
+
+async def test_the_ingestor_sees_a_failover_even_without_a_failed_write(
+    redis_cluster: Cluster, cluster_client: aioredis.Redis, namespace: str
+) -> None:
+    """A master replaced by its replica while the ingestor wrote nothing (a quiet hour): the
+    publisher still tells its sources, which read their gaps again (writes the old master
+    acknowledged just before may be gone)."""
+    streams = Streams(namespace, 4, cluster=True)
+    publisher = Publisher(cluster_client, streams, stream_maxlen=1000, dedupe_ttl_s=60)
+    told: list[float] = []
+    replaced = asyncio.Event()
+
+    def tell() -> None:
+        told.append(time.monotonic())
+        replaced.set()
+
+    publisher.on_recovered(tell)
+    watching = asyncio.create_task(publisher.watch_redis(every_s=0.2))
+    try:
+        await asyncio.sleep(0.5)
+        assert told == []
+        victim = redis_cluster.masters()[0]
+        redis_cluster.kill(victim)
+        await asyncio.to_thread(redis_cluster.wait_failover, victim)
+        await asyncio.wait_for(replaced.wait(), 15)
+        await asyncio.sleep(0.6)
+        assert len(told) == 1  # once per replacement, not on every look
+    finally:
+        await cancel_and_wait(watching)
+        await asyncio.to_thread(redis_cluster.restart, victim)

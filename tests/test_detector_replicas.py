@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.servers import free_port
+from services.detector.forward import unforwarded
 from services.detector.main import Detector
 from services.detector.replay import tape_orders
 from services.detector.rules import RuleSettings
@@ -120,7 +121,9 @@ async def drained(client: aioredis.Redis, streams: Streams) -> None:
     lanes = streams.lanes()
     while time.monotonic() < deadline:
         states = [await lane_drained(client, lane.stream) for lane in lanes]
-        outboxes = [await client.xlen(lane.signals) for lane in lanes if lane.outbox]
+        outboxes = [
+            await unforwarded(client, streams, lane.signals) for lane in lanes if lane.outbox
+        ]
         if all(states) and not any(outboxes):
             return
         await asyncio.sleep(0.02)

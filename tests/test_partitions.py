@@ -122,30 +122,36 @@ async def test_an_outbox_reaches_signals_once_and_in_order_through_its_lease_hol
         ids = [await redis_client.xadd(outbox, {b"data": b'{"n": %d}' % n}) for n in numbers]
         return [entry_id.decode() for entry_id in ids]
 
+    async def forwarded() -> list[int]:
+        return [decode(f)["n"] for _, f in await redis_client.xrange(streams.signals)]
+
     first = Forwarder(redis_client, streams, outbox, owner="a", maxlen=1000, batch=2)
     second = Forwarder(redis_client, streams, outbox, owner="b", maxlen=1000, batch=2)
     ids = await put(0, 1, 2)
     assert await first.hold() and not await second.hold()
     # Only the holder forwards: the other's batch would overtake the holder's.
-    assert await second.forward([(ids[0], b'{"n": 0}')]) == -1
-    assert await first.forward_once() == 2
-    # The holder died after forwarding, before deleting: its successor adds nothing twice.
+    assert not await second.forward([(ids[0], b'{"n": 0}')], read_from="", last=ids[0])
+    assert await first.forward_once() == 2 and await first.forward_once() == 1
+    assert await forwarded() == [0, 1, 2]
+    # A failover of the node of `signals` took back the last signal and the id with it.
+    last_signal = (await redis_client.xrevrange(streams.signals, count=1))[0][0]
+    await redis_client.xdel(streams.signals, last_signal)
+    await redis_client.set(streams.forwarded_key_prefix() + "last:" + outbox, ids[1])
     await put(3)
-    assert await first.forward([(ids[2], b'{"n": 2}')]) == 1
+    assert await first.forward_once() == 0  # finds the id behind where it read from
+    assert first.cursor == ids[1]
+    assert await first.forward_once() == 2
+    assert await forwarded() == [0, 1, 2, 3]
+    # The lease passes to the other replica: it goes on from the id, nothing twice.
     await redis_client.delete(streams.forwarded_key_prefix() + "lease:" + outbox)
     assert await second.hold()
-    assert await second.forward_once() == 2  # entries 2 (marked) and 3
-    assert await redis_client.xlen(outbox) == 0
-    assert [decode(f) for _, f in await redis_client.xrange(streams.signals)] == [
-        {"n": 0},
-        {"n": 1},
-        {"n": 2},
-        {"n": 3},
-    ]
+    await put(4)
     await redis_client.xadd(outbox, {b"other": b"x"})
-    assert await second.forward_once() == 1
+    assert await second.forward_once() == 2
+    assert await forwarded() == [0, 1, 2, 3, 4]
     dead = await redis_client.xrange(streams.signals_dead)
     assert b"outbox entry has no 'data' field" in dead[0][1][b"reason"]
+    assert await redis_client.xlen(outbox) == 6  # kept for RETAIN_S, then trimmed
 
 
 @pytest.mark.e2e

@@ -230,6 +230,13 @@ async def test_a_signal_item_carries_every_field(api: Api) -> None:
         "stored_at": None,
         "status": "confirmed",
         "status_reason": "",
+        # Its validation, none recorded yet (tests/test_store_validation.py fills them).
+        "markout_5m_cents": None,
+        "markout_1h_cents": None,
+        "markout_24h_cents": None,
+        "settlement_payout": None,
+        "settlement_cents": None,
+        "validation_fee_cents": None,
     }
 
 

@@ -1,18 +1,20 @@
-"""Partitions' signals into `signals`, once each and in order (only with `STREAM_PARTITIONS` > 1).
+"""Lanes' signals into `signals`, once each and in order (partitions, or any lane on a cluster).
 
-A partition's apply script cannot add to `signals`, which lives in another slot (on a cluster,
-often another node), so it adds them to the partition's outbox (shared/streams.py), in the order
-the lane decided them. One detector replica at a time forwards an outbox: the holder of its lease
-(`{signals}:fwd:lease:<outbox>`, in the slot of `signals`). It reads the outbox from its start,
-and one script in the slot of `signals` checks that it still holds the lease, marks each entry
-forwarded (SET NX `{signals}:fwd:<outbox>:<entry id>`) and adds its signal only when the mark was
-new; then the forwarded entries are deleted from the outbox. A holder that dies between the two
-leaves the entries in the outbox; the next holder finds their marks and adds nothing twice.
+A lane's apply script cannot add to `signals`, which lives in another slot (on a cluster, often
+another node), so it adds them to the lane's outbox (shared/streams.py), in the order the lane
+decided them. One detector replica at a time forwards an outbox: the holder of its lease
+(`{signals}:fwd:lease:<outbox>`, in the slot of `signals`). It reads the outbox after the id of
+the last entry forwarded, kept beside `signals` (`{signals}:fwd:last:<outbox>`), and one script
+there checks the lease and that this id is still the one it read from, adds the batch's signals
+and moves the id past them: exactly once, since the id moves with the signals in one step.
 
-Why a lease and not a consumer group: two replicas reading consecutive batches of one outbox would
-forward them in either order, and a retraction could then reach `signals` before the signal it
-retracts. With the lease checked inside the forwarding script, only one replica's batch can go at
-a time, so `signals` holds each lane's signals in the lane's order.
+Why a lease and not a consumer group: two replicas reading consecutive batches of one outbox
+would forward them in either order, and a retraction could reach `signals` before the signal it
+retracts. Why a moving id and not deleting what was forwarded: on a cluster, a failover of the
+node of `signals` can lose the last writes it acknowledged, signals and id together; the id then
+stands where the surviving signals end, the next batch finds it behind the one it read from, and
+the forwarder reads again from there. So forwarded entries stay in the outbox for
+`RETAIN_S`, far longer than a replica lags, and are trimmed after.
 """
 
 from __future__ import annotations
@@ -41,19 +43,19 @@ FORWARDED = Counter(
     ["outbox"],
 )
 
-# KEYS[1] = signals, KEYS[2] = the lease, then one mark per entry; ARGV[1] = MAXLEN ~, ARGV[2] =
-# mark TTL (s), ARGV[3] = the caller's name, then the entries' `data`, in order. Returns how many
-# were added, or -1 when the caller does not hold the lease (nothing done).
+# KEYS[1] = signals, KEYS[2] = the lease, KEYS[3] = the last id forwarded; ARGV[1] = MAXLEN ~,
+# ARGV[2] = the caller's name, ARGV[3] = the last id it read from ('' none), ARGV[4] = the batch's
+# last id, then the entries' `data`, in order. Returns {added} or {-1} (not the lease holder) or
+# {-2, the id it stands at} (not where the caller read from): nothing done then.
 _FORWARD = """
-if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-local added = 0
-for i = 3, #KEYS do
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[i + 1])
-    added = added + 1
-  end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
+local at = redis.call('GET', KEYS[3]) or ''
+if at ~= ARGV[3] then return {-2, at} end
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[i])
 end
-return added
+redis.call('SET', KEYS[3], ARGV[4])
+return {#ARGV - 4}
 """
 
 # Take the lease when it is free, extend it when it is the caller's: 1 held, 0 someone else's.
@@ -69,9 +71,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# A mark only has to outlive its entry in the outbox, deleted right after it is forwarded.
-MARK_TTL_S = 86_400
 LEASE_MS = 5_000
+# Forwarded entries stay this long: far beyond a replica's lag, so a failover that takes the last
+# forwarded signals back finds them in the outbox still.
+RETAIN_S = 120
 
 
 class Forwarder:
@@ -96,14 +99,18 @@ class Forwarder:
         self.maxlen = maxlen
         self.batch = batch
         self.block_ms = block_ms
-        self.lease_ms = lease_ms
+        # The lease must outlive a blocked read several times over, or it would pass between
+        # replicas with every read.
+        self.lease_ms = max(lease_ms, 4 * block_ms)
         self.health = GroupHealth()
+        # The id of the last entry forwarded, as this holder knows it (None: read it first).
+        self.cursor: str | None = None
         self._forward = client.register_script(_FORWARD)
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
         prefix = streams.forwarded_key_prefix()
         self._lease = f"{prefix}lease:{outbox}"
-        self._marks = f"{prefix}{outbox}:"
+        self._last = f"{prefix}last:{outbox}"
 
     async def run(self, stop: asyncio.Event, drain_s: float = 10.0) -> None:
         """Forward while holding the lease, until `stop`; then empty the outbox once more (within
@@ -130,34 +137,64 @@ class Forwarder:
         await self._drain(time.monotonic() + drain_s)
 
     async def hold(self) -> bool:
-        """Take or extend the lease; False when another replica holds it."""
-        return bool(await self._hold(keys=[self._lease], args=[self.owner, self.lease_ms]))
+        """Take or extend the lease; False when another replica holds it (then this one reads
+        where the holder got to, should the lease come back)."""
+        held = bool(await self._hold(keys=[self._lease], args=[self.owner, self.lease_ms]))
+        if not held:
+            self.cursor = None
+        return held
 
     async def forward_once(self, block_ms: int | None = None) -> int:
-        """Forward what the outbox holds (waiting up to `block_ms` for something); how many
-        entries left the outbox."""
+        """Forward what the outbox holds after the last entry forwarded (waiting up to
+        `block_ms` for something); how many entries were forwarded."""
+        if self.cursor is None:
+            stored: Any = await self.client.get(self._last)
+            self.cursor = stored.decode() if stored else ""
         block = self.block_ms if block_ms is None else block_ms
         # BLOCK 0 would wait forever: no block at all then.
         reply: Any = await self.client.xread(
-            {self.outbox: "0-0"}, count=self.batch, block=block or None
+            {self.outbox: self.cursor or "0-0"}, count=self.batch, block=block or None
         )
         entries = [(eid.decode(), fields) for _, items in reply or [] for eid, fields in items]
         if not entries:
             return 0
         ready = [(eid, fields[DATA_FIELD]) for eid, fields in entries if DATA_FIELD in fields]
-        if ready and await self.forward(ready) < 0:
-            return 0  # the lease went to another replica meanwhile: it forwards them
+        if not await self.forward(ready, read_from=self.cursor, last=entries[-1][0]):
+            return 0
         await self._dead_letter([(eid, f) for eid, f in entries if DATA_FIELD not in f])
-        await self.client.xdel(self.outbox, *(eid for eid, _ in entries))
         FORWARDED.labels(self.outbox).inc(len(ready))
+        await self._trim()
         return len(entries)
 
-    async def forward(self, entries: Sequence[tuple[str, bytes]]) -> int:
-        """Add each entry's signal to `signals` unless it was before; -1 without the lease."""
-        keys = [self.streams.signals, self._lease, *(self._marks + eid for eid, _ in entries)]
-        args: list[bytes | int | str] = [self.maxlen, MARK_TTL_S, self.owner]
+    async def forward(
+        self, entries: Sequence[tuple[str, bytes]], *, read_from: str, last: str
+    ) -> bool:
+        """Add the entries' signals to `signals` and move the last id to `last`, if this replica
+        holds the lease and the id still stands at `read_from`; else (False) learn where it
+        stands, to read from there next."""
+        keys = [self.streams.signals, self._lease, self._last]
+        args: list[bytes | int | str] = [self.maxlen, self.owner, read_from, last]
         args += [data for _, data in entries]
-        return int(await self._forward(keys=keys, args=args))
+        reply: Any = await self._forward(keys=keys, args=args)
+        code = int(reply[0])
+        if code >= 0:
+            self.cursor = last
+            return True
+        if code == -2:
+            at = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+            log.warning(
+                "forward_rewound",
+                extra={"outbox": self.outbox, "read_from": read_from, "stands_at": at},
+            )
+            self.cursor = at
+        return False
+
+    async def _trim(self) -> None:
+        """Drop what was forwarded more than RETAIN_S ago (by the entries' own clock)."""
+        if not self.cursor:
+            return
+        forwarded_ms = int(self.cursor.split("-", 1)[0])
+        await self.client.xtrim(self.outbox, minid=forwarded_ms - RETAIN_S * 1000)
 
     async def _dead_letter(self, broken: Sequence[tuple[str, Any]]) -> None:
         # Only the apply script writes an outbox, always with `data`: anything else is kept.
@@ -174,8 +211,9 @@ class Forwarder:
     async def _drain(self, deadline: float) -> None:
         try:
             while time.monotonic() < deadline and await self.hold():
-                if not await self.forward_once(block_ms=0):
-                    break
+                before = self.cursor
+                if not await self.forward_once(block_ms=0) and self.cursor == before:
+                    break  # nothing left (a rewind moves the cursor: read again from there)
             await self._release(keys=[self._lease], args=[self.owner])
         except Exception as exc:
             log.warning(
@@ -191,6 +229,14 @@ class Forwarder:
 
     def _up(self) -> None:
         self.health.redis_down_since = None
+
+
+async def unforwarded(client: aioredis.Redis, streams: Streams, outbox: str) -> int:
+    """How many entries of `outbox` wait to be forwarded (up to 10,000 counted)."""
+    last: Any = await client.get(f"{streams.forwarded_key_prefix()}last:{outbox}")
+    after = "(" + last.decode() if last else "-"
+    waiting: Any = await client.xrange(outbox, min=after, max="+", count=10_000)
+    return len(waiting)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

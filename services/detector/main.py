@@ -30,7 +30,7 @@ from services.detector.pipeline import BatchProcessor, RawEntry
 from services.detector.rules import describe
 from services.detector.settings import DetectorSettings, RulesFileError
 from services.detector.state import DetectorState
-from shared import wallet_registry
+from shared import layout, wallet_registry
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url
 from shared.models import TrackedWallet
@@ -142,6 +142,7 @@ class Detector:
     async def start(self) -> None:
         """Load the wallets, then follow the registry and consume, in the background."""
         last_id = await self.load_wallets()
+        await layout.claim(self.client, self.settings.streams)
         for worker in self.workers:
             await worker.group.ensure_group()
         self._stop = asyncio.Event()
@@ -269,4 +270,7 @@ def main() -> None:
         asyncio.run(run(settings))
     except WalletFileError as exc:
         log.error("wallets_file_error", extra={"error": str(exc)})
+        sys.exit(2)
+    except layout.LayoutMismatch as exc:
+        log.error("layout_mismatch", extra={"error": str(exc)})
         sys.exit(2)

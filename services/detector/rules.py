@@ -28,6 +28,9 @@ Rules, in emission order within one order:
 - Cooldown `SIGNAL_COOLDOWN_S` = C (default 300, 0 disables): a signal of a kind is not emitted
   when the same wallet x market had one of that kind within C seconds (for consensus: the same
   token). A suppressed signal does not restart the cooldown.
+- Late fills: a fill that reached the ingestor more than `SIGNAL_MAX_AGE_S` (default 900, 0
+  disables) after it traded (`received_at - timestamp`, a backfill) is decided like any other,
+  and its signals are marked `late` with a reason saying so.
 
 Confidence (in [0, 1]); `score` is the wallet's score (0.5 when absent or untracked), `T` the whale
 threshold, `n` the notional, `size = min(1, n / T)`:
@@ -75,6 +78,7 @@ class RuleSettings:
     exit_min_fraction: float = 0.8
     consensus_min_wallets: int = 3
     consensus_window_s: int = 6 * 3600
+    signal_max_age_s: int = 900
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -242,6 +246,15 @@ def passes_filters(order: OrderFill, settings: RuleSettings) -> bool:
         order.price < settings.signal_max_price
         and order.notional_usd >= settings.signal_min_notional_usd
     )
+
+
+def is_late(order: OrderFill, settings: RuleSettings) -> bool:
+    """The fill reached the ingestor more than SIGNAL_MAX_AGE_S after it traded.
+
+    Both times travel in the fill, so every replica, every redelivery and the serial reference
+    judge it alike; the detector's own clock at decision time would not."""
+    max_age = settings.signal_max_age_s
+    return max_age > 0 and order.received_at - order.timestamp > max_age
 
 
 def cooldown_allows(last: int | None, ts: int, cooldown_s: int) -> bool:
@@ -474,6 +487,8 @@ def decide(
         previous = prior.members.get(order.user) if prior is not None else None
         if _episode(prior) != _episode(consensus):
             episode = (_episode(prior), _episode(consensus))
+    if emitted and is_late(order, settings):
+        emitted = [mark_late(signal, order, settings) for signal in emitted]
     effect = Effect(tuple(emitted), delta, joined, previous, tuple(stamps), episode)
     return Decision(tuple(emitted), after, tuple(suppressed), effect)
 
@@ -714,6 +729,27 @@ def _signal(
         received_at=order.received_at,
         detected_at=detected_at,
     )
+
+
+def mark_late(signal: Signal, order: OrderFill, settings: RuleSettings) -> Signal:
+    """The signal of a late fill: `late` set, and a reason saying how late, kept before the last
+    line so that the last one still spells out the confidence formula."""
+    age = order.received_at - order.timestamp
+    line = (
+        f"late: the fill reached BetterBot {_duration(age)} after it traded (more than "
+        f"SIGNAL_MAX_AGE_S = {_duration(settings.signal_max_age_s)}, e.g. read by a backfill): "
+        "it tells what happened then, not a trade to follow now"
+    )
+    reasons = [*signal.reasons[:-1], line, *signal.reasons[-1:]]
+    return signal.model_copy(update={"late": True, "reasons": reasons})
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _size_confidence_text(notional: float, threshold: float, confidence: float) -> list[str]:

@@ -15,6 +15,8 @@ Rules (`docs/signals.md` has the exact semantics and confidence formulas):
 - `EXIT_MIN_FRACTION` (0.8): `trader_exit` when a sell is at least this part of the position.
 - `CONSENSUS_MIN_WALLETS` (3): K, distinct tracked wallets buying one token for `consensus`.
 - `CONSENSUS_WINDOW_S` (21600 = 6 h): W, the exchange-time window they must buy within.
+- `SIGNAL_MAX_AGE_S` (900): a fill received more than this many seconds after it traded (a
+  backfill) still moves positions and consensus, but its signals are marked `late`; 0 disables.
 
 Service:
 - `WALLETS_FILE` (`config/wallets.example.json`): seeds the wallet registry (shared.wallet_registry)
@@ -109,6 +111,7 @@ class DetectorSettings(CommonSettings):
     exit_min_fraction: float = Field(default=0.8, gt=0, le=1)
     consensus_min_wallets: int = Field(default=3, ge=2)
     consensus_window_s: int = Field(default=6 * 3600, gt=0)
+    signal_max_age_s: int = Field(default=900, ge=0)
 
     detector_batch_size: int = Field(default=500, ge=1, le=10_000)
     detector_block_ms: int = Field(default=100, ge=1)

@@ -14,19 +14,43 @@ The overlap never reaches back past what the dedupe still remembers (DEDUPE_TTL_
 outage longer than that, the walk starts just after the watermark instead, so fills published
 long ago are not published again (a fill indexed late by more than the outage's excess over the
 TTL would then be missed; the lesser evil next to doubling everything in the overlap).
+
+`BackfillSchedule` decides, for one WebSocket connection, which wallets still need reading, when,
+and how far back; it does no I/O (the connection runs the reads):
+- every wallet has its own read and its own retry backoff, so one wallet whose history keeps
+  failing (an HTTP 500 for that user, a timeout, a broken page chain) holds back no other. Reads
+  go in two lanes: wallets in good standing one at a time (the provider sees one request at a
+  time, and a 429's Retry-After holds every later one), wallets whose last read failed retried on
+  the side, several at once, so a slow failure (a timeout) never stalls the others. The wallets
+  not caught up, and since when, are what /health and the metrics report as behind;
+- a provider's REST index trails its live feed: right after a reconnect it may not hold the last
+  seconds of fills yet, and live fills then raise the watermark past them. So each first pass is
+  followed, BACKFILL_INDEXING_LAG_S later, by a re-read that reaches back to the lag before the
+  first pass began, whatever the watermark says by then. (Holding the watermark at "now minus the
+  lag" instead would only help the next reconnect, which may be hours away; the overlap,
+  BACKFILL_OVERLAP_S, still covers a crash between the two passes.)
+- a wallet added to a live subscription by an `update` gets no reply (Dome documents none), so
+  nothing says when the server starts sending its fills. It is read at once (its history), then
+  again once DOME_UPDATE_APPLY_S plus the indexing lag have passed since the update was sent,
+  reaching back to before the first read; only after that re-read does it count as caught up
+  (its live fills may then raise its watermark).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Container, Iterable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
 
 from services.ingestor import metrics
+from shared.backoff import Backoff
 from shared.errors import validation_reason
 from shared.models import DomeOrder, OrderFill, Source
 
@@ -83,7 +107,12 @@ class CatchUp:
         # The newest exchange timestamp read by the last call of `wallet` (None: nothing read).
         self.newest: int | None = None
 
-    async def since(self, wallet: str) -> int:
+    async def since(self, wallet: str, reach_back: int | None = None) -> int:
+        """Where a read starts; with `reach_back`, no later than that exchange time."""
+        start = await self._start(wallet)
+        return start if reach_back is None else max(0, min(start, reach_back))
+
+    async def _start(self, wallet: str) -> int:
         mark = await self._publisher.watermark(self.feed, wallet)
         now = int(self._clock())
         if mark is None:
@@ -93,9 +122,10 @@ class CatchUp:
             return mark + 1
         return max(0, since)
 
-    async def wallet(self, wallet: str) -> int:
-        """Read and publish everything since the wallet's watermark; returns the new fills."""
-        since = await self.since(wallet)
+    async def wallet(self, wallet: str, reach_back: int | None = None) -> int:
+        """Read and publish everything since the wallet's watermark (and at least since
+        `reach_back`, an exchange time); returns the new fills."""
+        since = await self.since(wallet, reach_back)
         newest: int | None = None
         new = 0
         async for page in self.history.read_since(wallet, since):
@@ -138,3 +168,155 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "invalid order: " + validation_reason(exc)
     return str(exc)[:300]
+
+
+class Outcome(Enum):
+    """What a successful read means for its wallet."""
+
+    # The read was replaced meanwhile (the wallet left, or everything is read again): ignore it.
+    STALE = "stale"
+    # First pass done; a re-read follows; live fills may raise the watermark.
+    CAUGHT_UP = "caught_up"
+    # First pass done for a wallet added by an update not known to be applied: re-read first.
+    UNCONFIRMED = "unconfirmed"
+    # Nothing left to read for this wallet.
+    SETTLED = "settled"
+
+
+@dataclass(eq=False)
+class WalletRead:
+    """One wallet's outstanding backfill on one connection: a first pass, then maybe a re-read."""
+
+    wallet: str
+    behind_since: float
+    backoff: Backoff
+    # Monotonic time before which it is not attempted (retry backoff, or the re-read's wait).
+    due: float
+    # Set for the re-read: it reads back at least to this exchange time.
+    reach_back: int | None = None
+    failures: int = 0
+    running: bool = False
+
+    @property
+    def behind(self) -> bool:
+        """Not caught up: the first pass is not done, or the re-read keeps failing."""
+        return self.reach_back is None or self.failures > 0
+
+
+class BackfillSchedule:
+    """Which wallets of one connection still need reading, when, and how far back (see the
+    module docstring). Pure: the clocks are injected, the caller runs the reads."""
+
+    def __init__(
+        self,
+        *,
+        indexing_lag_s: float,
+        update_apply_s: float,
+        retry_min_s: float,
+        retry_max_s: float,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lag = indexing_lag_s
+        self._apply = update_apply_s
+        self._retry = (retry_min_s, retry_max_s)
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._monotonic = monotonic
+        self.reads: dict[str, WalletRead] = {}
+        # wallet -> monotonic time by which the server has surely applied the update adding it.
+        self.unconfirmed: dict[str, float] = {}
+        # Wallets behind when everything was queued afresh keep their "behind since".
+        self._carried: dict[str, float] = {}
+
+    def reset(self) -> None:
+        """A new connection: nothing is subscribed, so nothing is waiting for an update."""
+        self.again()
+        self.unconfirmed.clear()
+
+    def again(self) -> None:
+        """Every wallet is to be read afresh (a reconnect, or Redis lost recent writes)."""
+        self._carried.update((w, r.behind_since) for w, r in self.reads.items() if r.behind)
+        self.reads.clear()
+
+    def updated(self, wallets: Iterable[str]) -> None:
+        """These wallets were just added by an `update`: read them afresh, and again later."""
+        applied_by = self._monotonic() + self._apply
+        for wallet in wallets:
+            self.unconfirmed[wallet] = applied_by
+            self.reads.pop(wallet, None)
+
+    def want(self, wallets: Iterable[str]) -> None:
+        """Queue a first pass for each wallet without a read yet."""
+        now = self._monotonic()
+        for wallet in wallets:
+            if wallet not in self.reads:
+                since = self._carried.pop(wallet, None) or self._clock()
+                backoff = Backoff(*self._retry, rng=self._rng)
+                self.reads[wallet] = WalletRead(wallet, since, backoff, due=now)
+
+    def forget(self, keep: Container[str]) -> None:
+        """Drop the reads of wallets no longer subscribed here."""
+        for table in (self.reads, self.unconfirmed, self._carried):
+            for wallet in [w for w in table if w not in keep]:
+                del table[wallet]
+
+    def take(self, limit: int, *, retries: bool) -> list[WalletRead]:
+        """Up to `limit` reads of one lane (`retries`: those whose last attempt failed) that are
+        due, earliest first, marked running."""
+        now = self._monotonic()
+        due = sorted(
+            (r for r in self._waiting(retries) if r.due <= now),
+            key=lambda r: r.due,
+        )[: max(0, limit)]
+        for read in due:
+            read.running = True
+        return due
+
+    def wait_s(self, *, retries: bool) -> float | None:
+        """Seconds until the lane's next read is due; None when it has none waiting."""
+        waiting = [r.due for r in self._waiting(retries)]
+        return max(0.0, min(waiting) - self._monotonic()) if waiting else None
+
+    def _waiting(self, retries: bool) -> Iterable[WalletRead]:
+        return (r for r in self.reads.values() if not r.running and (r.failures > 0) == retries)
+
+    def succeeded(self, read: WalletRead, started_at: float, started_mono: float) -> Outcome:
+        """Record a read that completed; it began at `started_at` (Unix) / `started_mono`."""
+        if self.reads.get(read.wallet) is not read:
+            return Outcome.STALE
+        read.running, read.failures = False, 0
+        read.backoff.reset()
+        applied_by = self.unconfirmed.get(read.wallet)
+        if read.reach_back is not None or (self._lag <= 0 and applied_by is None):
+            del self.reads[read.wallet]
+            self.unconfirmed.pop(read.wallet, None)
+            return Outcome.SETTLED
+        # Fills up to the lag before this read began may not have been indexed yet.
+        read.reach_back = max(0, int(started_at - self._lag) - 1)
+        read.due = max(started_mono, applied_by or 0.0) + self._lag
+        return Outcome.CAUGHT_UP if applied_by is None else Outcome.UNCONFIRMED
+
+    def failed(self, read: WalletRead, *, auth: bool) -> float | None:
+        """Record a failed read; returns its retry delay (None: the read was replaced)."""
+        if self.reads.get(read.wallet) is not read:
+            return None
+        read.running = False
+        if read.reach_back is not None and not read.failures:
+            read.behind_since = self._clock()  # behind from the re-read's first failure
+        read.failures += 1
+        delay = read.backoff.max_delay() if auth else read.backoff.next_delay()
+        read.due = self._monotonic() + delay
+        return delay
+
+    def hold(self, delay_s: float) -> None:
+        """No read before `delay_s` from now (a refused key: retrying sooner cannot fix it)."""
+        until = self._monotonic() + delay_s
+        for read in self.reads.values():
+            read.due = max(read.due, until)
+
+    def behind(self) -> tuple[int, float | None]:
+        """How many wallets are behind, and since when the oldest of them has been."""
+        times = [r.behind_since for r in self.reads.values() if r.behind]
+        return len(times), (min(times) if times else None)

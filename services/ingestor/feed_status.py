@@ -6,6 +6,12 @@ down longer than HEALTH_MAX_DISCONNECTED_S is a stale feed and turns `/health` r
 unreachable Redis, tracked wallets the tier has no room for, and (when HEALTH_MAX_EVENT_SILENCE_S
 is set) a source without any event for that long.
 
+Wallets whose gap backfill has not completed (`wallets_behind`, and since when the oldest of them
+has been behind, `behind_since`) are reported on `/health` and in the metrics. A wallet behind
+longer than its source's `behind_limit_s` (HEALTH_MAX_BACKFILL_BEHIND_S) makes `/health`
+"degraded": listed under `degraded`, still answered 200, since its live fills keep flowing and
+only its gap is at stake; a down feed or Redis is what turns it red.
+
 The status hash (`Streams.feed_status_key()`, refreshed every `STATUS_INTERVAL_S`, expiring when
 the ingestor stops refreshing it) is `feed_report(...)`: the sources combined, and each source in
 `sources`; its fields are the contract in shared/feed_status.py.
@@ -47,6 +53,11 @@ class FeedStatus:
     connections: int = 0
     over_capacity: int = 0
     last_error: str = ""
+    # Wallets whose gap backfill has not completed, and since when the oldest has been behind.
+    wallets_behind: int = 0
+    behind_since: float | None = None
+    # Behind longer than this degrades /health (0: never).
+    behind_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.down_since is None and self.state is not ConnectionState.CONNECTED:
@@ -125,7 +136,15 @@ def combine(source: str, parts: Sequence[FeedStatus], *, wallets: int) -> FeedSt
         connections=sum(part.connections for part in parts),
         over_capacity=sum(part.over_capacity for part in parts),
         last_error=next((part.last_error for part in parts if part.last_error), ""),
+        wallets_behind=sum(part.wallets_behind for part in parts),
+        behind_since=_earliest([part.behind_since for part in parts]),
+        behind_limit_s=max(part.behind_limit_s for part in parts),
     )
+
+
+def _earliest(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return min(present) if present else None
 
 
 def feed_report(
@@ -163,8 +182,10 @@ def evaluate_health(
     """Healthy unless Redis is unreachable or a feed is stale (see the module docstring)."""
     parts = [statuses] if isinstance(statuses, FeedStatus) else list(statuses)
     problems = [] if redis_ok else ["redis unreachable"]
+    degraded: list[str] = []
     for status in parts:
         problems += _feed_problems(status, now, max_down_s, max_event_silence_s)
+        degraded += _behind(status, now)
     overall = combine(",".join(s.source for s in parts), parts, wallets=0)
     details: dict[str, Any] = {
         "source": overall.source,
@@ -181,13 +202,30 @@ def evaluate_health(
                 "connections": s.connections,
                 "seconds_since_last_event": round(s.seconds_since_last_event(now), 3),
                 "seconds_down": round(s.seconds_down(now), 3),
+                "wallets_behind": s.wallets_behind,
+                "behind_since": s.behind_since,
             }
             for s in parts
         },
+        "wallets_behind": sum(s.wallets_behind for s in parts),
         "redis": "ok" if redis_ok else "unreachable",
         "problems": problems,
+        "degraded": degraded,
     }
     return not problems, details
+
+
+def _behind(status: FeedStatus, now: float) -> list[str]:
+    """Why this source is degraded: wallets whose backfill has been failing too long."""
+    if not status.wallets_behind or status.behind_since is None or not status.behind_limit_s:
+        return []
+    behind_s = now - status.behind_since
+    if behind_s <= status.behind_limit_s:
+        return []
+    return [
+        f"{status.source}: {status.wallets_behind} wallets behind on their gap backfill, the "
+        f"oldest for {behind_s:.0f}s (limit {status.behind_limit_s:.0f}s)"
+    ]
 
 
 def _feed_problems(

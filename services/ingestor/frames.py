@@ -1,4 +1,4 @@
-"""One frame from the Dome WebSocket -> what it means for us. Pure: no I/O, no clock.
+"""One frame from the Dome WebSocket -> what it means for us. No I/O, no clock.
 
 A frame is an `Ack` (a subscribe was accepted), a `Fill` (a valid order event of a tracked wallet),
 a `ServerError` (the server's `error` frame, to be logged), an `Ignored` event (a wallet removed a
@@ -6,10 +6,16 @@ moment ago, whose unsubscribe the server may not have applied yet), or a `Reject
 class (a fixed set, safe as a metric label) and a reason people can read. Rejected frames are
 dead-lettered by the caller; nothing here raises on bad input. Both dialects (dome, polynode) send
 the same frames.
+
+An event whose exchange time is implausible for the moment it was received (milliseconds, a
+broken clock: `ExchangeTimeBounds`) is rejected. Identical fills of one transaction (a maker's two
+equal resting orders hit by one taker) arrive as separate events; with a `Twins` memory each
+gets its own occurrence, so both keep their own order_key.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,10 +25,12 @@ import orjson
 from pydantic import ValidationError
 
 from shared.errors import validation_reason
-from shared.models import FeedOrder, OrderFill, Source
+from shared.models import DomeOrder, ExchangeTimeBounds, FeedOrder, OrderFill, Source, base_key
 
 _MAX_ID_CHARS = 100
 _MAX_DETAIL_CHARS = 500
+TWINS_MEMORY = 20_000
+DEFAULT_BOUNDS = ExchangeTimeBounds()
 
 
 class RejectKind(StrEnum):
@@ -33,6 +41,7 @@ class RejectKind(StrEnum):
     INVALID_ACK = "invalid_ack"
     INVALID_EVENT = "invalid_event"
     UNTRACKED_WALLET = "untracked_wallet"
+    IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,35 @@ class Rejected:
 Frame = Ack | Fill | ServerError | Ignored | Rejected
 
 
+class Twins:
+    """The occurrence of each fill among the identical ones of its transaction, on a feed that
+    sends them one event at a time.
+
+    An event is known by its log index (else its order hash): the same event again (a resend, a
+    second connection) gets the same occurrence, a new one the next. Identical fills are
+    interchangeable, so counting in arrival order gives the keys the chain and the REST listings
+    give. An event with neither cannot be told from a resend and keeps occurrence 0. Bounded:
+    the oldest transactions are forgotten first, long after their events stopped coming.
+    """
+
+    def __init__(self, max_fills: int = TWINS_MEMORY) -> None:
+        self._max = max_fills
+        self._seen: OrderedDict[str, list[int | str]] = OrderedDict()
+
+    def occurrence(self, order: DomeOrder) -> int:
+        event = order.log_index if order.log_index is not None else order.order_hash
+        if event is None:
+            return 0
+        key = base_key(order)
+        events = self._seen.setdefault(key, [])
+        self._seen.move_to_end(key)
+        if event not in events:
+            events.append(event)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        return events.index(event)
+
+
 def frame_size(raw: bytes | str) -> int:
     """Size in bytes as it came over the wire (UTF-8)."""
     if isinstance(raw, bytes):
@@ -80,8 +118,11 @@ def parse_frame(
     received_at: float,
     max_bytes: int,
     ignored: Container[str] = (),
+    bounds: ExchangeTimeBounds = DEFAULT_BOUNDS,
+    twins: Twins | None = None,
 ) -> Frame:
-    """Classify one frame. `tracked` and `ignored` hold lower-case wallet addresses."""
+    """Classify one frame. `tracked` and `ignored` hold lower-case wallet addresses; `twins`
+    (one per process, so every connection counts alike) tells identical fills apart."""
     size = frame_size(raw)
     if size > max_bytes:
         return Rejected(
@@ -96,7 +137,10 @@ def parse_frame(
     subscription_id = _subscription_id(message)
     kind = message.get("type")
     if kind == "event":
-        return _event(message, subscription_id, tracked, ignored, received_at)
+        order = _order(message, subscription_id, tracked, ignored)
+        if not isinstance(order, FeedOrder):
+            return order
+        return _fill(order, subscription_id, received_at, bounds, twins)
     if kind == "ack":
         if subscription_id is None:
             return Rejected(RejectKind.INVALID_ACK, "ack without a string subscription_id")
@@ -106,13 +150,12 @@ def parse_frame(
     return Rejected(RejectKind.UNKNOWN_TYPE, f"unknown frame type {_detail(kind)}", subscription_id)
 
 
-def _event(
+def _order(
     message: dict[str, Any],
     subscription_id: str | None,
     tracked: Container[str],
     ignored: Container[str],
-    received_at: float,
-) -> Fill | Ignored | Rejected:
+) -> FeedOrder | Ignored | Rejected:
     data = message.get("data")
     if not isinstance(data, dict):
         return Rejected(RejectKind.INVALID_EVENT, "event without an object 'data'", subscription_id)
@@ -129,7 +172,22 @@ def _event(
             return Ignored(order.user)
         reason = f"user {order.user} is not a tracked wallet"
         return Rejected(RejectKind.UNTRACKED_WALLET, reason, subscription_id)
-    return Fill(OrderFill.from_dome(order, Source.DOME_WS, received_at), subscription_id)
+    return order
+
+
+def _fill(
+    order: FeedOrder,
+    subscription_id: str | None,
+    received_at: float,
+    bounds: ExchangeTimeBounds,
+    twins: Twins | None,
+) -> Fill | Rejected:
+    problem = bounds.problem(order.timestamp, received_at)
+    if problem is not None:
+        return Rejected(RejectKind.IMPLAUSIBLE_TIMESTAMP, problem, subscription_id)
+    occurrence = twins.occurrence(order) if twins is not None else 0
+    fill = OrderFill.from_dome(order, Source.DOME_WS, received_at, occurrence)
+    return Fill(fill, subscription_id)
 
 
 def _subscription_id(message: dict[str, Any]) -> str | None:

@@ -58,6 +58,26 @@ SECONDS_SINCE_LAST_EVENT = Gauge(
     "Seconds since the last valid event (since start when none yet)",
     ["source"],
 )
+WALLETS_BEHIND = Gauge(
+    PREFIX + "wallets_behind",
+    "Wallets whose gap backfill has not completed (not read yet since they needed it, or failing)",
+    ["source"],
+)
+WALLETS_BEHIND_SINCE = Gauge(
+    PREFIX + "wallets_behind_since_timestamp_seconds",
+    "Unix time since when the wallet longest behind has been behind (0: none is)",
+    ["source"],
+)
+BACKFILL_FAILURES = Counter(
+    PREFIX + "backfill_failures",
+    "Failed backfill attempts of one wallet (each wallet retries with its own backoff)",
+    ["source"],
+)
+BACKFILL_REREADS = Counter(
+    PREFIX + "backfill_rereads",
+    "Second backfill passes of a wallet (REST indexing lag, updates not confirmed)",
+    ["source"],
+)
 HTTP_REQUESTS = Counter(
     PREFIX + "http_requests", "REST requests by source and HTTP status", ["source", "status"]
 )

@@ -39,8 +39,9 @@ from shared.backoff import Backoff
 from shared.logs import scrub
 from shared.models import OrderFill
 from shared.orders_raw import OrdersRaw, Outgoing
-from shared.redis_streams import dead_letter
+from shared.redis_streams import dead_letter, server_identity
 from shared.streams import Streams
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ T = TypeVar("T")
 
 REDIS_RETRY_MIN_S = 0.05
 REDIS_RETRY_MAX_S = 5.0
+# How often the publisher asks which Redis servers answer (run ids): a failover takes seconds.
+REDIS_WATCH_S = 2.0
 DEAD_LETTER_ORIGIN = "ingestor"
 
 
@@ -128,7 +131,32 @@ class Publisher:
         await self._retrying(lambda: self.orders.raise_watermark(feed, wallet, timestamp))
 
     async def run(self) -> None:
-        """Drain the queue forever, one script call per batch of what is waiting."""
+        """Drain the queue forever, one script call per batch of what is waiting; meanwhile
+        watch for a Redis replaced under us (`watch_redis`)."""
+        watcher = asyncio.create_task(self.watch_redis(), name="redis-watch")
+        try:
+            await self._drain_forever()
+        finally:
+            await cancel_and_wait(watcher)
+
+    async def watch_redis(self, every_s: float = REDIS_WATCH_S) -> None:
+        """Tell the sources when the Redis answering is not the one that answered before (a
+        restart, a replica promoted by a failover), even while no write of ours failed: either
+        may have lost writes acknowledged a moment before, and nothing else would say so."""
+        known: frozenset[str] | None = None
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                current = await server_identity(self._client)
+            except (RedisError, OSError):
+                continue  # an outage: the writes' own retries report it
+            if known is not None and current != known:
+                log.warning("redis_replaced", extra={"servers": len(current)})
+                for callback in self._on_recovered:
+                    callback()
+            known = current
+
+    async def _drain_forever(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._batch_max:

@@ -47,7 +47,7 @@ from services.ingestor.sources.dome_ws import DomeWebSocketSource
 from services.ingestor.sources.poller import WalletPoller
 from services.ingestor.sources.ws_connection import DOME_FEED
 from services.ingestor.subscriptions import SubscriptionPlanError
-from shared import wallet_registry
+from shared import layout, wallet_registry
 from shared.backoff import Backoff
 from shared.logs import register_secret
 from shared.models import TrackedWallet
@@ -113,6 +113,10 @@ class Ingestor:
         if self.sources:
             return
         streams = self.settings.streams
+        try:
+            await layout.claim(self.redis, streams)
+        except layout.LayoutMismatch as exc:
+            raise StartupError(str(exc)) from exc
         wallets, self._wallets_after = await wallet_registry.load(self.redis, streams, self.seed)
         addresses = [wallet.address for wallet in wallets]
         try:
@@ -125,6 +129,7 @@ class Ingestor:
 
     def _build_sources(self, wallets: list[str]) -> None:
         s = self.settings
+        bounds = s.exchange_time_bounds()
         for name in s.sources():
             if name == "dome_ws":
                 self.websocket = DomeWebSocketSource(
@@ -138,14 +143,14 @@ class Ingestor:
                 self.sources.append(self.polygon)
             elif name == "dome_rest":
                 self._poller(
-                    DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit),
+                    DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds),
                     DOME_FEED,
                     wallets,
                     s.dome_poll_interval_s,
                 )
             else:
                 self._poller(
-                    DataApiHistory(self._api("data_api"), s.data_api_page_limit),
+                    DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds),
                     DATA_API_FEED,
                     wallets,
                     s.data_api_poll_interval_s,
@@ -172,11 +177,12 @@ class Ingestor:
         s = self.settings
         if s.backfill_via == "off":
             return None
+        bounds = s.exchange_time_bounds()
         history: WalletHistory
         if s.backfill_via == "dome_rest":
-            history = DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit)
+            history = DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds)
         else:
-            history = DataApiHistory(self._api("data_api"), s.data_api_page_limit)
+            history = DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
         return self._catch_up(history, DOME_FEED, backfill=True)
 
     def _poller(

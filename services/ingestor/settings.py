@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from services.ingestor.chain.events import V2_EXCHANGES
-from shared.models import normalize_address
+from shared.models import MAX_FUTURE_S, MIN_EXCHANGE_TS, ExchangeTimeBounds, normalize_address
 from shared.settings import CommonSettings
 
 MIB = 1 << 20
@@ -100,7 +100,25 @@ class IngestorSettings(CommonSettings):
     backfill_overlap_s: int = Field(default=120, ge=0)
     # A wallet with no watermark yet (first start, newly tracked) is read this far back.
     backfill_initial_lookback_s: int = Field(default=3600, ge=0)
+    # The provider's REST index may trail its live feed by up to this: every backfill pass is
+    # followed by a second one this much later, reaching back this much before the first (0: no
+    # second pass). Dome publishes no bound; 10 s covers the few seconds peers report.
+    backfill_indexing_lag_s: float = Field(default=10.0, ge=0)
+    # Wallets are backfilled one at a time; a wallet whose read failed is retried on the side (its
+    # own backoff, DOME_RECONNECT_MIN_S..MAX_S), up to this many at once, so one slow or failing
+    # wallet holds back no other.
+    backfill_retry_concurrency: int = Field(default=4, ge=1)
+    # Dome sends no reply to a subscription `update`: assume the server applies one within this.
+    # A wallet added by an update is read again once this (plus the indexing lag) has passed, and
+    # only then counts as caught up.
+    dome_update_apply_s: float = Field(default=10.0, ge=0)
     http_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Plausible exchange times, on every source: a fill stamped more than this many seconds after
+    # it was received, or before EXCHANGE_TS_MIN (default 2020-01-01), is dead-lettered with the
+    # reason (milliseconds, a broken clock) and never reaches a watermark or the detector.
+    exchange_ts_max_future_s: int = Field(default=MAX_FUTURE_S, ge=0)
+    exchange_ts_min: int = Field(default=MIN_EXCHANGE_TS, ge=0)
 
     # Reconnect backoff: doubles from min to max, with jitter; reset once a connection has stayed
     # up for `dome_stable_after_s`. Auth failures wait the maximum.
@@ -159,6 +177,9 @@ class IngestorSettings(CommonSettings):
     health_max_disconnected_s: float = Field(default=60.0, gt=0)
     # /health also turns red after this long without any event; 0 = off (quiet wallets are normal).
     health_max_event_silence_s: float = Field(default=0.0, ge=0)
+    # /health reports "degraded" (still 200) while a wallet's backfill has not completed for
+    # this long (its REST history keeps failing); the wallets behind are in /health and metrics.
+    health_max_backfill_behind_s: float = Field(default=300.0, gt=0)
     # How often the feed status hash is written for the dashboard.
     status_interval_s: float = Field(default=1.0, gt=0)
     # On SIGTERM, how long to keep trying to publish what is queued before giving up.
@@ -257,6 +278,9 @@ class IngestorSettings(CommonSettings):
             separator = "&" if "?" in self.dome_ws_url else "?"
             return f"{self.dome_ws_url}{separator}{urlencode({'key': key})}"
         return f"{self.dome_ws_url}/{key}"
+
+    def exchange_time_bounds(self) -> ExchangeTimeBounds:
+        return ExchangeTimeBounds(self.exchange_ts_max_future_s, self.exchange_ts_min)
 
     def polygon_urls(self) -> tuple[str, ...]:
         """The RPC endpoints, keys included: pass them to the client only, never to a log."""

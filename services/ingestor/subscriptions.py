@@ -13,6 +13,8 @@ Three layers, all pure (no I/O):
   messages that bring the server to the desired slots; acks echo no request id, so they are matched
   to subscribes first-in first-out (as the official SDKs do). After a reconnect the server has
   forgotten everything: the registry is cleared and every slot is subscribed again, with new ids.
+  An `update` gets no reply, so the wallets it adds are handed out by `take_added` for the
+  caller to treat as unconfirmed (read again once the server has surely applied it).
 """
 
 from __future__ import annotations
@@ -185,14 +187,22 @@ class SubscriptionRegistry:
     def __init__(self) -> None:
         self._pending: deque[tuple[int, tuple[str, ...]]] = deque()
         self._ids: dict[int, str] = {}
-        # subscription id -> the wallets the server holds for it.
+        # subscription id -> the wallets the server holds for it (or was asked to, by an update).
         self.active: dict[str, tuple[str, ...]] = {}
+        # Wallets added by updates sent since the last `take_added`.
+        self._added: set[str] = set()
 
     def clear(self) -> None:
         """Forget everything: a new connection starts with no subscriptions."""
         self._pending.clear()
         self._ids.clear()
         self.active.clear()
+        self._added.clear()
+
+    def take_added(self) -> set[str]:
+        """The wallets that updates sent since the last call added to their subscription."""
+        added, self._added = self._added, set()
+        return added
 
     def reconcile(self, slots: Iterable[Slot]) -> list[Action]:
         """The messages that turn what the server holds into `slots`, recorded as sent.
@@ -215,6 +225,7 @@ class SubscriptionRegistry:
                 self._pending.append((key, wallets))
             elif self.active[bound] != wallets:
                 actions.append(Update(key, bound, wallets))
+                self._added.update(set(wallets) - set(self.active[bound]))
                 self.active[bound] = wallets
         return actions
 
@@ -236,5 +247,6 @@ class SubscriptionRegistry:
         return sum(len(wallets) for wallets in self.active.values())
 
     def confirmed(self) -> set[str]:
-        """Wallets in subscriptions the server holds (acked, or updated since)."""
+        """Wallets in subscriptions the server holds (acked), including those added by updates
+        since, which the server may not have applied yet (see `take_added`)."""
         return {wallet for wallets in self.active.values() for wallet in wallets}

@@ -8,6 +8,10 @@ Dome-compatible:
 - `GET /v1/polymarket/orders` with `Authorization: Bearer <key>` (see `history`); 401 without it.
   With SIM_API_KEY empty any non-empty key is accepted.
 - `GET /trades`: Polymarket's Data API trades (see `data_api`); no key, as at Polymarket.
+- `GET /markets`: Gamma's markets by `clob_token_ids` / `condition_ids`, `closed` filtering; the
+  markets SIM_RESOLUTION resolves are closed with their payouts (see `resolution`).
+- `GET /prices-history`: Polymarket CLOB's price history of a token, from every emitted trade
+  (see `prices`); no key.
 
 Control API, not part of Dome, unauthenticated (bind to loopback; meant for tests and benchmarks):
 - `GET /_sim/status` -> `{"emitted", "clients", "subscriptions", "started", "tape_done", "loops",
@@ -30,6 +34,15 @@ client that was away can only recover them by backfill):
   ("unauthorized: ...") -> `{"reject": bool, "dropped": n}`.
 - `POST /_sim/rate_limit` `{"requests": n, "retry_after": s}` -> the next n REST requests (orders
   and trades) get 429 with `Retry-After: s` -> the fault state.
+- `POST /_sim/rest_fail` `{"user": "0x..", "status": 500}` | `{"user", "hang_s": s}` |
+  `{"user", "no_pagination_key": true}` | `{"user", "clear": true}` -> until cleared, the orders
+  endpoint fails for that wallet (`*`: every wallet): that HTTP status, an answer held `hang_s`
+  (a client times out on it), or `has_more` with a null `pagination_key`; other wallets are
+  answered normally -> the fault state.
+- `POST /_sim/rest_lag` `{"seconds": s}` -> a trade shows up in the orders endpoint only `s` after
+  its live event (REST indexing lag; 0 turns it off; SIM_REST_INDEX_LAG_S at start) -> the state.
+- `POST /_sim/update_delay` `{"seconds": s}` -> subscription `update`s are applied `s` after they
+  arrive (no reply either way, as at Dome; 0: at once; SIM_UPDATE_DELAY_S at start) -> the state.
 - `GET /_sim/faults` -> the fault state; `GET /_sim/requests` -> the REST request log (oldest
   first: `at`, `path`, `params`, `status`).
 """
@@ -40,6 +53,8 @@ import asyncio
 import hmac
 import logging
 import secrets
+import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -49,13 +64,20 @@ from prometheus_client import Counter
 from pydantic import SecretStr
 
 from services.simulator.data_api import parse_trades_query, trades_page
-from services.simulator.faults import AUTH_CLOSE_CODE, AUTH_CLOSE_REASON, Faults
+from services.simulator.faults import (
+    AUTH_CLOSE_CODE,
+    AUTH_CLOSE_REASON,
+    Faults,
+    RestFailure,
+    parse_rest_failure,
+)
 from services.simulator.feed import Connection, Hub, Transport
-from services.simulator.gamma import markets_answer
 from services.simulator.history import History, QueryError, parse_orders_query
+from services.simulator.prices import parse_prices_query, price_history
 from services.simulator.protocol import Dialect
 from services.simulator.replay import Emitter
-from services.simulator.settings import SimulatorSettings
+from services.simulator.resolution import gamma_answer, load_resolution
+from services.simulator.settings import SimulatorSettings, resolve_path
 from services.simulator.trades import Injected, TradeInputError, injected_trade
 from shared.ops import ops_routes
 
@@ -98,6 +120,7 @@ def json_response(body: Any) -> Response:
 
 
 UNAUTHORIZED = ("unauthorized", "missing or invalid API key")
+SIMULATED_FAILURE = ("simulated_failure", "this wallet's orders fail on purpose (/_sim/rest_fail)")
 RATE_LIMITED = ("rate_limited", "too many requests")
 
 
@@ -137,6 +160,20 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return parsed
 
 
+def _seconds(body: dict[str, Any]) -> float:
+    seconds = body.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ValueError("seconds must be a number, at least 0")
+    return float(seconds)
+
+
+def _broken(body: dict[str, Any], failure: RestFailure | None) -> dict[str, Any]:
+    """The orders page as the no_pagination_key fault breaks it: more, but no way to get it."""
+    if failure is not None and failure.no_pagination_key:
+        body["pagination"].update(has_more=True, pagination_key=None)
+    return body
+
+
 async def _refuse(websocket: WebSocket) -> None:
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_response(401, *UNAUTHORIZED))
@@ -153,8 +190,9 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None)
     api_key = ApiKey(settings.sim_api_key)
-    faults = Faults()
+    faults = Faults(rest_lag_s=settings.sim_rest_index_lag_s)
     app.state.faults = faults
+    hub.update_delay_s = settings.sim_update_delay_s
     inject_salt = secrets.token_hex(8)
 
     def refused(path: str, params: Any) -> Response | None:
@@ -228,7 +266,14 @@ def create_app(
             query = parse_orders_query(params)
         except QueryError as exc:
             return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
-        return answered(path, params, 200, json_response(history.page(query)))
+        failure = faults.rest_failure(query.user)
+        if failure is not None and failure.hang_s:
+            await asyncio.sleep(failure.hang_s)
+        if failure is not None and failure.status is not None:
+            error = error_response(failure.status, *SIMULATED_FAILURE)
+            return answered(path, params, failure.status, error)
+        body = history.page(query, faults.indexed_before(time.time()))
+        return answered(path, params, 200, json_response(_broken(body, failure)))
 
     @app.get("/trades")
     async def data_api_trades(request: Request) -> Response:
@@ -241,14 +286,24 @@ def create_app(
             return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
         return answered(path, params, 200, json_response(trades_page(history, query)))
 
+    resolution = (
+        load_resolution(resolve_path(Path(settings.sim_resolution)))
+        if settings.sim_resolution
+        else {}
+    )
+
     @app.get("/markets")
     async def gamma(request: Request) -> Response:
-        """Gamma's market lookup by token id (`clob_token_ids`, repeated or comma-separated)."""
+        """Gamma's market lookup by token id or condition id (`clob_token_ids`, `condition_ids`:
+        repeated or comma-separated), `closed` filtering; resolved markets per SIM_RESOLUTION."""
         path, params = "/markets", request.query_params
         if (limited := refused(path, params)) is not None:
             return limited
         ids = [part for value in params.getlist("clob_token_ids") for part in value.split(",")]
-        return answered(path, params, 200, json_response(markets_answer(markets or {}, ids)))
+        conditions = [p for value in params.getlist("condition_ids") for p in value.split(",")]
+        closed = {"true": True, "false": False}.get(params.get("closed", "").lower())
+        body = gamma_answer(markets or {}, resolution, ids, conditions, closed)
+        return answered(path, params, 200, json_response(body))
 
     @app.get("/_sim/status")
     async def status() -> Response:
@@ -319,9 +374,37 @@ def create_app(
             return error_response(400, "bad_request", str(exc))
         return json_response(faults.state())
 
+    @app.post("/_sim/rest_fail")
+    async def rest_fail(request: Request) -> Response:
+        try:
+            user, failure = parse_rest_failure(await _json_body(request))
+        except (QueryError, ValueError) as exc:
+            return error_response(400, "bad_request", str(exc))
+        faults.fail_rest(user, failure)
+        return json_response(fault_state_now())
+
+    @app.post("/_sim/rest_lag")
+    async def rest_lag(request: Request) -> Response:
+        try:
+            faults.rest_lag_s = _seconds(await _json_body(request))
+        except (QueryError, ValueError) as exc:
+            return error_response(400, "bad_request", str(exc))
+        return json_response(fault_state_now())
+
+    @app.post("/_sim/update_delay")
+    async def update_delay(request: Request) -> Response:
+        try:
+            hub.update_delay_s = _seconds(await _json_body(request))
+        except (QueryError, ValueError) as exc:
+            return error_response(400, "bad_request", str(exc))
+        return json_response(fault_state_now())
+
+    def fault_state_now() -> dict[str, Any]:
+        return {**faults.state(), "update_delay_s": hub.update_delay_s}
+
     @app.get("/_sim/faults")
     async def fault_state() -> Response:
-        return json_response(faults.state())
+        return json_response(fault_state_now())
 
     @app.get("/_sim/requests")
     async def requests_log() -> Response:
@@ -345,5 +428,17 @@ def create_app(
             emitter.emit(p.template, p.timestamp, p.block_number, p.log_index) for p in parsed
         ]
         return json_response({"emitted": len(emitted), "trades": [t.truth() for t in emitted]})
+
+    @app.get("/prices-history")
+    async def prices_history(request: Request) -> Response:
+        """Polymarket's CLOB price history of a token, from every emitted trade (see `prices`)."""
+        path, params = "/prices-history", request.query_params
+        if (limited := refused(path, params)) is not None:
+            return limited
+        try:
+            body = price_history(history.trades(), parse_prices_query(params))
+        except QueryError as exc:
+            return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
+        return answered(path, params, 200, json_response(body))
 
     return app

@@ -14,16 +14,25 @@ Items carry `proxyWallet, side, asset, conditionId, size, price, timestamp, titl
 eventSlug, outcome, outcomeIndex, name, pseudonym, bio, profileImage, profileImageOptimized,
 transactionHash` (feeds.md), mapped back from the Dome order (see `tape.from_data_api` for the
 forward mapping).
+
+Quirk `unstable_ties` (`trades.Quirks`, setting SIM_UNSTABLE_TIES): nothing promises that the API
+lists the trades of one second in the same order on every request, and a client paging by offset
+must not depend on it. With the quirk on, each second's trades are shuffled by a seed taken from
+the page asked for (offset and limit), so two pages cut through one second in different orders:
+a client that pages by plain offsets sees some of that second's trades twice and others never.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import random
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from services.simulator.history import History, QueryError
-from services.simulator.trades import Trade
+from services.simulator.trades import Quirks, Trade
 
 LIMIT_DEFAULT, LIMIT_MAX, OFFSET_MAX = 100, 10_000, 10_000
 _BOOLEANS = {"true": True, "false": False}
@@ -103,19 +112,34 @@ def data_api_trade(trade: Trade) -> dict[str, Any]:
     }
 
 
+# The quirks of each simulator, by its history: the `/trades` route hands over only the history.
+_QUIRKS: WeakKeyDictionary[History, Quirks] = WeakKeyDictionary()
+
+
+def use_quirks(history: History, quirks: Quirks) -> None:
+    """Answer `/trades` over `history` with `quirks` (read at every request)."""
+    _QUIRKS[history] = quirks
+
+
 def trades_page(history: History, query: TradesQuery) -> list[dict[str, Any]]:
     """The response body: matching trades, newest first, after `offset`, at most `limit`."""
-    page: list[dict[str, Any]] = []
-    skip = query.offset
     if query.limit == 0:
-        return page
-    for trade in reversed(history.trades(query.user)):
-        if not query.matches(trade):
-            continue
-        if skip:
-            skip -= 1
-            continue
-        page.append(data_api_trade(trade))
-        if len(page) >= query.limit:
-            break
-    return page
+        return []
+    matching: Iterator[Trade] = (
+        t for t in reversed(history.trades(query.user)) if query.matches(t)
+    )
+    quirks = _QUIRKS.get(history)
+    if quirks is not None and quirks.unstable_ties:
+        matching = _ties_shuffled(matching, query)
+    page = itertools.islice(matching, query.offset, query.offset + query.limit)
+    return [data_api_trade(trade) for trade in page]
+
+
+def _ties_shuffled(trades: Iterator[Trade], query: TradesQuery) -> Iterator[Trade]:
+    """The trades with each second's shuffled, in an order that depends on the page asked for."""
+    for _, group in itertools.groupby(trades, key=lambda trade: trade.timestamp):
+        second = list(group)
+        if len(second) > 1:
+            seed = f"{query.offset}|{query.limit}|{second[0].seq}"
+            random.Random(seed).shuffle(second)
+        yield from second

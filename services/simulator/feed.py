@@ -12,6 +12,13 @@ A stalled connection (fault injection, `Hub.stall_all`) imitates a socket that f
 error: its subscriptions are dropped so no frame is sent any more, its transport stops reading (so
 pings go unanswered, see `Transport`), and the TCP connection stays open until the client gives up
 or the simulator stops (then it is aborted, not closed politely).
+
+Updates applied late (fault injection, `Hub.update_delay_s`, route `POST /_sim/update_delay`,
+setting SIM_UPDATE_DELAY_S): an `update` is checked when it arrives (an unknown id is an error
+frame at once) but applied only that many seconds later; until then the subscription keeps its old
+filters. Dome sends no reply to an update, so a client cannot tell when it took effect. Updates of
+one subscription are applied in the order they came; one whose subscription is gone by then (an
+unsubscribe, a closed connection) is dropped.
 """
 
 from __future__ import annotations
@@ -199,6 +206,11 @@ class Hub:
         self._by_condition: dict[str, set[Subscription]] = {}
         self._by_slug: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
+        # Seconds between receiving an `update` and applying it (a fault; 0: at once).
+        self.update_delay_s = 0.0
+        self._updates = itertools.count(1)
+        # subscription id -> the newest update applied to it, so a late one never overwrites it.
+        self._applied: dict[str, int] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -270,11 +282,11 @@ class Hub:
             if isinstance(message, Subscribe):
                 self._subscribe(conn, message.filters)
             elif isinstance(message, Update):
-                old = self._owned(conn, message.subscription_id)
-                self._remove(old)
-                self._add(Subscription(old.id, conn, message.filters))
+                self._owned(conn, message.subscription_id)
+                self._update_later(conn, message)
             elif isinstance(message, Unsubscribe):
                 self._remove(self._owned(conn, message.subscription_id))
+                self._applied.pop(message.subscription_id, None)
         except ProtocolError as exc:
             CLIENT_ERRORS.inc()
             conn.push(error_frame(str(exc)))
@@ -289,6 +301,25 @@ class Hub:
         conn.push(ack_frame(sub_id))
         self._add(Subscription(sub_id, conn, filters))
         self.first_subscription.set()
+
+    def _update_later(self, conn: Connection, message: Update) -> None:
+        seq = next(self._updates)
+        if self.update_delay_s <= 0:
+            self._apply_update(conn, message, seq)
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.update_delay_s, self._apply_update, conn, message, seq)
+
+    def _apply_update(self, conn: Connection, message: Update, seq: int) -> None:
+        old = conn.subscriptions.get(message.subscription_id)
+        if old is None or conn not in self.connections:
+            log.info("late_update_dropped", extra={"subscription_id": message.subscription_id})
+            return
+        if seq < self._applied.get(old.id, 0):
+            return
+        self._applied[old.id] = seq
+        self._remove(old)
+        self._add(Subscription(old.id, conn, message.filters))
 
     def _owned(self, conn: Connection, sub_id: str) -> Subscription:
         sub = conn.subscriptions.get(sub_id)
@@ -333,6 +364,7 @@ class Hub:
     def _drop_subscriptions(self, conn: Connection) -> None:
         for sub in list(conn.subscriptions.values()):
             self._remove(sub)
+            self._applied.pop(sub.id, None)
 
     # Fan-out
 

@@ -6,6 +6,10 @@ Query parameters (Dome's): `user`; one of `market_slug` | `condition_id` | `toke
 than one is a 400); `start_time`, `end_time` (Unix seconds, inclusive); `limit` (1..1000, default
 100); `offset` (default 0); `pagination_key`. Unknown parameters are ignored.
 
+Indexing lag (a fault, see `faults.Faults.rest_lag_s`): `page(query, indexed_before=t)` leaves
+out trades emitted after `t`, as a provider's REST index trails its live feed; they are neither
+listed nor counted in `total` until the index holds them.
+
 Order: newest first, i.e. by emission order descending (timestamps descend with it; trades
 emitted in the same second are listed last-emitted first).
 
@@ -187,12 +191,15 @@ class History:
             options.append(index.get(query.market_value, _EMPTY))
         return min(options, key=len) if options else self._trades
 
-    def page(self, query: OrdersQuery) -> dict[str, Any]:
-        """The REST response body for this query (see the module docstring)."""
+    def page(self, query: OrdersQuery, indexed_before: float | None = None) -> dict[str, Any]:
+        """The REST response body for this query (see the module docstring); with
+        `indexed_before`, trades emitted after that time are not indexed yet."""
         total, has_more = 0, False
         page: list[Trade] = []
         skip = query.offset if query.after_seq is None else 0
         for trade in reversed(self._candidates(query)):
+            if indexed_before is not None and trade.emitted_at > indexed_before:
+                continue
             if not query.matches(trade):
                 continue
             total += 1

@@ -15,13 +15,15 @@ import uvicorn
 
 from services.simulator.app import create_app
 from services.simulator.chain import ChainNode, add_chain_routes
+from services.simulator.data_api import use_quirks
 from services.simulator.feed import Hub
 from services.simulator.gamma import gamma_markets
 from services.simulator.history import History
 from services.simulator.replay import Emitter
 from services.simulator.settings import SimulatorSettings, resolve_path
 from services.simulator.synthetic import SyntheticTrades, rate_schedule
-from services.simulator.tape import Scheduled, TapeError, load_tape, tape_schedule
+from services.simulator.tape import Scheduled, TapeError, load_tape, tape_schedule, with_quirks
+from services.simulator.trades import Quirks
 from shared.logs import configure_logging, register_secret
 from shared.ops import http_server, stop_event
 from shared.wallets import WalletFileError, load_wallets
@@ -93,7 +95,11 @@ class Simulator:
         gate = self.hub.first_subscription if settings.sim_wait_for_subscriber else None
         # The chain opens the gate too: a polygon-only ingestor never subscribes to the Dome feed.
         self.chain = ChainNode(settings.sim_block_time_s, gate)
-        self.emitter = Emitter(build_schedule(settings), self.history, self.hub, gate, self.chain)
+        # The feeds' quirks, one object read live: tests switch them on a running simulator.
+        self.quirks = Quirks.of(settings)
+        use_quirks(self.history, self.quirks)
+        schedule = with_quirks(build_schedule(settings), self.quirks)
+        self.emitter = Emitter(schedule, self.history, self.hub, gate, self.chain)
         tape = load_tape(resolve_path(settings.sim_tape)) if settings.sim_mode == "tape" else []
         markets = gamma_markets(tape)
         self.app = create_app(settings, self.hub, self.history, self.emitter, markets)

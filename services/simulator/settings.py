@@ -16,6 +16,14 @@
 | SIM_SEND_QUEUE_MAX | 10000 | frames queued per client before it is cut off (close 1013) |
 | SIM_MAX_SUBSCRIPTIONS | 500 | subscriptions per connection (Dome's Dev tier) |
 | SIM_MAX_FILTER_VALUES | 500 | values per filter list (Dome's Dev tier: 500 wallets) |
+| SIM_RESOLUTION | empty | resolution file: Gamma shows its markets closed, with payouts |
+| SIM_REST_INDEX_LAG_S | 0 | fault: a trade is in REST orders only this long after its live event |
+| SIM_UPDATE_DELAY_S | 0 | fault: a subscription `update` is applied this long after it arrives |
+| SIM_MS_TIMESTAMP_EVERY | 0 | quirk: every n-th scheduled trade stamped in ms (0: none) |
+| SIM_FUTURE_TIMESTAMP_EVERY | 0 | quirk: every n-th scheduled trade stamped in the future |
+| SIM_FUTURE_TIMESTAMP_S | 3600 | quirk: how far in the future |
+| SIM_TWIN_EVERY | 0 | quirk: every n-th scheduled trade has an identical twin in its tx |
+| SIM_UNSTABLE_TIES | false | quirk: Data API pages order one second's trades differently |
 | LOG_LEVEL | INFO | |
 
 Relative paths are read from the working directory, else from the project root, so the defaults
@@ -58,3 +66,18 @@ class SimulatorSettings(CommonSettings):
     sim_send_queue_max: int = Field(default=10_000, ge=1)
     sim_max_subscriptions: int = Field(default=500, ge=1)
     sim_max_filter_values: int = Field(default=500, ge=1)
+    # How the tape's markets resolved (e.g. data/nobel2025_resolution.json), served by Gamma;
+    # empty: every market open, as during the tape.
+    sim_resolution: str = ""
+    # Faults on from the start (the /_sim routes switch them at run time too; see `faults`, `feed`):
+    # the REST index trails the live feed by this much, and updates are applied this late.
+    sim_rest_index_lag_s: float = Field(default=0.0, ge=0)
+    sim_update_delay_s: float = Field(default=0.0, ge=0)
+    # Quirks of the real feeds (`trades.Quirks`; the simulator's `quirks` switches them live):
+    # timestamps in milliseconds or in the future, identical fills in one transaction, and the
+    # Data API's order of same-second trades changing from page to page.
+    sim_ms_timestamp_every: int = Field(default=0, ge=0)
+    sim_future_timestamp_every: int = Field(default=0, ge=0)
+    sim_future_timestamp_s: int = Field(default=3600, ge=1)
+    sim_twin_every: int = Field(default=0, ge=0)
+    sim_unstable_ties: bool = False

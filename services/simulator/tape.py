@@ -20,10 +20,12 @@ from typing import Any
 import orjson
 
 from services.simulator.trades import (
+    Quirks,
     TradeTemplate,
     raw_shares,
     sha256_hex,
     synthetic_order_hash,
+    twin_of,
 )
 
 # (offset in real seconds from the start of the clock, the trade, the pass it belongs to)
@@ -146,3 +148,12 @@ def tape_schedule(
         if not loop:
             return
         n += 1
+
+
+def with_quirks(schedule: Iterator[Scheduled], quirks: Quirks) -> Iterator[Scheduled]:
+    """The schedule (tape or synthetic) with the quirks on in `quirks` at the time each trade is
+    due: a trade stamped oddly, or followed at the same moment by its twin."""
+    for count, (offset, template, n) in enumerate(schedule, start=1):
+        yield offset, quirks.stamp(template, count), n
+        if quirks.twinned(count):
+            yield offset, twin_of(template), n

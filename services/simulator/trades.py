@@ -9,16 +9,25 @@ Fields no source gives us are synthesized deterministically:
 - `taker`: the Polymarket CTF Exchange contract, as on fills matched against several orders;
 - `block_number`/`log_index`: Polygon-like, one block per 2 s of the emission timestamp, log
   indexes counting up within a block (see `BlockClock`).
+
+`Quirks` makes the simulated world as rough as the real feeds, each way switchable (settings
+`SIM_*`, or live on the simulator's `quirks`): timestamps in milliseconds or far in the future,
+identical fills in one transaction, and (in the Data API) the trades of one second listed in a
+different order on every page. A trade stamped oddly says so in the ground truth (`quirk`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 from shared.models import SHARE_DECIMALS
+
+if TYPE_CHECKING:
+    from services.simulator.settings import SimulatorSettings
 
 SHARE_SCALE = 10**SHARE_DECIMALS
 # Polymarket's CTF Exchange on Polygon: the taker of fills matched against several maker orders.
@@ -57,9 +66,20 @@ def synthetic_order_hash(tx_hash: str, user: str, token_id: str, side: str, shar
     return sha256_hex(f"order|{tx_hash}|{user}|{token_id}|{side}|{shares}")
 
 
+class StampQuirk(StrEnum):
+    """How a trade's timestamp is written, when a quirk is on (`Quirks`)."""
+
+    NONE = ""
+    MILLISECONDS = "ms_timestamp"
+    FUTURE = "future_timestamp"
+
+
 @dataclass(frozen=True, slots=True)
 class TradeTemplate:
-    """Everything about a trade except when it happens; `tape_ts` is its time on the tape."""
+    """Everything about a trade except when it happens; `tape_ts` is its time on the tape.
+
+    `stamp_quirk` (with `ahead_s` for a future stamp) makes its emission write a wrong timestamp.
+    """
 
     token_id: str
     token_label: str
@@ -75,6 +95,69 @@ class TradeTemplate:
     user: str
     taker: str = EXCHANGE_ADDRESS
     tape_ts: int = 0
+    stamp_quirk: StampQuirk = StampQuirk.NONE
+    ahead_s: int = 0
+
+    def stamped(self, timestamp: int) -> int:
+        """The timestamp the feeds show for a trade emitted at `timestamp` (Unix seconds)."""
+        if self.stamp_quirk is StampQuirk.MILLISECONDS:
+            return timestamp * 1000
+        if self.stamp_quirk is StampQuirk.FUTURE:
+            return timestamp + self.ahead_s
+        return timestamp
+
+
+def twin_of(template: TradeTemplate) -> TradeTemplate:
+    """An identical fill in the same transaction: the same wallet, token, side, size and price
+    from another resting order (its own order hash), as when one taker hits two equal orders of
+    one maker."""
+    order_hash = sha256_hex(f"twin|{template.order_hash}")
+    return replace(template, order_hash=order_hash, stamp_quirk=StampQuirk.NONE, ahead_s=0)
+
+
+@dataclass
+class Quirks:
+    """The ways the simulated feeds are rough, each off by default. One object per simulator,
+    read at every trade, so a switch made while it runs applies from the next trade on.
+
+    - `ms_timestamp_every` n: every n-th scheduled trade is stamped in milliseconds;
+    - `future_timestamp_every` n: every n-th scheduled trade is stamped `future_timestamp_s` ahead;
+    - `twin_every` n: every n-th scheduled trade has an identical twin (`twin_of`) emitted right
+      after it, so in the same block at the next log index;
+    - `unstable_ties`: the Data API lists the trades of one second in another order on each page
+      (`data_api.trades_page`).
+    """
+
+    ms_timestamp_every: int = 0
+    future_timestamp_every: int = 0
+    future_timestamp_s: int = 3600
+    twin_every: int = 0
+    unstable_ties: bool = False
+
+    @classmethod
+    def of(cls, settings: SimulatorSettings) -> Quirks:
+        return cls(
+            ms_timestamp_every=settings.sim_ms_timestamp_every,
+            future_timestamp_every=settings.sim_future_timestamp_every,
+            future_timestamp_s=settings.sim_future_timestamp_s,
+            twin_every=settings.sim_twin_every,
+            unstable_ties=settings.sim_unstable_ties,
+        )
+
+    def stamp(self, template: TradeTemplate, count: int) -> TradeTemplate:
+        """The `count`-th scheduled trade (from 1), with its timestamp quirk if one is due."""
+        if _due(self.ms_timestamp_every, count):
+            return replace(template, stamp_quirk=StampQuirk.MILLISECONDS)
+        if _due(self.future_timestamp_every, count):
+            return replace(template, stamp_quirk=StampQuirk.FUTURE, ahead_s=self.future_timestamp_s)
+        return template
+
+    def twinned(self, count: int) -> bool:
+        return _due(self.twin_every, count)
+
+
+def _due(every: int, count: int) -> bool:
+    return every > 0 and count % every == 0
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +182,7 @@ class Trade:
     user: str
     taker: str
     emitted_at: float
+    quirk: str = ""
 
     @classmethod
     def stamp(
@@ -126,11 +210,12 @@ class Trade:
             log_index,
             t.tx_hash,
             t.title,
-            timestamp,
+            t.stamped(timestamp),
             t.order_hash,
             t.user,
             t.taker,
             emitted_at,
+            t.stamp_quirk.value,
         )
 
     def order(self) -> dict[str, Any]:
@@ -155,8 +240,12 @@ class Trade:
         }
 
     def truth(self) -> dict[str, Any]:
-        """The ground-truth record: the Dome order plus when it was emitted (float Unix time)."""
-        return {**self.order(), "emitted_at": self.emitted_at}
+        """The ground-truth record: the Dome order plus when it was emitted (float Unix time),
+        and for a trade stamped oddly on purpose, which `quirk` (no consumer should accept it)."""
+        record = {**self.order(), "emitted_at": self.emitted_at}
+        if self.quirk:
+            record["quirk"] = self.quirk
+        return record
 
 
 class BlockClock:

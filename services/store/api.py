@@ -3,6 +3,8 @@
 - `GET /signals`, `GET /orders`: history, filtered, newest first, keyset-paged, JSON or CSV
   (`api_history.py`); a CSV of every matching row is streamed, a bounded number at once, each for
   a bounded time (`api_export.py`).
+- `GET /signals/validation`: markouts and settlement results summarised per kind, wallet or
+  source (`api_validation.py`).
 - `GET /wallets`, `PUT /wallets/{address}`, `DELETE /wallets/{address}`: the tracked wallets,
   persisted in Postgres and published to the live registry (`api_wallets.py`, `wallets.py`).
 - Auth (here, next to the wiring that decides which routes need it): write endpoints need
@@ -32,7 +34,7 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match
 
-from services.store import api_history, api_wallets
+from services.store import api_history, api_validation, api_wallets
 from services.store.api_context import ApiContext, Ctx
 from services.store.api_export import Exports
 from services.store.api_history import wants_csv
@@ -62,6 +64,7 @@ def create_app(ctx: ApiContext, health: HealthCheck, max_body_bytes: int) -> Fas
     app.state.api = ctx
     read_guard = [Depends(require_read_token)] if ctx.read_auth else []
     app.include_router(api_history.router, dependencies=read_guard)
+    app.include_router(api_validation.router, dependencies=read_guard)
     app.include_router(api_wallets.reads, dependencies=read_guard)
     app.include_router(api_wallets.writes, dependencies=[Depends(require_write_token)])
     app.add_exception_handler(Unavailable, unavailable)

@@ -4,7 +4,9 @@ JSON pages are keyset-paged (`limit` 1..1000, default 100; `next_cursor` continu
 the cursors are `queries.py`). `format=csv` or `Accept: text/csv` gives CSV: without `limit`
 every matching row is streamed (`api_export.py`); with `limit`, one page and its cursor in
 `X-Next-Cursor`. A bad cursor or an empty time range is a 400. Every row carries its `status`
-(`pending`, `confirmed`, `retracted`) and `status_reason`; `status=` selects by it.
+(`pending`, `confirmed`, `retracted`) and `status_reason`; `status=` selects by it. A signal also
+carries its validation, after the status: markouts at 5m / 1h / 24h, settlement payout and
+result, the fee counted (`queries.VALIDATION_COLUMNS`; the summary is `api_validation.py`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ StatusQ = Annotated[
 ]
 StatusField = Annotated[FillStatus, Field(description="pending, confirmed or retracted")]
 ReasonField = Annotated[str, Field(description="why the status changed (empty when confirmed)")]
+MarkoutField = Annotated[
+    float | None,
+    Field(
+        description="price at the horizon - price (SELL: the reverse), ¢ per share, net of fee; "
+        "null until recorded or when no price was found"
+    ),
+]
 
 
 class SignalItem(BaseModel):
@@ -94,6 +103,19 @@ class SignalItem(BaseModel):
     stored_at: datetime
     status: StatusField
     status_reason: ReasonField
+    # The signal's validation (docs/signals.md, "Does it pay? Validation"): null until recorded.
+    markout_5m_cents: MarkoutField = None
+    markout_1h_cents: MarkoutField = None
+    markout_24h_cents: MarkoutField = None
+    settlement_payout: float | None = Field(
+        default=None, description="what a share paid once the market resolved: 0, 0.5 or 1"
+    )
+    settlement_cents: float | None = Field(
+        default=None, description="payout - price (SELL: price - payout), ¢ per share, net of fee"
+    )
+    validation_fee_cents: float | None = Field(
+        default=None, description="the taker fee counted in those figures, ¢ per share"
+    )
 
 
 class OrderItem(BaseModel):

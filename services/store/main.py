@@ -5,7 +5,9 @@ Start: the HTTP server at once (/health red, the API 503 until ready), migration
 Postgres as long as it takes), the tracked-wallets sync (`wallets.py`), then group `store` on
 `orders.raw` and on `signals` through the shared runtime (`shared/consumer.py`: reads, acks,
 reclaims while Postgres is up, dead-letters after `STORE_MAX_DELIVERIES`, waits out a Redis
-restart), each handing its batches to `BatchStore.store`, and the wallet follower.
+restart), each handing its batches to `BatchStore.store`, and the wallet follower; the
+validator (`validator.py`: markouts and settlements of the signals) runs beside them as a task of
+its own, with its own small pool.
 
 SIGTERM: the batch in flight finishes (commit, XACK) and what is still pending here is stored once
 more, within `STORE_SHUTDOWN_TIMEOUT_S`; a batch waiting for an unavailable Postgres is abandoned
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +32,9 @@ from services.store.batches import BatchStore, Feed, feeds
 from services.store.database import Database, Stopping
 from services.store.schema import load
 from services.store.settings import StoreSettings
+from services.store.validator import ValidationConfig, Validator
 from services.store.wallets import Wallets
+from shared import layout
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, settle_heap, stop_event
@@ -67,12 +72,26 @@ class Store:
             self.db, self.api_db, self.redis, settings.streams, settings.wallets_file
         )
         self.batches = BatchStore(self.db, self.redis)
+        self.validator = self._validator() if settings.validation_enabled else None
         self.groups = [self._group(feed) for feed in self.feeds]
         self.schema: list[str] = []
         self.running = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._consuming: list[asyncio.Task[None]] = []
+
+    def _validator(self) -> Validator:
+        """The validation task, on a small pool of its own: its reads scan signals and wait on
+        HTTP, and must never hold a connection the batch writes or the API are waiting for."""
+        s = self.settings
+        db = Database(
+            s.database_url,
+            pool_size=2,
+            timeout=s.store_db_timeout_s,
+            retry_min=s.store_retry_min_s,
+            retry_max=s.store_retry_max_s,
+        )
+        return Validator(db, ValidationConfig.of(s))
 
     def _group(self, feed: Feed) -> ConsumerGroup:
         settings = self.settings
@@ -120,12 +139,15 @@ class Store:
         self.schema = [m.version for m in migrations]
         log.info("schema_ready", extra={"applied_now": applied, "versions": self.schema})
         await self.wallets.sync()
+        await layout.claim(self.redis, self.settings.streams)
         for group in self.groups:
             await group.ensure_group()
         self._tasks = [
             asyncio.create_task(self.db.watch(DB_WATCH_EVERY_S)),
             asyncio.create_task(self.wallets.follow(self._stop)),
         ]
+        if self.validator is not None:
+            self._tasks.append(asyncio.create_task(self.validator.run(self._stop)))
         self._consuming = [asyncio.create_task(group.run(self._stop)) for group in self.groups]
         self.running = True
         log.info(
@@ -155,6 +177,8 @@ class Store:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.db.close()
         await self.api_db.close()
+        if self.validator is not None:
+            await self.validator.close()
         await self.redis.aclose()
         log.info("store_stopped", extra={"consumer": self.consumer})
 
@@ -228,4 +252,8 @@ def main() -> None:
         register_secret(settings.store_api_token.get_secret_value())
     configure_logging("store", settings.log_level)
     settle_heap()
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except layout.LayoutMismatch as exc:
+        log.error("layout_mismatch", extra={"error": str(exc)})
+        sys.exit(2)

@@ -54,6 +54,7 @@ class Resource:
     time_column: str
     key_column: str
     columns: tuple[str, ...]  # selected, in output order (JSON and CSV)
+    joined: str = ""  # appended to `FROM table`: what the listing adds to the table's columns
 
 
 SERVED_STATUS = ("status", "status_reason")
@@ -69,12 +70,36 @@ def served(table: Table) -> tuple[str, ...]:
     return (*data, "stored_at", *SERVED_STATUS)
 
 
+# Each signal's validation (docs/signals.md, "Does it pay? Validation"), after its status: the
+# markouts net of fees, the settlement's payout and result, the fee counted; null until recorded.
+# One lateral lookup per listed row on the key of `signal_validation`, so a page still reads
+# its signals straight off the keyset index. The lateral exposes only these names, so the
+# filters' plain column names keep meaning the signal's.
+VALIDATION_COLUMNS = (
+    "markout_5m_cents",
+    "markout_1h_cents",
+    "markout_24h_cents",
+    "settlement_payout",
+    "settlement_cents",
+    "validation_fee_cents",
+)
+_VALIDATION_JOIN = """ LEFT JOIN LATERAL (
+    SELECT max(v.markout_cents) FILTER (WHERE v.horizon = '5m') AS markout_5m_cents,
+           max(v.markout_cents) FILTER (WHERE v.horizon = '1h') AS markout_1h_cents,
+           max(v.markout_cents) FILTER (WHERE v.horizon = '24h') AS markout_24h_cents,
+           max(v.price) FILTER (WHERE v.horizon = 'settlement') AS settlement_payout,
+           max(v.markout_cents) FILTER (WHERE v.horizon = 'settlement') AS settlement_cents,
+           max(v.fee_cents) FILTER (WHERE v.markout_cents IS NOT NULL) AS validation_fee_cents
+    FROM signal_validation v WHERE v.signal_id = signals.signal_id
+) AS validation ON true"""
+
 SIGNALS = Resource(
     "signals",
     "signals",
     "detected_at",
     "signal_id",
-    served(SIGNAL_ROWS),
+    (*served(SIGNAL_ROWS), *VALIDATION_COLUMNS),
+    _VALIDATION_JOIN,
 )
 
 ORDERS = Resource(
@@ -200,7 +225,7 @@ def page_sql(
         params += [after.time, after.key]
         compare = "<" if order == "desc" else ">"
         conditions.append(f"{keyset} {compare} (${len(params) - 1}, ${len(params)})")
-    sql = f"SELECT {', '.join(resource.columns)} FROM {resource.table}"
+    sql = f"SELECT {', '.join(resource.columns)} FROM {resource.table}{resource.joined}"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
     sql += f" ORDER BY {resource.time_column} {direction}, {resource.key_column} {direction}"

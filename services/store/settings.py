@@ -38,6 +38,24 @@
 - `WALLETS_FILE` (`config/wallets.example.json`): seeds the tracked wallets on the very first
   start (empty Postgres and empty registry); relative paths are tried in the working directory,
   then in the project root.
+- Validation (`validator.py`; docs/signals.md, "Does it pay? Validation"):
+  - `VALIDATION_ENABLED` (`true`): run the validator task in this process.
+  - `VALIDATION_PRICES_URL` (`http://127.0.0.1:8765`, the simulator): where
+    `GET /prices-history` is asked; Polymarket's is `https://clob.polymarket.com` (keyless).
+  - `GAMMA_API_URL` (`http://127.0.0.1:8765`, the simulator): Gamma, for resolutions; the real one
+    is `https://gamma-api.polymarket.com`. The ingestor's setting of the same name.
+  - `VALIDATION_FEE_BPS` (`0`): the taker fee rate, in basis points, that a follower's copy pays
+    (per share: rate x p x (1 - p), Polymarket's formula); subtracted from every markout. 0: a
+    fill carries no fee (nor whether its wallet was maker or taker), and Polymarket charges
+    takers on fee-enabled markets only, at a rate set per category (geopolitics free): set the
+    rate of the markets you follow.
+  - `VALIDATION_EVERY_S` (`30`): seconds between cycles.
+  - `VALIDATION_DELAY_S` (`60`): a horizon is read this long after it ended, so the price
+    history holds its last minute.
+  - `VALIDATION_RESOLUTION_EVERY_S` (`600`): how often Gamma is asked which markets resolved.
+  - `VALIDATION_BATCH` (`200`): markouts per cycle at most (one or two price requests each).
+  - `VALIDATION_LOOKBACK_S` (`604800`, 7 days): signals detected longer ago get no markouts (the
+    settlement has no such limit), so a cycle reads only recent signals.
 Plus the common ones: `REDIS_URL`, `STREAM_NAMESPACE`, `LOG_LEVEL`, `OPS_HOST`.
 """
 
@@ -79,6 +97,23 @@ class StoreSettings(DatabaseSettings):
     store_csv_max_streams: int = Field(default=2, ge=0)
     store_csv_max_seconds: float = Field(default=300.0, gt=0)
     wallets_file: str = "config/wallets.example.json"
+
+    validation_enabled: bool = True
+    validation_prices_url: str = "http://127.0.0.1:8765"
+    gamma_api_url: str = "http://127.0.0.1:8765"
+    validation_fee_bps: float = Field(default=0.0, ge=0, le=10_000)
+    validation_every_s: float = Field(default=30.0, gt=0)
+    validation_delay_s: float = Field(default=60.0, ge=0)
+    validation_resolution_every_s: float = Field(default=600.0, ge=0)
+    validation_batch: int = Field(default=200, ge=1, le=10_000)
+    validation_lookback_s: int = Field(default=7 * 86_400, gt=0)
+
+    @field_validator("validation_prices_url", "gamma_api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("VALIDATION_PRICES_URL and GAMMA_API_URL must start with http(s)://")
+        return value
 
     @field_validator("store_api_token", mode="before")
     @classmethod

@@ -57,5 +57,6 @@ def polygon_source(
         # eth_getLogs answers can be large (a busy range); the range cap bounds them.
         max_frame_bytes=max(s.dome_max_frame_bytes, 16 << 20),
         max_lag_blocks=s.polygon_max_lag_blocks,
+        time_bounds=s.exchange_time_bounds(),
     )
     return PolygonSource(chain, wallets, publisher, markets)

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -53,9 +53,21 @@ from services.ingestor.chain.rpc import (
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.publisher import Publisher
 from shared.backoff import Backoff
-from shared.models import DomeOrder, FeedOrder, FillStatus, OrderFill, Source
+from shared.models import (
+    DomeOrder,
+    ExchangeTimeBounds,
+    FeedOrder,
+    FillStatus,
+    OrderFill,
+    Source,
+    order_key,
+)
 
 log = logging.getLogger(__name__)
+
+# Blocks read again when Redis may have lost writes (~2 minutes of Polygon): a failover loses at
+# most the last second or so of what its master acknowledged.
+REREAD_AFTER_REDIS_LOSS_BLOCKS = 60
 
 SOURCE = Source.POLYGON.value
 WATERMARK_FEED = "polygon"
@@ -82,6 +94,8 @@ class ChainSettings:
     reconnect_max_s: float
     max_frame_bytes: int
     max_lag_blocks: int
+    # Block times outside are dead-lettered: a node with a broken clock must not move watermarks.
+    time_bounds: ExchangeTimeBounds = field(default_factory=ExchangeTimeBounds)
 
 
 class Stalled(Exception):
@@ -121,7 +135,7 @@ class PolygonSource:
         self._new_wallets: set[str] = set()
         self._filter_changed = asyncio.Event()
         # tx hash -> {log index: what makes fills identical}, for `occurrence` (recent txs only).
-        self._tx_fills: OrderedDict[tuple[str, str], dict[int, tuple[Any, ...]]] = OrderedDict()
+        self._tx_fills: OrderedDict[tuple[str, str], dict[int, str]] = OrderedDict()
         # What went out per block, kept as deep as a reorg is looked for: a block replaced under
         # the watermark retracts its fills.
         self._published: OrderedDict[int, list[tuple[str, OrderFill]]] = OrderedDict()
@@ -311,22 +325,31 @@ class PolygonSource:
         self._cursor = stored
 
     def catch_up_again(self) -> None:
-        """Read again from the stored watermark if it fell behind the cursor (Redis lost recent
-        writes, and with them the watermark's last moves)."""
+        """Read the last blocks again (Redis may have lost recent writes)."""
         self._recheck_watermark = True
+
+    async def _rewind_after_redis_loss(self) -> None:
+        """Step the cursor back by REREAD_AFTER_REDIS_LOSS_BLOCKS, or to the stored watermark if
+        it fell further behind. Whatever the watermark says: with partitions it sits in one
+        partition's slot while the lost fills may be in another's; the dedupe keeps the re-read
+        blocks' fills from going out twice."""
+        assert self._cursor is not None
+        self._recheck_watermark = False
+        stored = await self.publisher.watermark(WATERMARK_FEED, WATERMARK_FIELD)
+        start = self._cursor - REREAD_AFTER_REDIS_LOSS_BLOCKS
+        if stored is not None:
+            start = min(start, stored)
+        log.warning(
+            "chain_reread_after_redis_loss",
+            extra={"from_block": max(0, start), "cursor": self._cursor, "watermark": stored},
+        )
+        self._cursor = max(0, start)
 
     async def _catch_up(self, socket: RpcSocket) -> None:
         """Read every settled block after the cursor, then move the watermark past them."""
         assert self._cursor is not None
         if self._recheck_watermark:
-            self._recheck_watermark = False
-            stored = await self.publisher.watermark(WATERMARK_FEED, WATERMARK_FIELD)
-            if stored is None or stored < self._cursor:
-                log.warning(
-                    "chain_reread_after_redis_outage",
-                    extra={"from_block": stored, "cursor": self._cursor},
-                )
-                self._cursor = stored if stored is not None else self._cursor
+            await self._rewind_after_redis_loss()
         await self._step_back_over_reorg(socket)
         if self._retract_from is not None:
             await self._retract_after(socket, self._retract_from)
@@ -433,7 +456,12 @@ class PolygonSource:
         except ValidationError as exc:
             await self._dead(raw, f"invalid fill: {exc.errors()[0].get('msg', 'invalid')}")
             return
-        outgoing = OrderFill.from_dome(order, Source.POLYGON, received_at, self._occurrence(fill))
+        problem = self.settings.time_bounds.problem(order.timestamp, received_at)
+        if problem is not None:
+            await self._dead(raw, f"implausible block time: {problem}")
+            return
+        occurrence = self._occurrence(fill)
+        outgoing = OrderFill.from_dome(order, Source.POLYGON, received_at, occurrence)
         if fill.removed:
             # Confirmations 0 only (the block reads skip orphaned blocks): what was published is
             # retracted, and the block that includes the fill again publishes it afresh.
@@ -467,7 +495,9 @@ class PolygonSource:
         A taker matched against two resting orders of one wallet at one price and size gives two
         identical fills in one transaction; without this they would share an order_key and one
         would be lost. Logs of a transaction always arrive in order and together (one block), in
-        the live feed as in a block read, so both count the same.
+        the live feed as in a block read, so both count the same. Identical means the same key
+        before counting, as every other source counts (`shared.models.base_key`): amounts that
+        differ only below the key's rounding are identical fills too.
         """
         # Per block as well: a reorg may put the transaction in another block at other indexes.
         where = (fill.block_hash, fill.tx_hash)
@@ -475,7 +505,9 @@ class PolygonSource:
         self._tx_fills.move_to_end(where)
         while len(self._tx_fills) > TX_MEMORY:
             self._tx_fills.popitem(last=False)
-        same = (fill.maker, fill.token_id, fill.side, fill.shares_raw, fill.collateral_raw)
+        same = order_key(
+            fill.tx_hash, fill.maker, fill.token_id, fill.side, fill.shares, round(fill.price, 6)
+        )
         seen[fill.log_index] = same
         return sum(1 for index, other in seen.items() if other == same and index < fill.log_index)
 

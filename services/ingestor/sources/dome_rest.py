@@ -1,9 +1,17 @@
 """Dome's REST orders endpoint as a wallet history: gap backfill for the WebSocket, and polling.
 
 `GET {DOME_API_URL}/polymarket/orders?user=<wallet>&start_time=<since>&limit=<n>` with
-`Authorization: Bearer <DOME_API_KEY>`, then `pagination_key` from each answer until `has_more`
-is false. `start_time` is inclusive (Unix seconds). Items have the WebSocket event's fields (plus
-`block_number`, `log_index`) and become fills with source `dome_rest`.
+`Authorization: Bearer <DOME_API_KEY>`, newest first. `start_time` and `end_time` are inclusive
+(Unix seconds). Items have the WebSocket event's fields (plus `block_number`, `log_index`) and
+become fills with source `dome_rest`.
+
+Pages are cut by second (`listing`) and the next page is asked by time, not by `pagination_key`:
+`end_time` = the second the last page ended in, whose fills are held back and read whole from
+the next answer. A cursor continues after the last row it returned, so when the server orders
+the fills of one second differently from one request to the next, a cursor page could skip or
+repeat them; a time bound cannot. `pagination_key` is followed only when one second holds more
+fills than the largest page (1000), which a time bound cannot step over. Identical fills of one
+transaction are counted in log-index order within the answer that holds their second.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from typing import Any
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from shared.models import DomeOrder, FeedOrder, Source
+from services.ingestor.sources.listing import DEFAULT_BOUNDS, Cut, Listing, settle, to_order
+from shared.models import DomeOrder, ExchangeTimeBounds, FeedOrder, Source
 
 ORDERS_PATH = "/polymarket/orders"
+LIMIT_MAX = 1000
 
 
 def dome_rest_api(settings: IngestorSettings) -> JsonApi:
@@ -33,26 +43,69 @@ def dome_rest_api(settings: IngestorSettings) -> JsonApi:
 class DomeRestHistory:
     source = Source.DOME_REST
 
-    def __init__(self, api: JsonApi, page_limit: int) -> None:
+    def __init__(
+        self, api: JsonApi, page_limit: int, bounds: ExchangeTimeBounds = DEFAULT_BOUNDS
+    ) -> None:
         self.api = api
         self._limit = page_limit
+        self.listing = Listing(FeedOrder.model_validate, bounds)
 
     async def read_since(self, wallet: str, since: int) -> AsyncIterator[list[Any]]:
-        base: dict[str, str | int] = {"user": wallet, "start_time": since, "limit": self._limit}
-        params = base
+        end: int | None = None
+        key: str | None = None
+        limit = self._limit
+        where = {"source": self.source.value, "wallet": wallet}
         while True:
-            body = await self.api.get(ORDERS_PATH, params)
-            orders, pagination = _page(body)
-            yield orders
-            if not pagination.get("has_more"):
+            orders, pagination = await self._page(wallet, since, end, limit, key)
+            more = bool(pagination.get("has_more"))
+            rows = self.listing.rows(orders, wallet)
+            cut, limit = settle(
+                rows,
+                since=since,
+                above=end,
+                hold=more,
+                limit=limit,
+                limit_max=LIMIT_MAX,
+                where=where,
+            )
+            if cut is None:
+                continue
+            yield self.listing.hand_on(cut)
+            if cut.reached or not more:
                 return
-            key = pagination.get("pagination_key")
-            if not isinstance(key, str) or not key:
-                raise ApiError(f"{ORDERS_PATH}: has_more without a pagination_key")
-            params = {**base, "pagination_key": key}
+            end, key = _next(end, cut, pagination)
+
+    async def _page(
+        self, wallet: str, since: int, end: int | None, limit: int, key: str | None
+    ) -> tuple[list[Any], dict[str, Any]]:
+        params: dict[str, str | int] = {"user": wallet, "start_time": since, "limit": limit}
+        if end is not None:
+            params["end_time"] = end
+        if key is not None:
+            params["pagination_key"] = key
+        return _page(await self.api.get(ORDERS_PATH, params))
 
     def to_order(self, item: Any) -> DomeOrder:
-        return FeedOrder.model_validate(item)
+        return to_order(item, FeedOrder.model_validate)
+
+
+def _next(end: int | None, cut: Cut, pagination: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The (end_time, pagination_key) of the next request: the second held back, else (a second
+    larger than the largest page went on whole) the server's cursor."""
+    if cut.edge is None:
+        return end, _pagination_key(pagination)
+    if end is not None and cut.edge >= end:
+        # Orders after `end_time` came back: a server ignoring the bound would be read from the
+        # same second forever.
+        raise ApiError(f"{ORDERS_PATH}: end_time={end} answered with later orders")
+    return cut.edge, None
+
+
+def _pagination_key(pagination: dict[str, Any]) -> str:
+    key = pagination.get("pagination_key")
+    if not isinstance(key, str) or not key:
+        raise ApiError(f"{ORDERS_PATH}: has_more without a pagination_key")
+    return key
 
 
 def _page(body: Any) -> tuple[list[Any], dict[str, Any]]:

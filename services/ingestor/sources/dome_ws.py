@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from services.ingestor import metrics
 from services.ingestor.backfill import CatchUp
 from services.ingestor.feed_status import FeedStatus, combine
+from services.ingestor.frames import Twins
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.sources.ws_connection import SOURCE, DomeConnection, FillSink
 from services.ingestor.subscriptions import (
@@ -86,6 +87,8 @@ class DomeWebSocketSource:
         self.catch_up = catch_up
         self.tracked: set[str] = set(wallets)
         self.removed = RecentlyRemoved()
+        # One for every connection: the same event on two connections is one fill.
+        self.twins = Twins()
         self.over_capacity: dict[str, None] = {}
         self._rng = rng or random.Random()
         self.connections = [
@@ -120,6 +123,8 @@ class DomeWebSocketSource:
         metrics.SUBSCRIPTIONS.labels(SOURCE).set(status.subscriptions)
         metrics.WALLETS.labels(SOURCE).set(self.layout.wallets)
         metrics.OVER_CAPACITY.labels(SOURCE).set(len(self.over_capacity))
+        metrics.WALLETS_BEHIND.labels(SOURCE).set(status.wallets_behind)
+        metrics.WALLETS_BEHIND_SINCE.labels(SOURCE).set(status.behind_since or 0)
 
     async def run(self) -> None:
         """Run every connection until cancelled; a connection's crash is raised here."""

@@ -9,9 +9,14 @@ Three tasks per open connection:
   connect, after each ack and whenever the wallet layout changes: a live wallet change never drops
   the connection;
 - the backfiller catches up every wallet the server has confirmed since this connection opened
-  (`backfill.CatchUp`: REST since the wallet's watermark, through the same dedupe). Until a
-  wallet is caught up its live fills are published without moving its watermark, so a failed
-  backfill can never be skipped over by a later live fill.
+  (`backfill.CatchUp`: REST since the wallet's watermark, through the same dedupe), one at a
+  time, each with its own retry backoff (wallets whose read failed are retried on the side, up to
+  BACKFILL_RETRY_CONCURRENCY at once), and reads each again once the REST index has caught up
+  with the feed (`backfill.BackfillSchedule`). Until a wallet
+  is caught up its live fills are published without moving its watermark, so a failed backfill
+  can never be skipped over by a later live fill. A wallet that leaves the connection's
+  subscriptions is forgotten, so it is backfilled again from its watermark when it comes back;
+  one added by an `update` (no reply) counts as caught up only after its re-read.
 
 Liveness: the library pings every DOME_PING_INTERVAL_S and fails the connection when no pong comes
 within DOME_PING_TIMEOUT_S (a stalled peer). Pings prove the link, not the feed: a server can keep
@@ -51,7 +56,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.frames import Close, CloseCode
 
 from services.ingestor import metrics
-from services.ingestor.backfill import CatchUp
+from services.ingestor.backfill import BackfillSchedule, CatchUp, Outcome, WalletRead
 from services.ingestor.dialects import message
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import (
@@ -61,6 +66,7 @@ from services.ingestor.frames import (
     Rejected,
     RejectKind,
     ServerError,
+    Twins,
     parse_frame,
 )
 from services.ingestor.http_api import ApiError, AuthError
@@ -114,6 +120,9 @@ class SourceContext(Protocol):
     @property
     def removed(self) -> Container[str]: ...
 
+    @property
+    def twins(self) -> Twins: ...
+
     def slots(self, index: int) -> list[Slot]: ...
 
     def refreshed(self) -> None: ...
@@ -155,12 +164,20 @@ class DomeConnection:
         self.backoff = Backoff(
             settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng
         )
-        self._rest_backoff = Backoff(
-            settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng
+        self.status.behind_limit_s = settings.health_max_backfill_behind_s
+        self.backfills = BackfillSchedule(
+            indexing_lag_s=settings.backfill_indexing_lag_s,
+            update_apply_s=settings.dome_update_apply_s,
+            retry_min_s=settings.dome_reconnect_min_s,
+            retry_max_s=settings.dome_reconnect_max_s,
+            rng=rng,
         )
         self._dirty = asyncio.Event()
+        self._time_bounds = settings.exchange_time_bounds()
         self._backfill_wanted = asyncio.Event()
         self.caught_up: set[str] = set()
+        # Since the last "backfill_done": wallets caught up and the fills their reads recovered.
+        self._round = [0, 0]
 
     def changed(self) -> None:
         """The layout changed for this connection: reconcile with the server."""
@@ -169,6 +186,7 @@ class DomeConnection:
     def catch_up_again(self) -> None:
         """Backfill every wallet again, as after a reconnect (Redis lost recent writes)."""
         self.caught_up.clear()
+        self.backfills.again()
         self._backfill_wanted.set()
 
     def _wanted(self) -> bool:
@@ -269,6 +287,7 @@ class DomeConnection:
         """Subscribe, then handle frames until the connection fails."""
         self.registry.clear()
         self.caught_up.clear()
+        self.backfills.reset()
         self.status.mark_connected()
         self.status.connections = 1
         self._source.refreshed()
@@ -326,6 +345,7 @@ class DomeConnection:
                     await ws.send(orjson.dumps(message(action, dialect)).decode())
                 if not actions:
                     continue
+                self._plan_after_sync()
                 changes = [a for a in actions if isinstance(a, Update | Unsubscribe)]
                 if changes:
                     log.info(
@@ -339,52 +359,149 @@ class DomeConnection:
                     )
                 self._subscriptions_changed()
 
+    def _plan_after_sync(self) -> None:
+        """Wallets an update just added may not be followed by the server yet: read them afresh
+        (and again later); wallets that left are forgotten, so a return is backfilled."""
+        added = self.registry.take_added()
+        if added:
+            self.caught_up.difference_update(added)
+            self.backfills.updated(added)
+        self._forget_departed()
+
+    def _forget_departed(self) -> None:
+        confirmed = self.registry.confirmed()
+        self.caught_up &= confirmed
+        # While subscribes await their acks (a fresh connection), absent is not departed: a
+        # wallet that was behind must stay behind since then, not since this reconnect.
+        if not self.registry.pending:
+            self.backfills.forget(confirmed)
+
     async def _backfill_forever(self) -> None:
-        """Catch up every confirmed wallet not caught up since this connection opened."""
+        """Read every wallet that needs it; failing wallets are retried on the side."""
         catch_up = self._source.catch_up
         assert catch_up is not None
-        while True:
-            await self._backfill_wanted.wait()
-            self._backfill_wanted.clear()
-            todo = sorted(self.registry.confirmed() - self.caught_up)
-            asked, recovered = len(todo), 0
-            while todo:
-                wallet = todo[0]
-                if wallet not in self.registry.confirmed():
-                    todo.pop(0)  # removed meanwhile
-                    continue
-                try:
-                    recovered += await catch_up.wallet(wallet)
-                except AuthError as exc:
-                    await self._backfill_failed(exc, auth=True)
-                    continue
-                except ApiError as exc:
-                    await self._backfill_failed(exc, auth=False)
-                    continue
-                self._rest_backoff.reset()
-                self.caught_up.add(wallet)
-                todo.pop(0)
-            if asked:
-                log.info(
-                    "backfill_done",
-                    extra={
-                        "source": catch_up.source,
-                        "connection": self.index,
-                        "wallets": asked,
-                        "recovered": recovered,
-                    },
-                )
+        # Lane (True: retries of failed reads) -> its reads running, and how many it may run.
+        lanes: dict[bool, set[asyncio.Task[None]]] = {False: set(), True: set()}
+        limits = {False: 1, True: self._settings.backfill_retry_concurrency}
+        try:
+            while True:
+                self._forget_departed()
+                self.backfills.want(self.registry.confirmed() - self.caught_up)
+                for retries, running in lanes.items():
+                    room = limits[retries] - len(running)
+                    for read in self.backfills.take(room, retries=retries):
+                        self._start_backfill(catch_up, read, running)
+                self._backfill_changed()
+                waits = [
+                    self.backfills.wait_s(retries=retries)
+                    for retries, running in lanes.items()
+                    if len(running) < limits[retries]
+                ]
+                # A finished read wakes us too: it frees its lane.
+                await self._backfill_wait(min((w for w in waits if w is not None), default=None))
+        finally:
+            for task in [*lanes[False], *lanes[True]]:
+                await cancel_and_wait(task)
 
-    async def _backfill_failed(self, exc: ApiError, *, auth: bool) -> None:
-        source = self._source.catch_up.source if self._source.catch_up else SOURCE
-        if auth:
-            metrics.AUTH_FAILURES.labels(source).inc()
-            log.error("backfill_auth_failed", extra={"source": source, "error": str(exc)})
-            delay = self._rest_backoff.max_delay()
+    def _start_backfill(
+        self, catch_up: CatchUp, read: WalletRead, running: set[asyncio.Task[None]]
+    ) -> None:
+        task = asyncio.create_task(self._backfill(catch_up, read), name="dome_ws-backfill")
+        running.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            # Wake the dispatcher only now: before, the lane still counts this read as running.
+            running.discard(done)
+            self._backfill_wanted.set()
+
+        task.add_done_callback(finished)
+
+    async def _backfill_wait(self, timeout_s: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._backfill_wanted.wait()
+        self._backfill_wanted.clear()
+
+    async def _backfill(self, catch_up: CatchUp, read: WalletRead) -> None:
+        """One read of one wallet; its outcome goes into the schedule."""
+        started_at, started_mono = time.time(), time.monotonic()
+        try:
+            new = await catch_up.wallet(read.wallet, read.reach_back)
+        except ApiError as exc:
+            self._backfill_failed(catch_up.source, read, exc)
+        except Exception as exc:  # a bug must not leave the wallet silently never read
+            log.exception("backfill_crashed", extra={"source": catch_up.source})
+            self._backfill_failed(catch_up.source, read, ApiError(type(exc).__name__))
         else:
-            log.warning("backfill_failed", extra={"source": source, "error": str(exc)})
-            delay = self._rest_backoff.next_delay()
-        await asyncio.sleep(delay)
+            self._backfilled(catch_up.source, read, new, started_at, started_mono)
+
+    def _backfilled(
+        self, source: str, read: WalletRead, new: int, started_at: float, started_mono: float
+    ) -> None:
+        reread = read.reach_back is not None
+        outcome = self.backfills.succeeded(read, started_at, started_mono)
+        if outcome is Outcome.STALE:
+            return
+        if outcome is not Outcome.UNCONFIRMED:
+            self.caught_up.add(read.wallet)
+        if reread:
+            metrics.BACKFILL_REREADS.labels(source).inc()
+        if reread and new:
+            # Fills the first pass could not see: the REST index trailed, or an update was late.
+            log.info(
+                "backfill_reread_recovered",
+                extra={
+                    "source": source,
+                    "connection": self.index,
+                    "wallet": read.wallet,
+                    "fills": new,
+                },
+            )
+        if not reread:
+            self._round[0] += 1
+            self._round[1] += new
+
+    def _backfill_failed(self, source: str, read: WalletRead, exc: ApiError) -> None:
+        auth = isinstance(exc, AuthError)
+        delay = self.backfills.failed(read, auth=auth)
+        if delay is None:
+            return
+        metrics.BACKFILL_FAILURES.labels(source).inc()
+        extra = {
+            "source": source,
+            "connection": self.index,
+            "wallet": read.wallet,
+            "attempt": read.failures,
+            "retry_in_s": round(delay, 3),
+            "error": str(exc),
+        }
+        if auth:
+            # Retrying any wallet sooner cannot fix a key: hold them all.
+            self.backfills.hold(delay)
+            metrics.AUTH_FAILURES.labels(source).inc()
+            log.error("backfill_auth_failed", extra=extra)
+        else:
+            log.warning("backfill_failed", extra=extra)
+
+    def _backfill_changed(self) -> None:
+        """Report the wallets behind; log a round's end once none is."""
+        behind, since = self.backfills.behind()
+        self.status.wallets_behind, self.status.behind_since = behind, since
+        self._source.refreshed()
+        wallets, recovered = self._round
+        if behind or not wallets:
+            return
+        self._round = [0, 0]
+        source = self._source.catch_up.source if self._source.catch_up else SOURCE
+        log.info(
+            "backfill_done",
+            extra={
+                "source": source,
+                "connection": self.index,
+                "wallets": wallets,
+                "recovered": recovered,
+            },
+        )
 
     async def _handle(self, raw: bytes, received_at: float) -> None:
         frame = parse_frame(
@@ -393,6 +510,8 @@ class DomeConnection:
             received_at=received_at,
             max_bytes=self._settings.dome_max_frame_bytes,
             ignored=self._source.removed,
+            bounds=self._time_bounds,
+            twins=self._source.twins,
         )
         if isinstance(frame, Fill):
             fill = frame.fill
