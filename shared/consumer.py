@@ -48,6 +48,7 @@ from shared.backoff import Backoff
 from shared.errors import describe
 from shared.redis_streams import (
     UNREACHABLE,
+    calling,
     dead_letter,
     ensure_group,
     entry_payload,
@@ -568,7 +569,7 @@ class ConsumerGroup:
         backoff = Backoff(0.1, 5.0)
         while True:
             try:
-                result = await call()
+                result = await calling(call)
             except TRANSIENT as exc:
                 if self.health.redis_down_since is None:
                     self.health.redis_down_since = time.time()

@@ -8,8 +8,8 @@ could not be read that way). FastStream subscribers read this shape too.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 DATA_FIELD = b"data"
+T = TypeVar("T")
 
 # Redis (or part of a cluster) out of reach for now: waited out, never an entry's fault. On a
 # cluster that includes the seconds of a failover: the cluster down, a slot unserved, a write to
@@ -51,6 +52,33 @@ def connect(url: str, *, cluster: bool = False, **options: Any) -> aioredis.Redi
     if not cluster:
         return aioredis.Redis.from_url(url, **options)
     return cast(aioredis.Redis, RedisCluster.from_url(url, **options))
+
+
+class ClientTornDown(RedisConnectionError):
+    """redis-py 8.1's cluster client, during a failover, can raise AttributeError from inside its
+    connection code (a connection closed under a command: `'NoneType' object has no attribute
+    'writelines'`); `torn_down` turns that into an outage like any other."""
+
+
+def torn_down(exc: BaseException) -> BaseException:
+    """`exc`, or a ClientTornDown in its place when it is that AttributeError of redis-py's."""
+    if not isinstance(exc, AttributeError):
+        return exc
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    where = last.tb_frame.f_code.co_filename if last is not None else ""
+    if "/redis/" in where.replace("\\", "/"):
+        return ClientTornDown(f"redis client torn down mid-command: {exc}")
+    return exc
+
+
+async def calling(call: Callable[[], Awaitable[T]]) -> T:
+    """`await call()`, with redis-py's torn-down AttributeError raised as an outage."""
+    try:
+        return await call()
+    except AttributeError as exc:
+        raise torn_down(exc) from exc
 
 
 async def server_identity(client: aioredis.Redis) -> frozenset[str]:

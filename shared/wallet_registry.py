@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -33,7 +34,7 @@ from redis.exceptions import ResponseError
 from shared.backoff import Backoff
 from shared.errors import describe
 from shared.models import TrackedWallet, normalize_address
-from shared.redis_streams import UNREACHABLE, decode
+from shared.redis_streams import UNREACHABLE, calling, decode
 from shared.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,10 @@ async def follow(
     backoff = Backoff(0.1, 5.0)
     while True:
         try:
-            reply: Any = await client.xread(
-                {streams.wallets_control: last}, block=block_ms, count=100
+            read = functools.partial(
+                client.xread, {streams.wallets_control: last}, block=block_ms, count=100
             )
+            reply: Any = await calling(read)
         except UNREACHABLE as exc:
             log.warning("wallet_registry_unreachable", extra={"error": describe(exc)})
             await asyncio.sleep(backoff.next_delay())

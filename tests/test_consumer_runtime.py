@@ -31,7 +31,7 @@ from shared.consumer import (
     Handled,
     errors_key,
 )
-from shared.redis_streams import encode
+from shared.redis_streams import ClientTornDown, calling, encode
 from shared.streams import Streams
 
 pytestmark = pytest.mark.integration
@@ -386,3 +386,21 @@ async def test_a_webhook_queue_entry_trimmed_while_pending_is_dead_lettered(
     assert len(dead) == 1
     assert b"trimmed from" in dead[0][1][b"reason"]
     assert orjson.loads(dead[0][1][b"raw"])["trimmed_entry"] == ids[0]
+
+
+async def test_redis_clients_torn_down_attribute_error_counts_as_an_outage() -> None:
+    """redis-py 8.1's cluster client raises AttributeError from its connection code during a
+    failover; the runtime, the registry follower and the publisher wait it out as an outage. One
+    of our own AttributeErrors stays a bug."""
+
+    async def torn() -> None:
+        exec(compile("None.writelines([])", "/venv/redis/asyncio/connection.py", "exec"))
+
+    async def ours() -> None:
+        exec(compile("None.writelines([])", "/work/shared/consumer.py", "exec"))
+
+    with pytest.raises(ClientTornDown, match="torn down mid-command"):
+        await calling(torn)
+    with pytest.raises(AttributeError) as raised:
+        await calling(ours)
+    assert not isinstance(raised.value, ClientTornDown)

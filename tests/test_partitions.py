@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -217,3 +218,24 @@ async def test_batches_published_at_once_reach_every_partition_in_one_order(
 def test_a_namespace_with_braces_is_refused() -> None:
     with pytest.raises(ValidationError, match="must not contain"):
         CommonSettings(stream_namespace="prod{1}:")
+
+
+async def test_a_signal_decided_twice_reaches_signals_once_per_status(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    """A failover that loses a lane's last writes makes the re-backfilled fill decided again: its
+    signal, already forwarded, must not reach `signals` twice; a retraction and a re-inclusion
+    (a new status each) still do."""
+    streams = Streams(namespace, 2)
+    outbox = streams.lanes()[0].signals
+    forwarder = Forwarder(redis_client, streams, outbox, owner="a", maxlen=1000)
+    assert await forwarder.hold()
+
+    def signal(status: str) -> bytes:
+        return orjson.dumps({"signal_id": "s1", "status": status})
+
+    for status in ("confirmed", "confirmed", "retracted", "retracted", "confirmed", "confirmed"):
+        await redis_client.xadd(outbox, {b"data": signal(status)})
+    assert await forwarder.forward_once() == 6
+    forwarded = [decode(f)["status"] for _, f in await redis_client.xrange(streams.signals)]
+    assert forwarded == ["confirmed", "retracted", "confirmed"]

@@ -14,7 +14,11 @@ retracts. Why a moving id and not deleting what was forwarded: on a cluster, a f
 node of `signals` can lose the last writes it acknowledged, signals and id together; the id then
 stands where the surviving signals end, the next batch finds it behind the one it read from, and
 the forwarder reads again from there. So forwarded entries stay in the outbox for
-`RETAIN_S`, far longer than a replica lags, and are trimmed after.
+`RETAIN_S`, far longer than a replica lags, and are trimmed after. The other way round, a
+failover of the lane's node can lose a decision whose signal was forwarded already; the fill comes
+back (the ingestor's re-backfill), is decided again, and its signal would go out twice: each
+signal's status on `signals` is remembered (`{signals}:fwd:sig:<id>:<status>`, cleared by the
+status that replaces it, as the ingestor's seen keys are), so only a new status goes out.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
 from shared.backoff import Backoff
 from shared.consumer import GroupHealth
 from shared.errors import describe
+from shared.models import FillStatus
 from shared.redis_streams import DATA_FIELD, UNREACHABLE, dead_letter, entry_payload
 from shared.streams import Streams
 
@@ -43,19 +49,34 @@ FORWARDED = Counter(
     ["outbox"],
 )
 
-# KEYS[1] = signals, KEYS[2] = the lease, KEYS[3] = the last id forwarded; ARGV[1] = MAXLEN ~,
-# ARGV[2] = the caller's name, ARGV[3] = the last id it read from ('' none), ARGV[4] = the batch's
-# last id, then the entries' `data`, in order. Returns {added} or {-1} (not the lease holder) or
-# {-2, the id it stands at} (not where the caller read from): nothing done then.
+# KEYS[1] = signals, KEYS[2] = the lease, KEYS[3] = the last id forwarded, then per entry its
+# status key and the status keys it clears; ARGV[1] = MAXLEN ~, ARGV[2] = the caller's name,
+# ARGV[3] = the last id it read from ('' none), ARGV[4] = the batch's last id, ARGV[5] = the
+# status keys' TTL (s), then per entry a header `<keys it clears>` (-1: no status key: added as
+# it is) and its `data`, in order. Returns {added} or {-1} (not the lease holder) or {-2, the id it
+# stands at} (not where the caller read from): nothing done then.
 _FORWARD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
 local at = redis.call('GET', KEYS[3]) or ''
 if at ~= ARGV[3] then return {-2, at} end
-for i = 5, #ARGV do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[i])
+local added, k = 0, 4
+for a = 6, #ARGV, 2 do
+  local cleared = tonumber(ARGV[a])
+  local add = true
+  if cleared >= 0 then
+    add = redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[5])
+    if add then
+      for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
+    end
+    k = k + 1 + cleared
+  end
+  if add then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'data', ARGV[a + 1])
+    added = added + 1
+  end
 end
 redis.call('SET', KEYS[3], ARGV[4])
-return {#ARGV - 4}
+return {added}
 """
 
 # Take the lease when it is free, extend it when it is the caller's: 1 held, 0 someone else's.
@@ -72,6 +93,9 @@ return 0
 """
 
 LEASE_MS = 5_000
+# How long a signal's status is remembered as forwarded: a fill decided again after a failover
+# comes back within minutes; the detector's own decisions are kept a week.
+STATUS_TTL_S = 7 * 24 * 3600
 # Forwarded entries stay this long: far beyond a replica's lag, so a failover that takes the last
 # forwarded signals back finds them in the outbox still.
 RETAIN_S = 120
@@ -111,6 +135,7 @@ class Forwarder:
         prefix = streams.forwarded_key_prefix()
         self._lease = f"{prefix}lease:{outbox}"
         self._last = f"{prefix}last:{outbox}"
+        self._signals_seen = f"{prefix}sig:"
 
     async def run(self, stop: asyncio.Event, drain_s: float = 10.0) -> None:
         """Forward while holding the lease, until `stop`; then empty the outbox once more (within
@@ -171,10 +196,14 @@ class Forwarder:
     ) -> bool:
         """Add the entries' signals to `signals` and move the last id to `last`, if this replica
         holds the lease and the id still stands at `read_from`; else (False) learn where it
-        stands, to read from there next."""
+        stands, to read from there next. A signal already on `signals` in its status is not
+        added again (a fill decided twice: its lane's slot lost the first decision)."""
         keys = [self.streams.signals, self._lease, self._last]
-        args: list[bytes | int | str] = [self.maxlen, self.owner, read_from, last]
-        args += [data for _, data in entries]
+        args: list[bytes | int | str] = [self.maxlen, self.owner, read_from, last, STATUS_TTL_S]
+        for _, data in entries:
+            status_keys = self._status_keys(data)
+            keys += status_keys
+            args += [len(status_keys) - 1, data]
         reply: Any = await self._forward(keys=keys, args=args)
         code = int(reply[0])
         if code >= 0:
@@ -188,6 +217,23 @@ class Forwarder:
             )
             self.cursor = at
         return False
+
+    def _status_keys(self, data: bytes) -> list[str]:
+        """The key that says a signal is on `signals` in its status, then those its status
+        clears (as the ingestor's seen keys: a retraction clears the first sight, a re-inclusion
+        the retraction); none for an entry that is not a signal."""
+        try:
+            signal = orjson.loads(data)
+            base = f"{self._signals_seen}{signal['signal_id']}:"
+            status = FillStatus(signal.get("status", FillStatus.CONFIRMED.value))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return []
+        clears = {
+            FillStatus.PENDING: (),
+            FillStatus.CONFIRMED: (FillStatus.RETRACTED,),
+            FillStatus.RETRACTED: (FillStatus.CONFIRMED, FillStatus.PENDING),
+        }[status]
+        return [base + status.value, *(base + other.value for other in clears)]
 
     async def _trim(self) -> None:
         """Drop what was forwarded more than RETAIN_S ago (by the entries' own clock)."""

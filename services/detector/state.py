@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 
 from services.detector.rules import WalletMarketState, wallet_unit
 from shared.backoff import retrying
-from shared.redis_streams import UNREACHABLE, dead_letter, entry_position
+from shared.redis_streams import UNREACHABLE, calling, dead_letter, entry_position
 from shared.streams import Lane, Streams
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,9 @@ class DetectorState:
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry while Redis is unreachable, up to `retry_s`: every effect here is idempotent."""
-        return await retrying(call, transient=TRANSIENT, within_s=self.retry_s, on_retry=_said)
+        return await retrying(
+            lambda: calling(call), transient=TRANSIENT, within_s=self.retry_s, on_retry=_said
+        )
 
     async def ping(self) -> bool:
         try:

@@ -39,7 +39,7 @@ from shared.backoff import Backoff
 from shared.logs import scrub
 from shared.models import OrderFill
 from shared.orders_raw import OrdersRaw, Outgoing
-from shared.redis_streams import dead_letter, server_identity
+from shared.redis_streams import calling, dead_letter, server_identity
 from shared.streams import Streams
 from shared.tasks import cancel_and_wait
 
@@ -239,7 +239,7 @@ class Publisher:
         """Run a Redis call until it succeeds; a retried script is safe thanks to the dedupe."""
         while True:
             try:
-                result = await call()
+                result = await calling(call)
             except (RedisError, OSError) as exc:
                 self._failed(exc)
                 await asyncio.sleep(self._retry.next_delay())
