@@ -8,7 +8,8 @@ docs/chaos.md explains each column. The short run inside `make test` is `tests/t
 Modules, read top-down: `main` (command line, the run), `scenario` (one run of the tape with its
 faults), `faults` (the injectors), `pipeline` (the processes of one scenario and their wiring),
 `truth` (what should have come out), `report` (the table and the JSON), and the instruments:
-`processes`, `redis_server` (a throwaway append-only Redis), `proxy` (a TCP proxy that cuts
+`processes`, `redis_server` (a throwaway append-only Redis), `failover` (a Redis Cluster failover
+that loses acknowledged writes, on devtools/cluster.py), `proxy` (a TCP proxy that cuts
 Postgres), `receiver` (a webhook endpoint), `subscriber` (a resuming WebSocket client). `garbage`
 holds the hypothesis strategies of bad input that the fuzzing tests (`tests/test_chaos_fuzz_*`)
 throw at the parser and at the running services.

@@ -3,8 +3,11 @@
 A fault has `inject` and `recover` (after `hold_s`); both return a short note for the report.
 The process kills catch a replica at its worst moment: it is first frozen (SIGSTOP) until Redis
 shows entries delivered to it and not yet acknowledged, then SIGKILLed, so the entries it held are
-lost with it unless another consumer takes them over. A simulator fault whose control route this
-simulator does not have is reported as not supported, never imitated.
+lost with it unless another consumer takes them over. The cluster fault catches a master the same
+way: with writes it acknowledged and its replica never got (chaos/failover.py). A fault may also
+`conclude`, once the run settled, with what its recovery achieved (`figures`, in the JSON). A
+simulator fault whose control route this simulator does not have is reported as not supported,
+never imitated.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
+import orjson
 from redis.exceptions import RedisError, ResponseError
 
+from chaos.failover import Failover, lose_acknowledged_writes
+from chaos.truth import read_fills
 from services.notifier.webhooks.handoff import queue_key
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
 
 if TYPE_CHECKING:
     from chaos.pipeline import Pipeline
+    from devtools.cluster import Cluster
     from devtools.processes import ServiceProcess
 
 # How long a frozen process is given to be handed entries before it is killed anyway.
@@ -43,6 +50,8 @@ class Fault(ABC):
     hold_s: float = 3.0
     supported: bool = True
     notes: list[str] = field(default_factory=list)
+    # Measured numbers for the JSON (e.g. a failover's seconds), beside the notes.
+    figures: dict[str, Any] = field(default_factory=dict)
 
     @abstractmethod
     async def inject(self, pipe: Pipeline) -> None:
@@ -50,6 +59,10 @@ class Fault(ABC):
 
     async def recover(self, pipe: Pipeline) -> None:  # noqa: B027 - optional hook
         """Undo the fault; most faults end by themselves, so the default does nothing."""
+
+    async def conclude(self, pipe: Pipeline) -> None:  # noqa: B027 - optional hook
+        """Once the run settled, before the pipeline stops: measure what the fault's recovery
+        achieved, if the fault has something to say about it."""
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -108,7 +121,8 @@ class DetectorKill(Fault):
 
     async def inject(self, pipe: Pipeline) -> None:
         victim = pipe.detectors[0]
-        held = await freeze_until_pending(pipe, victim, [(pipe.streams.orders_raw, DETECTOR_GROUP)])
+        lanes = [(lane.stream, DETECTOR_GROUP) for lane in pipe.streams.lanes()]
+        held = await freeze_until_pending(pipe, victim, lanes)
         await victim.akill()
         self.note(f"killed {victim.name} holding {held} pending entries; not restarted")
 
@@ -120,7 +134,10 @@ class StoreKill(Fault):
 
     async def inject(self, pipe: Pipeline) -> None:
         store = pipe.services["store"]
-        streams = [(pipe.streams.orders_raw, STORE_GROUP), (pipe.streams.signals, STORE_GROUP)]
+        streams = [
+            *((stream, STORE_GROUP) for stream in pipe.streams.order_streams()),
+            (pipe.streams.signals, STORE_GROUP),
+        ]
         held = await freeze_until_pending(pipe, store, streams)
         await store.akill()
         self.note(f"killed the store holding {held} pending entries")
@@ -305,6 +322,74 @@ class ChainStall(Fault):
     async def recover(self, pipe: Pipeline) -> None:
         if await _control(pipe, self, CHAIN_ROUTE, {"stall": False}) is not None:
             self.note(f"head moving again after {self.hold_s:g}s")
+
+
+@dataclass
+class ClusterMasterKill(Fault):
+    name: ClassVar[str] = "cluster_master_kill"
+    description: ClassVar[str] = (
+        "Redis Cluster: the master serving the busiest wallet partition acknowledges fills its "
+        "replica never gets (replica frozen, link closed), is SIGKILLed and its replica "
+        "promoted; restarted after hold, it rejoins as a replica. The ingestor's backfill "
+        "after Redis answers again must publish the lost fills again"
+    )
+    hold_s: float = 1.0
+    failover: Failover | None = None
+
+    async def inject(self, pipe: Pipeline) -> None:
+        cluster = _cluster_of(pipe)
+        stream = await busiest_partition(pipe)
+        self.failover = f = await lose_acknowledged_writes(
+            cluster, stream, min_unreplicated=UNREPLICATED
+        )
+        self.figures.update(
+            stream=stream.removeprefix(pipe.namespace),
+            master=f.master,
+            promoted_replica=f.replica,
+            replica_frozen_s=round(f.frozen_s, 2),
+            failover_s=round(f.failover_s, 2),
+            acknowledged_entries_lost=len(f.lost),
+        )
+        self.note(
+            f"killed master :{f.master} serving {self.figures['stream']}, replica :{f.replica} "
+            f"promoted in {f.failover_s:.1f}s; {len(f.lost)} acknowledged entries lost"
+        )
+
+    async def recover(self, pipe: Pipeline) -> None:
+        if self.failover is not None:
+            await asyncio.to_thread(_cluster_of(pipe).restart, self.failover.master)
+            self.note(f"old master restarted after {self.hold_s:g}s, rejoined as a replica")
+
+    async def conclude(self, pipe: Pipeline) -> None:
+        """How many of the lost fills are back on their partition (published again)."""
+        if self.failover is None:
+            return
+        lost = {str(orjson.loads(data)["order_key"]) for _, data in self.failover.lost}
+        fills, _ = await read_fills(pipe.redis_client, self.failover.stream)
+        recovered = len(lost & {fill.order_key for fill in fills})
+        self.figures["lost_entries_recovered"] = recovered
+        self.note(f"{recovered} of the {len(lost)} lost fills published again")
+
+
+# Fills the master acknowledges alone before it dies: at speed 80 the busiest partition takes
+# about ten a second, so the replica stays frozen well under a second.
+UNREPLICATED = 5
+
+
+def _cluster_of(pipe: Pipeline) -> Cluster:
+    if pipe.cluster is None:
+        raise RuntimeError("a cluster fault on a pipeline without a cluster")
+    return pipe.cluster
+
+
+async def busiest_partition(pipe: Pipeline) -> str:
+    """The wallet partition with the most fills so far: fills go on landing there."""
+    lengths = {s: int(await pipe.redis_client.xlen(s)) for s in pipe.streams.order_streams()}
+    return max(lengths, key=lambda stream: lengths[stream])
+
+
+# The cluster faults run on the suite's Redis Cluster, with STREAM_PARTITIONS=4 (chaos/main.py).
+CLUSTER_FAULTS: dict[str, type[Fault]] = {f.name: f for f in (ClusterMasterKill,)}
 
 
 # The chain faults run with INGEST_SOURCES=polygon (chaos/main.py, CHAIN_ENV); on their own and,

@@ -5,9 +5,11 @@
     python -m chaos --only store_kill,postgres_cut --speed 60
 
 Redis: a throwaway `redis-server` the suite starts itself (append-only, fsync always) on a free
-port, so the Redis restart fault harms nobody. Postgres: as the tests find it (DATABASE_URL, the
-local server, a container or a throwaway one); each scenario gets a database of its own, dropped
-afterwards. Logs of every process stay under `.run/chaos/<run>/<scenario>/`.
+port, so the Redis restart fault harms nobody; and, only when a cluster row is selected, a
+throwaway Redis Cluster of 3 masters and 3 replicas (devtools/cluster.py) for those rows.
+Postgres: as the tests find it (DATABASE_URL, the local server, a container or a throwaway one);
+each scenario gets a database of its own, dropped afterwards. Logs of every process stay under
+`.run/chaos/<run>/<scenario>/`.
 
 The exit code is 0 only when every scenario lost nothing, doubled nothing and left nothing pending.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import secrets
@@ -31,10 +34,11 @@ from typing import Any
 import orjson
 
 from chaos import report
-from chaos.faults import CHAIN_FAULTS, FAULTS
+from chaos.faults import CHAIN_FAULTS, CLUSTER_FAULTS, FAULTS
 from chaos.pipeline import RECOVERY_ENV, PipelineConfig
 from chaos.redis_server import ThrowawayRedis
 from chaos.scenario import Scenario, run_scenario
+from devtools.cluster import Cluster, redis_cluster
 from devtools.processes import ROOT
 from devtools.servers import postgres_server, throwaway_database
 
@@ -50,6 +54,9 @@ CONTROL = "control_no_backfill"
 CHAIN_TOGETHER = "chain_together"
 CHAIN_ENV = {"INGEST_SOURCES": "polygon", "POLYGON_CONFIRMATIONS": "3"}
 CHAIN_ALSO = ("detector_kill", "store_kill", "redis_restart", "ingestor_kill")
+# The cluster rows: the services on a real Redis Cluster, fills spread over four wallet
+# partitions (and four token partitions), so the partitions' slots spread over the masters.
+CLUSTER_ENV = {"STREAM_PARTITIONS": "4"}
 
 
 @dataclass
@@ -68,7 +75,7 @@ class SuiteOptions:
 
 
 def full_scenarios() -> list[str]:
-    return [BASELINE, *FAULTS, TOGETHER, CONTROL, *CHAIN_FAULTS, CHAIN_TOGETHER]
+    return [BASELINE, *FAULTS, TOGETHER, CONTROL, *CHAIN_FAULTS, CHAIN_TOGETHER, *CLUSTER_FAULTS]
 
 
 def build(name: str, settle_s: float) -> Scenario:
@@ -90,6 +97,9 @@ def build(name: str, settle_s: float) -> Scenario:
         return Scenario(name, faults, settle_s, fault_at=0.15, env=CHAIN_ENV)
     if name in CHAIN_FAULTS:
         return Scenario(name, [CHAIN_FAULTS[name]()], settle_s, env=CHAIN_ENV)
+    if name in CLUSTER_FAULTS:
+        fault = CLUSTER_FAULTS[name]()
+        return Scenario(name, [fault], settle_s, env=CLUSTER_ENV, cluster=True)
     return Scenario(name, [FAULTS[name]()], settle_s)
 
 
@@ -115,6 +125,7 @@ async def _scenario_row(
     tape: Path,
     trades: int,
     run_id: str,
+    cluster: Cluster | None,
 ) -> dict[str, Any]:
     config = PipelineConfig(
         tape=tape,
@@ -125,9 +136,8 @@ async def _scenario_row(
     )
     async with throwaway_database(server_url, f"chaos_{run_id}_{scenario.name}") as database:
         try:
-            return await run_scenario(
-                scenario, config, redis, database, f"chaos{run_id}-{scenario.name}:", trades
-            )
+            namespace = f"chaos{run_id}-{scenario.name}:"
+            return await run_scenario(scenario, config, redis, database, namespace, trades, cluster)
         except Exception as exc:
             return {
                 "fault": scenario.name,
@@ -148,25 +158,27 @@ async def run_suite(
     started = time.monotonic()
     # A scenario: startup, the tape, settling; a bad one also waits out settle_s.
     typical_s = span / options.speed + 20
+    servers = contextlib.ExitStack()
+    cluster: Cluster | None = None
     try:
         for name in options.scenarios:
             if time.monotonic() - started + typical_s > options.budget_s:
-                rows.append(
-                    {
-                        "fault": name,
-                        "skipped": f"time budget of {options.budget_s:.0f}s",
-                        "verdict": "skipped",
-                    }
-                )
+                rows.append(_skipped(name, options.budget_s))
                 continue
             if progress:
                 print(f"chaos: {name} ...", file=sys.stderr, flush=True)
             scenario = build(name, options.settle_s)
-            row = await _scenario_row(scenario, options, redis, server_url, tape, trades, run_id)
+            if scenario.cluster and cluster is None:
+                # Six processes that take seconds to form: only once a cluster row runs.
+                cluster = servers.enter_context(redis_cluster())
+            row = await _scenario_row(
+                scenario, options, redis, server_url, tape, trades, run_id, cluster
+            )
             rows.append(report.finish_row(row))
             if progress:
                 print(f"chaos: {name}: {row['verdict']}", file=sys.stderr, flush=True)
     finally:
+        servers.close()
         redis.stop()
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -182,6 +194,10 @@ async def run_suite(
         "ok": all(row["verdict"].startswith("ok") for row in rows),
         "rows": rows,
     }
+
+
+def _skipped(name: str, budget_s: float) -> dict[str, Any]:
+    return {"fault": name, "skipped": f"time budget of {budget_s:.0f}s", "verdict": "skipped"}
 
 
 def _git_commit() -> str | None:

@@ -1,6 +1,7 @@
 """One scenario's pipeline: the simulator, store, detector replicas, notifier and ingestor as
-processes on the suite's own Redis, a database of the scenario's own behind a cuttable proxy, a
-webhook receiver and a resuming WebSocket subscriber.
+processes on the suite's own Redis (or, for a row on the cluster, on its Redis Cluster with
+`REDIS_CLUSTER=true`), a database of the scenario's own behind a cuttable proxy, a webhook
+receiver and a resuming WebSocket subscriber.
 
 Recovery settings are shortened from their defaults so a dead consumer's entries are taken over
 within seconds rather than a minute (claim idle 2 s instead of 30-60 s, reconnects from 0.2 s,
@@ -23,6 +24,7 @@ from chaos.proxy import TcpProxy
 from chaos.receiver import WebhookReceiver
 from chaos.redis_server import ThrowawayRedis
 from chaos.subscriber import ResumingSubscriber
+from devtools.cluster import Cluster
 from devtools.processes import ROOT, ServiceProcess, Supervisor
 from devtools.servers import free_port
 from shared.redis_streams import connect
@@ -66,13 +68,17 @@ class Pipeline:
         database_url: str,
         namespace: str,
         env: dict[str, str] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.extra_env = env or {}
         self.redis = redis
+        self.cluster = cluster
         self.database_url = database_url
         self.namespace = namespace
-        self.streams = Streams(namespace)
+        partitions = int(self.extra_env.get("STREAM_PARTITIONS", "1"))
+        # The services' layout (on a cluster even one partition has a lane of its own slot).
+        self.streams = Streams(namespace, partitions, cluster=cluster is not None)
         target = urlsplit(database_url)
         self.pg_proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
         self.sim_port, self.notifier_port = free_port(), free_port()
@@ -86,8 +92,13 @@ class Pipeline:
         self.services: dict[str, ServiceProcess] = {}
         self.detectors: list[ServiceProcess] = []
         self.supervisor = Supervisor([])
-        self.redis_client: aioredis.Redis = connect(redis.url)
+        self.redis_client: aioredis.Redis = connect(self.redis_url, cluster=cluster is not None)
         self.sim = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.sim_port}", timeout=10)
+
+    @property
+    def redis_url(self) -> str:
+        """The suite's Redis, or a node of the cluster (clients discover the others from it)."""
+        return self.cluster.url if self.cluster is not None else self.redis.url
 
     def proxied_database_url(self) -> str:
         parts = urlsplit(self.database_url)
@@ -97,7 +108,8 @@ class Pipeline:
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         return {
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": self.redis_url,
+            "REDIS_CLUSTER": "true" if self.cluster is not None else "false",
             "STREAM_NAMESPACE": self.namespace,
             "WALLETS_FILE": str(WALLETS_FILE),
             "LOG_LEVEL": "INFO",

@@ -22,7 +22,8 @@ from chaos.faults import Fault
 from chaos.pipeline import Pipeline, PipelineConfig
 from chaos.redis_server import ThrowawayRedis
 from chaos.truth import expected_order_keys, stream_truth
-from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
+from devtools.cluster import Cluster
+from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP, Streams
 from shared.wallets import load_wallets
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Scenario:
     env: dict[str, str] = field(default_factory=dict)
     # A control: the pipeline is broken on purpose, and the suite must see the loss.
     control: bool = False
+    # On the suite's Redis Cluster instead of its single Redis (REDIS_CLUSTER=true).
+    cluster: bool = False
 
 
 @dataclass
@@ -94,20 +97,28 @@ async def _apply(pipe: Pipeline, fault: Fault, at_emitted: int, delay_s: float) 
     fault.note(f"injected at {at_emitted}+ trades, lasted {time.monotonic() - started:.1f}s")
 
 
+def consumer_groups(streams: Streams) -> list[tuple[str, str]]:
+    """Every (stream, group) the services read: the detector on each lane, the store on each
+    order stream and on `signals`, the notifier's webhooks."""
+    return [
+        *((lane.stream, DETECTOR_GROUP) for lane in streams.lanes()),
+        *((stream, STORE_GROUP) for stream in streams.order_streams()),
+        (streams.signals, STORE_GROUP),
+        (streams.signals, WEBHOOKS_GROUP),
+    ]
+
+
 async def _group_pending(pipe: Pipeline) -> dict[str, int]:
-    s = pipe.streams
+    """Entries delivered and not acknowledged, per group. (A signal stuck in a lane's outbox
+    needs no count of its own: it is missing from `signals`, which the lost counts show.)"""
     pending = {}
-    for stream, group in (
-        (s.orders_raw, DETECTOR_GROUP),
-        (s.orders_raw, STORE_GROUP),
-        (s.signals, STORE_GROUP),
-        (s.signals, WEBHOOKS_GROUP),
-    ):
+    for stream, group in consumer_groups(pipe.streams):
+        name = f"{stream.removeprefix(pipe.namespace)}/{group}"
         try:
             summary = await pipe.redis_client.xpending(stream, group)
-            pending[f"{stream.removeprefix(pipe.namespace)}/{group}"] = int(summary["pending"])
+            pending[name] = int(summary["pending"])
         except Exception:  # a missing group counts as everything pending: unknown is not zero
-            pending[f"{stream.removeprefix(pipe.namespace)}/{group}"] = -1
+            pending[name] = -1
     return pending
 
 
@@ -194,8 +205,12 @@ async def run_scenario(
     database_url: str,
     namespace: str,
     tape_trades: int,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
-    pipe = Pipeline(config, redis, database_url, namespace, scenario.env)
+    if scenario.cluster and cluster is None:
+        raise ValueError(f"{scenario.name} runs on a Redis Cluster and none was started")
+    on = cluster if scenario.cluster else None
+    pipe = Pipeline(config, redis, database_url, namespace, scenario.env, cluster=on)
     started = time.monotonic()
     db: asyncpg.Connection | None = None
     try:
@@ -208,6 +223,8 @@ async def run_scenario(
         await _wait(pipe, "the end of the tape", "tape_done", tape_trades / config.speed + 120)
         db = await asyncpg.connect(database_url)
         result = await _settle(pipe, db, scenario.settle_s)
+        for fault in scenario.faults:
+            await fault.conclude(pipe)
     finally:
         if db is not None:
             await db.close()
@@ -215,6 +232,7 @@ async def run_scenario(
     return {
         "fault": scenario.name,
         "control": scenario.control,
+        "on_cluster": scenario.cluster,
         "settings": scenario.env,
         "faults": [
             {
@@ -222,6 +240,7 @@ async def run_scenario(
                 "description": f.description,
                 "supported": f.supported,
                 "notes": f.notes,
+                **({"figures": f.figures} if f.figures else {}),
             }
             for f in scenario.faults
         ],

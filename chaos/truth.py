@@ -8,12 +8,20 @@ every number of replicas must reproduce) run over `orders.raw` in stream order. 
 tape order: after a reconnect the backfill publishes missed trades late, and the rules (cooldowns,
 consensus windows) depend on the order the detector sees; whether every trade reached
 `orders.raw` at all is the orders check. A fault-free run of the same tape gives the same set.
+
+With partitions (`STREAM_PARTITIONS` > 1) every fill is once on its wallet partition, and a BUY
+also on its token partition; each partition is a detector lane with its share of the rules
+(`Streams.lanes()`): whale, entry and exit on a wallet partition, consensus on a token partition.
+The two shares never read each other's state (`rules.decide`), so the rules over one lane's
+stream in its order, keeping that lane's share of the signals, are exactly what the lane must
+emit; the expected set is the union over the lanes.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -22,8 +30,8 @@ from pydantic import ValidationError
 
 from services.detector.serial import SerialDetector
 from services.detector.settings import DetectorSettings
-from shared.models import OrderFill, Signal, TrackedWallet, order_key
-from shared.streams import Streams
+from shared.models import OrderFill, Signal, SignalKind, TrackedWallet, order_key
+from shared.streams import Scope, Streams
 
 PAGE = 5000
 
@@ -64,13 +72,24 @@ def _fields(fields: Any) -> dict[bytes, bytes]:
     return {_bytes(k): _bytes(v) for k, v in (fields or {}).items()}
 
 
+def in_scope(signal: Signal, scope: Scope) -> bool:
+    """Whether a lane of `scope` emits this signal: consensus on token lanes, the rest on wallet
+    lanes, all on the one lane without partitions."""
+    if scope is Scope.ALL:
+        return True
+    return (signal.kind is SignalKind.CONSENSUS) == (scope is Scope.TOKEN)
+
+
 @dataclass
 class StreamTruth:
+    # Every fill once, in stream order: `orders.raw`, or its wallet partitions one after another.
     orders: list[OrderFill]
     order_key_repeats: int
     unreadable_orders: int
     signal_ids: list[str]
     signals: dict[str, dict[str, Any]]
+    # What each detector lane read, in its order (None: `orders` is the one lane's stream).
+    lanes: list[tuple[Scope, list[OrderFill]]] | None = field(default=None)
 
     def describe(self, signal_id: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         """A signal (as the detector wrote it, unless given), with where its orders sit on
@@ -84,19 +103,43 @@ class StreamTruth:
         }
 
     def expected_signals(self, wallets: list[TrackedWallet]) -> dict[str, Signal]:
-        detector = SerialDetector(wallets, DetectorSettings().rules())
-        return {s.signal_id: s for order in self.orders for s in detector.process(order)}
+        expected: dict[str, Signal] = {}
+        for scope, orders in self.lanes or [(Scope.ALL, self.orders)]:
+            detector = SerialDetector(wallets, DetectorSettings().rules())
+            for order in orders:
+                signals = detector.process(order)
+                expected.update((s.signal_id, s) for s in signals if in_scope(s, scope))
+        return expected
+
+
+async def read_fills(client: aioredis.Redis, stream: str) -> tuple[list[OrderFill], int]:
+    """The fills of an order stream, oldest first, and how many entries were no fill."""
+    fills: list[OrderFill] = []
+    unreadable = 0
+    for _, fields in await read_stream(client, stream):
+        try:
+            fills.append(OrderFill.model_validate_json(fields[b"data"]))
+        except (KeyError, ValidationError):
+            unreadable += 1
+    return fills, unreadable
+
+
+def _repeats(orders: Iterable[OrderFill]) -> int:
+    return sum(n - 1 for n in Counter(order.order_key for order in orders).values())
 
 
 async def stream_truth(client: aioredis.Redis, streams: Streams) -> StreamTruth:
-    orders: list[OrderFill] = []
+    lanes: list[tuple[Scope, list[OrderFill]]] = []
     unreadable = 0
-    for _, fields in await read_stream(client, streams.orders_raw):
-        try:
-            orders.append(OrderFill.model_validate_json(fields[b"data"]))
-        except (KeyError, ValidationError):
-            unreadable += 1
-    keys = Counter(order.order_key for order in orders)
+    for lane in streams.lanes():
+        fills, bad = await read_fills(client, lane.stream)
+        lanes.append((lane.scope, fills))
+        unreadable += bad
+    orders = [fill for scope, fills in lanes if scope is not Scope.TOKEN for fill in fills]
+    # A fill twice on the order streams, or twice on its token partition.
+    repeats = _repeats(orders) + sum(
+        _repeats(fills) for scope, fills in lanes if scope is Scope.TOKEN
+    )
     signal_ids, signals = [], {}
     for _, fields in await read_stream(client, streams.signals):
         try:
@@ -107,8 +150,9 @@ async def stream_truth(client: aioredis.Redis, streams: Streams) -> StreamTruth:
         signals[signal_ids[-1]] = payload
     return StreamTruth(
         orders=orders,
-        order_key_repeats=sum(n - 1 for n in keys.values()),
+        order_key_repeats=repeats,
         unreadable_orders=unreadable,
         signal_ids=signal_ids,
         signals=signals,
+        lanes=lanes if streams.partitioned else None,
     )

@@ -8,6 +8,7 @@ to disk, so the rejoined node resyncs from its new master.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,9 @@ class _Seen:
     port: int
     flags: frozenset[str]
     serves_slots: bool
+    node_id: str = ""
+    # A replica's master's node id ("-" for a master).
+    master_id: str = "-"
 
     @property
     def failed(self) -> bool:
@@ -76,7 +80,13 @@ def _cluster_nodes(port: int) -> list[_Seen]:
         address = fields[1].split("@")[0]
         slots = [f for f in fields[8:] if not f.startswith("[")]  # "[...]" is a migration
         seen.append(
-            _Seen(int(address.rsplit(":", 1)[1]), frozenset(fields[2].split(",")), bool(slots))
+            _Seen(
+                int(address.rsplit(":", 1)[1]),
+                frozenset(fields[2].split(",")),
+                bool(slots),
+                node_id=fields[0],
+                master_id=fields[3],
+            )
         )
     return seen
 
@@ -132,6 +142,40 @@ class Cluster:
             if start <= slot <= end:
                 return int(master[1])
         raise RuntimeError(f"no master serves slot {slot}")
+
+    def replica_of(self, master_port: int) -> int:
+        """Port of a live replica of the master on `master_port`, as a live node sees it now."""
+        seen = _cluster_nodes(self._live()[0])
+        master = next(s for s in seen if s.port == master_port)
+        for node in seen:
+            if node.master_id == master.node_id and not node.failed:
+                return node.port
+        raise RuntimeError(f"{master_port} has no live replica")
+
+    def pid_of(self, port: int) -> int:
+        proc = self._nodes[port].proc
+        if proc is None or not self._nodes[port].alive:
+            raise RuntimeError(f"the node on {port} is not running")
+        return proc.pid
+
+    def signal(self, port: int, sig: signal.Signals) -> None:
+        """Send `sig` to the node on `port` (SIGSTOP freezes it, SIGCONT wakes it up)."""
+        os.kill(self.pid_of(port), sig)
+
+    def freeze_replica(self, master_port: int) -> int:
+        """Make the next writes of `master_port` unreplicated: freeze (SIGSTOP) its replica, then
+        close the replication link on the master's side; returns the replica's port.
+
+        The freeze alone loses nothing: what the master sends still lands in the frozen
+        process' socket buffer, which it reads on waking (even after the master died). With the
+        link closed, writes the master acknowledges from now on reach no replica at all, so a
+        failover before the replica is thawed (`signal(port, SIGCONT)`) loses them. Keep the
+        freeze short: a replica whose link was down longer than `cluster-replica-validity-factor`
+        (10) node timeouts refuses to be promoted."""
+        replica = self.replica_of(master_port)
+        self.signal(replica, signal.SIGSTOP)
+        _ask(master_port, "CLIENT", "KILL", "TYPE", "replica")
+        return replica
 
     def kill(self, port: int) -> None:
         """SIGKILL: no goodbye to the other nodes, which must detect the death themselves."""
