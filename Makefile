@@ -39,7 +39,7 @@ run: install prereqs-run
 test: install prereqs-test
 	$(BIN)/python -m pytest -q
 
-# Never part of `make test`: the real services under load, about 5-8 minutes (bench/README.md).
+# Never part of `make test`: the real services under load, about 9-12 minutes (bench/README.md).
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -15,10 +15,13 @@ Redis and Postgres, with the simulator as the feed, and measures:
 - `stages`: each stage alone from a pre-filled stream: the ingestor's parse+dedupe+publish, the
   detector with 1, 2 and 4 replicas, the store.
 - `memory`: resident memory of every service process, at steady state and at peak.
+- `cluster`: the detector stage and the pipeline again, on a private single Redis and on a private
+  Redis Cluster (3 masters + 3 replicas) with 1 and 4 partitions: orders/s and CPU per order, the
+  Redis CPU node by node, as ratios to the single node.
 
 Modules: `main` (the command line, the run), `environment` (servers, throwaway database, machine
 facts), `processes` (service processes, health, memory), `fixtures` (pre-built orders, signals
 and frames), `probes` (stream lengths, group lag), `subscriber` (the WebSocket receiver),
 `pipeline` (the running pipeline with a restartable feed), `ceilings`, `latency`, `throughput`,
-`stages`, `stats`, `report` (table and JSON), `profiling` (py-spy).
+`stages`, `cluster`, `stats`, `report` (table and JSON), `profiling` (py-spy).
 """

@@ -10,13 +10,15 @@ store's own migrations, and dropped at the end; every stream and key the run wro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import itertools
 import os
 import platform
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from devtools.processes import ServiceProcess
 from services.store.schema import load as load_migrations
 from services.store.schema import migrate
 from shared.redis_streams import connect
+from shared.streams import Streams
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "bench"
@@ -37,27 +40,94 @@ WALLETS_FILE = ROOT / "config" / "wallets.example.json"
 
 @dataclass
 class BenchEnv:
-    """One benchmark run's servers and names."""
+    """One benchmark run's servers and names.
+
+    By default the streams live on the suite's Redis, one partition. `on` gives the same run on
+    another Redis: a cluster (`REDIS_CLUSTER`), partitioned (`STREAM_PARTITIONS`), and with the
+    ports of its local `redis-server` nodes, whose CPU the stages then measure node by node.
+    """
 
     redis_url: str
     database_url: str
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
-    _scenarios: int = 0
+    cluster: bool = False
+    partitions: int = 1
+    # Local redis-server nodes: port -> "master" or "replica" (empty: the server of redis_url).
+    redis_nodes: Mapping[int, str] = field(default_factory=dict)
+    # A Redis of this run alone: every scenario uses the default namespace, so keys land in the
+    # slots (and on the nodes) a default deployment's do; the caller empties it between scenarios.
+    private: bool = False
+    # Shared by every `on` copy: no two scenarios of the run get the same number (feed seeds).
+    _scenarios: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
+
+    def on(
+        self, redis_url: str, nodes: Mapping[int, str], *, cluster: bool, partitions: int
+    ) -> BenchEnv:
+        """This run on a private Redis (see `private`)."""
+        return dataclasses.replace(
+            self,
+            redis_url=redis_url,
+            cluster=cluster,
+            partitions=partitions,
+            redis_nodes=dict(nodes),
+            private=True,
+        )
+
+    def scenario(self) -> int:
+        return next(self._scenarios)
 
     def namespace(self, label: str) -> str:
         """A fresh stream/key prefix: every scenario starts from empty streams and state."""
-        self._scenarios += 1
-        return f"bench{self.run_id}-{self._scenarios}{label}:"
+        number = self.scenario()
+        return "" if self.private else f"bench{self.run_id}-{number}{label}:"
+
+    def streams(self, namespace: str) -> Streams:
+        """The layout the services derive from the same settings (shared/settings.py)."""
+        return Streams(namespace, self.partitions, self.cluster)
+
+    def redis_settings(self) -> dict[str, str]:
+        """The services' settings for this Redis and layout."""
+        return {
+            "REDIS_URL": self.redis_url,
+            "REDIS_CLUSTER": "true" if self.cluster else "false",
+            "STREAM_PARTITIONS": str(self.partitions),
+        }
 
     @property
     def prefix(self) -> str:
         return f"bench{self.run_id}-"
 
     def redis(self) -> aioredis.Redis:
-        return connect(self.redis_url)
+        return connect(self.redis_url, cluster=self.cluster)
+
+    async def connected(self) -> aioredis.Redis:
+        """A client that has found its servers: redis-py's cluster client discovers the nodes
+        on its first command, and concurrent first commands race that discovery (redis-py
+        8.1: most bursts fail with `'NoneType' object has no attribute 'writelines'`)."""
+        client = self.redis()
+        await client.initialize()
+        return client
+
+    async def redis_cpu(self) -> dict[str, float]:
+        """CPU seconds Redis used so far (its own `INFO cpu`): `redis`, or `redis:<port>` for each
+        local node."""
+        if not self.redis_nodes:
+            return {"redis": await _info_cpu(self.redis())}
+        ports = list(self.redis_nodes)
+        used = [await _info_cpu(connect(f"redis://127.0.0.1:{port}/0")) for port in ports]
+        return {f"redis:{port}": seconds for port, seconds in zip(ports, used, strict=True)}
 
     async def pg(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.database_url)
+
+
+async def _info_cpu(client: aioredis.Redis) -> float:
+    """User + system CPU seconds of the server (every thread), closing the client."""
+    try:
+        info: Any = await client.info("cpu")
+    finally:
+        await client.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def service(name: str, env: dict[str, str], health_url: str, tag: str = "") -> ServiceProcess:

@@ -1,14 +1,16 @@
 """`python -m bench`: run the benchmark, print the table, write `bench/results/latest.json`.
 
-    python -m bench              # the full run (about 5-8 minutes on 2 cores)
-    python -m bench --quick      # a smoke run of about a minute: same scenarios, shorter
+    python -m bench              # the full run (about 9-12 minutes on 2 cores)
+    python -m bench --quick      # a smoke run of about 4 minutes: same scenarios, shorter
     python -m bench --only ceilings,stages
+    python -m bench --only cluster   # one Redis against a Redis Cluster, 1 and 4 partitions
     python -m bench profile detector --rate 5000 --seconds 10
     python -m bench profile detector --stage 40000 --seconds 5
 
 Order: ceilings, stages alone, then the whole pipeline (latency at each rate, then the rate
-step-up), then memory and consistency. Sections run one after another, never side by side, so
-each has the machine to itself (apart from whatever else runs on it: see the load averages).
+step-up), then memory and consistency, the Polygon source, and last the cluster comparison.
+Sections run one after another, never side by side, so each has the machine to itself (apart from
+whatever else runs on it: see the load averages).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, chain, latency, profiling, stages, throughput
+from bench import ceilings, chain, cluster, latency, profiling, stages, throughput
+from bench.cluster import ClusterPlan
 from bench.environment import (
     BenchEnv,
     backing_servers,
@@ -35,7 +38,7 @@ from bench.environment import (
 from bench.pipeline import Pipeline
 from bench.report import RESULTS_DIR, add_ratios, goals, table, write
 
-SECTIONS = ("ceilings", "stages", "latency", "pipeline", "chain")
+SECTIONS = ("ceilings", "stages", "latency", "pipeline", "chain", "cluster")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Plan:
     hot_replicas: tuple[int, ...]
     store_items: int
     budget_s: float
+    # The same detector stage and pipeline on one Redis and on a Redis Cluster (bench/cluster.py).
+    cluster: ClusterPlan
     # Tracked fills per second into 2 s blocks: a few per block (20/s), and a burst of 400.
     chain_rates: tuple[float, ...] = (20.0, 200.0)
     chain_s: float = 20.0
@@ -77,6 +82,7 @@ FULL = Plan(
     hot_replicas=(1, 2),
     store_items=40_000,
     budget_s=570,
+    cluster=ClusterPlan(items=40_000, replicas=2, rates=(500, 1000, 2000), step_s=10, drain_s=30),
 )
 QUICK = Plan(
     mode="quick",
@@ -94,6 +100,7 @@ QUICK = Plan(
     hot_replicas=(1, 2),
     store_items=10_000,
     budget_s=150,
+    cluster=ClusterPlan(items=10_000, replicas=2, rates=(500,), step_s=4, drain_s=15),
     chain_s=6,
 )
 
@@ -263,6 +270,11 @@ async def run(plan: Plan, sections: set[str], note: str, out_path: Path) -> dict
                     results["chain"] = await run_chain(env, plan)
                 except Exception as exc:
                     errors["chain"] = _failure(exc)
+            if "cluster" in sections:
+                try:
+                    results["cluster"] = await cluster.measure(env, plan.cluster)
+                except Exception as exc:
+                    errors["cluster"] = _failure(exc)
             results["errors"] = errors
     results["load_average_at_end"] = load_average()
     results["pytest_processes_at_end"] = other_test_runs()
@@ -294,7 +306,7 @@ async def run_profile(service: str, rate: float, seconds: float, stage_items: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 4 minutes")
     parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
     )

@@ -24,11 +24,17 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.environment import WALLETS_FILE, BenchEnv, service
-from bench.probes import GroupState, entries_added, group_state
+from bench.probes import (
+    GroupState,
+    entries_added,
+    groups_state,
+    total_added,
+    unforwarded_signals,
+)
 from bench.subscriber import Subscriber
 from devtools.processes import Memory, ServiceProcess, cpu_of_command, start_all, stop_all
 from devtools.servers import free_port
-from shared.streams import DETECTOR_GROUP, STORE_GROUP, Streams
+from shared.streams import DETECTOR_GROUP, STORE_GROUP
 
 # Every fill a whale_order, none suppressed by a cooldown (names unknown to a service are ignored).
 RULES = {"WHALE_MIN_NOTIONAL_USD": "0.0001", "SIGNAL_MAX_PRICE": "1", "SIGNAL_COOLDOWN_S": "0"}
@@ -36,12 +42,11 @@ FEED_START_TIMEOUT_S = 20.0
 # Polygon's block time: the simulator's node mines at this pace in every bench pipeline.
 CHAIN_BLOCK_TIME_S = 2.0
 API_KEY = "bench-key"
-_EMPTY = GroupState(0, 0, 0)
 
 
 def service_env(env: BenchEnv, namespace: str) -> dict[str, str]:
     return {
-        "REDIS_URL": env.redis_url,
+        **env.redis_settings(),
         "DATABASE_URL": env.database_url,
         "STREAM_NAMESPACE": namespace,
         "WALLETS_FILE": str(WALLETS_FILE),
@@ -69,6 +74,8 @@ class Snapshot:
     store_orders: GroupState
     store_signals: GroupState
     delivered: int
+    # Signals in the lanes' outboxes, not yet forwarded to `signals` (0 without outboxes).
+    unforwarded: int = 0
 
     @property
     def stored(self) -> int:
@@ -79,7 +86,7 @@ class Snapshot:
         """Work waiting at each stage: fed but not in orders.raw, unread or unacked, undelivered."""
         return {
             "ingestor": max(0, self.emitted - (self.ingested - ingested_before)),
-            "detector": self.detector.backlog,
+            "detector": self.detector.backlog + self.unforwarded,
             "store": self.store_orders.backlog + self.store_signals.backlog,
             "notifier": max(0, self.signalled - self.delivered),
         }
@@ -104,7 +111,10 @@ class Pipeline:
         # The ingestor's source settings over the default (the Dome feed): see `chain_source`.
         self.ingest = ingest or {}
         self.namespace = env.namespace(tag.rstrip("-"))
-        self.streams = Streams(self.namespace)
+        self.streams = env.streams(self.namespace)
+        # Each pipeline's feeds draw their own orders: a later one must not repeat an earlier
+        # one's, which Postgres would then drop as duplicates.
+        self.seed = int(env.run_id, 16) + 1000 * env.scenario()
         self.base = service_env(env, self.namespace)
         self.sim_port = free_port()
         self.notifier_port = free_port()
@@ -118,6 +128,7 @@ class Pipeline:
 
     async def start(self) -> None:
         tag = self.tag
+        await self.redis.initialize()  # before any concurrent probe: see BenchEnv.connected
         consumers = [
             ops_service("store", self.base, tag),
             ops_service("detector", self.base, tag),
@@ -163,7 +174,7 @@ class Pipeline:
                 "SIM_PORT": str(self.sim_port),
                 "SIM_MODE": "synthetic",
                 "SIM_RATE": str(rate),
-                "SIM_SEED": str(int(self.env.run_id, 16) + self.feeds),
+                "SIM_SEED": str(self.seed + self.feeds),
                 "SIM_WALLETS_FILE": str(WALLETS_FILE),
                 "SIM_API_KEY": API_KEY,
                 "SIM_HISTORY_MAX": "1000000" if keep_history else "1000",
@@ -206,22 +217,34 @@ class Pipeline:
     async def snapshot(self) -> Snapshot:
         streams = self.streams
         emitted = (await self.sim_status())["emitted"] if self.simulator else 0
-        ingested, signalled, detector, store_orders, store_signals = await asyncio.gather(
-            entries_added(self.redis, streams.orders_raw),
+        # Partitioned (or on a cluster), the detector's work is every lane's group and every
+        # outbox not forwarded yet; the store's orders are every wallet partition.
+        lanes = [(lane.stream, DETECTOR_GROUP) for lane in streams.lanes()]
+        (
+            ingested,
+            signalled,
+            detector,
+            store_orders,
+            store_signals,
+            unforwarded,
+        ) = await asyncio.gather(
+            total_added(self.redis, streams.order_streams()),
             entries_added(self.redis, streams.signals),
-            group_state(self.redis, streams.orders_raw, DETECTOR_GROUP),
-            group_state(self.redis, streams.orders_raw, STORE_GROUP),
-            group_state(self.redis, streams.signals, STORE_GROUP),
+            groups_state(self.redis, lanes),
+            groups_state(self.redis, [(s, STORE_GROUP) for s in streams.order_streams()]),
+            groups_state(self.redis, [(streams.signals, STORE_GROUP)]),
+            unforwarded_signals(self.redis, streams),
         )
         return Snapshot(
             time.monotonic(),
             emitted,
             ingested,
             signalled,
-            detector or _EMPTY,
-            store_orders or _EMPTY,
-            store_signals or _EMPTY,
+            detector,
+            store_orders,
+            store_signals,
             self.subscriber.received,
+            unforwarded,
         )
 
     async def drained(self, within_s: float) -> bool:
@@ -240,12 +263,11 @@ class Pipeline:
         return {p.name: m for p in procs if (m := p.memory()) is not None}
 
     async def cpu(self) -> dict[str, float]:
-        """CPU seconds used so far: each service, the simulator, Redis, every Postgres process
-        and this process (the measuring subscriber and the probes)."""
+        """CPU seconds used so far: each service, the simulator, Redis (each node of a private
+        one), every Postgres process and this process (the measuring subscriber and the probes)."""
         procs = [*self.services.values(), *([self.simulator] if self.simulator else [])]
         used = {p.name: c for p in procs if (c := p.cpu()) is not None}
-        info: Any = await self.redis.info("cpu")
-        used["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        used.update(await self.env.redis_cpu())
         used["postgres"] = cpu_of_command("postgres")
         used["bench"] = time.process_time()
         return used

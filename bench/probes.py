@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+from services.detector.forward import unforwarded
+from shared.streams import Streams
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,18 @@ async def entries_added(client: aioredis.Redis, stream: str) -> int:
             return 0
         raise
     return int(info["entries-added"])
+
+
+async def total_added(client: aioredis.Redis, streams: Sequence[str]) -> int:
+    """Entries ever added to all of `streams` (a partitioned stream's partitions)."""
+    return sum(await asyncio.gather(*(entries_added(client, stream) for stream in streams)))
+
+
+async def unforwarded_signals(client: aioredis.Redis, streams: Streams) -> int:
+    """Signals in the lanes' outboxes not forwarded to `signals` yet (none without outboxes).
+    Forwarded entries stay in an outbox for a while: the detector's own count says which wait."""
+    outboxes = [lane.signals for lane in streams.lanes() if lane.outbox]
+    return sum(await asyncio.gather(*(unforwarded(client, streams, o) for o in outboxes)))
 
 
 async def group_state(client: aioredis.Redis, stream: str, group: str) -> GroupState | None:
@@ -74,3 +89,15 @@ async def until(
 async def group_drained(client: aioredis.Redis, stream: str, group: str) -> bool:
     state = await group_state(client, stream, group)
     return state is not None and state.backlog == 0 and state.entries_read > 0
+
+
+async def groups_state(client: aioredis.Redis, groups: Sequence[tuple[str, str]]) -> GroupState:
+    """(stream, group) pairs' states summed: one stage's work over its partitions; a group not
+    created yet counts as empty."""
+    found = await asyncio.gather(*(group_state(client, stream, group) for stream, group in groups))
+    states = [state for state in found if state is not None]
+    return GroupState(
+        sum(s.lag for s in states),
+        sum(s.pending for s in states),
+        sum(s.entries_read for s in states),
+    )

@@ -129,6 +129,127 @@ def _cpu_lines(steps: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _x(ratio: Any) -> str:
+    return "-" if ratio is None else f"x{ratio:.2f}"
+
+
+def _consistent(consistency: dict[str, Any] | None) -> str:
+    if not consistency:
+        return "-"
+    c = consistency
+    orders_ok = c["orders_ingested"] == c["postgres_orders_added"]
+    signals = {c["signals_written"], c["postgres_signals_added"], c["signals_delivered"]}
+    return "yes" if orders_ok and len(signals) == 1 else "NO"
+
+
+def _masters_line(label: str, fig: dict[str, Any], placement: dict[str, int]) -> str:
+    """Each master's CPU, busiest first, with the lanes (and `signals`) its slots hold."""
+    held: dict[str, list[str]] = {}
+    for stream, port in placement.items():
+        held.setdefault(str(port), []).append(stream.replace("orders.", ""))
+    ranked = sorted(fig["redis_masters"].items(), key=lambda kv: -kv[1])
+    shares = [f"{ms:,.0f} [{' '.join(held.get(port, []))}]" for port, ms in ranked]
+    return f"{label}: " + ", ".join(shares)
+
+
+def _in_order(cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each backend's figures in the order they ran (the JSON file sorts keys)."""
+    summary = cluster["summary"]
+    return [
+        (r["backend"], summary[r["backend"]]) for r in cluster["runs"] if r["backend"] in summary
+    ]
+
+
+def _cluster_stage(cluster: dict[str, Any]) -> list[str]:
+    runs = {r["backend"]: r for r in cluster["runs"]}
+    lines = [
+        f"  detector stage: {_n(cluster['items'])} orders over 1,000 markets, "
+        f"{cluster['replicas']} replicas; CPU ms per 1,000 orders",
+        f"  {'backend':<12} {'orders/s':>9} {'':>6} {'services':>9} {'Redis':>7} "
+        f"{'busiest node':>12} {'':>6} {'replicas':>8} {'signals':>8}",
+    ]
+    base_signals = (runs.get("single node") or {}).get("detector", {}).get("signals")
+    for backend, per_run in _in_order(cluster):
+        fig = per_run.get("detector")
+        if not fig:
+            continue
+        signals = runs[backend]["detector"].get("signals")
+        lines.append(
+            f"  {backend:<12} {_n(fig['per_s']):>9} {_x(fig['ratios']['per_s']):>6} "
+            f"{_n(fig['services']):>9} {_n(fig['redis']):>7} {_n(fig['redis_busiest']):>12} "
+            f"{_x(fig['ratios']['redis_busiest']):>6} {_n(fig['redis_replicas']):>8} "
+            f"{_n(signals):>8}" + ("" if signals == base_signals else "  SIGNALS DIFFER")
+        )
+    return lines
+
+
+def _cluster_pipeline(cluster: dict[str, Any]) -> list[str]:
+    runs = {r["backend"]: r for r in cluster["runs"]}
+    rates = {f["pipeline"]["cpu_rate"] for _, f in _in_order(cluster) if "pipeline" in f}
+    idle = ", ".join(
+        f"{backend} {f['pipeline']['idle_redis_ms_per_s']:g}"
+        for backend, f in _in_order(cluster)
+        if "pipeline" in f
+    )
+    lines = [
+        f"  pipeline: CPU ms per 1,000 orders at {', '.join(_n(r) for r in sorted(rates))}/s, "
+        f"net of what each process uses idle (Redis idle, ms/s: {idle})",
+        f"  {'backend':<12} {'sustained':>9} {'':>6} {'services':>9} {'Redis':>7} "
+        f"{'busiest node':>12} {'':>6} {'replicas':>8} {'other':>8}  consistent",
+    ]
+    for backend, per_run in _in_order(cluster):
+        fig = per_run.get("pipeline")
+        if not fig:
+            continue
+        lines.append(
+            f"  {backend:<12} {_n(fig['per_s']):>9} {'':>6} {_n(fig['services']):>9} "
+            f"{_n(fig['redis']):>7} {_n(fig['redis_busiest']):>12} "
+            f"{_x(fig['ratios']['redis_busiest']):>6} {_n(fig['redis_replicas']):>8} "
+            f"{_n(fig['other']):>8}  {_consistent(runs[backend]['pipeline'].get('consistency'))}"
+        )
+    return lines
+
+
+def _cluster_gain(cluster: dict[str, Any]) -> list[str]:
+    """The Redis-bound ceiling of each backend, and what the cluster lifts it by."""
+    lines = ["  Redis CPU per master, ms per 1,000 orders, busiest first [what its slots hold]:"]
+    for kind in ("detector", "pipeline"):
+        lines += [
+            f"    {kind}, " + _masters_line(backend, per_run[kind], cluster["placement"][backend])
+            for backend, per_run in _in_order(cluster)
+            if kind in per_run and backend in cluster["placement"]
+        ]
+    lines.append(
+        "  Across machines, each Redis node a core of its own: orders/s Redis can carry "
+        "(1e6 / busiest node's ms per 1,000)"
+    )
+    for kind in ("detector", "pipeline"):
+        parts = [
+            f"{backend} {_n(fig['redis_ceiling_per_s'])}"
+            + (f" ({_x(fig['ratios']['redis_ceiling_per_s'])})" if backend != "single node" else "")
+            for backend, per_run in _in_order(cluster)
+            if (fig := per_run.get(kind))
+        ]
+        if parts:
+            lines.append(f"    {kind}: " + "; ".join(parts))
+    return lines
+
+
+def cluster_lines(cluster: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "Redis Cluster (3 masters + 3 replicas) vs one Redis: private redis-servers on this host, "
+        "the same orders, x = ratio to the single node",
+    ]
+    lines += _cluster_stage(cluster) + _cluster_pipeline(cluster) + _cluster_gain(cluster)
+    for run in cluster["runs"]:
+        if run.get("error"):
+            lines.append(f"  {run['backend']} FAILED: {run['error']}")
+        if run.get("detector") and not run["detector"].get("complete"):
+            lines.append(f"  {run['backend']}: the detector stage did not drain in time")
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -221,6 +342,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{_n(s['seconds'], 2):>7} {_n(s['per_s']):>9} {s['ceiling']:>14} "
                 f"{_n(s.get('ratio'), 3):>6}" + _stage_flag(s)
             )
+    if results.get("cluster"):
+        lines += cluster_lines(results["cluster"])
     mem = results.get("memory")
     if mem:
         lines += ["", "Memory (MiB): resident at steady state / peak resident (VmHWM) over the run"]

@@ -11,10 +11,15 @@
   in one hot market: the contention case, as replicas wait for each other on shared state); the
   group is created past them, the replicas start and become healthy idle, then the group is moved
   back to the start (XGROUP SETID 0) and the clock runs until the group's lag and pending are both
-  0. Bounded by XREADGROUP + XACK.
+  0. Bounded by XREADGROUP + XACK. Partitioned (`STREAM_PARTITIONS` > 1), the orders go where the
+  ingestor would put them (`OrdersRaw.publish_all`), every lane's group is rewound, and the clock
+  runs until every lane has drained and every outbox has been forwarded to `signals`.
 - `store`: N orders and their N signals pre-filled; same trick with the `store` group on both
   streams; the clock runs until both are drained (the store acks only after commit), then the
   Postgres row counts are checked. Bounded by COPY.
+
+Each stage also records the CPU its processes and Redis (each node of a private one) used between
+the rewind and the drain, per 1,000 items.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
@@ -34,25 +40,33 @@ from bench.fixtures import (
     SPREAD_MARKETS,
     dome_orders,
     event_frames,
-    fill_payloads,
     order_fills,
     signal_payloads,
     tracked_addresses,
 )
 from bench.pipeline import API_KEY, ops_service, service_env
-from bench.probes import entries_added, group_drained, until
+from bench.probes import entries_added, group_drained, total_added, unforwarded_signals, until
 from devtools.processes import Memory, ServiceProcess, start_all, stop_all
 from devtools.servers import free_port
 from services.ingestor.frames import Fill, parse_frame
 from services.ingestor.publisher import Publisher
+from shared.models import OrderFill
+from shared.orders_raw import OrdersRaw
+from shared.redis_streams import entry_position
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, Streams
 
 # Something to run beside a stage's processes while they work (a profiler), given the processes.
 Watch = Callable[[list[ServiceProcess]], Awaitable[Any]]
 
 PREFILL_BATCH = 1000
-STAGE_TIMEOUT_S = 120.0
+# Generous: a partitioned stage on a loaded 2-core machine has taken over 2 minutes.
+STAGE_TIMEOUT_S = 240.0
+# Often enough to time a drain of seconds within 1%, seldom enough that polling every lane of a
+# partitioned layout costs Redis next to nothing.
+DRAIN_POLL_S = 0.05
 ROW_COUNT = "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM signals)"
+# Pre-filled orders' dedupe keys only have to outlive the stage.
+PREFILL_DEDUPE_TTL_S = 3600
 
 
 async def prefill(client: aioredis.Redis, stream: str, payloads: list[bytes]) -> None:
@@ -61,6 +75,18 @@ async def prefill(client: aioredis.Redis, stream: str, payloads: list[bytes]) ->
             for payload in payloads[start : start + PREFILL_BATCH]:
                 pipe.xadd(stream, cast(Any, {b"data": payload}))
             await pipe.execute()
+
+
+async def prefill_orders(
+    client: aioredis.Redis, streams: Streams, fills: Sequence[OrderFill]
+) -> dict[str, int]:
+    """The fills where the ingestor would put them (their wallet's partition, a BUY also its
+    token's), by its own script; returns the entries each stream then holds, by name."""
+    orders = OrdersRaw(client, streams, stream_maxlen=1_000_000, dedupe_ttl_s=PREFILL_DEDUPE_TTL_S)
+    await orders.publish_all(fills)
+    names = [*streams.order_streams(), *streams.token_streams()]
+    counts = await asyncio.gather(*(entries_added(client, name) for name in names))
+    return dict(zip(names, counts, strict=True))
 
 
 def _memory(procs: list[ServiceProcess]) -> dict[str, dict[str, float]]:
@@ -82,10 +108,10 @@ def _result(stage: str, items: int, seconds: float | None, **extra: Any) -> dict
 
 
 async def ingestor_inprocess(env: BenchEnv, count: int) -> dict[str, Any]:
-    streams = Streams(env.namespace("ingest"))
+    streams = env.streams(env.namespace("ingest"))
     frames = event_frames(dome_orders(count, secrets.token_hex(8)))
     tracked = frozenset(tracked_addresses())
-    client = env.redis()
+    client = await env.connected()
     publisher = Publisher(client, streams, stream_maxlen=1_000_000, dedupe_ttl_s=3600)
     runner = asyncio.create_task(publisher.run())
     try:
@@ -97,7 +123,7 @@ async def ingestor_inprocess(env: BenchEnv, count: int) -> dict[str, Any]:
             await publisher.submit(frame.fill)
         left = await publisher.flush(STAGE_TIMEOUT_S)
         elapsed = time.perf_counter() - start
-        added = await entries_added(client, streams.orders_raw)
+        added = await total_added(client, streams.order_streams())
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -113,7 +139,7 @@ async def ingestor_inprocess(env: BenchEnv, count: int) -> dict[str, Any]:
 
 async def ingestor_burst(env: BenchEnv, count: int) -> dict[str, Any]:
     namespace = env.namespace("burst")
-    streams = Streams(namespace)
+    streams = env.streams(namespace)
     base = service_env(env, namespace)
     sim_port = free_port()
     simulator = service(
@@ -140,13 +166,13 @@ async def ingestor_burst(env: BenchEnv, count: int) -> dict[str, Any]:
         PUBLISH_QUEUE_SIZE=str(count * 2),
     )
     body = orjson.dumps(dome_orders(count, secrets.token_hex(8)))
-    client = env.redis()
+    client = await env.connected()
     procs = [simulator, ingestor]
     try:
         await start_all(procs)
 
         async def first_trade_in() -> bool:
-            return await entries_added(client, streams.orders_raw) >= 1
+            return await total_added(client, streams.order_streams()) >= 1
 
         # The synthetic feed's first trade is due at once: it proves the subscription is live.
         if await until(first_trade_in, 30, 0.05) is None:
@@ -156,13 +182,10 @@ async def ingestor_burst(env: BenchEnv, count: int) -> dict[str, Any]:
             response.raise_for_status()
 
         async def all_in() -> bool:
-            return await entries_added(client, streams.orders_raw) >= count + 1
+            return await total_added(client, streams.order_streams()) >= count + 1
 
         done = await until(all_in, STAGE_TIMEOUT_S, 0.05) is not None
-        entries: Any = await client.xrange(streams.orders_raw, count=2)
-        last: Any = await client.xrevrange(streams.orders_raw, count=1)
-        first_ms = int(entries[1][0].split(b"-")[0])
-        last_ms = int(last[0][0].split(b"-")[0])
+        first_ms, last_ms = await _burst_span(client, streams.order_streams())
         memory = _memory(procs)
     finally:
         await stop_all(procs)
@@ -178,38 +201,98 @@ async def ingestor_burst(env: BenchEnv, count: int) -> dict[str, Any]:
     )
 
 
+async def _burst_span(client: aioredis.Redis, streams: list[str]) -> tuple[int, int]:
+    """Redis' clock (ms) at the burst's first and last entry, over every partition: the first
+    entry of all is the simulator's first trade, not part of the burst."""
+    firsts: list[bytes] = []
+    lasts: list[bytes] = []
+    for stream in streams:
+        head: Any = await client.xrange(stream, count=2)
+        tail: Any = await client.xrevrange(stream, count=1)
+        firsts += [entry_id for entry_id, _ in head]
+        lasts += [entry_id for entry_id, _ in tail]
+    firsts.sort(key=lambda entry_id: entry_position(entry_id.decode()))
+    first_ms = entry_position(firsts[1].decode())[0]
+    last_ms = max(entry_position(entry_id.decode())[0] for entry_id in lasts)
+    return first_ms, last_ms
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One timed drain: its seconds (None: timed out), the processes' memory at its end, the CPU
+    seconds each process and Redis used over it, and what the watcher returned."""
+
+    seconds: float | None
+    memory: dict[str, dict[str, float]]
+    cpu_s: dict[str, float]
+    watched: Any = None
+
+
+async def _stage_cpu(env: BenchEnv, procs: list[ServiceProcess]) -> dict[str, float]:
+    used = {f"{p.name}#{n}": c for n, p in enumerate(procs, 1) if (c := p.cpu()) is not None}
+    return {**used, **await env.redis_cpu()}
+
+
 async def _stage_processes(
+    env: BenchEnv,
     client: aioredis.Redis,
     procs: list[ServiceProcess],
     groups: list[tuple[str, str]],
+    drained: Callable[[], Awaitable[bool]],
     watch: Watch | None,
-) -> tuple[float | None, dict[str, dict[str, float]], Any]:
-    """Start the processes idle, rewind the groups, time until every group has drained.
+) -> StageRun:
+    """Start the processes idle, rewind the groups, time until `drained`.
 
-    `watch` (e.g. a profiler) runs beside the processes from the rewind on; its result is the
-    third value.
+    `watch` (e.g. a profiler) runs beside the processes from the rewind on.
     """
     for stream, group in groups:
         await client.xgroup_create(stream, group, id="$", mkstream=True)
-    watched: Any = None
     try:
         await start_all(procs)
         watcher = asyncio.ensure_future(watch(procs)) if watch else None
+        cpu_first = await _stage_cpu(env, procs)
         start = time.monotonic()
-        for stream, group in groups:
-            await client.xgroup_setid(stream, group, id="0", entries_read=0)
-
-        async def drained() -> bool:
-            checks = [await group_drained(client, stream, group) for stream, group in groups]
-            return all(checks)
-
-        finished = await until(drained, STAGE_TIMEOUT_S)
+        await asyncio.gather(
+            *(client.xgroup_setid(s, g, id="0", entries_read=0) for s, g in groups)
+        )
+        finished = await until(drained, STAGE_TIMEOUT_S, DRAIN_POLL_S)
+        cpu_last = await _stage_cpu(env, procs)
         memory = _memory(procs)
-        if watcher is not None:
-            watched = await watcher
+        watched = await watcher if watcher is not None else None
     finally:
         await stop_all(procs)
-    return (None if finished is None else finished - start), memory, watched
+    seconds = None if finished is None else finished - start
+    used = {name: cpu_last[name] - cpu_first[name] for name in cpu_last if name in cpu_first}
+    return StageRun(seconds, memory, used, watched)
+
+
+def _groups_drained(
+    client: aioredis.Redis, groups: list[tuple[str, str]]
+) -> Callable[[], Awaitable[bool]]:
+    async def drained() -> bool:
+        checks = [await group_drained(client, stream, group) for stream, group in groups]
+        return all(checks)
+
+    return drained
+
+
+def _lanes_drained(
+    client: aioredis.Redis, streams: Streams, filled: dict[str, int]
+) -> Callable[[], Awaitable[bool]]:
+    """Every lane that got entries has read and acked them all, then every outbox has been
+    forwarded: in that order, since a lane writes its outbox before it acks (and the outboxes are
+    only counted once the lanes are done)."""
+    lanes = [(lane.stream, DETECTOR_GROUP) for lane in streams.lanes() if filled.get(lane.stream)]
+    lanes_done = _groups_drained(client, lanes)
+
+    async def drained() -> bool:
+        return await lanes_done() and await unforwarded_signals(client, streams) == 0
+
+    return drained
+
+
+def _per_1000(run: StageRun, items: int) -> dict[str, float]:
+    return {name: round(1e6 * seconds / items, 1) for name, seconds in run.cpu_s.items()}
 
 
 HOT_DETECTOR = "detector, 1 hot market"
@@ -221,50 +304,56 @@ async def detector(
     replicas: int,
     watch: Watch | None = None,
     markets: int = SPREAD_MARKETS,
+    *,
+    orders: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`orders` (Dome-shaped, see `fixtures.dome_orders`): the same input for several runs."""
     namespace = env.namespace(f"det{replicas}m{markets}")
-    streams = Streams(namespace)
-    payloads = fill_payloads(order_fills(dome_orders(count, secrets.token_hex(8), markets)))
-    client = env.redis()
+    streams = env.streams(namespace)
+    fills = order_fills(orders or dome_orders(count, secrets.token_hex(8), markets))
+    client = await env.connected()
     try:
-        await prefill(client, streams.orders_raw, payloads)
+        filled = await prefill_orders(client, streams, fills)
         base = service_env(env, namespace)
         procs = [
             ops_service("detector", base, f"stage-{replicas}x{n}-") for n in range(1, replicas + 1)
         ]
-        seconds, memory, watched = await _stage_processes(
-            client, procs, [(streams.orders_raw, DETECTOR_GROUP)], watch
-        )
+        lanes = [(lane.stream, DETECTOR_GROUP) for lane in streams.lanes()]
+        drained = _lanes_drained(client, streams, filled)
+        run = await _stage_processes(env, client, procs, lanes, drained, watch)
         signals = await entries_added(client, streams.signals)
     finally:
         await client.aclose()
     return _result(
         "detector" if markets > 1 else HOT_DETECTOR,
-        count,
-        seconds,
+        len(fills),
+        run.seconds,
         replicas=replicas,
         markets=markets,
-        complete=seconds is not None,
+        partitions=streams.partitions,
+        complete=run.seconds is not None,
         signals=signals,
         ceiling="readgroup_ack",
-        memory=memory,
-        **({"watched": watched} if watch else {}),
+        memory=run.memory,
+        cpu_ms_per_1000_items=_per_1000(run, len(fills)),
+        **({"watched": run.watched} if watch else {}),
     )
 
 
 async def store(env: BenchEnv, count: int, watch: Watch | None = None) -> dict[str, Any]:
     namespace = env.namespace("store")
-    streams = Streams(namespace)
+    streams = env.streams(namespace)
     fills = order_fills(dome_orders(count, secrets.token_hex(8)))
-    client = env.redis()
+    client = await env.connected()
     conn = await env.pg()
     try:
-        await prefill(client, streams.orders_raw, fill_payloads(fills))
+        await prefill_orders(client, streams, fills)
         await prefill(client, streams.signals, signal_payloads(fills))
         before = await conn.fetchval(ROW_COUNT)
         procs = [ops_service("store", service_env(env, namespace), "stage-")]
-        groups = [(streams.orders_raw, STORE_GROUP), (streams.signals, STORE_GROUP)]
-        seconds, memory, watched = await _stage_processes(client, procs, groups, watch)
+        groups = [(s, STORE_GROUP) for s in (*streams.order_streams(), streams.signals)]
+        drained = _groups_drained(client, groups)
+        run = await _stage_processes(env, client, procs, groups, drained, watch)
         after = await conn.fetchval(ROW_COUNT)
     finally:
         await conn.close()
@@ -273,10 +362,11 @@ async def store(env: BenchEnv, count: int, watch: Watch | None = None) -> dict[s
     return _result(
         "store (orders + signals rows)",
         rows,
-        seconds,
+        run.seconds,
         complete=after - before == rows,
         rows_written=after - before,
         ceiling="copy",
-        memory=memory,
-        **({"watched": watched} if watch else {}),
+        memory=run.memory,
+        cpu_ms_per_1000_items=_per_1000(run, rows),
+        **({"watched": run.watched} if watch else {}),
     )

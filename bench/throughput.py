@@ -10,6 +10,7 @@ A step is sustained when the simulator really emitted R/s (within 5%), everythin
 ingested, and no stage's backlog grew over the second half of the step (least-squares slope below
 2% of R and the backlog at the end below a quarter of a second's worth). After a step the feed
 stops and the pipeline is given time to drain; the steps stop at the first one not sustained.
+The CPU each process used is read over the step and its drain, per order ingested in that time.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ async def step(pipe: Pipeline, rate: float, seconds: float, drain_s: float) -> d
         await asyncio.sleep(SAMPLE_EVERY_S)
         samples.append(await pipe.snapshot())
     memory = pipe.memory()
-    cpu_last = await pipe.cpu()
+    cpu_at_end = await pipe.cpu()
     last = samples[-1]
     rates = {
         name: _per_s(first, last, name)
@@ -73,6 +74,11 @@ async def step(pipe: Pipeline, rate: float, seconds: float, drain_s: float) -> d
     await pipe.stop_feed()
     drained_at = time.monotonic()
     drained = await pipe.drained(drain_s)
+    # The CPU window closes once the stages have caught up: an order still queued at the step's
+    # end is worked on after it, and counting its orders without that work would flatter a stage
+    # that fell behind. The feed's own reading is the one at the step's end (it is stopped).
+    cpu_last = {**cpu_at_end, **await pipe.cpu()}
+    window_end = await pipe.snapshot()  # orders the ingestor still added after the step count too
     return {
         "rate": rate,
         "seconds": round(last.at - first.at, 2),
@@ -86,8 +92,10 @@ async def step(pipe: Pipeline, rate: float, seconds: float, drain_s: float) -> d
         "drain_s": round(time.monotonic() - drained_at, 2),
         "subscriber_closed": pipe.subscriber.closed,
         "memory": {name: vars(m) for name, m in memory.items()},
+        "cpu_orders": window_end.ingested - first.ingested,
+        "cpu_window_s": round(window_end.at - first.at, 2),
         "cpu_ms_per_1000_orders": cpu_per_order(
-            cpu_first, cpu_last, last.ingested - first.ingested
+            cpu_first, cpu_last, window_end.ingested - first.ingested
         ),
     }
 
