@@ -47,7 +47,8 @@ bench-quick: install
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 # Never part of `make test` (that runs a short one): every fault alone, then together, on the whole
-# tape; about 9 minutes; writes chaos/results/latest.json (docs/chaos.md).
+# tape, and the cluster failover; about 15 minutes (bounded at 25); writes chaos/results/latest.json
+# (docs/chaos.md).
 chaos: install
 	$(BIN)/python -m chaos $(CHAOS_ARGS)
 

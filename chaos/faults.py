@@ -25,9 +25,13 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 
 from chaos.failover import Failover, lose_acknowledged_writes
-from chaos.truth import read_fills
+from chaos.truth import read_fills, read_stream
 from services.notifier.webhooks.handoff import queue_key
+from shared import wallet_registry
+from shared.models import OrderFill, TrackedWallet
+from shared.orders_raw import seen_keys, watermark_key
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP
+from shared.wallets import load_wallets
 
 if TYPE_CHECKING:
     from chaos.pipeline import Pipeline
@@ -47,6 +51,8 @@ class Fault(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # Settings of every process (the simulator's SIM_* quirks among them) this fault needs.
+    env: ClassVar[dict[str, str]] = {}
     hold_s: float = 3.0
     supported: bool = True
     notes: list[str] = field(default_factory=list)
@@ -369,6 +375,276 @@ class ClusterMasterKill(Fault):
         recovered = len(lost & {fill.order_key for fill in fills})
         self.figures["lost_entries_recovered"] = recovered
         self.note(f"{recovered} of the {len(lost)} lost fills published again")
+
+
+async def tracked_addresses(pipe: Pipeline) -> list[str]:
+    """The tracked wallets (the wallets file) that trade on the tape, busiest first."""
+    wallets = {w.address for w in load_wallets(pipe.services["ingestor"].env["WALLETS_FILE"])}
+    counts: dict[str, int] = {}
+    for trade in await pipe.trades():
+        user = str(trade["user"]).lower()
+        if user in wallets:
+            counts[user] = counts.get(user, 0) + 1
+    return sorted(counts, key=lambda u: -counts[u])
+
+
+@dataclass
+class RestWalletErrors(Fault):
+    name: ClassVar[str] = "rest_wallet_errors"
+    description: ClassVar[str] = (
+        "one tracked wallet's REST history answers 500 while the ingestor is killed and "
+        "restarted (a backfill is needed); the others must catch up meanwhile, that one once "
+        "the errors are cleared after the hold"
+    )
+    hold_s: float = 6.0
+    wallet: str = ""
+    ingestor_down_s: float = 3.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        busiest = await tracked_addresses(pipe)
+        if not busiest:
+            self.note("no tracked wallet has traded yet")
+            return
+        self.wallet = busiest[0]
+        if await _control(pipe, self, "/_sim/rest_fail", {"user": self.wallet, "status": 500}):
+            ingestor = pipe.services["ingestor"]
+            before = await pipe.emitted()
+            await ingestor.akill()
+            await asyncio.sleep(self.ingestor_down_s)
+            missed = await pipe.emitted() - before
+            ingestor.start()
+            self.note(
+                f"REST of {self.wallet[:10]}.. answers 500; ingestor down "
+                f"{self.ingestor_down_s:g}s while {missed} trades were emitted"
+            )
+
+    async def recover(self, pipe: Pipeline) -> None:
+        if self.wallet and self.supported:
+            await _control(pipe, self, "/_sim/rest_fail", {"user": self.wallet, "clear": True})
+            self.note(f"errors cleared after {self.hold_s:g}s more")
+
+
+@dataclass
+class RestIndexLag(Fault):
+    name: ClassVar[str] = "rest_index_lag"
+    description: ClassVar[str] = (
+        "the REST history shows a trade only seconds after its live event, and every feed "
+        "socket is dropped: the first backfill pass misses the last seconds, the second pass "
+        "(BACKFILL_INDEXING_LAG_S later) must recover them"
+    )
+    hold_s: float = 8.0
+    lag_s: float = 3.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        if await _control(pipe, self, "/_sim/rest_lag", {"seconds": self.lag_s}) is None:
+            return
+        await asyncio.sleep(1.0)
+        body = await _control(pipe, self, "/_sim/drop")
+        if body is not None:
+            self.note(f"REST lag {self.lag_s:g}s; dropped {body.get('dropped')} connection(s)")
+
+    async def recover(self, pipe: Pipeline) -> None:
+        if self.supported:
+            await _control(pipe, self, "/_sim/rest_lag", {"seconds": 0})
+            self.note(f"lag off after {self.hold_s:g}s")
+
+
+@dataclass
+class LateUpdates(Fault):
+    name: ClassVar[str] = "late_updates"
+    description: ClassVar[str] = (
+        "subscription updates applied seconds after they arrive while an untracked wallet of "
+        "the tape is added live (wallet registry): its trades, before and after, are expected"
+    )
+    hold_s: float = 8.0
+    delay_s: float = 3.0
+    wallet: str = ""
+
+    async def inject(self, pipe: Pipeline) -> None:
+        if await _control(pipe, self, "/_sim/update_delay", {"seconds": self.delay_s}) is None:
+            return
+        tracked = {w.address for w in load_wallets(pipe.services["ingestor"].env["WALLETS_FILE"])}
+        counts: dict[str, int] = {}
+        for trade in await pipe.trades():
+            user = str(trade["user"]).lower()
+            if user not in tracked:
+                counts[user] = counts.get(user, 0) + 1
+        if not counts:
+            self.note("no untracked wallet has traded yet")
+            return
+        self.wallet = max(counts, key=lambda u: counts[u])
+        wallet = TrackedWallet(address=self.wallet, label="chaos-late")
+        await wallet_registry.upsert(pipe.redis_client, pipe.streams, wallet)
+        self.note(
+            f"updates applied {self.delay_s:g}s late; added {self.wallet[:10]}.. "
+            f"({counts[self.wallet]} trades so far) to the live registry"
+        )
+
+    async def recover(self, pipe: Pipeline) -> None:
+        if self.supported:
+            await _control(pipe, self, "/_sim/update_delay", {"seconds": 0})
+
+    async def conclude(self, pipe: Pipeline) -> None:
+        if self.wallet:
+            trades = [t for t in await pipe.trades() if str(t["user"]).lower() == self.wallet]
+            self.figures.update(added_wallet=self.wallet, added_wallet_trades=len(trades))
+
+
+@dataclass
+class QuirkOnly(Fault):
+    """A quirk of the simulator's feeds, on from the start (its SIM_* settings, in the scenario's
+    env), with a feed drop while trades flow so the backfill meets it too."""
+
+    name: ClassVar[str] = "quirk"
+    description: ClassVar[str] = "a simulator quirk, and a feed drop"
+    hold_s: float = 0.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        body = await _control(pipe, self, "/_sim/drop")
+        if body is not None:
+            self.note(f"dropped {body.get('dropped')} connection(s)")
+
+
+@dataclass
+class OddTimestamps(QuirkOnly):
+    name: ClassVar[str] = "odd_timestamps"
+    description: ClassVar[str] = (
+        "every 37th trade stamped in milliseconds, every 53rd an hour in the future "
+        "(SIM_MS_TIMESTAMP_EVERY, SIM_FUTURE_TIMESTAMP_EVERY), and a feed drop: those trades "
+        "dead-lettered with the reason, every other once, no watermark in the future"
+    )
+    env: ClassVar[dict[str, str]] = {
+        "SIM_MS_TIMESTAMP_EVERY": "37",
+        "SIM_FUTURE_TIMESTAMP_EVERY": "53",
+        "SIM_FUTURE_TIMESTAMP_S": "3600",
+    }
+
+
+@dataclass
+class TwinFills(QuirkOnly):
+    name: ClassVar[str] = "twin_fills"
+    description: ClassVar[str] = (
+        "every 10th trade has an identical twin in its transaction (SIM_TWIN_EVERY), and a "
+        "feed drop: both kept apart (occurrence), live and by backfill, each once"
+    )
+    env: ClassVar[dict[str, str]] = {"SIM_TWIN_EVERY": "10"}
+
+
+@dataclass
+class UnstableTies(QuirkOnly):
+    name: ClassVar[str] = "unstable_ties"
+    description: ClassVar[str] = (
+        "the Data API orders one second's trades differently on every request "
+        "(SIM_UNSTABLE_TIES), polled beside the feed with pages of 20 "
+        "(INGEST_SOURCES=dome_ws,data_api), and a feed drop: no fill skipped at a page boundary"
+    )
+    env: ClassVar[dict[str, str]] = {
+        "SIM_UNSTABLE_TIES": "true",
+        "INGEST_SOURCES": "dome_ws,data_api",
+        "DATA_API_PAGE_LIMIT": "20",
+        "DATA_API_POLL_INTERVAL_S": "1",
+        "SIM_TWIN_EVERY": "10",
+    }
+
+
+@dataclass
+class RedisRestartLosesWrites(Fault):
+    """What an append-only file with `appendfsync everysec` loses when Redis dies: the last
+    second of acknowledged writes. Simulated deterministically: the consumers (store, detectors)
+    are frozen so nothing reads the last fills, then the fills the ingestor published during
+    `LOSS_WINDOW_S` are deleted from `orders.raw` with their dedupe keys, and the watermarks
+    are put back where they were before them (as the lost writes would leave them); then Redis
+    is SIGKILLed and restarted from its file. The ingestor must see Redis answer again (or its
+    run id change) and backfill every wallet from its watermark."""
+
+    name: ClassVar[str] = "redis_restart_loses_writes"
+    description: ClassVar[str] = (
+        "Redis SIGKILLed and restarted having lost its last writes (as appendfsync everysec "
+        "does): the last fills of orders.raw, their dedupe keys and watermark moves deleted "
+        "just before; the re-backfill after the restart must publish them again, once"
+    )
+    hold_s: float = 2.0
+    lost_keys: list[str] = field(default_factory=list)
+
+    async def inject(self, pipe: Pipeline) -> None:
+        client = pipe.redis_client
+        stream = pipe.streams.orders_raw
+        consumers = [pipe.services["store"], *pipe.detectors]
+        for process in consumers:
+            process.signal(signal.SIGSTOP)
+        try:
+            marks_key = watermark_key(pipe.streams, stream)
+            marks = await client.hgetall(marks_key)
+            # The marks as they were before the lost writes (those writes moved them on).
+            await asyncio.sleep(LOSS_WINDOW_S)
+            # A read blocked before the freeze is served by Redis with the first new entries:
+            # those reached a consumer and are not lost. The rest were read by nobody.
+            since = max(
+                (_entry_id(g["last-delivered-id"]) for g in await client.xinfo_groups(stream)),
+                default=(0, 0),
+            )
+            entries = [e for e in await read_stream(client, stream) if _entry_id(e[0]) > since]
+            prefix = pipe.streams.seen_order_prefix(stream)
+            pipe_ = client.pipeline(transaction=True)
+            for entry_id, fields in entries:
+                fill = OrderFill.model_validate_json(fields[b"data"])
+                self.lost_keys.append(fill.order_key)
+                pipe_.xdel(stream, entry_id)
+                pipe_.delete(prefix + seen_keys(fill)[0])
+            pipe_.delete(marks_key)
+            if marks:
+                pipe_.hset(marks_key, mapping={_str(k): _str(v) for k, v in marks.items()})
+            await pipe_.execute()
+            await asyncio.to_thread(pipe.redis.kill)
+        finally:
+            for process in consumers:
+                if process.running:
+                    process.signal(signal.SIGCONT)
+        self.figures["acknowledged_entries_lost"] = len(self.lost_keys)
+        self.note(
+            f"{len(self.lost_keys)} fills published in the last {LOSS_WINDOW_S:g}s deleted with "
+            "their dedupe keys and watermark moves, Redis SIGKILLed"
+        )
+
+    async def recover(self, pipe: Pipeline) -> None:
+        await asyncio.to_thread(pipe.redis.start)
+        pipe.redis.restarts += 1
+        self.note(f"restarted after {self.hold_s:g}s")
+
+    async def conclude(self, pipe: Pipeline) -> None:
+        fills, _ = await read_fills(pipe.redis_client, pipe.streams.orders_raw)
+        back = len(set(self.lost_keys) & {fill.order_key for fill in fills})
+        self.figures["lost_entries_recovered"] = back
+        self.note(f"{back} of the {len(self.lost_keys)} lost fills published again")
+
+
+# The window of acknowledged writes the Redis restart loses (appendfsync everysec: up to 1 s).
+LOSS_WINDOW_S = 1.0
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_id(value: Any) -> tuple[int, int]:
+    ms, _, seq = _str(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+# The faults of issue 16: REST errors and lag, late subscription updates, the simulator's
+# quirks, and a Redis restart that loses acknowledged writes. Each runs alone (chaos/main.py).
+QUIRK_FAULTS: dict[str, type[Fault]] = {
+    f.name: f
+    for f in (
+        RestWalletErrors,
+        RestIndexLag,
+        LateUpdates,
+        OddTimestamps,
+        TwinFills,
+        UnstableTies,
+        RedisRestartLosesWrites,
+    )
+}
 
 
 # Fills the master acknowledges alone before it dies: at speed 80 the busiest partition takes

@@ -1,8 +1,9 @@
 """`python -m chaos`: run the scenarios, print the table, write `chaos/results/latest.json`.
 
-    python -m chaos                       # every fault alone, then all together (about 7 minutes)
+    python -m chaos                       # every fault alone, then all together (about 20 minutes)
     python -m chaos --quick               # 400 trades, all faults together (about 1 minute)
     python -m chaos --only store_kill,postgres_cut --speed 60
+    python -m chaos --tape my_trades.json --wallets my_wallets.json   # your own tape and wallets
 
 Redis: a throwaway `redis-server` the suite starts itself (append-only, fsync always) on a free
 port, so the Redis restart fault harms nobody; and, only when a cluster row is selected, a
@@ -34,8 +35,8 @@ from typing import Any
 import orjson
 
 from chaos import report
-from chaos.faults import CHAIN_FAULTS, CLUSTER_FAULTS, FAULTS
-from chaos.pipeline import RECOVERY_ENV, PipelineConfig
+from chaos.faults import CHAIN_FAULTS, CLUSTER_FAULTS, FAULTS, QUIRK_FAULTS
+from chaos.pipeline import RECOVERY_ENV, WALLETS_FILE, PipelineConfig
 from chaos.redis_server import ThrowawayRedis
 from chaos.scenario import Scenario, run_scenario
 from devtools.cluster import Cluster, redis_cluster
@@ -57,12 +58,22 @@ CHAIN_ALSO = ("detector_kill", "store_kill", "redis_restart", "ingestor_kill")
 # The cluster rows: the services on a real Redis Cluster, fills spread over four wallet
 # partitions (and four token partitions), so the partitions' slots spread over the masters.
 CLUSTER_ENV = {"STREAM_PARTITIONS": "4"}
+# Issue 16's rows: settings of the ingestor's recovery each needs (besides its fault's own SIM_*
+# quirks): the REST index's lag re-read 5 s after a backfill's first pass (the lag is 3 s); an
+# update's wallet read again once 4 s (the delay is 3 s) plus 2 s of lag have passed.
+QUIRK_ENV = {
+    "rest_index_lag": {"BACKFILL_INDEXING_LAG_S": "5"},
+    "late_updates": {"DOME_UPDATE_APPLY_S": "4", "BACKFILL_INDEXING_LAG_S": "2"},
+}
+# The whole suite's budget: 24 rows at 30-65 s each, and the cluster's start.
+BUDGET_S = 1500.0
 
 
 @dataclass
 class SuiteOptions:
     scenarios: list[str]
     tape: Path = DEFAULT_TAPE
+    wallets: Path = WALLETS_FILE
     trades: int | None = None
     speed: float = 80.0
     detectors: int = 3
@@ -71,11 +82,20 @@ class SuiteOptions:
     )
     settle_s: float = 60.0
     # The whole run stays within this: a scenario that would not fit is skipped, and says so.
-    budget_s: float = 900.0
+    budget_s: float = BUDGET_S
 
 
 def full_scenarios() -> list[str]:
-    return [BASELINE, *FAULTS, TOGETHER, CONTROL, *CHAIN_FAULTS, CHAIN_TOGETHER, *CLUSTER_FAULTS]
+    return [
+        BASELINE,
+        *FAULTS,
+        TOGETHER,
+        CONTROL,
+        *QUIRK_FAULTS,
+        *CHAIN_FAULTS,
+        CHAIN_TOGETHER,
+        *CLUSTER_FAULTS,
+    ]
 
 
 def build(name: str, settle_s: float) -> Scenario:
@@ -97,6 +117,10 @@ def build(name: str, settle_s: float) -> Scenario:
         return Scenario(name, faults, settle_s, fault_at=0.15, env=CHAIN_ENV)
     if name in CHAIN_FAULTS:
         return Scenario(name, [CHAIN_FAULTS[name]()], settle_s, env=CHAIN_ENV)
+    if name in QUIRK_FAULTS:
+        quirk = QUIRK_FAULTS[name]()
+        env = {**quirk.env, **QUIRK_ENV.get(name, {})}
+        return Scenario(name, [quirk], settle_s, env=env)
     if name in CLUSTER_FAULTS:
         fault = CLUSTER_FAULTS[name]()
         return Scenario(name, [fault], settle_s, env=CLUSTER_ENV, cluster=True)
@@ -124,6 +148,7 @@ async def _scenario_row(
     server_url: str,
     tape: Path,
     trades: int,
+    span: float,
     run_id: str,
     cluster: Cluster | None,
 ) -> dict[str, Any]:
@@ -133,6 +158,8 @@ async def _scenario_row(
         detectors=options.detectors,
         api_key=f"chaoskey{secrets.token_hex(12)}",
         log_dir=options.log_dir / scenario.name,
+        wallets=options.wallets,
+        tape_span_s=span,
     )
     async with throwaway_database(server_url, f"chaos_{run_id}_{scenario.name}") as database:
         try:
@@ -172,7 +199,7 @@ async def run_suite(
                 # Six processes that take seconds to form: only once a cluster row runs.
                 cluster = servers.enter_context(redis_cluster())
             row = await _scenario_row(
-                scenario, options, redis, server_url, tape, trades, run_id, cluster
+                scenario, options, redis, server_url, tape, trades, span, run_id, cluster
             )
             rows.append(report.finish_row(row))
             if progress:
@@ -186,7 +213,13 @@ async def run_suite(
         "tape": str(
             options.tape.relative_to(ROOT) if options.tape.is_relative_to(ROOT) else options.tape
         ),
+        "wallets": str(
+            options.wallets.relative_to(ROOT)
+            if options.wallets.is_relative_to(ROOT)
+            else options.wallets
+        ),
         "trades": trades,
+        "tape_span_s": span,
         "speed": options.speed,
         "detector_replicas": options.detectors,
         "recovery_settings": RECOVERY_ENV,
@@ -225,13 +258,25 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SuiteOptions, Path]:
     )
     parser.add_argument("--only", help=f"comma-separated scenarios of {full_scenarios()}")
     parser.add_argument("--speed", type=float, help="tape seconds per real second (default 80)")
+    parser.add_argument(
+        "--tape",
+        type=Path,
+        default=DEFAULT_TAPE,
+        help="a tape of your own: Data-API trades, a JSON list (default: the bundled tape)",
+    )
+    parser.add_argument(
+        "--wallets",
+        type=Path,
+        default=WALLETS_FILE,
+        help="the wallets tracked (a wallets file); the truth is the tape's trades of them",
+    )
     parser.add_argument("--trades", type=int, help="play only the first N trades of the tape")
     parser.add_argument("--detectors", type=int, default=3, help="detector replicas (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS}")
     parser.add_argument(
         "--budget",
         type=float,
-        default=900.0,
+        default=BUDGET_S,
         help="seconds the whole run may take; later scenarios are skipped",
     )
     args = parser.parse_args(argv)
@@ -241,7 +286,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SuiteOptions, Path]:
         unknown = sorted(set(scenarios) - set(full_scenarios()))
         if unknown:
             parser.error(f"unknown scenario(s) {unknown}; known: {full_scenarios()}")
-    options = SuiteOptions(scenarios=scenarios, detectors=args.detectors, budget_s=args.budget)
+    options = SuiteOptions(
+        scenarios=scenarios,
+        tape=args.tape.resolve(),
+        wallets=args.wallets.resolve(),
+        detectors=args.detectors,
+        budget_s=args.budget,
+    )
     if args.quick:
         options.trades, options.speed = 400, 60.0
     options.trades = args.trades or options.trades

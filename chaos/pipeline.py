@@ -58,6 +58,10 @@ class PipelineConfig:
     api_key: str
     log_dir: Path
     subscriber_reconnect_s: float = 4.0
+    # The tracked wallets (the ingestor's, the detector's, the truth's).
+    wallets: Path = WALLETS_FILE
+    # Tape seconds from its first trade to its last: the tape plays span / speed seconds.
+    tape_span_s: float = 0.0
 
 
 class Pipeline:
@@ -111,7 +115,7 @@ class Pipeline:
             "REDIS_URL": self.redis_url,
             "REDIS_CLUSTER": "true" if self.cluster is not None else "false",
             "STREAM_NAMESPACE": self.namespace,
-            "WALLETS_FILE": str(WALLETS_FILE),
+            "WALLETS_FILE": str(self.config.wallets),
             "LOG_LEVEL": "INFO",
             **RECOVERY_ENV,
             **extra,

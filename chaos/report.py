@@ -40,6 +40,7 @@ def verdict(row: dict[str, Any]) -> str:
         and row["signals_unexpected"] == 0
         and not row["logs"]["key_in_logs"]
         and row["webhook_receiver"]["bad_signatures"] == 0
+        and not any(row.get("anomalies", {}).values())
     )
     return "ok" if clean else "FAIL"
 
@@ -89,8 +90,13 @@ def details(rows: list[dict[str, Any]]) -> str:
             f"{row['webhook_receiver']['first_attempts_refused_on_purpose']} first attempts "
             "answered 503 on purpose (the notifier must retry them)"
         )
-        for group in ("lost", "duplicated", "pending"):
-            nonzero = {k: v for k, v in row[group].items() if v}
+        if row.get("quirk_trades"):
+            lines.append(
+                f"    {row['quirk_trades']} tracked trade(s) stamped wrongly on purpose "
+                f"(dead letters on orders.dead: {row['dead_letters'].get('orders_dead')})"
+            )
+        for group in ("lost", "duplicated", "pending", "anomalies"):
+            nonzero = {k: v for k, v in row.get(group, {}).items() if v}
             if nonzero:
                 lines.append(f"    {group}: {nonzero}")
         if row["supervisor_restarts"]:

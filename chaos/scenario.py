@@ -21,8 +21,17 @@ import asyncpg
 from chaos.faults import Fault
 from chaos.pipeline import Pipeline, PipelineConfig
 from chaos.redis_server import ThrowawayRedis
-from chaos.truth import expected_order_keys, stream_truth
+from chaos.truth import (
+    base_key_of,
+    expected_order_keys,
+    fill_base_key,
+    quirk_trades,
+    read_stream,
+    stream_truth,
+)
 from devtools.cluster import Cluster
+from shared.models import TrackedWallet
+from shared.orders_raw import watermark_key
 from shared.streams import DETECTOR_GROUP, STORE_GROUP, WEBHOOKS_GROUP, Streams
 from shared.wallets import load_wallets
 
@@ -32,6 +41,10 @@ FAULT_AT = 0.3
 STAGGER_S = 1.2
 POLL_S = 1.0
 DIAGNOSE = 20
+# Waiting for the end of the tape: past its real duration, or since the last trade emitted.
+TAPE_SLACK_S = 120.0
+# A watermark this far past the wall clock is in the future (a wrongly stamped fill moved it).
+FUTURE_SLACK_S = 5
 
 
 @dataclass
@@ -67,10 +80,19 @@ class Measure:
     duplicated: dict[str, int] = field(default_factory=dict)
     pending: dict[str, int] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)
+    # Checks of the simulator's quirks: wrongly stamped trades of tracked wallets (each must be
+    # in `orders.dead`, none on the order streams) and watermarks in the future. Any nonzero
+    # count fails the row.
+    quirk_trades: int = 0
+    anomalies: dict[str, int] = field(default_factory=dict)
 
     @property
     def settled(self) -> bool:
-        return not any(self.lost.values()) and not any(self.pending.values())
+        return (
+            not any(self.lost.values())
+            and not any(self.pending.values())
+            and not any(self.anomalies.values())
+        )
 
 
 async def _wait(pipe: Pipeline, what: str, predicate_key: str, within_s: float) -> None:
@@ -81,6 +103,30 @@ async def _wait(pipe: Pipeline, what: str, predicate_key: str, within_s: float) 
                 return
         await asyncio.sleep(0.2)
     raise TimeoutError(f"timed out after {within_s:.0f}s waiting for {what}")
+
+
+async def _wait_tape_done(pipe: Pipeline, config: PipelineConfig) -> None:
+    """Until the simulator has played the whole tape: its real duration (the tape's span at the
+    chosen speed) from now, at most, plus `TAPE_SLACK_S`; and longer as long as the simulator
+    still makes progress (a loaded machine plays late, never a sparse tape's fault)."""
+    deadline = time.monotonic() + config.tape_span_s / config.speed + TAPE_SLACK_S
+    emitted = -1
+    while True:
+        with contextlib.suppress(Exception):
+            status = await pipe.status()
+            if status["tape_done"]:
+                return
+            if int(status["emitted"]) != emitted:
+                emitted = int(status["emitted"])
+                # Progress: wait at least the slack past the last trade emitted.
+                deadline = max(deadline, time.monotonic() + TAPE_SLACK_S)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the tape was not done {config.tape_span_s / config.speed:.0f}s (its span at "
+                f"speed {config.speed:g}) + {TAPE_SLACK_S:.0f}s after the faults; "
+                f"{emitted} trades emitted"
+            )
+        await asyncio.sleep(POLL_S)
 
 
 async def _apply(pipe: Pipeline, fault: Fault, at_emitted: int, delay_s: float) -> None:
@@ -122,9 +168,41 @@ async def _group_pending(pipe: Pipeline) -> dict[str, int]:
     return pending
 
 
+async def tracked_wallets(pipe: Pipeline) -> list[TrackedWallet]:
+    """The wallets file's wallets and those added to the live registry while running (a scenario
+    may add one mid-tape: its trades are then expected too)."""
+    wallets = {w.address: w for w in load_wallets(pipe.services["ingestor"].env["WALLETS_FILE"])}
+    for raw in (await pipe.redis_client.hgetall(pipe.streams.wallets_key())).values():
+        wallet = TrackedWallet.model_validate_json(raw)
+        wallets.setdefault(wallet.address, wallet)
+    return list(wallets.values())
+
+
+async def _anomalies(
+    pipe: Pipeline, quirks: list[dict[str, Any]], on_stream: set[str]
+) -> dict[str, int]:
+    client = pipe.redis_client
+    dead = b"\n".join(
+        fields.get(b"raw", b"") for _, fields in await read_stream(client, pipe.streams.orders_dead)
+    ).lower()
+    now = time.time() + FUTURE_SLACK_S
+    future = 0
+    for stream in pipe.streams.order_streams():
+        marks = await client.hgetall(watermark_key(pipe.streams, stream))
+        future += sum(1 for value in marks.values() if int(value) > now)
+    return {
+        "quirk_trades_not_dead_lettered": sum(
+            1 for t in quirks if str(t["tx_hash"]).lower().encode() not in dead
+        ),
+        "quirk_trades_on_stream": sum(1 for t in quirks if base_key_of(t) in on_stream),
+        "watermarks_in_future": future,
+    }
+
+
 async def measure(pipe: Pipeline, db: asyncpg.Connection) -> Measure:
-    wallets = load_wallets(pipe.services["ingestor"].env["WALLETS_FILE"])
-    expected_orders = expected_order_keys(await pipe.trades(), wallets)
+    wallets = await tracked_wallets(pipe)
+    trades = await pipe.trades()
+    expected_orders = expected_order_keys(trades, wallets)
     stored_orders = {r["order_key"] for r in await db.fetch("SELECT order_key FROM orders")}
     truth = await stream_truth(pipe.redis_client, pipe.streams)
     rules = truth.expected_signals(wallets)
@@ -164,6 +242,9 @@ async def measure(pipe: Pipeline, db: asyncpg.Connection) -> Measure:
     # this one does; so a repeat is counted here, apart from the duplicated effects above.
     m.webhook_redelivered = sum(n - 1 for n in hooks.values())
     m.pending = await _group_pending(pipe)
+    quirks = quirk_trades(trades, wallets)
+    m.quirk_trades = len(quirks)
+    m.anomalies = await _anomalies(pipe, quirks, {fill_base_key(o) for o in truth.orders})
     for name in ("orders_dead", "signals_dead", "webhooks_dead"):
         m.dead_letters[name] = int(await pipe.redis_client.xlen(getattr(pipe.streams, name)))
     return m
@@ -220,7 +301,7 @@ async def run_scenario(
         await asyncio.gather(
             *(_apply(pipe, fault, at, n * STAGGER_S) for n, fault in enumerate(scenario.faults))
         )
-        await _wait(pipe, "the end of the tape", "tape_done", tape_trades / config.speed + 120)
+        await _wait_tape_done(pipe, config)
         db = await asyncpg.connect(database_url)
         result = await _settle(pipe, db, scenario.settle_s)
         for fault in scenario.faults:

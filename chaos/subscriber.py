@@ -49,7 +49,9 @@ class ResumingSubscriber:
             except websockets.ConnectionClosed as closed:
                 close = closed.rcvd
                 self.closes.append(f"{close.code} {close.reason}" if close else "no close frame")
-            except OSError as exc:
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+                # Refused, timed out, or cut mid-handshake (the notifier killed while answering:
+                # "did not receive a valid HTTP response"): connect again, as a client would.
                 self.closes.append(f"connect failed: {type(exc).__name__}")
             await asyncio.sleep(RETRY_S)
 

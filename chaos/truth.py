@@ -37,14 +37,52 @@ PAGE = 5000
 
 
 def expected_order_keys(trades: list[dict[str, Any]], wallets: list[TrackedWallet]) -> set[str]:
+    """The order_keys of the tracked wallets' trades, identical fills of one transaction told
+    apart by their occurrence (`shared.models.occurrences`: the n-th identical one gets n), and
+    without the trades a simulator quirk stamped wrongly (`quirk`: they must be dead-lettered)."""
     tracked = {w.address for w in wallets}
-    return {
-        order_key(
-            t["tx_hash"], t["user"], t["token_id"], t["side"], t["shares_normalized"], t["price"]
+    seen: Counter[str] = Counter()
+    keys: set[str] = set()
+    for t in trades:
+        base = base_key_of(t)
+        occurrence = seen[base]
+        seen[base] += 1
+        if str(t["user"]).lower() not in tracked or t.get("quirk"):
+            continue
+        keys.add(
+            order_key(
+                t["tx_hash"],
+                t["user"],
+                t["token_id"],
+                t["side"],
+                t["shares_normalized"],
+                t["price"],
+                occurrence=occurrence,
+            )
         )
-        for t in trades
-        if str(t["user"]).lower() in tracked
-    }
+    return keys
+
+
+def base_key_of(t: dict[str, Any]) -> str:
+    return order_key(
+        t["tx_hash"], t["user"], t["token_id"], t["side"], t["shares_normalized"], t["price"]
+    )
+
+
+def fill_base_key(fill: OrderFill) -> str:
+    """A published fill's key before its occurrence: what `base_key_of` gives its trade."""
+    return order_key(
+        fill.tx_hash, fill.user, fill.token_id, fill.side, fill.shares_normalized, fill.price
+    )
+
+
+def quirk_trades(
+    trades: list[dict[str, Any]], wallets: list[TrackedWallet]
+) -> list[dict[str, Any]]:
+    """The tracked wallets' trades a simulator quirk stamped wrongly (ms or future timestamps):
+    each must end in `orders.dead`, never in `orders.raw`."""
+    tracked = {w.address for w in wallets}
+    return [t for t in trades if t.get("quirk") and str(t["user"]).lower() in tracked]
 
 
 async def read_stream(client: aioredis.Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:

@@ -63,8 +63,6 @@ async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
         yield url
 
 
-
-
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Cluster]:
     """A real Redis Cluster, 3 masters and 3 replicas, started by the first test that asks for it

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,19 @@ class Sim:
         return list(body["trades"])
 
     async def truth(self, wallets: Iterable[str]) -> list[str]:
-        """order_keys of every emitted trade of these wallets (the ground truth)."""
+        """order_keys of every emitted trade of these wallets (the ground truth): identical
+        fills of one transaction told apart by their occurrence, trades a quirk stamped wrongly
+        (`quirk`: they must be dead-lettered) left out."""
         tracked = set(wallets)
-        return [truth_key(t) for t in await self.get("/_sim/trades") if t["user"] in tracked]
+        seen: Counter[str] = Counter()
+        keys = []
+        for trade in await self.get("/_sim/trades"):
+            base = truth_key(trade)
+            occurrence = seen[base]
+            seen[base] += 1
+            if trade["user"] in tracked and not trade.get("quirk"):
+                keys.append(truth_key(trade, occurrence))
+        return keys
 
     async def status(self) -> dict[str, Any]:
         return dict(await self.get("/_sim/status"))
@@ -93,7 +104,7 @@ class Sim:
         return list(await self.get("/_sim/subscriptions"))
 
 
-def truth_key(trade: dict[str, Any]) -> str:
+def truth_key(trade: dict[str, Any], occurrence: int = 0) -> str:
     return order_key(
         trade["tx_hash"],
         trade["user"],
@@ -101,6 +112,7 @@ def truth_key(trade: dict[str, Any]) -> str:
         trade["side"],
         trade["shares_normalized"],
         trade["price"],
+        occurrence=occurrence,
     )
 
 
