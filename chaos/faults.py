@@ -491,18 +491,12 @@ class LateUpdates(Fault):
 
 
 @dataclass
-class QuirkOnly(Fault):
+class QuirkOnly(FeedDrop):
     """A quirk of the simulator's feeds, on from the start (its SIM_* settings, in the scenario's
-    env), with a feed drop while trades flow so the backfill meets it too."""
+    env), with the feed drop of `FeedDrop` while trades flow so the backfill meets it too."""
 
     name: ClassVar[str] = "quirk"
     description: ClassVar[str] = "a simulator quirk, and a feed drop"
-    hold_s: float = 0.0
-
-    async def inject(self, pipe: Pipeline) -> None:
-        body = await _control(pipe, self, "/_sim/drop")
-        if body is not None:
-            self.note(f"dropped {body.get('dropped')} connection(s)")
 
 
 @dataclass
