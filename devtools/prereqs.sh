@@ -34,6 +34,11 @@ if [[ -z "${DATABASE_URL:-}" ]] && ! answers 5432 && ! pg_binaries; then
   want postgresql "no PostgreSQL answers on 127.0.0.1:5432 and DATABASE_URL is unset"
 fi
 if [[ "$purpose" == test ]]; then
+  # Whatever Redis the tests use, the cluster tests start their own nodes (devtools/cluster.py).
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    [[ " ${missing[*]-} " == *" redis-server "* ]] ||
+      want redis-server "tests start a real Redis Cluster from redis-server and redis-cli"
+  fi
   command -v docker-compose >/dev/null 2>&1 ||
     want docker-compose "tests/test_compose.py validates docker-compose.yml with a real Compose parser"
   [[ -x /usr/bin/chromium ]] ||
