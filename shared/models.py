@@ -71,10 +71,16 @@ class Side(StrEnum):
 
 
 class Source(StrEnum):
+    """Where a fill was first seen. The Dome-protocol services each have their own value, so a
+    signal and the per-source lag say which paid feed was first."""
+
     DOME_WS = "dome_ws"
     DOME_REST = "dome_rest"
     DATA_API = "data_api"
     POLYGON = "polygon"
+    PREDEXON = "predexon"
+    POLYNODE = "polynode"
+    RTDS = "rtds"
 
 
 class Contract(BaseModel):
