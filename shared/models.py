@@ -346,6 +346,9 @@ class Signal(Contract):
     # The fill reached us more than SIGNAL_MAX_AGE_S after it traded (`received_at - exchange_ts`,
     # a backfill): the signal describes the past, not something to act on now.
     late: bool = False
+    # Whether the wallet held none of the token before this signal's fills (a new position);
+    # None where the detector cannot know (its positions were not seeded for that wallet).
+    opens_position: bool | None = None
 
     def to_json(self) -> bytes:
         """The stream form: the JSON `model_dump_json` gives, from orjson, which is cheaper on
