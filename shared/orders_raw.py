@@ -37,30 +37,43 @@ from redis.typing import EncodableT
 from shared.backoff import Backoff, retrying
 from shared.models import FillStatus, OrderFill, Side, Source
 from shared.redis_streams import DATA_FIELD, encode
+from shared.source_lag import RECORD_LUA, lag_hash
 from shared.streams import Streams
 
-# KEYS[1] = the stream, KEYS[2] = the watermark hash, then per fill its seen key, the seen keys its
-# status clears and those that hold it back; ARGV[1] = TTL (s), ARGV[2] = MAXLEN, then two per
-# fill: its JSON, and one header `<keys it clears>,<keys that hold it back>,<exchange timestamp>,
-# <watermark field to raise, or nothing>` (one argument: each costs redis-py's packing per fill).
-# Returns 1 (added) or 0 (duplicate) per fill, in order.
-DEDUPE_XADD = """
+# KEYS[1] = the stream, KEYS[2] = the watermark hash, KEYS[3] = the source lag hash, then per fill
+# its seen key, the seen keys its status clears and those that hold it back; ARGV[1] = TTL (s),
+# ARGV[2] = MAXLEN, ARGV[3] = '1' to count source lags (not on a token partition's copy), then two
+# per fill: its JSON, and one header `<keys it clears>,<keys that hold it back>,<exchange
+# timestamp>,<source>,<received ms>,<watermark field to raise, or nothing>` (one argument: each
+# costs redis-py's packing per fill). A seen key holds `<source>:<received ms>`, the first
+# delivery (shared/source_lag.py). Returns two numbers per fill, in order: 1 (added) or 0
+# (duplicate), and the lag in ms behind the first source (-1: none).
+DEDUPE_XADD = (
+    RECORD_LUA
+    + """
 local added = {}
-local k, a = 3, 3
+local k, a = 4, 4
+local counting = ARGV[3] == '1'
 while a <= #ARGV do
-  local cleared, held, ts, field = string.match(ARGV[a + 1], '^(%d+),(%d+),(%d+),(.*)$')
+  local cleared, held, ts, src, ms, field =
+    string.match(ARGV[a + 1], '^(%d+),(%d+),(%d+),([%w_]*),(%d+),(.*)$')
   cleared, held = tonumber(cleared), tonumber(held)
   local free = true
   for i = k + 1 + cleared, k + cleared + held do
     if redis.call('EXISTS', KEYS[i]) == 1 then free = false end
   end
-  if free and redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[a])
-    for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
-    added[#added + 1] = 1
-  else
-    added[#added + 1] = 0
+  local prior = false
+  if free then
+    if redis.call('SET', KEYS[k], src .. ':' .. ms, 'NX', 'EX', ARGV[1]) then
+      prior = nil
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[a])
+      for i = k + 1, k + cleared do redis.call('DEL', KEYS[i]) end
+    else
+      prior = redis.call('GET', KEYS[k])
+    end
   end
+  added[#added + 1] = prior == nil and 1 or 0
+  added[#added + 1] = counting and record_lag(KEYS[3], src, ms, prior) or -1
   if field ~= '' then
     local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
     if tonumber(ts) > current then
@@ -72,6 +85,7 @@ while a <= #ARGV do
 end
 return added
 """
+)
 
 # KEYS[1] = the watermark hash; ARGV[1] = field, ARGV[2] = timestamp. Raises it, never lowers it.
 RAISE_WATERMARK = """
@@ -101,6 +115,18 @@ def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     if fill.source is Source.POLYGON:
         return key, (f"{key}:retracted",), ()
     return key, (), (f"{key}:retracted",)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What publishing one fill did."""
+
+    added: bool
+    # Seconds behind the first source that delivered this fill (None: first, or the same source).
+    lag_s: float | None = None
+
+
+NOT_ADDED = Delivery(False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +164,19 @@ class OrdersRaw:
         self._one_at_a_time = asyncio.Lock()
 
     async def publish(self, items: Sequence[Outgoing]) -> list[bool]:
-        """Add the fills new in their status, one script call per partition; True for each one
-        added (to its wallet's partition: the token partitions are a copy for the detector)."""
+        """Add the fills new in their status; True for each one added."""
+        return [delivery.added for delivery in await self.deliver(items)]
+
+    async def deliver(self, items: Sequence[Outgoing]) -> list[Delivery]:
+        """Add the fills new in their status, one script call per partition: for each, whether
+        it was added (to its wallet's partition: the token partitions are a copy for the
+        detector) and how far its source ran behind the first one that delivered it."""
         if not self.streams.partitioned:
             return await self._add(self.streams.orders_raw, items)
         async with self._one_at_a_time:
             return await self._publish_partitioned(items)
 
-    async def _publish_partitioned(self, items: Sequence[Outgoing]) -> list[bool]:
+    async def _publish_partitioned(self, items: Sequence[Outgoing]) -> list[Delivery]:
         by_token: dict[str, list[Outgoing]] = defaultdict(list)
         by_wallet: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -154,29 +185,36 @@ class OrdersRaw:
             if token_stream is not None and item.fill.side is Side.BUY:
                 by_token[token_stream].append(Outgoing(item.fill))
         if by_token:
-            await asyncio.gather(*(self._add(s, group) for s, group in by_token.items()))
+            await asyncio.gather(*(self._add(s, group, copy=True) for s, group in by_token.items()))
         streams = list(by_wallet)
         replies = await asyncio.gather(
             *(self._add(s, [items[i] for i in by_wallet[s]]) for s in streams)
         )
-        added = [False] * len(items)
-        for stream, flags in zip(streams, replies, strict=True):
-            for index, flag in zip(by_wallet[stream], flags, strict=True):
-                added[index] = flag
-        return added
+        delivered = [NOT_ADDED] * len(items)
+        for stream, deliveries in zip(streams, replies, strict=True):
+            for index, delivery in zip(by_wallet[stream], deliveries, strict=True):
+                delivered[index] = delivery
+        return delivered
 
-    async def _add(self, stream: str, items: Sequence[Outgoing]) -> list[bool]:
+    async def _add(
+        self, stream: str, items: Sequence[Outgoing], *, copy: bool = False
+    ) -> list[Delivery]:
         prefix = self.streams.seen_order_prefix(stream)
-        keys = [stream, watermark_key(self.streams, stream)]
-        args: list[EncodableT] = [self._ttl, self._maxlen]
+        keys = [stream, watermark_key(self.streams, stream), lag_hash(stream)]
+        args: list[EncodableT] = [self._ttl, self._maxlen, "0" if copy else "1"]
         for item in items:
-            own, cleared, held = seen_keys(item.fill)
+            fill = item.fill
+            own, cleared, held = seen_keys(fill)
             keys += [prefix + key for key in (own, *cleared, *held)]
-            field = watermark_field(item.watermark, item.fill.user) if item.watermark else ""
-            header = f"{len(cleared)},{len(held)},{_mark(item.fill)},{field}"
-            args += [encode(item.fill)[DATA_FIELD], header]
-        added = await self._script(keys=keys, args=args)
-        return [bool(flag) for flag in added]
+            field = watermark_field(item.watermark, fill.user) if item.watermark else ""
+            delivery = f"{fill.source.value},{max(0, round(fill.received_at * 1000))}"
+            header = f"{len(cleared)},{len(held)},{_mark(fill)},{delivery},{field}"
+            args += [encode(fill)[DATA_FIELD], header]
+        reply = await self._script(keys=keys, args=args)
+        return [
+            Delivery(bool(reply[i]), reply[i + 1] / 1000 if reply[i + 1] >= 0 else None)
+            for i in range(0, len(reply), 2)
+        ]
 
     async def publish_all(self, fills: Sequence[OrderFill], batch_max: int = 500) -> int:
         """Publish in batches, waiting out Redis outages (a retried batch adds nothing twice);

@@ -89,6 +89,17 @@ PUBLISH_BATCH = Histogram(
     "Fills per Lua call",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
+# Per fill, how far each source ran behind the first one that delivered it (shared/source_lag.py
+# keeps the same figures in Redis for the dashboard; these are this process's deliveries only).
+SOURCE_FIRST = Counter(
+    PREFIX + "source_first", "Fills (per status) this source delivered before any other", ["source"]
+)
+SOURCE_LAG = Histogram(
+    PREFIX + "source_lag_seconds",
+    "How long after the first source this source delivered the same fill",
+    ["source"],
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 120, 300, 900),
+)
 PUBLISH_LATENCY = Histogram(
     PREFIX + "publish_latency_seconds",
     "From frame receipt to the fill being in orders.raw",

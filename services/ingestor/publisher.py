@@ -203,18 +203,22 @@ class Publisher:
             await self._publish_items(items, live=True)
 
     async def _publish_items(self, items: list[Outgoing], *, live: bool) -> list[bool]:
-        added = await self._retrying(lambda: self.publish(items))
+        deliveries = await self._retrying(lambda: self.orders.deliver(items))
         now = time.time()
         metrics.PUBLISH_BATCH.observe(len(items))
         new: Counter[str] = Counter()
         seen: Counter[str] = Counter()
-        for item, was_new in zip(items, added, strict=True):
-            if was_new:
-                new[item.fill.source.value] += 1
+        for item, delivery in zip(items, deliveries, strict=True):
+            source = item.fill.source.value
+            if delivery.added:
+                new[source] += 1
+                metrics.SOURCE_FIRST.labels(source).inc()
                 if live:
                     metrics.PUBLISH_LATENCY.observe(max(0.0, now - item.fill.received_at))
             else:
-                seen[item.fill.source.value] += 1
+                seen[source] += 1
+                if delivery.lag_s is not None:
+                    metrics.SOURCE_LAG.labels(source).observe(delivery.lag_s)
                 log.debug("duplicate_fill", extra={"order_key": item.fill.order_key})
         for source, count in new.items():
             metrics.PUBLISHED.labels(source).inc(count)
@@ -224,7 +228,7 @@ class Publisher:
         self.duplicates_by_source.update(seen)
         self.published += new.total()
         self.duplicates += seen.total()
-        return added
+        return [delivery.added for delivery in deliveries]
 
     async def _dead_letter(self, item: DeadFrame) -> None:
         await dead_letter(
