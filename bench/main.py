@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, chain, cluster, latency, profiling, stages, throughput
+from bench import ceilings, chain, cluster, latency, profiling, sources, stages, throughput
 from bench.cluster import ClusterPlan
 from bench.environment import (
     BenchEnv,
@@ -38,7 +38,7 @@ from bench.environment import (
 from bench.pipeline import Pipeline
 from bench.report import RESULTS_DIR, add_ratios, goals, table, write
 
-SECTIONS = ("ceilings", "stages", "latency", "pipeline", "chain", "cluster")
+SECTIONS = ("ceilings", "stages", "latency", "pipeline", "chain", "cluster", "sources")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,10 @@ class Plan:
     chain_rates: tuple[float, ...] = (20.0, 200.0)
     chain_s: float = 20.0
     chain_confirmations: tuple[int, ...] = (0, 2)
+    # Fill-to-signal latency per source (bench/sources.py): a trader-like rate, long enough for a
+    # polled source's cycles.
+    sources_rate: float = 5.0
+    sources_s: float = 30.0
 
 
 FULL = Plan(
@@ -102,6 +106,7 @@ QUICK = Plan(
     budget_s=150,
     cluster=ClusterPlan(items=10_000, replicas=2, rates=(500,), step_s=4, drain_s=15),
     chain_s=6,
+    sources_s=12.0,
 )
 
 
@@ -241,6 +246,14 @@ async def run_chain(env: BenchEnv, plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
+async def run_sources(env: BenchEnv, plan: Plan) -> list[dict[str, Any]]:
+    out = []
+    for profile in sources.PROFILES:
+        _log(f"sources: {profile.name}, match -> subscriber receipt at {plan.sources_rate:g}/s")
+        out.append(await sources.measure(env, profile, plan.sources_rate, plan.sources_s))
+    return out
+
+
 async def run(plan: Plan, sections: set[str], note: str, out_path: Path) -> dict[str, Any]:
     started = time.monotonic()
     with backing_servers() as (redis_url, server_url):
@@ -270,6 +283,11 @@ async def run(plan: Plan, sections: set[str], note: str, out_path: Path) -> dict
                     results["chain"] = await run_chain(env, plan)
                 except Exception as exc:
                     errors["chain"] = _failure(exc)
+            if "sources" in sections:
+                try:
+                    results["sources"] = await run_sources(env, plan)
+                except Exception as exc:
+                    errors["sources"] = _failure(exc)
             if "cluster" in sections:
                 try:
                     results["cluster"] = await cluster.measure(env, plan.cluster)

@@ -110,6 +110,8 @@ class Pipeline:
         self.tag = tag
         # The ingestor's source settings over the default (the Dome feed): see `chain_source`.
         self.ingest = ingest or {}
+        # The simulator's settings over the bench's (a feed's documented delays: bench/sources.py).
+        self.sim_env: dict[str, str] = {}
         self.namespace = env.namespace(tag.rstrip("-"))
         self.streams = env.streams(self.namespace)
         # Each pipeline's feeds draw their own orders: a later one must not repeat an earlier
@@ -179,6 +181,7 @@ class Pipeline:
                 "SIM_API_KEY": API_KEY,
                 "SIM_HISTORY_MAX": "1000000" if keep_history else "1000",
                 "SIM_BLOCK_TIME_S": str(CHAIN_BLOCK_TIME_S),
+                **self.sim_env,
             },
             f"http://127.0.0.1:{self.sim_port}/health",
             f"{self.tag}{self.feeds}-",

@@ -250,6 +250,35 @@ def cluster_lines(cluster: dict[str, Any]) -> list[str]:
     return lines
 
 
+def source_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Fill-to-signal latency per source, then who was first and the others' lag with all on."""
+    lines = [
+        "",
+        "Sources: trade matched -> subscriber receipt (ms), the feeds' documented delays",
+        f"  {'source':>10} {'expected':>8} {'received':>8} {'p50':>7} {'p90':>7} {'p99':>7} "
+        f"{'max':>7}   first to deliver",
+    ]
+    for r in rows:
+        firsts = ", ".join(f"{name} {count}" for name, count in r["first_source"].items())
+        lines.append(
+            f"  {r['source']:>10} {_n(r['expected']):>8} {_n(r['received']):>8} "
+            f"{_ms(r.get('p50_ms')):>7} {_ms(r.get('p90_ms')):>7} {_ms(r.get('p99_ms')):>7} "
+            f"{_ms(r.get('max_ms')):>7}   {firsts}"
+            + ("" if r["missing"] == 0 else f"  MISSING {r['missing']}")
+        )
+    for r in rows:
+        behind = [lag for lag in r["lag_behind_first"] if lag["behind"]]
+        if r["source"] != "all" or not behind:
+            continue
+        lines.append("  with every source on, each one's lag behind the first (s): p50 / p90 / max")
+        for lag in behind:
+            lines.append(
+                f"  {lag['source']:>10} behind {lag['behind']:>5} times, first {lag['first']:>5}: "
+                f"{lag['lag_p50_s']} / {lag['lag_p90_s']} / {lag['lag_max_s']}"
+            )
+    return lines
+
+
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -307,6 +336,8 @@ def table(results: dict[str, Any]) -> str:
                 + ("" if r["missing"] == 0 else f"  MISSING {r['missing']}")
                 + ("" if r.get("drained", True) else "  did not drain")
             )
+    if results.get("sources"):
+        lines += source_lines(results["sources"])
     p = results.get("pipeline")
     if p:
         lines += [

@@ -32,6 +32,8 @@ class Receipt:
     order_key: str
     received_at: float
     detected_at: float
+    # The source that delivered the signal's fill first.
+    source: str = ""
 
 
 def signal_tail(message: bytes) -> bytes:
@@ -51,7 +53,13 @@ def parse_tail(at: float, tail: bytes) -> Receipt | None:
         else:
             fields = orjson.loads(tail).get("signal", {})
         keys = fields.get("order_keys") or []
-        return Receipt(at, str(keys[0]), float(fields["received_at"]), float(fields["detected_at"]))
+        return Receipt(
+            at,
+            str(keys[0]),
+            float(fields["received_at"]),
+            float(fields["detected_at"]),
+            str(fields.get("source", "")),
+        )
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
         return None
 
