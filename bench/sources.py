@@ -70,7 +70,8 @@ def _everything(port: int) -> dict[str, str]:
 PROFILES: tuple[Profile, ...] = (
     Profile("polygon", _polygon),
     Profile("dome_ws", _dome),
-    Profile("data_api", _data_api, tail_s=20.0),
+    # A poller subscribes to nothing: the simulator's clock starts without waiting for it.
+    Profile("data_api", _data_api, {"SIM_WAIT_FOR_SUBSCRIBER": "false"}, tail_s=20.0),
     Profile("all", _everything, tail_s=20.0),
 )
 
