@@ -73,7 +73,7 @@ while a <= #ARGV do
     end
   end
   added[#added + 1] = prior == nil and 1 or 0
-  added[#added + 1] = counting and record_lag(KEYS[3], src, ms, prior) or -1
+  added[#added + 1] = counting and record_lag(KEYS[3], KEYS[k], src, ms, prior) or -1
   if field ~= '' then
     local current = tonumber(redis.call('HGET', KEYS[2], field) or '0')
     if tonumber(ts) > current then
@@ -106,8 +106,14 @@ def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     A retraction clears the fill's first sight, so a block that includes the fill again publishes
     it again; that re-inclusion clears the retraction, so a later reorg can retract it again. Only
     the chain can tell a new inclusion from a late copy of the old one: from any other source a
-    retracted fill stays retracted."""
+    retracted fill stays retracted.
+
+    A retraction from another source than the chain is a pending fill that never confirmed
+    (services/ingestor/pending.py): a confirmation already written holds it back, in the same
+    script, so a confirmation that lands just before the deadline's retraction always wins."""
     key = fill.order_key
+    if fill.status is FillStatus.RETRACTED and fill.source is not Source.POLYGON:
+        return f"{key}:retracted", (), (key,)
     if fill.status is FillStatus.RETRACTED:
         return f"{key}:retracted", (key, f"{key}:pending"), ()
     if fill.status is FillStatus.PENDING:

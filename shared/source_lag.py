@@ -5,7 +5,8 @@ Several sources may carry the same fill (the chain, a Dome-protocol service, the
 The first to deliver it publishes it; each later delivery from another source is a duplicate that
 the publishing script (shared/orders_raw.py) measures against the first: the seen key of a fill
 holds `<first source>:<received_at in ms>`, and the script counts, per wallet partition, in the hash
-`{<partition>}:sourcelag`:
+`{<partition>}:sourcelag` (the seen key then lists the later sources, `,<source>` each, so each
+counts once per fill):
 
 - `<source>:first`: deliveries that were first (they published the fill);
 - `<source>:behind`: deliveries that came after another source's, with their lag in buckets
@@ -13,8 +14,8 @@ holds `<first source>:<received_at in ms>`, and the script counts, per wallet pa
   `<source>:sum_ms` and `<source>:max_ms`.
 
 A fill's statuses count apart: a mempool `pending` sight and its `confirmed` sight are two
-deliveries, each with its own first source. A source that delivers the same fill twice (a resend,
-a backfill reading again) is not behind itself and counts nothing. Lags are between the moments
+deliveries, each with its own first source. A source that delivers the same fill again (a resend, a
+poll or backfill reading it again) counts nothing more. Lags are between the moments
 the ingestor received each copy, so they measure the feeds, not the exchange. The counts live in
 Redis beside the fills (the script writes them atomically with the dedupe), so every ingestor
 process adds to the same figures and the notifier's dashboard reads them (`read_source_lag`).
@@ -49,19 +50,23 @@ BUCKETS_MS: tuple[int, ...] = (
 
 # The Lua function the publishing script calls for each delivery: `prior` is nil when this delivery
 # published the fill, the seen key's value when it was a duplicate, false when it was held back (a
-# retracted fill). Returns the lag in ms behind the first source, or -1.
+# retracted fill). A source's first late delivery is appended to the seen key (`,<source>`), so a
+# poller reading the same fill again and again counts once. Returns the lag in ms, or -1.
 RECORD_LUA = (
     "local lag_bounds = {"
     + ", ".join(str(bound) for bound in BUCKETS_MS)
     + """}
-local function record_lag(lag_hash, src, ms, prior)
+local function record_lag(lag_hash, seen_key, src, ms, prior)
   if prior == nil then
     redis.call('HINCRBY', lag_hash, src .. ':first', 1)
     return -1
   end
   if not prior then return -1 end
-  local psrc, pms = string.match(prior, '^([%w_]+):(%d+)$')
-  if not psrc or psrc == src then return -1 end
+  local psrc, pms, others = string.match(prior, '^([%w_]+):(%d+)(.*)$')
+  if not psrc or psrc == src or string.find(others .. ',', ',' .. src .. ',', 1, true) then
+    return -1
+  end
+  redis.call('SET', seen_key, prior .. ',' .. src, 'KEEPTTL')
   local lag = math.max(0, tonumber(ms) - tonumber(pms))
   redis.call('HINCRBY', lag_hash, src .. ':behind', 1)
   redis.call('HINCRBY', lag_hash, src .. ':sum_ms', lag)

@@ -43,6 +43,9 @@ async def test_the_second_source_is_measured_against_the_first(
     # The same source again (a resend, a backfill reading again) is not behind itself.
     again = await orders.deliver([Outgoing(copy(fills[0], Source.POLYGON, T0 + 30))])
     assert again[0].lag_s is None and not again[0].added
+    # Nor is a poller reading the same fill again behind a second time.
+    reread = await orders.deliver([Outgoing(copy(fills[1], Source.DATA_API, T0 + 60))])
+    assert reread[0].lag_s is None and not reread[0].added
 
     figures = by_source(await read_source_lag(redis_client, streams))
     assert figures["polygon"] == SourceLag("polygon", 4, 0, None, None, None, None)
@@ -120,3 +123,26 @@ def test_quantiles_are_upper_bounds_capped_by_the_maximum() -> None:
     assert quantile(buckets, 10, 0.95, 4_100) == 4.1
     # Past the last bound: only the maximum is known.
     assert quantile([(b, 0) for b in BUCKETS_MS], 1, 0.5, 2_000_000) == 2_000.0
+
+
+async def test_every_later_source_counts_once_per_fill(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    streams = Streams(namespace, 1)
+    orders = OrdersRaw(redis_client, streams, stream_maxlen=100, dedupe_ttl_s=60)
+    fill = make_order()
+    arrivals = [(Source.POLYGON, 0.0), (Source.RTDS, 0.5), (Source.DATA_API, 40.0)]
+    arrivals += [(Source.RTDS, 41.0), (Source.DATA_API, 42.0), (Source.DATA_API, 44.0)]
+    lags = []
+    for source, after in arrivals:
+        (delivery,) = await orders.deliver([Outgoing(copy(fill, source, T0 + after))])
+        lags.append(delivery.lag_s)
+    assert lags == [None, 0.5, 40.0, None, None, None]
+    figures = by_source(await read_source_lag(redis_client, streams))
+    assert [(f.source, f.first, f.behind) for f in figures.values()] == [
+        ("polygon", 1, 0),
+        ("data_api", 0, 1),
+        ("rtds", 0, 1),
+    ]
+    ttl = await redis_client.ttl(streams.seen_order_prefix() + fill.order_key)
+    assert 0 < ttl <= 60  # the appended sources kept the dedupe key's expiry
