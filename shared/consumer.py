@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -44,7 +45,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import ResponseError
 
-from shared.backoff import Backoff
+from shared.backoff import Backoff, retrying
 from shared.errors import describe
 from shared.redis_streams import (
     UNREACHABLE,
@@ -446,7 +447,13 @@ class ConsumerGroup:
                 "add consumers"
             )
             payload = {b"trimmed_entry": entry_id.encode(), b"stream": self.config.stream.encode()}
-            await self.dead_letter((entry_id, payload), reason, 0)
+            # Redis has dropped these ids from the pending list already: a dead letter not
+            # written now is never written, so each waits out an outage instead of failing.
+            await retrying(
+                functools.partial(self.dead_letter, (entry_id, payload), reason, 0),
+                transient=UNREACHABLE,
+                backoff=Backoff(0.05, 5.0),
+            )
         DEAD.labels(*self._labels).inc(len(ids))
 
     async def _handle_reclaimed(self, claimed: list[Entry]) -> None:

@@ -199,6 +199,32 @@ async def test_pending_entries_trimmed_from_the_stream_are_counted_and_dead_lett
     assert [orjson.loads(fields[b"raw"])["trimmed_entry"] for _, fields in dead] == ids
 
 
+async def test_a_trimmed_entry_whose_dead_letter_fails_once_is_still_dead_lettered(
+    redis_client: aioredis.Redis, streams: Streams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis drops a trimmed id from the pending list as it reports it: a dead letter that fails
+    to be written (Redis away for a moment) is retried, not lost with the ids after it."""
+    cfg = config(streams)
+    group = ConsumerGroup(redis_client, cfg, Recorder())
+    await group.ensure_group()
+    ids = await add(redis_client, cfg.stream, {"n": "a"}, {"n": "b"}, {"n": "c"})
+    await redis_client.xreadgroup(GROUP, "dead", {cfg.stream: ">"})
+    await redis_client.xdel(cfg.stream, *ids)
+    real = group.dead_letter
+    failures = iter([True])
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if next(failures, False):
+            raise ConnectionError("Redis went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(group, "dead_letter", flaky)
+    await asyncio.sleep(0.2)
+    await group.reclaim()
+    dead = await redis_client.xrange(cfg.dead_stream)
+    assert [orjson.loads(fields[b"raw"])["trimmed_entry"] for _, fields in dead] == ids
+
+
 async def test_stop_handles_what_was_delivered_here_then_leaves_the_group(
     redis_client: aioredis.Redis, streams: Streams
 ) -> None:
