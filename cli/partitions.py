@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,7 +44,6 @@ class MoveReport:
     watermarks: int = 0
     # Keys of the old layout deleted once moved.
     removed: int = 0
-    problems: list[str] = field(default_factory=list)
 
 
 async def status(
