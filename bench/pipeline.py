@@ -36,8 +36,16 @@ from devtools.processes import Memory, ServiceProcess, cpu_of_command, start_all
 from devtools.servers import free_port
 from shared.streams import DETECTOR_GROUP, STORE_GROUP
 
-# Every fill a whale_order, none suppressed by a cooldown (names unknown to a service are ignored).
-RULES = {"WHALE_MIN_NOTIONAL_USD": "0.0001", "SIGNAL_MAX_PRICE": "1", "SIGNAL_COOLDOWN_S": "0"}
+# Every fill a whale_order, none suppressed by a cooldown, a price band or a notional floor, and no
+# positions asked of a Data API (names unknown to a service are ignored).
+RULES = {
+    "WHALE_MIN_NOTIONAL_USD": "0.0001",
+    "SIGNAL_MAX_PRICE": "1",
+    "SIGNAL_MIN_PRICE": "0",
+    "SIGNAL_MIN_NOTIONAL_USD": "0",
+    "SIGNAL_COOLDOWN_S": "0",
+    "DETECTOR_SEED_POSITIONS": "false",
+}
 FEED_START_TIMEOUT_S = 20.0
 # Polygon's block time: the simulator's node mines at this pace in every bench pipeline.
 CHAIN_BLOCK_TIME_S = 2.0

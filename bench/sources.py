@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.environment import BenchEnv
 from bench.latency import first_receipts, trade_key
-from bench.pipeline import Pipeline, chain_source
+from bench.pipeline import API_KEY, Pipeline, chain_source
 from bench.stats import percentile, summary_ms
 from shared.source_lag import read_source_lag
 
@@ -46,6 +46,26 @@ def _dome(port: int) -> dict[str, str]:
     return {"INGEST_SOURCES": "dome_ws"}
 
 
+def _predexon(port: int) -> dict[str, str]:
+    return {
+        "INGEST_SOURCES": "dome_ws",
+        "DOME_DIALECT": "predexon",
+        "DOME_WS_URL": f"ws://127.0.0.1:{port}/v1",
+        "PREDEXON_API_KEY": API_KEY,
+        "PREDEXON_STATUS_ALL": "true",
+    }
+
+
+def _polynode(port: int) -> dict[str, str]:
+    return {
+        "INGEST_SOURCES": "dome_ws",
+        "DOME_DIALECT": "polynode",
+        "DOME_WS_URL": f"ws://127.0.0.1:{port}/ws",
+        "POLYNODE_API_KEY": API_KEY,
+        "POLYNODE_STATUS_ALL": "true",
+    }
+
+
 def _polygon(port: int) -> dict[str, str]:
     return chain_source(port, 0)
 
@@ -58,21 +78,37 @@ def _data_api(port: int) -> dict[str, str]:
     }
 
 
+def _rtds(port: int) -> dict[str, str]:
+    return {
+        "INGEST_SOURCES": "rtds",
+        "RTDS_URL": f"ws://127.0.0.1:{port}/rtds",
+        "DATA_API_URL": f"http://127.0.0.1:{port}",
+    }
+
+
 def _everything(port: int) -> dict[str, str]:
     return {
         **chain_source(port, 0),
-        "INGEST_SOURCES": "polygon,dome_ws,data_api",
-        "DATA_API_URL": f"http://127.0.0.1:{port}",
-        "DATA_API_POLL_INTERVAL_S": "2",
+        **_data_api(port),
+        **_rtds(port),
+        **_polynode(port),
+        "INGEST_SOURCES": "polygon,dome_ws,data_api,rtds",
     }
 
+
+# The mempool announces each fill SIM_PENDING_LEAD_S (3 s) before its confirmed events: the
+# pending-capable feeds (Predexon, polynode) may then signal before the trade's `emitted_at`.
+MEMPOOL = {"SIM_PENDING_EVENTS": "true"}
 
 PROFILES: tuple[Profile, ...] = (
     Profile("polygon", _polygon),
     Profile("dome_ws", _dome),
+    Profile("predexon", _predexon, MEMPOOL),
+    Profile("polynode", _polynode, MEMPOOL),
     # A poller subscribes to nothing: the simulator's clock starts without waiting for it.
     Profile("data_api", _data_api, {"SIM_WAIT_FOR_SUBSCRIBER": "false"}, tail_s=20.0),
-    Profile("all", _everything, tail_s=20.0),
+    Profile("rtds", _rtds),
+    Profile("all", _everything, MEMPOOL, tail_s=20.0),
 )
 
 

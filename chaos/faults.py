@@ -542,6 +542,23 @@ class UnstableTies(QuirkOnly):
 
 
 @dataclass
+class DataApiCdn(QuirkOnly):
+    name: ClassVar[str] = "data_api_cdn"
+    description: ClassVar[str] = (
+        "the Data API behind its CDN's 300 s cache (SIM_CDN_CACHE_S) with every 5th trade a maker "
+        "fill (SIM_MAKER_EVERY), polled beside the feed with pages of 20 "
+        "(INGEST_SOURCES=dome_ws,data_api), and a feed drop: no fill missed for a cached answer"
+    )
+    env: ClassVar[dict[str, str]] = {
+        "SIM_CDN_CACHE_S": "300",
+        "SIM_MAKER_EVERY": "5",
+        "INGEST_SOURCES": "dome_ws,data_api",
+        "DATA_API_PAGE_LIMIT": "20",
+        "DATA_API_POLL_INTERVAL_S": "1",
+    }
+
+
+@dataclass
 class RedisRestartLosesWrites(Fault):
     """What an append-only file with `appendfsync everysec` loses when Redis dies: the last
     second of acknowledged writes. Simulated deterministically: the consumers (store, detectors)
@@ -612,6 +629,31 @@ class RedisRestartLosesWrites(Fault):
         self.note(f"{back} of the {len(self.lost_keys)} lost fills published again")
 
 
+@dataclass
+class RtdsFreeze(Fault):
+    name: ClassVar[str] = "rtds_freeze"
+    description: ClassVar[str] = (
+        "Polymarket's unofficial RTDS as the only source (INGEST_SOURCES=rtds) with its quirks on "
+        "(empty first frame, checksum-cased wallets, outcomeIndex 999, fee on some frames); every "
+        "open RTDS socket freezes (pings answered, no payload): the payload watchdog opens a new "
+        "socket and the Data API backfill recovers the gap, each fill once"
+    )
+    env: ClassVar[dict[str, str]] = {
+        "INGEST_SOURCES": "rtds",
+        "RTDS_PAYLOAD_TIMEOUT_S": "3",
+        "SIM_RTDS_EMPTY_FIRST_FRAME": "true",
+        "SIM_RTDS_CHECKSUM_WALLETS": "true",
+        "SIM_RTDS_OUTCOME_INDEX_999_EVERY": "5",
+        "SIM_RTDS_FEE_EVERY": "2",
+    }
+    hold_s: float = 0.0
+
+    async def inject(self, pipe: Pipeline) -> None:
+        body = await _control(pipe, self, "/_sim/rtds", {"freeze": True})
+        if body is not None:
+            self.note(f"froze {body.get('froze')} RTDS socket(s)")
+
+
 # The window of acknowledged writes the Redis restart loses (appendfsync everysec: up to 1 s).
 LOSS_WINDOW_S = 1.0
 
@@ -636,7 +678,9 @@ QUIRK_FAULTS: dict[str, type[Fault]] = {
         OddTimestamps,
         TwinFills,
         UnstableTies,
+        DataApiCdn,
         RedisRestartLosesWrites,
+        RtdsFreeze,
     )
 }
 

@@ -176,6 +176,9 @@ class Pipeline:
             {
                 "DOME_WS_URL": f"ws://127.0.0.1:{self.sim_port}",
                 "DOME_API_URL": f"http://127.0.0.1:{self.sim_port}/v1",
+                # The Data API (the data_api source, and the rtds source's backfill) and RTDS.
+                "DATA_API_URL": f"http://127.0.0.1:{self.sim_port}",
+                "RTDS_URL": f"ws://127.0.0.1:{self.sim_port}/rtds",
                 "DOME_API_KEY": c.api_key,
                 # Used when a scenario sets INGEST_SOURCES=polygon: the key rides in the path, as
                 # at real providers, so the log check covers it too.

@@ -21,9 +21,10 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from cli import dead, lag, partitions, tape, validate, wallets
+from cli import dead, lag, partitions, tape, validate, wallets, wallets_discover
 from cli.settings import CliSettings
 from cli.signals import SignalFilter, tail
+from services.store.wallet_quality_source import QualitySource
 from shared import layout
 from shared.logs import redact_url
 from shared.models import TrackedWallet, normalize_address
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             sub.add_argument("--label", default="")
             sub.add_argument("--score", type=float, default=None, help="0..1")
+    wallets_discover.add_arguments(
+        w.add_parser(
+            "discover", parents=[common], help="propose wallets from the leaderboard, scored"
+        )
+    )
 
     lag_cmd = commands.add_parser("lag", parents=[common], help="consumer lag and pending entries")
     lag_cmd.add_argument("--consumers", action="store_true", help="list each group's consumers")
@@ -163,6 +169,8 @@ async def cmd_signals(args: argparse.Namespace, client: aioredis.Redis, s: CliSe
 async def cmd_wallets(args: argparse.Namespace, client: aioredis.Redis, s: CliSettings) -> int:
     if args.action == "list":
         return await _wallets_list(args, client, s)
+    if args.action == "discover":
+        return await _wallets_discover(args, client, s)
     try:
         address = normalize_address(args.address)
     except ValueError as exc:
@@ -229,6 +237,26 @@ async def _wallets_list(args: argparse.Namespace, client: aioredis.Redis, s: Cli
         },
         lines,
     )
+    return 0
+
+
+async def _wallets_discover(
+    args: argparse.Namespace, client: aioredis.Redis, s: CliSettings
+) -> int:
+    source = QualitySource(s.data_api_url, s.gamma_api_url)
+    try:
+        found = await wallets_discover.candidates(args, client, s, source)
+        picked = wallets_discover.chosen(args.add, found)
+        added = await wallets_discover.track(args, client, s, picked, _seed(s) if picked else [])
+    except wallets_discover.DiscoverError as exc:
+        raise UsageError(str(exc)) from None
+    except wallets.MirrorError as exc:
+        print(f"betterbot: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await source.aclose()
+    data = {"candidates": wallets_discover.as_json(found), "added": added}
+    _emit(args, data, wallets_discover.render(found, added))
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.detector.forward import unforwarded
-from services.detector.rules import TOKEN_UNIT, WALLET_UNIT, Effect
+from services.detector.rules import SEED_UNIT, TOKEN_UNIT, WALLET_UNIT, Effect
 from shared.orders_raw import watermark_key
 from shared.streams import Lane, Scope, Streams
 
@@ -175,6 +175,8 @@ def _unit_lane(new: Streams, unit: str) -> Lane | None:
         return _lane_for(new, Scope.WALLET, wallet)
     if unit.startswith(TOKEN_UNIT):
         return _lane_for(new, Scope.TOKEN, unit[len(TOKEN_UNIT) :])
+    if unit.startswith(SEED_UNIT):  # a wallet's positions seeding goes with its units
+        return _lane_for(new, Scope.WALLET, unit[len(SEED_UNIT) :])
     return None  # a done key, or nothing of ours
 
 

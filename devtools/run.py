@@ -38,7 +38,12 @@ def pipeline(notifier_port: int, env: dict[str, str]) -> list[ServiceProcess]:
 
     notifier = service(
         "notifier",
-        {**env, "NOTIFIER_PORT": str(notifier_port)},
+        # The dashboard's history comes from the store started here.
+        {
+            **env,
+            "NOTIFIER_PORT": str(notifier_port),
+            "STORE_API_URL": f"http://127.0.0.1:{ports['store']}",
+        },
         f"http://127.0.0.1:{notifier_port}/health",
         LOG_DIR,
     )

@@ -1,5 +1,8 @@
-"""Polymarket's Data API `/trades` item -> the order contract: the one mapping, used by the
+"""Polymarket's Data API trade item -> the order contract: the one mapping, used by the
 ingestor's `data_api` source, `betterbot replay-tape` and the detector's replay of a tape.
+
+v1 (`/trades`, tapes) spells fields in camelCase, v2 (`/v2/trades`) in snake_case
+(`proxy_wallet`, `condition_id`, `transaction_hash`); both spellings are read.
 
 Mapping (feeds.md): proxyWallet->user, asset->token_id, conditionId->condition_id,
 size->shares_normalized (and shares = size x 1e6), slug->market_slug, outcome->token_label,
@@ -33,11 +36,26 @@ _FIELDS = {
 }
 
 
+# v2's spelling of the camelCase names (the others are one word in both).
+_SNAKE = {
+    "proxyWallet": "proxy_wallet",
+    "conditionId": "condition_id",
+    "transactionHash": "transaction_hash",
+}
+
+
 def order_from_data_api(item: Any) -> FeedOrder:
-    """A Data API `/trades` item as an order; raises ValueError (a ValidationError included)."""
+    """A Data API trade item (v1 or v2) as an order; raises ValueError (a ValidationError
+    included)."""
     if not isinstance(item, dict):
         raise ValueError(f"a trade must be an object, got {type(item).__name__}")
-    data = {ours: item[theirs] for theirs, ours in _FIELDS.items() if item.get(theirs) is not None}
+    data: dict[str, Any] = {}
+    for theirs, ours in _FIELDS.items():
+        value = item.get(theirs)
+        if value is None and theirs in _SNAKE:
+            value = item.get(_SNAKE[theirs])
+        if value is not None:
+            data[ours] = value
     size = data.get("shares_normalized")
     if isinstance(size, int | float) and not isinstance(size, bool):
         data["shares"] = round(size * 10**SHARE_DECIMALS)

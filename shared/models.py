@@ -126,6 +126,17 @@ class DomeOrder(Contract):
             raise ValueError(f"must be a number, got {type(value).__name__}")
         return value
 
+    @field_validator("log_index", "block_number", mode="before")
+    @classmethod
+    def _hex_quantities(cls, value: Any) -> Any:
+        # Predexon sends the log index as a hex string ("0x2a"), as JSON-RPC logs do; Dome an int.
+        if isinstance(value, str) and value[:2].lower() == "0x":
+            try:
+                return int(value, 16)
+            except ValueError:
+                raise ValueError(f"not a hex quantity: {value[:20]!r}") from None
+        return value
+
 
 class FeedOrder(DomeOrder):
     """A Dome order as it enters the pipeline from outside (Dome's WebSocket and REST, the Data
@@ -308,6 +319,10 @@ class SignalKind(StrEnum):
     TRADER_EXIT = "trader_exit"
     WHALE_ORDER = "whale_order"
     CONSENSUS = "consensus"
+    # A tracked wallet building (BUYs) or unwinding (SELLs) a position through many small fills
+    # that together cross a notional threshold within a window (docs/signals.md).
+    ACCUMULATION = "accumulation"
+    DISTRIBUTION = "distribution"
 
 
 def signal_id(kind: str, *order_keys: str) -> str:

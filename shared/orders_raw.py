@@ -108,19 +108,25 @@ def seen_keys(fill: OrderFill) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     the chain can tell a new inclusion from a late copy of the old one: from any other source a
     retracted fill stays retracted.
 
-    A retraction from another source than the chain is a pending fill that never confirmed
-    (services/ingestor/pending.py): a confirmation already written holds it back, in the same
-    script, so a confirmation that lands just before the deadline's retraction always wins."""
+    A pending sighting of a fill already confirmed or retracted is held back (a `since` replay
+    or a snapshot can resend one). A retraction from another source than the chain is a pending
+    fill that did not confirm within its bound (services/ingestor/pending.py): it is kept apart
+    (`:expired`), held back by a confirmation already written (in the same script, so one that
+    lands just before the deadline always wins), and undone by a confirmation from any source
+    that comes later (a restart or an outage can delay one past the bound: the fill did
+    happen)."""
     key = fill.order_key
+    expired, retracted = f"{key}:expired", f"{key}:retracted"
     if fill.status is FillStatus.RETRACTED and fill.source is not Source.POLYGON:
-        return f"{key}:retracted", (), (key,)
+        return expired, (), (key, retracted)
     if fill.status is FillStatus.RETRACTED:
-        return f"{key}:retracted", (key, f"{key}:pending"), ()
+        return retracted, (key, f"{key}:pending"), ()
     if fill.status is FillStatus.PENDING:
-        return f"{key}:pending", (), ()
+        # A pending sighting after the fill was confirmed or retracted is stale (a replay).
+        return f"{key}:pending", (), (key, retracted, expired)
     if fill.source is Source.POLYGON:
-        return key, (f"{key}:retracted",), ()
-    return key, (), (f"{key}:retracted",)
+        return key, (retracted, expired), ()
+    return key, (expired,), (retracted,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +219,9 @@ class OrdersRaw:
             own, cleared, held = seen_keys(fill)
             keys += [prefix + key for key in (own, *cleared, *held)]
             field = watermark_field(item.watermark, fill.user) if item.watermark else ""
-            delivery = f"{fill.source.value},{max(0, round(fill.received_at * 1000))}"
+            # A retraction is not a delivery of the fill: no source is first or behind with it.
+            source = "" if fill.status is FillStatus.RETRACTED else fill.source.value
+            delivery = f"{source},{max(0, round(fill.received_at * 1000))}"
             header = f"{len(cleared)},{len(held)},{_mark(fill)},{delivery},{field}"
             args += [encode(fill)[DATA_FIELD], header]
         reply = await self._script(keys=keys, args=args)

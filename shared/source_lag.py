@@ -50,13 +50,15 @@ BUCKETS_MS: tuple[int, ...] = (
 
 # The Lua function the publishing script calls for each delivery: `prior` is nil when this delivery
 # published the fill, the seen key's value when it was a duplicate, false when it was held back (a
-# retracted fill). A source's first late delivery is appended to the seen key (`,<source>`), so a
+# retracted fill); `src` is empty for a retraction, which no source delivers first or late. A
+# source's first late delivery is appended to the seen key (`,<source>`), so a
 # poller reading the same fill again and again counts once. Returns the lag in ms, or -1.
 RECORD_LUA = (
     "local lag_bounds = {"
     + ", ".join(str(bound) for bound in BUCKETS_MS)
     + """}
 local function record_lag(lag_hash, seen_key, src, ms, prior)
+  if src == '' then return -1 end
   if prior == nil then
     redis.call('HINCRBY', lag_hash, src .. ':first', 1)
     return -1

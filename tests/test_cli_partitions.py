@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from cli.main import run as cli
 from services.detector.main import Detector
-from services.detector.rules import RuleSettings
+from services.detector.rules import SEED_UNIT, RuleSettings
 from services.detector.serial import run as reference_run
 from services.detector.settings import DetectorSettings
 from shared.layout import LayoutMismatch
@@ -165,5 +165,28 @@ async def test_a_move_back_finds_no_stale_state(
     await through(redis_url, redis_client, one, [again], [wallet])
     kinds = [s["kind"] for s in await read_signals(redis_client, one)]
     expected = reference_run([buy, sell, again], [wallet], RuleSettings())
-    assert [s.kind.value for s in expected] == ["trader_entry"]
-    assert kinds == ["trader_entry"]
+    # The full sale is an exit (a SELL is never dropped for its price); the BUY after it opens a
+    # new position, not stale state from the first layout.
+    assert [s.kind.value for s in expected] == ["trader_exit", "trader_entry"]
+    assert kinds == ["trader_exit", "trader_entry"]
+
+
+async def test_a_wallets_positions_seeding_moves_with_its_units(
+    redis_url: str,
+    namespace: str,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without it a move would delete the seeding as stale, and the wallet be seeded again."""
+    wallets = ["0x" + f"{n:02x}" * 20 for n in range(1, 9)]
+    one, four = Streams(namespace, 1), Streams(namespace, 4)
+    (lane,) = one.lanes()
+    for wallet in wallets:
+        await redis_client.set(lane.state_prefix + SEED_UNIT + wallet, f"1760000000|1-{wallet[-1]}")
+    assert await move(redis_url, one, 4, monkeypatch) == 0
+    for wallet in wallets:
+        target = next(x for x in four.lanes() if x.stream == four.wallet_stream(wallet))
+        assert await redis_client.get(target.state_prefix + SEED_UNIT + wallet) == (
+            f"1760000000|1-{wallet[-1]}".encode()
+        )
+        assert not await redis_client.exists(lane.state_prefix + SEED_UNIT + wallet)

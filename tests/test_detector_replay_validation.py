@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from services.detector.replay import DEFAULT_TAPE, main, measure, replay, tape_orders
+from services.detector.rules import RuleSettings
 from services.detector.settings import DetectorSettings
 from services.store.markouts import load_resolution
 from shared.models import Signal, SignalKind
@@ -27,8 +28,13 @@ WALLETS = load_wallets(ROOT / "config" / "wallets.example.json")
 HORIZON_S = {"5m": 300, "1h": 3600, "24h": 86_400}
 
 
-def tape_signals() -> list[Signal]:
-    signals, _ = replay(tape_orders(TAPE), WALLETS, DetectorSettings().rules())
+# The filters before issue 17's defaults: no long-shot or notional filter, so that the tape's
+# losing "Yes" buys (most of them small and cheap) are signalled and their settlement checked.
+UNFILTERED = RuleSettings(signal_min_price=0, signal_min_notional_usd=0)
+
+
+def tape_signals(rules: RuleSettings | None = None) -> list[Signal]:
+    signals, _ = replay(tape_orders(TAPE), WALLETS, rules or DetectorSettings().rules())
     return signals
 
 
@@ -66,11 +72,11 @@ def test_every_figure_follows_from_the_tape_and_the_resolution_file() -> None:
     assert got == expected
     # Horizons past the tape's end (37 minutes) are not measured, and every signal settles.
     assert {m.horizon for m in measured} == {"5m", "settlement"}
-    assert sum(m.horizon == "settlement" for m in measured) == len(signals) == 90
+    assert sum(m.horizon == "settlement" for m in measured) == len(signals) == 42
 
 
 def test_losing_yes_buys_settle_negative_and_the_winner_positive() -> None:
-    signals = {s.signal_id: s for s in tape_signals()}
+    signals = {s.signal_id: s for s in tape_signals(UNFILTERED)}
     measured = measure(signals.values(), tape_orders(TAPE), load_resolution(RESOLUTION), 0)
     settled = [m for m in measured if m.horizon == "settlement"]
     by_id = list(zip(signals.values(), settled, strict=True))
@@ -109,12 +115,12 @@ def test_the_printed_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "is not measured" in report and "Rule: hit = net markout > 0" in report
     # The figures of the bundled tape (the invariants above keep them honest).
     for line in (
-        "| `trader_entry` | 5m | 48 | +0.36 | 0.00 | 24 | 8 | 50.0% | 36.4-63.6% |",
-        "|  | settlement | 60 | -1.64 | 0.00 | 15 | 0 | 25.0% | 15.8-37.2% | significant: misses",
-        "| `whale_order` | 5m | 9 | -0.14 | 0.00 | 4 | 0 | 44.4% | 18.9-73.3% |",
-        "|  | settlement | 11 | +19.05 | 0.00 | 8 | 0 | 72.7% | 43.4-90.3% |",
-        "| `consensus` | 5m | 14 | +0.83 | 0.00 | 8 | 3 | 57.1% | 32.6-78.6% |",
-        "|  | settlement | 18 | -0.05 | 0.00 | 7 | 0 | 38.9% | 20.3-61.4% |",
+        "| `trader_entry` | 5m | 16 | +0.94 | 0.00 | 11 | 1 | 68.8% | 44.4-85.8% |",
+        "|  | settlement | 17 | +4.44 | 0.00 | 12 | 0 | 70.6% | 46.9-86.7% | not significant",
+        "| `whale_order` | 5m | 10 | +0.02 | 0.00 | 5 | 0 | 50.0% | 23.7-76.3% |",
+        "|  | settlement | 13 | +15.83 | 0.00 | 8 | 0 | 61.5% | 35.5-82.3% |",
+        "| `consensus` | 5m | 6 | +0.56 | 0.00 | 4 | 0 | 66.7% | 30.0-90.3% |",
+        "|  | settlement | 8 | +6.00 | 0.00 | 6 | 0 | 75.0% | 40.9-92.9% |",
         "|  | 1h | 0 |  |  |  |  |  |  | not measured |",
     ):
         assert line in report, line
@@ -144,3 +150,7 @@ def test_an_earlier_tape_seeds_positions(tmp_path: Path) -> None:
     assert (XHINRA, first["asset"]) in entries(plain)
     assert entries(plain) - entries(seeded) == {(XHINRA, first["asset"])}
     assert len(seeded) < len(plain)
+    # Seeded, an entry is known to be a new position; without a history, it is not known.
+    assert {s.opens_position for s in seeded if s.kind is SignalKind.TRADER_ENTRY} == {True}
+    assert {s.opens_position for s in plain if s.kind is SignalKind.TRADER_ENTRY} == {None}
+    assert {s.opens_position for s in seeded if s.kind is SignalKind.TRADER_EXIT} <= {False}

@@ -13,17 +13,17 @@ import redis.asyncio as aioredis
 
 from services.detector import rules
 from services.detector.pipeline import RawEntry
-from services.detector.rules import RuleSettings, WalletMarketState
+from services.detector.rules import WalletMarketState
 from services.detector.serial import SerialDetector
 from shared.models import FillStatus, OrderFill, Signal, TrackedWallet
 from shared.redis_streams import ensure_group
 from shared.streams import DETECTOR_GROUP, Streams
-from tests.test_detector_rules import MARKET, TRACKED, WALLET, make_order, wallet
+from tests.test_detector_rules import MARKET, TRACKED, WALLET, bookkeeping, make_order, wallet
 from tests.test_detector_state import fields_of, make_state, processor, signals_of
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = RuleSettings(signal_cooldown_s=0, consensus_min_wallets=3)
+SETTINGS = bookkeeping(signal_cooldown_s=0, consensus_min_wallets=3)
 REASON = "chain reorg: block 7 (0x1234) was replaced"
 
 
@@ -165,7 +165,7 @@ async def test_the_same_reason_twice_still_retracts_twice(
     assert [identity(s) for s in reference(orders, [TRACKED])] == [identity(s) for s in found]
 
 
-COOLDOWN = RuleSettings(signal_cooldown_s=300, consensus_min_wallets=3)
+COOLDOWN = bookkeeping(signal_cooldown_s=300, consensus_min_wallets=3)
 
 
 async def test_a_fill_included_again_signals_again_despite_the_cooldown_it_left(

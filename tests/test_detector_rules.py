@@ -26,13 +26,20 @@ from services.detector.serial import SerialDetector, run
 from services.detector.state import Rejection
 from shared.models import DomeOrder, OrderFill, Side, SignalKind, Source, TrackedWallet, signal_id
 
+
+def bookkeeping(**overrides: object) -> RuleSettings:
+    """The rules with the notional filter off: the position, consensus and cooldown tests use
+    small fills; the filters have tests of their own."""
+    return RuleSettings(**{"signal_min_notional_usd": 0, **overrides})  # type: ignore[arg-type]
+
+
 WALLET = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
 TRACKED = TrackedWallet(address=WALLET, label="sharp", score=0.8)
 MARKET = "0x" + "11" * 32
 TS = 1_760_086_772
-SETTINGS = RuleSettings(whale_min_notional_usd=1000, signal_max_price=0.95)
-NO_COOLDOWN = RuleSettings(signal_cooldown_s=0)
+SETTINGS = bookkeeping(whale_min_notional_usd=1000, signal_max_price=0.95)
+NO_COOLDOWN = bookkeeping(signal_cooldown_s=0)
 
 
 def make_order(
@@ -160,6 +167,7 @@ settings_st = st.builds(
     RuleSettings,
     whale_min_notional_usd=st.floats(min_value=1, max_value=1e6),
     signal_max_price=st.floats(min_value=0.01, max_value=1),
+    signal_min_price=st.floats(min_value=0, max_value=0.5),
     signal_min_notional_usd=st.floats(min_value=0, max_value=1e4),
     signal_cooldown_s=st.sampled_from([0, 300]),
 )
@@ -173,9 +181,13 @@ def test_whale_iff_threshold_and_filters(
     detector = SerialDetector([TRACKED] if tracked else [], rule_settings)
     found = detector.process(order)
     notional = shares * price
+    # Side-aware: only a BUY is dropped for its price, at either end.
+    priced = side == "SELL" or (
+        rule_settings.signal_min_price < price < rule_settings.signal_max_price
+    )
     expected = (
         notional >= rule_settings.whale_min_notional_usd
-        and price < rule_settings.signal_max_price
+        and priced
         and notional >= rule_settings.signal_min_notional_usd
     )
     whales = [s for s in found if s.kind is SignalKind.WHALE_ORDER]
@@ -278,7 +290,7 @@ fills_st = st.lists(
 @given(fills_st, st.sampled_from([0.5, 0.8, 1.0]))
 def test_entry_and_exit_follow_the_position(fills: list[tuple[Side, int]], fraction: float) -> None:
     """Reference bookkeeping, order by order: entry from flat, exit of >= fraction of a holding."""
-    rule_settings = RuleSettings(signal_cooldown_s=0, exit_min_fraction=fraction)
+    rule_settings = bookkeeping(signal_cooldown_s=0, exit_min_fraction=fraction)
     detector = SerialDetector([TRACKED], rule_settings)
     position = 0
     for i, (side, shares) in enumerate(fills):
@@ -384,7 +396,7 @@ def test_processing_order_changes_the_signals() -> None:
 def test_cooldown_keeps_signals_of_a_kind_apart(gaps: list[int], cooldown: int) -> None:
     """Whales of one wallet x market at non-decreasing times: a signal is emitted exactly when
     the latest emitted one is `cooldown` or more seconds older."""
-    rule_settings = RuleSettings(signal_cooldown_s=cooldown)
+    rule_settings = bookkeeping(signal_cooldown_s=cooldown)
     detector = SerialDetector([], rule_settings)
     last: int | None = None
     ts, held = TS, 0
@@ -401,7 +413,7 @@ def test_cooldown_keeps_signals_of_a_kind_apart(gaps: list[int], cooldown: int) 
 
 
 def test_cooldown_is_per_wallet_market_and_kind() -> None:
-    rule_settings = RuleSettings(signal_cooldown_s=300)
+    rule_settings = bookkeeping(signal_cooldown_s=300)
     detector = SerialDetector([TRACKED], rule_settings)
     assert kinds(detector, make_order(shares=4000)) == ["whale_order", "trader_entry"]
     # Same wallet x market, 200 s later: whale held back; a sell-out is a different kind.
@@ -419,7 +431,7 @@ def test_cooldown_is_per_wallet_market_and_kind() -> None:
 
 
 def test_cooldown_does_not_restart_on_a_held_back_signal() -> None:
-    detector = SerialDetector([], RuleSettings(signal_cooldown_s=100))
+    detector = SerialDetector([], bookkeeping(signal_cooldown_s=100))
     times = [TS, TS + 60, TS + 120, TS + 199, TS + 200]
     found = [kinds(detector, make_order(user=OTHER, shares=4000, timestamp=t)) for t in times]
     assert found == [["whale_order"], [], ["whale_order"], [], []]
@@ -427,7 +439,7 @@ def test_cooldown_does_not_restart_on_a_held_back_signal() -> None:
 
 # --- consensus ----------------------------------------------------------------------------------
 
-K3 = RuleSettings(signal_cooldown_s=0, consensus_min_wallets=3, consensus_window_s=600)
+K3 = bookkeeping(signal_cooldown_s=0, consensus_min_wallets=3, consensus_window_s=600)
 
 
 def consensus(detector: SerialDetector, order: OrderFill) -> list[str]:
@@ -500,7 +512,7 @@ def test_consensus_ignores_sells_untracked_filtered_and_late_buys() -> None:
 
 
 def test_consensus_cooldown_is_per_token() -> None:
-    rule_settings = RuleSettings(signal_cooldown_s=300, consensus_min_wallets=2)
+    rule_settings = bookkeeping(signal_cooldown_s=300, consensus_min_wallets=2)
     wallets = [wallet(i) for i in range(4)]
     detector = SerialDetector(wallets, rule_settings)
     buy = [
@@ -530,7 +542,7 @@ def test_consensus_matches_a_brute_force_count(buys: list[tuple[int, int]], k: i
     """Buys at non-decreasing times: each signal's count is the number of distinct wallets whose
     latest buy is within W of now; episodes start at exactly K, grow by one, never repeat."""
     window = 600
-    rule_settings = RuleSettings(
+    rule_settings = bookkeeping(
         signal_cooldown_s=0, consensus_min_wallets=k, consensus_window_s=window
     )
     wallets = [wallet(i) for i in range(6)]

@@ -32,6 +32,7 @@ from shared.redis_streams import encode
 from shared.streams import DETECTOR_GROUP, Streams
 from tests.helpers.processes import ServiceProcess
 from tests.test_detector_rules import MARKET, OTHER, TRACKED, WALLET, make_order
+from tests.test_simulator_service import simulator
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +40,15 @@ WAIT_S = 20
 
 
 def detector_settings(redis_url: str, namespace: str, **overrides: Any) -> DetectorSettings:
-    """Settings for one test; the cooldown is off unless asked for, as most tests here send many
-    orders of one wallet and market at one exchange time."""
+    """Settings for one test; the cooldown and the notional filter are off unless asked for, as
+    most tests here send many small orders of one wallet and market at one exchange time; and
+    positions are not seeded (no Data API here) unless asked for."""
+    defaults = {"signal_cooldown_s": 0, "signal_min_notional_usd": 0, "detector_seed_positions": 0}
     return DetectorSettings(
         redis_url=redis_url,
         stream_namespace=namespace,
         ops_port=0,
-        **{"signal_cooldown_s": 0, **overrides},
+        **{**defaults, **overrides},
     )
 
 
@@ -434,3 +437,77 @@ def test_a_bad_rules_file_stops_the_start(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert b"unknown setting(s) ['whale_threshold']" in done.stderr + done.stdout
+
+
+def holding_trade(user: str, token: str, size: float, ts: int) -> dict[str, Any]:
+    """A Data-API trade of an earlier tape: the holding `/positions` will show."""
+    return {
+        "proxyWallet": user,
+        "side": "BUY",
+        "asset": token,
+        "conditionId": MARKET,
+        "size": size,
+        "price": 0.5,
+        "timestamp": ts,
+        "outcome": "Yes",
+        "transactionHash": "0x" + f"{abs(hash((user, token))):064x}"[:64],
+    }
+
+
+async def test_positions_are_seeded_at_start_and_when_a_wallet_is_added(
+    redis_url: str, namespace: str, streams: Streams, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The simulator's `/positions` says WALLET holds tok-held and OTHER holds tok-other: their
+    BUYs of those give no entry, a BUY of anything else is a new position."""
+    now = int(time.time())
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(
+        json.dumps(
+            [
+                holding_trade(WALLET, "tok-held", 300, now - 3600),
+                holding_trade(OTHER, "tok-other", 40, now - 1800),
+            ]
+        )
+    )
+
+    async def signals_after(order: OrderFill) -> list[dict[str, Any]]:
+        before = await redis_client.xlen(streams.signals)
+        await xadd_all(redis_client, streams, [order])
+        await drained(redis_client, streams)
+        return (await read_signals(redis_client, streams))[before:]
+
+    later = now + 60  # after the snapshots: these fills are not in them
+    async with simulator(sim_positions_tape=str(earlier)) as sim:
+        settings = detector_settings(
+            redis_url, namespace, detector_seed_positions=True, data_api_url=str(sim.http.base_url)
+        )
+        async with running(settings) as detector:
+            assert detector.seeder is not None and set(detector.seeder.seeded) == {WALLET}
+            held = make_order(token_id="tok-held", shares=10, timestamp=later)
+            assert await signals_after(held) == []
+            [new] = await signals_after(make_order(token_id="tok-new", shares=10, timestamp=later))
+            assert (new["kind"], new["opens_position"]) == ("trader_entry", True)
+
+            await wallet_registry.upsert(redis_client, streams, TrackedWallet(address=OTHER))
+            await until(lambda: _true(OTHER in detector.seeder.seeded))
+            other_held = make_order(user=OTHER, token_id="tok-other", shares=10, timestamp=later)
+            assert await signals_after(other_held) == []
+            sold = make_order(
+                user=OTHER, token_id="tok-other", shares=40, side="SELL", timestamp=later + 1
+            )
+            [exit_] = await signals_after(sold)
+            assert exit_["kind"] == "trader_exit" and exit_["opens_position"] is False
+            assert (
+                "sold 80% of its position (50.00 shares held, per its /positions"
+                in (exit_["reasons"][0])
+            )
+            ok, details = await detector.health()
+            assert ok and details["seeded_wallets"] == 2
+        # Restarted: the seedings are adopted from Redis, the API is not asked again.
+        asked = len(
+            [r for r in (await sim.http.get("/_sim/requests")).json() if r["path"] == "/positions"]
+        )
+        async with running(settings) as again:
+            assert again.seeder is not None and set(again.seeder.seeded) == {WALLET, OTHER}
+        after = [r for r in (await sim.http.get("/_sim/requests")).json()]
+        assert len([r for r in after if r["path"] == "/positions"]) == asked == 2

@@ -33,7 +33,15 @@ from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled
 from shared.models import OrderFill, Signal, TrackedWallet
 from shared.redis_streams import encode, ensure_group
 from shared.streams import DETECTOR_GROUP, Streams
-from tests.test_detector_rules import OTHER, TRACKED, TS, WALLET, make_order, wallet
+from tests.test_detector_rules import (
+    OTHER,
+    TRACKED,
+    TS,
+    WALLET,
+    bookkeeping,
+    make_order,
+    wallet,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +220,10 @@ SMALL = RuleSettings(
     exit_min_fraction=0.8,
     consensus_min_wallets=2,
     consensus_window_s=50,
+    # Runs of small fills reach it within a few orders of the examples below.
+    accumulation_min_notional_usd=60,
+    accumulation_window_s=60,
+    accumulation_min_fills=2,
 )
 WALLETS = [wallet(1, 0.9), wallet(2, None), wallet(3, 0.2)]
 USERS = [w.address for w in WALLETS] + [OTHER]
@@ -303,7 +315,7 @@ async def test_redelivered_batch_changes_nothing(
     """A batch processed again (crash before the ack) emits nothing and moves no position."""
     state = make_state(redis_client, streams)
     await ensure_group(redis_client, streams.orders_raw, DETECTOR_GROUP)
-    decider = processor(state, [TRACKED], RuleSettings(signal_cooldown_s=0))
+    decider = processor(state, [TRACKED], bookkeeping(signal_cooldown_s=0))
     orders = [
         make_order(shares=4000, price=0.5),
         make_order(shares=10, price=0.5, token_id="tok-2"),
@@ -353,7 +365,7 @@ async def test_an_order_waits_for_an_earlier_order_held_by_another_consumer(
 ) -> None:
     """B holds BUY-again and SELL of a position whose BUY A holds: B waits for A, then decides
     exactly what one consumer reading in order would; B's unrelated order does not wait."""
-    no_cooldown = RuleSettings(signal_cooldown_s=0)
+    no_cooldown = bookkeeping(signal_cooldown_s=0)
     buy, other_token = (
         make_order(shares=100),
         make_order(shares=5, token_id="tok-9", condition_id="0x" + "33" * 32),
@@ -392,7 +404,7 @@ async def test_a_repeated_fill_does_not_let_later_orders_overtake(
     """Stream: BUY (decided), SELL (held by A, undecided), the BUY again (held by C), BUY (held
     by B). The repeat's done key exists from the first BUY; still neither C nor B may settle
     before A's SELL, or B's BUY would see the position the SELL closes."""
-    no_cooldown = RuleSettings(signal_cooldown_s=0)
+    no_cooldown = bookkeeping(signal_cooldown_s=0)
     buy, sell, later = (
         make_order(shares=100),
         make_order(side="SELL", shares=100),
@@ -430,7 +442,7 @@ async def test_a_batch_leaves_pending_what_waited_too_long(
     sell, unrelated = make_order(side="SELL", shares=100), make_order(user=OTHER, shares=4000)
     await deliver(redis_client, streams, "A", [buy])
     b_entries = await deliver(redis_client, streams, "B", [sell, unrelated])
-    b = processor(group_state, [TRACKED], RuleSettings(), "B", wait_s=0.2)
+    b = processor(group_state, [TRACKED], bookkeeping(), "B", wait_s=0.2)
     outcome = await b.process(b_entries)
     assert outcome.unsettled == [b_entries[0].entry_id]
     assert outcome.settled == [b_entries[1].entry_id]
@@ -473,7 +485,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_and_decided(
 ) -> None:
     orders = [make_order(shares=10, token_id=f"tok-{i}") for i in range(5)]
     await deliver(redis_client, streams, "dead", orders)
-    live = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "live")
+    live = processor(group_state, [TRACKED], bookkeeping(signal_cooldown_s=0), "live")
     sweeper = runtime(redis_client, streams, live)
     assert await sweeper.reclaim() == 0  # not idle long enough yet
     await asyncio.sleep(0.1)
@@ -503,7 +515,7 @@ async def test_one_poisoned_entry_does_not_take_its_batch_with_it(
     for unit in plan.units:
         await redis_client.sadd(group_state.unit_key(unit), "not a unit state")
     entries = await deliver(redis_client, streams, "c1", orders)
-    c1 = processor(group_state, [TRACKED], RuleSettings(signal_cooldown_s=0), "c1")
+    c1 = processor(group_state, [TRACKED], bookkeeping(signal_cooldown_s=0), "c1")
     group = runtime(redis_client, streams, c1, max_deliveries=1)
 
     settled = await group.handle([(e.entry_id, e.fields) for e in entries])

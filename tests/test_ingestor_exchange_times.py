@@ -197,8 +197,8 @@ async def dead_letters(client: aioredis.Redis, streams: Streams) -> dict[str, li
         raw, reason = orjson.loads(fields[b"raw"]), fields[b"reason"].decode()
         if reason.startswith("implausible_timestamp: "):
             found["dome_ws"].append(raw["data"]["tx_hash"])
-        elif "transactionHash" in raw:
-            found["data_api"].append(raw["transactionHash"])
+        elif "transaction_hash" in raw:  # a /v2/trades row (v1 spelled it transactionHash)
+            found["data_api"].append(raw["transaction_hash"])
         else:
             found["dome_rest"].append(raw["tx_hash"])
     return found

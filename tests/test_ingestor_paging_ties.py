@@ -174,7 +174,10 @@ async def test_an_item_without_a_usable_timestamp_is_dead_lettered_once(
     }
     undated = {**good, "transactionHash": "0x" + "78" * 32, "timestamp": None}
     stamped_ms = {**good, "transactionHash": "0x" + "79" * 32, "timestamp": (now - 9) * 1000}
-    answer = [stamped_ms, undated, good]
+    answer = {
+        "data": [stamped_ms, undated, good],
+        "pagination": {"next_cursor": None, "has_more": False},
+    }
     api = JsonApi(
         "data_api",
         "http://data.test",

@@ -1,6 +1,6 @@
-"""Neither the Dome key nor the polynode key appears in any log line, error message, status field,
-dead letter or metric label, through auth failures (refused handshakes, a revoking close, refused
-REST calls) and several reconnects, in both dialects.
+"""Neither the Dome key nor the polynode or Predexon key appears in any log line, error message,
+status field, dead letter or metric label, through auth failures (refused handshakes, a revoking
+close, refused REST calls) and several reconnects, in every dialect.
 
 Log records are checked as they were created (message, arguments, extras, exception text), not
 only as the JSON formatter prints them: the formatter scrubs registered secrets, and the point is
@@ -30,6 +30,7 @@ from tests.helpers.ingestion import (
 
 DOME_KEY = "sk-dome-leakcheck-93e1f0c2a7b4"
 POLYNODE_KEY = "pn-leakcheck-5d8a2e6b1c0f"
+PREDEXON_KEY = "pdx-leakcheck-2c7f9b0e4a61"
 
 
 def _record_texts(records: list[logging.LogRecord]) -> list[str]:
@@ -43,7 +44,7 @@ def _record_texts(records: list[logging.LogRecord]) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("dialect", ["dome", "polynode"])
+@pytest.mark.parametrize("dialect", ["dome", "polynode", "predexon"])
 async def test_no_key_in_any_log_error_or_metric_through_auth_failures_and_reconnects(
     dialect: str,
     redis_url: str,
@@ -56,10 +57,14 @@ async def test_no_key_in_any_log_error_or_metric_through_auth_failures_and_recon
     overrides: dict[str, Any] = {"dome_api_key": DOME_KEY, "dome_reconnect_max_s": 0.1}
     if dialect == "polynode":
         overrides.update(dome_dialect="polynode", polynode_api_key=POLYNODE_KEY)
+    if dialect == "predexon":
+        overrides.update(dome_dialect="predexon", predexon_api_key=PREDEXON_KEY)
     # No key of its own: the simulator takes any key, and refuses all while auth is rejected.
     async with simulator(sim_api_key="") as sim:
         if dialect == "polynode":
             overrides["dome_ws_url"] = f"{sim.ws_url}/ws"
+        if dialect == "predexon":
+            overrides["dome_ws_url"] = f"{sim.ws_url}/v1"
         settings = ingestor_settings(sim, redis_url, namespace, **overrides)
         snapshots: list[str] = [str(settings), repr(settings), repr(settings.model_dump())]
         await sim.post("/_sim/auth", {"reject": True})
@@ -85,7 +90,7 @@ async def test_no_key_in_any_log_error_or_metric_through_auth_failures_and_recon
     texts = [*_record_texts(caplog.records), caplog.text, *snapshots]
     # The test would prove nothing if the failures had not been logged with their reasons.
     assert any("4001" in text for text in texts) and any("401" in text for text in texts)
-    for key in (DOME_KEY, POLYNODE_KEY):
+    for key in (DOME_KEY, POLYNODE_KEY, PREDEXON_KEY):
         leaks = [text[:300] for text in texts if key in text]
         assert leaks == [], f"{key[:6]}... leaked"
 

@@ -86,10 +86,11 @@ async def test_the_data_api_alone_reaches_every_tracked_fill_with_taker_only_fal
             await converge(sim, redis_client, streams, WALLETS)
             assert ingestor.pollers[0].status.connected
         requests = [r.to_json() for r in sim.sim.app.state.faults.requests]
-    assert {r["path"] for r in requests} == {"/trades"}
-    assert all(r["params"]["takerOnly"] == "false" for r in requests)
-    # Pages of 2 with more than 2 trades per wallet: offsets were followed.
-    assert any(r["params"]["offset"] != "0" for r in requests)
+    assert {r["path"] for r in requests} == {"/v2/trades"}
+    assert all(r["params"]["taker_only"] == "false" for r in requests)
+    # Pages of 2 with more than 2 trades per wallet: a page bounded by an earlier second (a walk's
+    # first page ends in the future), or a second read again in a larger page, was asked.
+    assert any(int(r["params"]["end"]) <= r["at"] or r["params"]["limit"] != "2" for r in requests)
     payloads = await raw_payloads(redis_client, streams)
     assert {p["source"] for p in payloads} == {"data_api"}
     assert all(p["order_hash"] is None for p in payloads)

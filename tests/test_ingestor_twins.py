@@ -115,7 +115,8 @@ async def test_twins_keep_their_own_keys_and_match_across_every_source(
         "pagination": {"limit": 100, "offset": 0, "total": 2, "has_more": False},
     }
     dome = DomeRestHistory(api("dome_rest", "http://dome.test/v1", rest_answer), 100)
-    data = DataApiHistory(api("data_api", "http://data.test", [data_api_row(ts)] * 2), 100)
+    page = {"data": [data_api_row(ts)] * 2, "pagination": {"next_cursor": None, "has_more": False}}
+    data = DataApiHistory(api("data_api", "http://data.test", page), 100)
     publisher = Publisher(redis_client, streams, stream_maxlen=1000, dedupe_ttl_s=600)
 
     try:

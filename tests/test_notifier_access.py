@@ -57,6 +57,8 @@ def test_filters_describe_themselves_normalized() -> None:
         "min_price": 0.0,
         "max_price": 1.0,
         "sides": None,
+        "tags": None,
+        "only_new_positions": False,
     }
 
 
@@ -100,6 +102,8 @@ def test_filters_from_the_query_string() -> None:
         "min_price": 0.0,
         "max_price": 1.0,
         "sides": None,
+        "tags": None,
+        "only_new_positions": False,
     }
     with pytest.raises(FilterError, match="min_confidence given more than once"):
         filters_from_query({"min_confidence": ["0.1", "0.2"]}, max_values=10)

@@ -132,6 +132,21 @@ async def signals_flowing(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def wait_js(page: Any, predicate: str, timeout_s: float = 30.0) -> None:
+    """Poll `predicate` (a JS expression) until it is true. Playwright's `wait_for_function`
+    evaluates its predicate with `eval` inside the page, which the page's Content-Security-Policy
+    refuses (as it should); `evaluate` goes through the DevTools protocol, which CSP does not
+    govern."""
+    deadline = time.monotonic() + timeout_s
+    while not await page.evaluate(predicate):
+        if time.monotonic() > deadline:
+            state = await page.evaluate(
+                "[...document.querySelectorAll('.pill, .state')].map((e) => e.textContent.trim())"
+            )
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {predicate}: {state}")
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def chromium() -> str:
     assert shutil.which(CHROMIUM), (
@@ -161,15 +176,14 @@ async def test_dashboard_shows_signals_as_they_arrive_and_filters_them(
             page.on("pageerror", lambda error: errors.append(str(error)))
             async with signals_flowing(redis_client, streams, signals[4:]):
                 await page.goto(http_url(notifier, "/"))
-                await page.wait_for_function(
-                    "document.querySelectorAll('#rows tr.replayed').length === 4"
-                )
-                await page.wait_for_function(
+                await wait_js(page, "document.querySelectorAll('#rows tr.replayed').length === 4")
+                await wait_js(
+                    page,
                     "document.querySelectorAll('#rows tr:not(.replayed)').length >= 12",
-                    timeout=20_000,
+                    timeout_s=20,
                 )
-                await page.wait_for_function(
-                    "document.getElementById('feed').textContent.includes('feed connected')"
+                await wait_js(
+                    page, "document.getElementById('feed').textContent.includes('feed connected')"
                 )
                 assert "last event" in await page.inner_text("#feed")
                 assert await page.inner_text("#ws") == "live"
@@ -184,12 +198,13 @@ async def test_dashboard_shows_signals_as_they_arrive_and_filters_them(
                 await page.check("input[name=kinds][value=whale_order]")
                 await page.fill("input[name=min_confidence]", "50")
                 await page.click("form#filters button[type=submit]")
-                await page.wait_for_function(
+                await wait_js(
+                    page,
                     "document.getElementById('filter-note').textContent"
-                    " === 'Showing whale order, confidence ≥ 50%.'"
+                    " === 'Showing whale order, confidence ≥ 50%.'",
                 )
                 # Live rows above the "From here on" note: whale orders only.
-                await page.wait_for_function(WHALES_SINCE_NOTE, timeout=20_000)
+                await wait_js(page, WHALES_SINCE_NOTE, timeout_s=20)
                 await page.screenshot(path=str(OUTPUT / "dashboard-filtered.png"))
             assert errors == []
         finally:

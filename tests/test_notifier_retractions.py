@@ -39,7 +39,11 @@ from tests.helpers.notifier import (
     ws_url,
 )
 from tests.helpers.processes import OUTPUT
-from tests.test_notifier_dashboard import CHROMIUM_ARGS, chromium  # noqa: F401 (fixture)
+from tests.test_notifier_dashboard import (  # noqa: F401 (fixture)
+    CHROMIUM_ARGS,
+    chromium,
+    wait_js,
+)
 from tests.test_notifier_webhooks import SECRET, hooks_file, notifier_with, until_settled
 from tests.test_notifier_webhooks_units import HOOK, Script
 from tests.test_security_webhooks import PHISH, PING, discord_texts, slack_texts, unescaped
@@ -269,15 +273,14 @@ async def test_dashboard_updates_the_row_of_a_retracted_signal(
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             await page.goto(http_url(notifier, "/"))
-            await page.wait_for_function(
-                "document.getElementById('ws').innerText.trim() === 'live'"
-            )
+            await wait_js(page, "document.getElementById('ws').innerText.trim() === 'live'")
 
             await publish(redis_client, streams.signals, [original, later])
-            await page.wait_for_function(f"{ROWS} === 2")
+            await wait_js(page, f"{ROWS} === 2")
             await publish(redis_client, streams.signals, [retraction])
-            await page.wait_for_function(
-                f"document.querySelectorAll('#rows tr.retracted').length === 1 && {ROWS} === 2"
+            await wait_js(
+                page,
+                f"document.querySelectorAll('#rows tr.retracted').length === 1 && {ROWS} === 2",
             )
             row = await page.evaluate(SHOW, original.signal_id)
             assert "retracted" in row["classes"] and row["status"] == "retracted"
@@ -290,20 +293,18 @@ async def test_dashboard_updates_the_row_of_a_retracted_signal(
 
             # No row of its own on the page: the retraction shows as one, marked.
             await publish(redis_client, streams.signals, [orphan])
-            await page.wait_for_function(f"{ROWS} === 3")
+            await wait_js(page, f"{ROWS} === 3")
             row = await page.evaluate(SHOW, orphan.signal_id)
             assert (row["status"], row["why"]) == ("retracted", REASON)
 
             # Pending, then confirmed: one row, its mark gone.
             await publish(redis_client, streams.signals, [pending])
-            await page.wait_for_function(f"{ROWS} === 4")
+            await wait_js(page, f"{ROWS} === 4")
             row = await page.evaluate(SHOW, pending.signal_id)
             assert "pending" in row["classes"] and row["status"] == "pending"
             assert "line-through" not in row["struck"]
             await publish(redis_client, streams.signals, [restated(pending, FillStatus.CONFIRMED)])
-            await page.wait_for_function(
-                "!document.querySelector('#rows tr.pending')", timeout=10_000
-            )
+            await wait_js(page, "!document.querySelector('#rows tr.pending')", timeout_s=10)
             row = await page.evaluate(SHOW, pending.signal_id)
             assert row["status"] is None and await page.evaluate(ROWS) == 4
             assert await page.inner_text("#count") == "4 signals"
@@ -315,7 +316,7 @@ async def test_dashboard_updates_the_row_of_a_retracted_signal(
             phone = await browser.new_page(viewport={"width": 390, "height": 844})
             phone.on("pageerror", lambda error: errors.append(str(error)))
             await phone.goto(http_url(notifier, "/"))
-            await phone.wait_for_function(f"{ROWS} === 4")
+            await wait_js(phone, f"{ROWS} === 4")
             assert await phone.evaluate(
                 "document.documentElement.scrollWidth <= window.innerWidth"
             ), "the page scrolls sideways at phone width"

@@ -53,7 +53,7 @@ from tests.helpers.notifier import (
     wallet,
     ws_url,
 )
-from tests.test_notifier_dashboard import CHROMIUM_ARGS, chromium, stamped, tape_signals
+from tests.test_notifier_dashboard import CHROMIUM_ARGS, chromium, stamped, tape_signals, wait_js
 
 __all__ = ["chromium"]  # the fixture, shared with the dashboard test
 
@@ -213,11 +213,9 @@ async def what_the_page_read(
     page: Any, redis_client: aioredis.Redis, streams: Streams
 ) -> dict[str, Any]:
     """Wait for the page's socket to open or fail, publish a signal, and return its report."""
-    await page.wait_for_function("window.report.opened || window.report.closed !== null")
+    await wait_js(page, "window.report.opened || window.report.closed !== null")
     await publish(redis_client, streams.signals, [make_signal(1)])
-    await page.wait_for_function(
-        "window.report.closed !== null || window.report.types.includes('signal')"
-    )
+    await wait_js(page, "window.report.closed !== null || window.report.types.includes('signal')")
     return cast(dict[str, Any], await page.evaluate("window.report"))
 
 
@@ -254,9 +252,9 @@ async def test_pages_of_other_origins_cannot_read_the_feed_but_the_dashboard_can
 
             page = await browser.new_page()
             await page.goto(http_url(notifier, "/"))
-            await page.wait_for_function(LIVE)
+            await wait_js(page, LIVE)
             await publish(redis_client, streams.signals, [make_signal(2)])
-            await page.wait_for_function("document.querySelectorAll('#rows tr').length >= 1")
+            await wait_js(page, "document.querySelectorAll('#rows tr').length >= 1")
         finally:
             await browser.close()
 
@@ -422,10 +420,10 @@ async def test_dashboard_replays_and_follows_with_its_clock_a_day_ahead(
             page = await browser.new_page()
             await page.add_init_script(SKEWED_CLOCK)
             await page.goto(http_url(notifier, "/"))
-            await page.wait_for_function("document.querySelectorAll('#rows tr').length === 4")
-            await page.wait_for_function(LIVE)
+            await wait_js(page, "document.querySelectorAll('#rows tr').length === 4")
+            await wait_js(page, LIVE)
             await publish(redis_client, streams.signals, [stamped(s, 0) for s in signals[4:]])
-            await page.wait_for_function("document.querySelectorAll('#rows tr').length === 8")
+            await wait_js(page, "document.querySelectorAll('#rows tr').length === 8")
         finally:
             await browser.close()
 

@@ -82,7 +82,8 @@ async def test_the_polynode_path_takes_the_key_in_the_query_and_streams_events()
         async with connect(f"{run.ws_base}/ws?key={KEY}") as ws:
             await ws.send(polynode("subscribe", type="dome", filters={"wallets": [FAKE_A]}))
             ack = await receive(ws)
-            assert ack["type"] == "ack"
+            # polynode's own ack (its SDK's `subscribed`), not Dome's.
+            assert ack["type"] == "subscribed" and ack["subscription_type"] == "dome"
             [trade] = await run.emit([{"user": FAKE_A}])
             event = await receive(ws)
             assert event["subscription_id"] == ack["subscription_id"]

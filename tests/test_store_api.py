@@ -38,7 +38,13 @@ TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 W1, W2, W3 = ("0x" + c * 20 for c in ("1a", "2b", "3c"))
 BASE = 1_762_480_000.0  # detected_at of signal 0
-KINDS = list(SignalKind)
+# Four kinds in turn: with two wallets and three markets, every combination of them occurs.
+KINDS = [
+    SignalKind.TRADER_ENTRY,
+    SignalKind.TRADER_EXIT,
+    SignalKind.WHALE_ORDER,
+    SignalKind.CONSENSUS,
+]
 
 
 @dataclass

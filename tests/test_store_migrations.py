@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 async def test_applied_once_then_a_no_op(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
     try:
-        assert await migrate(conn, load()) == ["001", "002", "003", "004"]
+        assert await migrate(conn, load()) == ["001", "002", "003", "004", "005"]
         assert await migrate(conn, load()) == []
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
         assert [(r["version"], r["name"]) for r in rows] == [
@@ -26,13 +26,14 @@ async def test_applied_once_then_a_no_op(database_url: str) -> None:
             ("002", "002_wallets_and_history_api.sql"),
             ("003", "003_status.sql"),
             ("004", "004_signal_validation.sql"),
+            ("005", "005_wallet_quality.sql"),
         ]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         }
         assert {"orders", "signals", "tracked_wallets", "schema_migrations"} <= tables
-        assert "signal_validation" in tables
+        assert "signal_validation" in tables and "wallet_quality" in tables
         indexes = {
             r["indexname"]
             for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname='public'")
@@ -92,8 +93,8 @@ async def test_concurrent_runners_do_not_conflict(database_url: str) -> None:
     conns = [await asyncpg.connect(database_url) for _ in range(4)]
     try:
         results = await asyncio.gather(*(migrate(conn, load()) for conn in conns))
-        assert sorted(results) == [[], [], [], ["001", "002", "003", "004"]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 4
+        assert sorted(results) == [[], [], [], ["001", "002", "003", "004", "005"]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 5
     finally:
         for conn in conns:
             await conn.close()

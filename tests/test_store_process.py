@@ -53,7 +53,7 @@ async def test_runs_as_a_process_and_stops_on_sigterm(
         async with httpx.AsyncClient() as client:
             health = (await client.get(f"{base}/health")).json()
             metrics = (await client.get(f"{base}/metrics")).text
-        assert health["ok"] is True and health["postgres"] == "up" and health["schema"] == "004"
+        assert health["ok"] is True and health["postgres"] == "up" and health["schema"] == "005"
         assert 'betterbot_store_rows_inserted_total{table="orders"} 100.0' in metrics
         assert "betterbot_store_db_up 1.0" in metrics
         assert "betterbot_store_commit_seconds_bucket" in metrics

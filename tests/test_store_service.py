@@ -148,7 +148,7 @@ async def test_orders_and_signals_become_rows_with_their_values(
         await wait_until(lambda: settled(redis_client, streams.orders_raw), "orders acked")
         await wait_until(lambda: settled(redis_client, streams.signals), "signals acked")
         ok, details = await store.health()
-        assert ok and details["postgres"] == "up" and details["schema"] == "004"
+        assert ok and details["postgres"] == "up" and details["schema"] == "005"
 
     order = (
         await fetch(database_url, "SELECT * FROM orders WHERE order_key = $1", fills[7].order_key)

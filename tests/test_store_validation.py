@@ -73,6 +73,9 @@ class World:
             "fee_bps": FEE_BPS,
             "delay_s": 60,
             "resolution_every_s": 0,
+            # A horizon the history does not reach is given up at once: the tests that wait for
+            # one (a trailing price history) say how long.
+            "give_up_s": 0,
         }
         return ValidationConfig(**(values | overrides))
 
@@ -167,7 +170,7 @@ async def test_each_horizon_is_recorded_once_it_has_passed_and_the_settlement_on
 ) -> None:
     async with world(redis_url, database_url, namespace, tmp_path) as w:
         ids = {name: s.signal_id for name, s in w.signals.items()}
-        v = validator(w)
+        v = validator(w, give_up_s=21_600)
         measured_before = recorded("5m")
         try:
             # Before 5 min (and the delay) have passed: only the settlements, already resolved.
@@ -180,14 +183,17 @@ async def test_each_horizon_is_recorded_once_it_has_passed_and_the_settlement_on
             assert got[ids["sell"], "settlement"]["markout_cents"] == pytest.approx(-60 - fee(0.4))
             assert got[ids["long"], "settlement"]["markout_cents"] == pytest.approx(-7 - fee(0.07))
 
+            # The token without a trade has no price yet: it may still come (a trailing price
+            # history), so its horizons wait until their targets are 6 h old.
             report = await v.cycle(now=T0 + 360)  # 5 min + the delay
-            assert (report.markouts, report.no_price) == (3, 1)
+            assert (report.markouts, report.no_price, report.waiting) == (3, 0, 1)
             report = await v.cycle(now=T0 + 3_660)
-            assert (report.markouts, report.no_price) == (3, 1)
+            assert (report.markouts, report.no_price, report.waiting) == (3, 0, 2)
             report = await v.cycle(now=T0 + 86_460)
-            assert (report.markouts, report.no_price) == (3, 1)
-            # Nothing is due any more: a repeated cycle adds nothing.
-            assert (await v.cycle(now=T0 + 200_000)).markouts == 0
+            assert (report.markouts, report.no_price, report.waiting) == (3, 2, 1)
+            report = await v.cycle(now=T0 + 200_000)
+            # Nothing else is due: the last horizon given up, nothing measured twice.
+            assert (report.markouts, report.no_price, report.waiting) == (0, 1, 0)
         finally:
             await v.close()
         assert recorded("5m") - measured_before == 3
@@ -246,7 +252,7 @@ async def test_the_history_api_serves_each_signals_validation_and_the_summary(
         summary = (await client.get("/signals/validation", params={"by": "kind"})).json()
         rows_ = {(r["group"], r["horizon"]): r for r in summary["rows"]}
         assert summary["horizons"] == ["5m", "1h", "24h", "settlement"]
-        assert len(rows_) == 4 * 4  # every kind, every horizon
+        assert len(rows_) == len(SignalKind) * 4  # every kind, every horizon
         whale_5m = rows_["whale_order", "5m"]  # the unpriced whale is not counted
         assert (whale_5m["n"], whale_5m["hits"]) == (1, 1)
         assert whale_5m["verdict"] == "not significant (n < 10)"
@@ -400,3 +406,68 @@ async def test_a_refused_price_answer_records_nothing_for_that_item(
         finally:
             await working.close()
         assert (report.markouts, report.no_price, report.settlements) == (9, 3, 0)
+
+
+async def prices_requests(w: World) -> int:
+    requests = (await w.sim.http.get("/_sim/requests")).json()
+    return sum(1 for r in requests if r["path"] == "/prices-history")
+
+
+async def test_a_trailing_price_history_is_waited_for_and_a_429_honoured(
+    redis_url: str, database_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """The simulator's price history trails its trades (`/_sim/prices_lag`): it answers a span
+    that ends early, whose last point is a stale price. The validator waits for it instead of
+    recording that price, and measures the horizon once the history reaches it. A 429 ends the
+    cycle's markouts, and nothing is asked of the host before its Retry-After."""
+    async with world(redis_url, database_url, namespace, tmp_path) as w:
+        # A fill "in the future" of the simulator's clock, so a lag of a second cuts its span.
+        t1 = int(time.time()) + 5_000
+        await w.sim.emit(
+            [
+                {"token_id": MACHADO_YES, "condition_id": MACHADO, "timestamp": t1 + dt, "price": p}
+                for dt, p in [(0, 0.30), (200, 0.35)]
+            ]
+        )
+        fresh = make_signal(
+            9,
+            kind=SignalKind.WHALE_ORDER,
+            wallet=W1,
+            side="BUY",
+            token_id=MACHADO_YES,
+            condition_id=MACHADO,
+            price=0.30,
+            exchange_ts=t1,
+            received_at=t1 + 1.0,
+            detected_at=float(int(time.time())),
+        )
+        await insert(w.api.store, rows.SIGNALS, [fresh])
+        await asyncio.sleep(1.2)  # the trades just emitted are older than the lag
+        lagging = await w.sim.http.post("/_sim/prices_lag", json={"seconds": 1})
+        assert lagging.status_code == 200 and lagging.json()["prices_lag_s"] == 1
+        v = validator(w, give_up_s=21_600, delay_s=0)
+        try:
+            # (The world's older signals are measured in this first cycle.)
+            report = await v.cycle(now=t1 + 300)
+            assert report.waiting == 1
+            assert (fresh.signal_id, "5m") not in await w.rows()
+
+            await w.sim.http.post("/_sim/prices_lag", json={"seconds": 0})
+            throttled = await w.sim.http.post(
+                "/_sim/rate_limit", json={"requests": 1, "retry_after": 2}
+            )
+            assert throttled.status_code == 200
+            asked = await prices_requests(w)
+            report = await v.cycle(now=t1 + 300)
+            assert (report.markouts, report.waiting) == (0, 0)
+            # Quiet until the Retry-After has passed: the next cycle asks nothing.
+            await v.cycle(now=t1 + 300)
+            assert await prices_requests(w) == asked + 1
+            await asyncio.sleep(2.1)
+            report = await v.cycle(now=t1 + 300)
+            assert (report.markouts, report.waiting) == (1, 0)
+        finally:
+            await v.close()
+        row = (await w.rows())[fresh.signal_id, "5m"]
+        assert row["price"] == 0.35 and row["price_at"].timestamp() == t1 + 300
+        assert row["markout_cents"] == pytest.approx(5 - fee(0.30))

@@ -6,8 +6,10 @@ Reads top-down:
   (`shared/consumer.py`: reads, acks, reclaims, dead-letters, drains), `/health` + `/metrics`.
 - `pipeline.py`: one batch: validate entries, dead-letter bad ones, order against the other
   replicas, decide with the rules, hand the decisions to the state step.
-- `rules.py`: the rules (`trader_entry`, `trader_exit`, `whale_order`, `consensus`), filters,
-  cooldowns and confidence, as plain functions over plain state.
+- `rules.py`: the rules (`trader_entry`, `trader_exit`, `whale_order`, `consensus`,
+  `accumulation`, `distribution`), filters, cooldowns and confidence, as plain functions over plain
+  state.
+- `positions.py`: wallets' positions seeded from the Data API's `/positions` when tracking starts.
 - `serial.py`: the reference: the rules over a stream in order, state in memory.
 - `state.py`: everything Redis-specific: the atomic per-order Lua step (prerequisites, done key,
   compare-and-set of the state, XADD), the pending-list reads that order replicas, dead letters.

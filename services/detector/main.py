@@ -9,6 +9,11 @@ label, score and added or removed wallets apply without a restart. Then join gro
 settled, keeps slow batches claimed, reclaims what dead replicas left pending, dead-letters an entry
 delivered `DETECTOR_MAX_DELIVERIES` times, and waits out a Redis restart.
 
+Positions (`positions.py`, with `DETECTOR_SEED_POSITIONS`): before consuming, every tracked wallet
+not seeded yet gets its positions from the Data API's `/positions` (`DATA_API_URL`), and so does a
+wallet added live; seedings other replicas made are found in Redis, where every decision reads
+them.
+
 Shutdown (SIGTERM or SIGINT): stop reading, let the in-flight batch finish, process whatever else
 is pending under this consumer (up to `DETECTOR_SHUTDOWN_GRACE_S`), then leave the group if nothing
 is pending here any more. If the registry follower stops on its own, the process exits with an
@@ -20,22 +25,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from services.detector.forward import Forwarder
 from services.detector.pipeline import BatchProcessor, RawEntry
+from services.detector.positions import Seeder
 from services.detector.rules import describe
 from services.detector.settings import DetectorSettings, RulesFileError
-from services.detector.state import DetectorState
+from services.detector.state import TRANSIENT, DetectorState
 from shared import layout, wallet_registry
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
 from shared.logs import configure_logging, redact_url
 from shared.models import TrackedWallet
 from shared.ops import ops_server, run_until_stopped, settle_heap, stop_event
-from shared.streams import DETECTOR_GROUP, Lane
+from shared.streams import DETECTOR_GROUP, Lane, partition_of
 from shared.tasks import cancel_and_wait
 from shared.wallets import WalletFileError, load_wallets
 
@@ -70,6 +78,8 @@ class Detector:
         self.forwarders = [
             self._forwarder(worker.lane) for worker in self.workers if worker.lane.outbox
         ]
+        self.seeder = self._seeder() if settings.detector_seed_positions else None
+        self.seeding: set[asyncio.Task[None]] = set()
 
     @property
     def processor(self) -> BatchProcessor:
@@ -122,6 +132,16 @@ class Detector:
             block_ms=self.settings.detector_block_ms,
         )
 
+    def _seeder(self) -> Seeder:
+        http = httpx.AsyncClient(timeout=self.settings.detector_seed_timeout_s)
+        return Seeder(http, self.settings.data_api_url, self.wallet_lane)
+
+    def wallet_lane(self, wallet: str) -> DetectorState:
+        """The state of the lane that holds the wallet's positions (its wallet partition)."""
+        streams = self.settings.streams
+        stream = streams.order_streams()[partition_of(wallet, streams.partitions)]
+        return next(w.state for w in self.workers if w.lane.stream == stream)
+
     def _config(self, stream: str) -> GroupConfig:
         settings = self.settings
         return GroupConfig(
@@ -145,6 +165,12 @@ class Detector:
         await layout.claim(self.client, self.settings.streams)
         for worker in self.workers:
             await worker.group.ensure_group()
+        if self.seeder is not None:
+            # Before consuming: a backlog is decided against the true positions. The wallets are
+            # known tracked as of the registry snapshot's id (their seedings' generation).
+            await self.seeder.seed_all(self.processor.wallets, last_id)
+            every = self.settings.detector_seed_retry_s
+            self._background(self.seeder.retry(every, lambda: list(self.processor.wallets)))
         self._stop = asyncio.Event()
         self.consuming = asyncio.create_task(self._consume(), name="detector-groups")
         self.following = asyncio.create_task(self.follow_wallets(last_id), name="detector-wallets")
@@ -157,6 +183,10 @@ class Detector:
             await self.consuming
         finally:
             await cancel_and_wait(self.following)
+            for task in list(self.seeding):
+                await cancel_and_wait(task)
+            if self.seeder is not None:
+                await self.seeder.http.aclose()
             await self.client.aclose()
         log.info("detector_stopped", extra={"consumer": self.consumer})
 
@@ -212,11 +242,19 @@ class Detector:
     async def follow_wallets(self, after_id: str) -> None:
         """Apply every change of the wallet registry as it comes."""
         async for change in wallet_registry.follow(self.client, self.settings.streams, after_id):
+            address = change.wallet.address
+            added = change.op == "upsert" and address not in self.processor.wallets
             for worker in self.workers:
                 if change.op == "upsert":
                     worker.processor.upsert_wallet(change.wallet)
                 else:
                     worker.processor.remove_wallet(change.wallet.address)
+            if self.seeder is not None and added:
+                self._background(self.seeder.seed(address, change.stream_id))
+            elif self.seeder is not None and change.op != "upsert":
+                self.seeder.forget(address)
+                # Awaited: a re-add that follows must find the tombstone, not the old seeding.
+                await self._forget_seeded(address, change.stream_id)
             log.info(
                 "wallet_changed",
                 extra={
@@ -227,6 +265,20 @@ class Detector:
                     "wallets": len(self.processor.wallets),
                 },
             )
+
+    async def _forget_seeded(self, wallet: str, removed_at: str) -> None:
+        """Drop the wallet's seeding (a tombstone at the removal's id, `DetectorState.
+        forget_seeded`); Redis unreachable for longer than its retry: logged, the seeding stays
+        until the wallet is removed again (the registry follower must not die of it)."""
+        try:
+            await self.wallet_lane(wallet).forget_seeded(wallet, removed_at)
+        except TRANSIENT as exc:
+            log.warning("positions_forget_failed", extra={"wallet": wallet, "error": repr(exc)})
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.seeding.add(task)
+        task.add_done_callback(self.seeding.discard)
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.state.ping()
@@ -242,6 +294,7 @@ class Detector:
             "lanes": len(self.workers),
             "consumer": self.consumer,
             "wallets": len(self.processor.wallets),
+            "seeded_wallets": len(self.seeder.seeded) if self.seeder is not None else 0,
         }
 
 

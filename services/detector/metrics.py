@@ -39,6 +39,12 @@ DEAD_LETTERED = Counter(
     ["reason"],
 )
 WALLETS = Gauge("betterbot_detector_tracked_wallets", "Wallets tracked (from the wallet registry)")
+SEEDINGS = Counter(
+    "betterbot_detector_position_seedings_total",
+    "Wallets' positions seeded from the Data API's /positions: seeded (by this replica), adopted "
+    "(another's seeding found in Redis), failed (asked again after DETECTOR_SEED_RETRY_S)",
+    ["result"],
+)
 BATCH_SIZE = Histogram(
     "betterbot_detector_batch_size",
     "Entries per batch read from orders.raw",

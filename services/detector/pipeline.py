@@ -28,7 +28,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 from pydantic import ValidationError
@@ -45,6 +45,7 @@ from services.detector.rules import (
 from services.detector.state import (
     CONFLICT,
     DUPLICATE,
+    READ_ONLY,
     TRANSIENT,
     WAITING,
     ApplyStep,
@@ -238,6 +239,7 @@ class BatchProcessor:
                 self._remember(entry.entry_id, None)
                 continue
             try:
+                # `seeded_at` is read with the units, when deciding (`_round`).
                 planned = rules.plan(
                     parsed, self.wallets.get(parsed.user), self.settings, self.scope
                 )
@@ -286,7 +288,12 @@ class BatchProcessor:
         delay = FIRST_DELAY_S
         remaining = steps
         while True:
-            units = sorted({unit for step in remaining for unit in step.plan.units})
+            # The wallets' seedings (services/detector/positions.py) with the units: every input
+            # of a decision is read here and compared when it is applied.
+            units = sorted(
+                {unit for step in remaining for unit in step.plan.units}
+                | {step.plan.seed_unit for step in remaining if step.plan.seed_unit is not None}
+            )
             holders, current = await self.state.look(self.group, units)
             young = time.monotonic() - start < self.touch_every_s
             alone = young and holders == {self.consumer: held}
@@ -326,7 +333,9 @@ class BatchProcessor:
         """Decide every step from `current` (each on the state left by the ones before it), then
         apply them in one go; returns the state step's code for each."""
         local: dict[str, tuple[bytes, UnitState | None]] = {
-            unit: (raw or b"", rules.load_unit(unit, raw)) for unit, raw in current.items()
+            unit: (raw or b"", rules.load_unit(unit, raw))
+            for unit, raw in current.items()
+            if not unit.startswith(rules.SEED_UNIT)
         }
         effects = await self._effects(steps)
         detected_at = time.time()
@@ -339,9 +348,15 @@ class BatchProcessor:
                 # Its fill is decided in this very round: undo it next round, from what it kept.
                 break
             before = {unit: local[unit][1] for unit in step.plan.units}
+            writes = []
+            if (seeding := step.plan.seed_unit) is not None:
+                # The wallet's seeding, as read with the units: compared, never written, when
+                # applied (a seeding landed meanwhile makes the step decided again).
+                seen = current.get(seeding) or b""
+                step = replace(step, plan=replace(step.plan, seeded_at=rules.seeding_time(seen)))
+                writes.append(UnitWrite(seeding, seen, seen, READ_ONLY))
             decision = self._decision(step, before, effects, detected_at)
             decided.add(order.order_key)
-            writes = []
             for unit in step.plan.units:
                 expected = local[unit][0]
                 if unit in decision.states:
@@ -355,6 +370,7 @@ class BatchProcessor:
             applies.append(_apply_step(step, prerequisites, writes, decision))
         codes = await self.state.apply(applies)
         codes += [WAITING] * (len(steps) - len(applies))
+        await self._confirm_pending(steps, codes, detected_at)
         for step, decision, code in zip(steps, decisions, codes, strict=False):
             if code == DUPLICATE:
                 outcome.duplicates += 1
@@ -365,6 +381,31 @@ class BatchProcessor:
                 outcome.signals.update(s.kind.value for s in decision.signals)
                 outcome.suppressed.update(kind.value for kind in decision.suppressed)
         return codes
+
+    async def _confirm_pending(
+        self, steps: Sequence[Step], codes: Sequence[int], detected_at: float
+    ) -> None:
+        """A confirmed fill that was decided already (a repeat) may have been decided while
+        pending: its signals then go out once more, as confirmed (docs/streams.md, "Status").
+        Repeats are rare, so only they cost the extra read."""
+        repeats = [
+            step
+            for step, code in zip(steps, codes, strict=True)
+            if code == DUPLICATE and step.plan.order.status is FillStatus.CONFIRMED
+        ]
+        if not repeats:
+            return
+        effects = await self.state.effects([step.plan.order.order_key for step in repeats])
+        confirmations = []
+        for step in repeats:
+            effect = Effect.load(effects.get(step.plan.order.order_key))
+            signals = rules.confirm(effect, detected_at) if effect is not None else ()
+            if signals:
+                key = rules.confirmation_key(step.plan.order)
+                payloads = tuple(signal.to_json() for signal in signals)
+                confirmations.append(ApplyStep(key, (), (), payloads, position=step.entry_id))
+        if confirmations:
+            await self.state.apply(confirmations)
 
     def _decision(
         self,

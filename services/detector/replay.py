@@ -8,11 +8,13 @@ source `data_api`, `received_at` = the trade's timestamp), runs the rules in str
 markdown report: the settings, a table of the signals by kind, and one example of each kind (the
 one with the highest confidence). `--jsonl FILE` also writes every signal, one JSON per line.
 
-`--history EARLIER_TAPE` seeds the detector with an earlier tape first: its fills go through the
-same rules, in order, and their signals are dropped, so TAPE starts with the positions (and the
-consensus windows and cooldowns) a detector that had run through EARLIER_TAPE would hold. The rules
-have no API to set positions, and replaying the fills gives exactly the positions their sum makes,
-as `/positions` would show them for the wallets' trades on that tape.
+`--history EARLIER_TAPE` seeds the detector with an earlier tape first, as the live detector seeds
+a wallet it starts tracking from the Data API's `/positions?user=`: its fills go through the same
+rules, in order, their signals dropped (so TAPE starts with the consensus windows and cooldowns a
+detector that had run through EARLIER_TAPE would hold); then every tracked wallet's positions are
+set to the holdings the simulator's `/positions` computes from that tape
+(`services.simulator.positions`), as of its last trade. From then on a `trader_entry` is a new
+position (`opens_position` true) and a wallet's pre-held tokens give none.
 
 `--validate` adds the report of `betterbot validate` (docs/signals.md, "Does it pay? Validation")
 computed from the tape alone: a token's price at `t + h` is its last trade on TAPE at or before
@@ -36,6 +38,7 @@ import orjson
 from services.detector.rules import RuleSettings, describe
 from services.detector.serial import SerialDetector
 from services.detector.settings import DetectorSettings
+from services.simulator.positions import Holding, Holdings, wallet_fills
 from services.store.markouts import (
     HORIZONS,
     SETTLEMENT,
@@ -84,12 +87,35 @@ def replay(
 ) -> tuple[list[Signal], Counter[str]]:
     """Every signal of the orders in stream order, and the signals cooldowns held back by kind;
     the `history` fills go through first and only leave their state (module doc)."""
-    detector = SerialDetector(wallets, settings)
-    for order in history:
+    tracked = list(wallets)
+    detector = SerialDetector(tracked, settings)
+    earlier = list(history)
+    for order in earlier:
         detector.process(order)
+    if earlier:
+        seed(detector, [w.address for w in tracked], earlier)
     detector.suppressed.clear()
     signals = [signal for order in orders for signal in detector.process(order)]
     return signals, detector.suppressed
+
+
+def seed(detector: SerialDetector, wallets: Iterable[str], history: Sequence[OrderFill]) -> None:
+    """Each wallet's positions as `/positions` would give them after `history` (the simulator's
+    own computation), as of the last fill of `history`."""
+    as_of = max(order.timestamp for order in history)
+    for wallet in wallets:
+        holdings = Holdings().add(wallet_fills(wallet, history))
+        detector.seed(wallet, positions_by_market(holdings.of(wallet)), as_of)
+
+
+def positions_by_market(holdings: Iterable[Holding]) -> dict[str, dict[str, int]]:
+    """Micro-shares by market (the rules' `market_of`: condition id, else slug, else token) and
+    token."""
+    markets: dict[str, dict[str, int]] = {}
+    for h in holdings:
+        market = h.condition_id or h.slug or h.asset
+        markets.setdefault(market, {})[h.asset] = h.micro
+    return markets
 
 
 def measure(
@@ -234,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if history:
         text += (
             f"\n\nState seeded from `{args.history}`: its {len(history):,} trades went through "
-            "the same rules first, their signals dropped."
+            "the same rules first, their signals dropped; then every tracked wallet's positions "
+            "were set to its `/positions` holdings after them."
         )
     if args.validate:
         text += "\n\n" + _validation(args, signals, orders)

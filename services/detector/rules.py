@@ -5,7 +5,8 @@ the signals it emits and the state after it. No Redis here: `pipeline.py` reads 
 State is split into units, each one JSON value, so that replicas only wait for each other on
 orders that touch the same unit (`docs/signals.md` explains the ordering):
 - `wm:<wallet>:<market>` (`WalletMarketState`): the wallet's position in each token of the market
-  (tracked wallets) and the exchange time of its latest signal of each kind (cooldowns);
+  (tracked wallets), the exchange time of its latest signal of each kind (cooldowns), and its
+  open runs of small fills (accumulation / distribution);
 - `tok:<token>` (`ConsensusState`): the tracked wallets that bought the token within the window.
 
 `market` is the order's condition_id (else its market_slug, else its token_id). All thresholds are
@@ -13,15 +14,25 @@ orders that touch the same unit (`docs/signals.md` explains the ordering):
 below is exchange time (the fill's `timestamp`), never the clock of the machine.
 
 Rules, in emission order within one order:
-- Filters, applied to every rule: no signal when `price >= SIGNAL_MAX_PRICE` (default 0.95) or
-  `notional < SIGNAL_MIN_NOTIONAL_USD` (default 0). Filtered fills still move positions.
+- Filters, applied to every rule ("is this fill informative?"): no signal for a BUY at `price >=
+  SIGNAL_MAX_PRICE` (default 0.95) or `price <= SIGNAL_MIN_PRICE` (default 0.05), an outcome the
+  market already calls decided either way, nor for any fill with `notional <
+  SIGNAL_MIN_NOTIONAL_USD` (default 10). A SELL is never dropped for its price (at 0.999 it takes
+  profit, at 0.01 it cuts a loss: both can be exits). Filtered fills still move positions.
 - `whale_order`: any fill (any wallet, BUY or SELL) with notional `shares * price >=
   WHALE_MIN_NOTIONAL_USD` (default 1000).
 - `trader_entry`: a tracked wallet BUYs a token in which its position is 0.
 - `trader_exit`: a tracked wallet SELLs at least `EXIT_MIN_FRACTION` (default 0.8) of the position
-  it held in the token before the sell. Positions are the sum of the fills seen since tracking
-  started (BUY adds, SELL subtracts, floor 0), in micro-shares; a position from before tracking
-  started is unknown, so selling it is no exit.
+  it held in the token before the sell. Positions start from the wallet's holdings on the Data
+  API's `/positions` when it started being tracked (`seeded`, with the snapshot's time `seeded_at`:
+  a fill at or before it is in the snapshot and moves nothing), else from 0 then; fills add (BUY)
+  and subtract (SELL), floor 0, in micro-shares. Unseeded, a position from before tracking started
+  is unknown, so selling it is no exit, and `opens_position` is None.
+- `accumulation` / `distribution`: a tracked wallet's small fills (under the whale threshold; a
+  BUY inside the price band) of one token and side reach `ACCUMULATION_MIN_NOTIONAL_USD` (default
+  500) within `ACCUMULATION_WINDOW_S` (1800) in at least `ACCUMULATION_MIN_FILLS` (3) fills; the
+  signal lists them and the run starts afresh. A run keeps its latest ACCUMULATION_MAX_FILLS
+  fills; the signal is pending while any of them was pending; retracting any of them retracts it.
 - `consensus`: `CONSENSUS_MIN_WALLETS` = K (default 3) distinct tracked wallets BUY the token within
   `CONSENSUS_WINDOW_S` = W (default 6 h). Fires when it forms (K) and each time it grows (K+1, ...),
   never twice for one count of one episode; an episode ends when the count falls below K.
@@ -34,7 +45,7 @@ Rules, in emission order within one order:
 
 Confidence (in [0, 1]); `score` is the wallet's score (0.5 when absent or untracked), `T` the whale
 threshold, `n` the notional, `size = min(1, n / T)`:
-- entry, exit: `0.5 * score + 0.5 * size`
+- entry, exit: `0.5 * score + 0.5 * size`; accumulation, distribution: the same on the run's total
 - whale: `0.7 * (0.6 + 0.4 * min(1, log10(n / T))) + 0.3 * score`
 - consensus with `m` wallets: `0.4 * min(1, m / (2K)) + 0.4 * mean member score
   + 0.2 * min(1, sum of the members' latest buy notionals / T)`
@@ -45,6 +56,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -65,20 +77,34 @@ DEFAULT_SCORE = 0.5
 # EXIT_MIN_FRACTION is compared in integer parts per million: exact, the same on every replica.
 PPM = 1_000_000
 
+# A run of small fills keeps at most this many (the latest): its unit, and the order_keys of its
+# signal, stay bounded however many tiny fills come within the window (docs/signals.md).
+ACCUMULATION_MAX_FILLS = 100
+# The accumulations / distributions a wallet x market unit remembers (the latest, within the
+# window) so that retracting any of their fills retracts them.
+FLOW_SIGNALS_KEPT = 10
+FLOW_KINDS = (SignalKind.ACCUMULATION, SignalKind.DISTRIBUTION)
+
 WALLET_UNIT = "wm:"
 TOKEN_UNIT = "tok:"
+SEED_UNIT = "seed:"
 
 
 @dataclass(frozen=True)
 class RuleSettings:
     whale_min_notional_usd: float = 1000.0
     signal_max_price: float = 0.95
-    signal_min_notional_usd: float = 0.0
+    signal_min_notional_usd: float = 10.0
     signal_cooldown_s: int = 300
     exit_min_fraction: float = 0.8
     consensus_min_wallets: int = 3
     consensus_window_s: int = 6 * 3600
     signal_max_age_s: int = 900
+    # Last, so that positional constructions written before them keep their meaning.
+    signal_min_price: float = 0.05
+    accumulation_min_notional_usd: float = 500.0
+    accumulation_window_s: int = 1800
+    accumulation_min_fills: int = 3
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -90,18 +116,36 @@ class WalletMarketState:
 
     positions: Mapping[str, int] = field(default_factory=dict)
     last_signal: Mapping[str, int] = field(default_factory=dict)
+    # The current run of small fills per `<side>:<token>` (accumulation / distribution), oldest
+    # first, at most ACCUMULATION_MAX_FILLS, each `[ts, order_key, notional, shares, opened,
+    # pending]` (`opened`: the position was 0 just before it; `pending`: the fill was pending).
+    flows: Mapping[str, list[list[Any]]] = field(default_factory=dict)
+    # The accumulations / distributions emitted within the window (at most FLOW_SIGNALS_KEPT), by
+    # signal_id: `[ts of its last fill, its order_keys, the signal's JSON]`, so that retracting
+    # any of its fills retracts it.
+    fired: Mapping[str, list[Any]] = field(default_factory=dict)
 
     def dump(self) -> bytes:
-        return orjson.dumps({"positions": self.positions, "last_signal": self.last_signal})
+        data: dict[str, Any] = {"positions": self.positions, "last_signal": self.last_signal}
+        if self.flows:  # written only when there are some: units without keep their old form
+            data["flows"] = self.flows
+        if self.fired:
+            data["fired"] = self.fired
+        return orjson.dumps(data)
 
     @classmethod
     def load(cls, raw: bytes) -> WalletMarketState:
         data = orjson.loads(raw)
-        return cls(dict(data["positions"]), dict(data["last_signal"]))
+        return cls(
+            dict(data["positions"]),
+            dict(data["last_signal"]),
+            data.get("flows", {}),
+            data.get("fired", {}),
+        )
 
     @property
     def empty(self) -> bool:
-        return not self.positions and not self.last_signal
+        return not self.positions and not self.last_signal and not self.flows and not self.fired
 
 
 @dataclass(frozen=True)
@@ -173,6 +217,30 @@ def token_unit(token_id: str) -> str:
     return f"{TOKEN_UNIT}{token_id}"
 
 
+def seed_unit(wallet: str) -> str:
+    """Where a wallet's `/positions` seeding is kept, in the lane of its units (state.py)."""
+    return f"{SEED_UNIT}{wallet}"
+
+
+def seeding_time(raw: bytes | str | None) -> int | None:
+    """The snapshot's time of a seed key's value (`<as_of>|<generation>`), None when the wallet
+    is not seeded (no key, or a removal's tombstone `|<generation>`)."""
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    as_of = text.partition("|")[0]
+    return int(as_of) if as_of else None
+
+
+def seeded(state: UnitState | None, positions: Mapping[str, int]) -> WalletMarketState | None:
+    """A wallet x market unit after seeding it with the wallet's true holdings in that market
+    (`/positions`, micro-shares by token): they replace what the fills made; cooldowns stay."""
+    before = _wallet_state(state)
+    held = {t: n for t, n in positions.items() if n > 0}
+    after = replace(before, positions=held)
+    return None if after.empty else after
+
+
 # --- the plan of an order: which state it needs -------------------------------------------------
 
 
@@ -185,12 +253,21 @@ class Plan:
     whale: bool
     wallet_unit: str | None
     token_unit: str | None
+    # When the wallet's positions were seeded from `/positions` (the snapshot's exchange time);
+    # None: never, its positions are the fills seen since tracking started. The Redis detector
+    # sets it from `seed_unit`, read with the units and compared with them when applied.
+    seeded_at: int | None = None
     # Read for every order several times per batch (ordering, reads, writes): computed once.
     units: tuple[str, ...] = field(init=False)
+    # The key of the wallet's seeding (a tracked wallet's order with its wallet unit), read-only:
+    # not one of `units`, as it orders nothing (the seeding is no entry of the stream).
+    seed_unit: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         units = tuple(u for u in (self.wallet_unit, self.token_unit) if u is not None)
         object.__setattr__(self, "units", units)
+        tracked = self.wallet is not None and self.wallet_unit is not None
+        object.__setattr__(self, "seed_unit", seed_unit(self.order.user) if tracked else None)
 
 
 def plan(
@@ -198,11 +275,13 @@ def plan(
     wallet: TrackedWallet | None,
     settings: RuleSettings,
     scope: Scope = Scope.ALL,
+    seeded_at: int | None = None,
 ) -> Plan | None:
     """None when the order can neither emit nor change state (an untracked non-whale).
 
     `scope`: the rules of a wallet partition (whale, entry, exit: the wallet unit) or of a token
-    partition (consensus: the token unit), or all of them."""
+    partition (consensus: the token unit), or all of them. `seeded_at`: when the wallet's positions
+    were seeded from `/positions` (None: never)."""
     passes = passes_filters(order, settings)
     by_wallet, by_token = scope is not Scope.TOKEN, scope is not Scope.WALLET
     whale = by_wallet and passes and order.notional_usd >= settings.whale_min_notional_usd
@@ -214,7 +293,7 @@ def plan(
     t_unit = token_unit(order.token_id) if buys and passes else None
     if not (whale or w_unit or t_unit):
         return None
-    return Plan(order, wallet, whale, w_unit, t_unit)
+    return Plan(order, wallet, whale, w_unit, t_unit, seeded_at if tracked else None)
 
 
 # --- the pure pieces ----------------------------------------------------------------------------
@@ -241,11 +320,17 @@ def next_position(side: Side, prior_micro_shares: int, size_micro_shares: int) -
 
 
 def passes_filters(order: OrderFill, settings: RuleSettings) -> bool:
-    """False for fills that emit no signal at all: near-certain prices and tiny notionals."""
-    return (
-        order.price < settings.signal_max_price
-        and order.notional_usd >= settings.signal_min_notional_usd
-    )
+    """False for fills that emit no signal at all: tiny notionals, and BUYs of an outcome the
+    market already calls decided, near-certain (>= SIGNAL_MAX_PRICE) or near-impossible (<=
+    SIGNAL_MIN_PRICE: a $1 lottery ticket, or a loser bought after the result is public).
+
+    Side-aware: a SELL near 1 takes profit and a SELL near 0 cuts a loss, both what a follower
+    holding the token wants to know, so a SELL is never dropped for its price."""
+    if order.notional_usd < settings.signal_min_notional_usd:
+        return False
+    if order.side is Side.SELL:
+        return True
+    return settings.signal_min_price < order.price < settings.signal_max_price
 
 
 def is_late(order: OrderFill, settings: RuleSettings) -> bool:
@@ -455,8 +540,16 @@ def decide(
     else:
         before = _wallet_state(states.get(planned.wallet_unit))
         positions = dict(before.positions)
+        flows = dict(before.flows)
+        horizon = ts - settings.accumulation_window_s
+        fired = {sid: f for sid, f in before.fired.items() if f[0] >= horizon}
         if wallet is not None:
-            candidates += _position_signals(order, wallet, positions, settings, detected_at)
+            holding = positions.get(order.token_id, 0)
+            opens = _opens(order, holding, planned.seeded_at)
+            if opens is not None:
+                candidates = [s.model_copy(update={"opens_position": opens}) for s in candidates]
+            candidates += _position_signals(planned, positions, settings, detected_at)
+            candidates += _flow_signals(planned, holding, flows, settings, detected_at)
         last = dict(before.last_signal)
         for candidate in candidates:
             kind = candidate.kind.value
@@ -466,7 +559,7 @@ def decide(
             emitted.append(candidate)
             if cooldown > 0:
                 last[kind] = max(ts, last.get(kind, ts))
-        state = WalletMarketState(positions, last)
+        state = WalletMarketState(positions, last, flows, fired)
         after[planned.wallet_unit] = None if state.empty else state
         token = order.token_id
         delta = positions.get(token, 0) - before.positions.get(token, 0)
@@ -489,8 +582,22 @@ def decide(
             episode = (_episode(prior), _episode(consensus))
     if emitted and is_late(order, settings):
         emitted = [mark_late(signal, order, settings) for signal in emitted]
+    if planned.wallet_unit is not None and any(s.kind in FLOW_KINDS for s in emitted):
+        after[planned.wallet_unit] = _remember_flows(after[planned.wallet_unit], emitted, ts)
     effect = Effect(tuple(emitted), delta, joined, previous, tuple(stamps), episode)
     return Decision(tuple(emitted), after, tuple(suppressed), effect)
+
+
+def _remember_flows(state: UnitState | None, emitted: list[Signal], ts: int) -> WalletMarketState:
+    """The unit with the accumulations / distributions just emitted remembered (`fired`), as
+    emitted (late or not), the oldest dropped beyond FLOW_SIGNALS_KEPT."""
+    before = _wallet_state(state)
+    fired = dict(before.fired)
+    for signal in emitted:
+        if signal.kind in FLOW_KINDS:
+            fired[signal.signal_id] = [ts, list(signal.order_keys), signal.to_json().decode()]
+    kept = sorted(fired.items(), key=lambda item: item[1][0])[-FLOW_SIGNALS_KEPT:]
+    return replace(before, fired=dict(kept))
 
 
 def decision_key(order: OrderFill, entry_id: str) -> str:
@@ -500,6 +607,21 @@ def decision_key(order: OrderFill, entry_id: str) -> str:
     if order.status is not FillStatus.RETRACTED:
         return order.order_key
     return f"{order.order_key}:retracted:{entry_id}"
+
+
+def confirmation_key(order: OrderFill) -> str:
+    """What the confirmation of a fill decided while pending is known by (its done key)."""
+    return f"{order.order_key}:confirmed"
+
+
+def confirm(effect: Effect, detected_at: float) -> tuple[Signal, ...]:
+    """The confirmation of a fill decided while pending: the signals it emitted then, repeated
+    with status `confirmed` (same `signal_id`s). It changes no state and fires no rule again:
+    the fill was decided once, when it was first seen."""
+    confirmed = {"status": FillStatus.CONFIRMED, "detected_at": detected_at}
+    return tuple(
+        s.model_copy(update=confirmed) for s in effect.signals if s.status is FillStatus.PENDING
+    )
 
 
 def undo(
@@ -515,11 +637,28 @@ def undo(
     back the wallet's previous member, unless a later buy has replaced the fill's since. The
     cooldown stamps and the consensus episode the fill moved go back when nothing has moved them
     since, so a fill included again is decided as the first time; a retraction itself never
-    makes a signal fire."""
+    makes a signal fire. The fill leaves its run of small fills, and an accumulation /
+    distribution it was an earlier member of (the unit's `fired`) is retracted with it, once."""
     order = planned.order
     after: dict[str, UnitState | None] = {}
-    if planned.wallet_unit is not None and (effect.position_delta or effect.stamps):
-        state = _wallet_state(states.get(planned.wallet_unit))
+    unit = planned.wallet_unit
+    state = _wallet_state(states.get(unit) if unit is not None else None)
+    flows = _without(state.flows, order.order_key)
+    # The accumulations / distributions the fill was part of go with it: the one it completed is
+    # among its effect's signals, those of which it was an earlier member are remembered in
+    # `fired`. A retracted one stays there, marked (a fourth field), so that it goes once.
+    drawn = {sid for sid, f in state.fired.items() if order.order_key in f[1]}
+    gone = {sid for sid, f in state.fired.items() if len(f) > 3}
+    own = {s.signal_id for s in effect.signals}
+    members_of = tuple(
+        Signal.model_validate_json(state.fired[sid][2]) for sid in drawn - own - gone
+    )
+    still = {
+        sid: (f if sid not in drawn or sid in gone else [*f, 1]) for sid, f in state.fired.items()
+    }
+    signals = tuple(s for s in effect.signals if s.signal_id not in gone) + members_of
+    changed = flows != state.flows or still != state.fired
+    if unit is not None and (effect.position_delta or effect.stamps or changed):
         positions = dict(state.positions)
         position = max(0, positions.get(order.token_id, 0) - effect.position_delta)
         if position:
@@ -533,8 +672,8 @@ def undo(
                     last.pop(kind, None)
                 else:
                     last[kind] = before
-        undone = WalletMarketState(positions, last)
-        after[planned.wallet_unit] = None if undone.empty else undone
+        undone = WalletMarketState(positions, last, flows, still)
+        after[unit] = None if undone.empty else undone
     current = states.get(planned.token_unit) if planned.token_unit is not None else None
     if isinstance(current, ConsensusState) and planned.token_unit is not None:
         members = dict(current.members)
@@ -551,32 +690,104 @@ def undo(
         if restored != current:
             after[planned.token_unit] = restored
     update = {"status": FillStatus.RETRACTED, "status_reason": order.status_reason}
-    retracted = tuple(
-        s.model_copy(update={**update, "detected_at": detected_at}) for s in effect.signals
-    )
+    retracted = tuple(s.model_copy(update={**update, "detected_at": detected_at}) for s in signals)
     return Decision(retracted, after)
+
+
+def _without(flows: Mapping[str, list[list[Any]]], order_key: str) -> dict[str, list[list[Any]]]:
+    """The runs without the fill `order_key` (a retraction takes it back), empty runs dropped."""
+    kept = {key: [f for f in run if f[1] != order_key] for key, run in flows.items()}
+    return {key: run for key, run in kept.items() if run}
+
+
+def counts_towards_flow(order: OrderFill, settings: RuleSettings) -> bool:
+    """A small fill that can be part of an accumulation (BUY) or distribution (SELL): under the
+    whale threshold (a whale has its own signal), and for a BUY inside the price band (buying a
+    decided outcome in small pieces tells no more than in one). Not the notional filter: small
+    fills are what a run is made of."""
+    if order.notional_usd >= settings.whale_min_notional_usd:
+        return False
+    if order.side is Side.SELL:
+        return True
+    return settings.signal_min_price < order.price < settings.signal_max_price
+
+
+def _flow_signals(
+    planned: Plan,
+    prior: int,
+    flows: dict[str, list[list[Any]]],
+    settings: RuleSettings,
+    detected_at: float,
+) -> list[Signal]:
+    """The accumulation / distribution the fill completes, if any; moves `flows` (in place).
+
+    Each `<side>:<token>` run keeps the fills of the last ACCUMULATION_WINDOW_S (exchange time,
+    by the newest fill); when it holds at least ACCUMULATION_MIN_FILLS fills worth at least
+    ACCUMULATION_MIN_NOTIONAL_USD together, it signals and starts afresh, so a fill is in at most
+    one such signal."""
+    order, window = planned.order, settings.accumulation_window_s
+    if settings.accumulation_min_notional_usd <= 0:
+        return []
+    horizon = order.timestamp - window
+    for key in list(flows):  # the other runs age too, or a unit would keep them for ever
+        flows[key] = [f for f in flows[key] if f[0] >= horizon]
+        if not flows[key]:
+            del flows[key]
+    if in_snapshot(order, planned.seeded_at) or not counts_towards_flow(order, settings):
+        return []
+    key = f"{order.side.value}:{order.token_id}"
+    entry = [order.timestamp, order.order_key, order.notional_usd, order.shares_normalized]
+    pending = int(order.status is FillStatus.PENDING)
+    # At most ACCUMULATION_MAX_FILLS: the oldest fill leaves when one more comes.
+    run = [*flows.get(key, []), [*entry, int(prior == 0), pending]][-ACCUMULATION_MAX_FILLS:]
+    total = sum(f[2] for f in run)
+    if len(run) < settings.accumulation_min_fills or total < settings.accumulation_min_notional_usd:
+        flows[key] = run
+        return []
+    flows.pop(key, None)
+    return [flow_signal(planned, run, settings, detected_at)]
 
 
 def _wallet_state(state: UnitState | None) -> WalletMarketState:
     return state if isinstance(state, WalletMarketState) else WalletMarketState()
 
 
+def in_snapshot(order: OrderFill, seeded_at: int | None) -> bool:
+    """The fill traded at or before the wallet's `/positions` snapshot: the seeded position holds
+    it already, so it neither moves the position again nor opens or closes one."""
+    return seeded_at is not None and order.timestamp <= seeded_at
+
+
+def _opens(order: OrderFill, prior: int, seeded_at: int | None) -> bool | None:
+    """`Signal.opens_position` of a tracked wallet's fill: a SELL never opens one; a BUY is known
+    only once its positions were seeded (before, a holding from before tracking is invisible)."""
+    if order.side is Side.SELL:
+        return False  # a sell never opens a position
+    if seeded_at is None or in_snapshot(order, seeded_at):
+        return None
+    return opens_position(order.side, prior)
+
+
 def _position_signals(
-    order: OrderFill,
-    wallet: TrackedWallet,
+    planned: Plan,
     positions: dict[str, int],
     settings: RuleSettings,
     detected_at: float,
 ) -> list[Signal]:
     """Entry/exit candidates; moves `positions` (in place) by the fill."""
+    order, wallet, seeded_at = planned.order, planned.wallet, planned.seeded_at
+    assert wallet is not None  # only tracked wallets keep positions
+    if in_snapshot(order, seeded_at):
+        return []
     prior = positions.get(order.token_id, 0)
     size = micro_shares(order)
     found: list[Signal] = []
     if passes_filters(order, settings):
         if opens_position(order.side, prior):
-            found.append(entry_signal(order, wallet, settings, detected_at))
+            entry = entry_signal(order, wallet, seeded_at, settings, detected_at)
+            found.append(entry)
         elif exits_position(order.side, prior, size, settings.exit_min_fraction):
-            found.append(exit_signal(order, wallet, prior, settings, detected_at))
+            found.append(exit_signal(order, wallet, prior, seeded_at, settings, detected_at))
     position = next_position(order.side, prior, size)
     if position:
         positions[order.token_id] = position
@@ -630,36 +841,113 @@ def whale_signal(
 
 
 def entry_signal(
-    order: OrderFill, wallet: TrackedWallet, settings: RuleSettings, detected_at: float
+    order: OrderFill,
+    wallet: TrackedWallet,
+    seeded_at: int | None,
+    settings: RuleSettings,
+    detected_at: float,
 ) -> Signal:
+    """A BUY into a token the wallet holds none of, as far as the detector knows: a new position
+    when its positions were seeded (`opens_position` true), else unknown (None)."""
     threshold = settings.whale_min_notional_usd
     notional = order.notional_usd
     confidence = entry_confidence(notional, threshold, wallet_score(wallet))
+    if seeded_at is None:
+        opened = "opened a position: no holding in this token since tracking started"
+    else:
+        opened = f"opened a new position: it held none of this token ({_known(seeded_at)})"
     reasons = [
-        f"{_who(order, wallet)} opened a position: no holding in this token since tracking started",
+        f"{_who(order, wallet)} {opened}",
         _fill_text(order),
         _score_text(wallet),
         *_size_confidence_text(notional, threshold, confidence),
     ]
-    return _signal(SignalKind.TRADER_ENTRY, order, wallet, confidence, reasons, detected_at)
+    signal = _signal(SignalKind.TRADER_ENTRY, order, wallet, confidence, reasons, detected_at)
+    return signal.model_copy(update={"opens_position": True if seeded_at is not None else None})
 
 
 def exit_signal(
-    order: OrderFill, wallet: TrackedWallet, prior: int, settings: RuleSettings, detected_at: float
+    order: OrderFill,
+    wallet: TrackedWallet,
+    prior: int,
+    seeded_at: int | None,
+    settings: RuleSettings,
+    detected_at: float,
 ) -> Signal:
     threshold = settings.whale_min_notional_usd
     notional = order.notional_usd
     confidence = entry_confidence(notional, threshold, wallet_score(wallet))
-    held = prior / 10**SHARE_DECIMALS
-    sold = min(1.0, micro_shares(order) / prior)
     reasons = [
-        f"{_who(order, wallet)} sold {sold:.0%} of its position ({held:,.2f} shares held) "
+        f"{_who(order, wallet)} {_sold_text(micro_shares(order), prior, seeded_at)} "
         f">= exit fraction {settings.exit_min_fraction:.0%}",
         _fill_text(order),
         _score_text(wallet),
         *_size_confidence_text(notional, threshold, confidence),
     ]
-    return _signal(SignalKind.TRADER_EXIT, order, wallet, confidence, reasons, detected_at)
+    signal = _signal(SignalKind.TRADER_EXIT, order, wallet, confidence, reasons, detected_at)
+    return signal.model_copy(update={"opens_position": False})
+
+
+def _sold_text(size: int, prior: int, seeded_at: int | None) -> str:
+    """What the sell did to the position we know, never more than we know: a wallet that sells
+    more than we counted held shares we did not see (bought before tracking started, or through
+    a route that is no fill: a split, a conversion), so "100%" would be a guess."""
+    held = prior / 10**SHARE_DECIMALS
+    known = _known(seeded_at)
+    if size <= prior:
+        return f"sold {size / prior:.0%} of its position ({held:,.2f} shares held, {known})"
+    return (
+        f"sold {size / 10**SHARE_DECIMALS:,.2f} shares, more than the {held:,.2f} we knew it "
+        f"held ({known}): at least all of that position; what it held beyond is unknown"
+    )
+
+
+def _known(seeded_at: int | None) -> str:
+    if seeded_at is None:
+        return "counted from its fills since tracking started"
+    at = datetime.fromtimestamp(seeded_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"per its /positions at {at} UTC and its fills since"
+
+
+def flow_signal(
+    planned: Plan, run: list[list[Any]], settings: RuleSettings, detected_at: float
+) -> Signal:
+    """An accumulation (BUYs) or distribution (SELLs): the run's fills, oldest first, in
+    `order_keys`; `shares` and `notional_usd` their sums; `price` the last fill's (where the
+    market is as the signal fires); confidence as an entry's, on the run's total."""
+    order, wallet, seeded_at = planned.order, planned.wallet, planned.seeded_at
+    buying = order.side is Side.BUY
+    kind = SignalKind.ACCUMULATION if buying else SignalKind.DISTRIBUTION
+    threshold = settings.whale_min_notional_usd
+    total, shares = sum(f[2] for f in run), sum(f[3] for f in run)
+    confidence = entry_confidence(total, threshold, wallet_score(wallet))
+    span = _duration(run[-1][0] - run[0][0])
+    outcome = f" {order.token_label!r}" if order.token_label else ""
+    reasons = [
+        f"{_who(order, wallet)} {'bought' if buying else 'sold'} {shares:,.2f} shares of"
+        f"{outcome or ' this token'} in {len(run)} fills over {span} for {_usd(total)} (mean "
+        f"price {total / shares:.3f}): at least {_usd(settings.accumulation_min_notional_usd)} "
+        f"in at least {settings.accumulation_min_fills} fills, each under the whale threshold, "
+        f"within {_duration(settings.accumulation_window_s)}",
+        f"last fill: {_fill_text(order)}",
+        _score_text(wallet),
+        *_size_confidence_text(total, threshold, confidence),
+    ]
+    keys = [f[1] for f in run]
+    signal = _signal(kind, order, wallet, confidence, reasons, detected_at)
+    opens = (None if seeded_at is None else bool(run[0][4])) if buying else False
+    # Pending while any of its fills was seen pending (entries of older units have no flag).
+    pending = any(len(f) > 5 and f[5] for f in run) or order.status is FillStatus.PENDING
+    return signal.model_copy(
+        update={
+            "signal_id": signal_id(kind, *keys),
+            "order_keys": keys,
+            "shares": shares,
+            "notional_usd": total,
+            "opens_position": opens,
+            "status": FillStatus.PENDING if pending else FillStatus.CONFIRMED,
+        }
+    )
 
 
 def consensus_signal(
@@ -728,6 +1016,8 @@ def _signal(
         exchange_ts=order.timestamp,
         received_at=order.received_at,
         detected_at=detected_at,
+        # A signal of a fill seen before its block says so; its confirmation repeats it.
+        status=FillStatus.PENDING if order.status is FillStatus.PENDING else FillStatus.CONFIRMED,
     )
 
 

@@ -27,14 +27,35 @@ class SerialDetector:
         self.effects: dict[str, Effect] = {}
         self.suppressed: Counter[str] = Counter()
         self.position = 0
+        # Wallets whose positions were seeded from `/positions`, and the snapshot's time.
+        self.seeded_at: dict[str, int] = {}
+
+    def seed(self, wallet: str, positions: Mapping[str, Mapping[str, int]], as_of: int) -> None:
+        """The wallet's true holdings (`/positions` at exchange time `as_of`, micro-shares by
+        market and token) replace the positions its fills made, in every market."""
+        prefix = rules.wallet_unit(wallet, "")
+        markets = {unit[len(prefix) :] for unit in self.states if unit.startswith(prefix)}
+        for market in markets | set(positions):
+            unit = rules.wallet_unit(wallet, market)
+            state = rules.seeded(self.states.get(unit), positions.get(market, {}))
+            if state is None:
+                self.states.pop(unit, None)
+            else:
+                self.states[unit] = state
+        self.seeded_at[wallet] = as_of
 
     def process(self, order: OrderFill, detected_at: float | None = None) -> list[Signal]:
         """The signals of one order; a repeated order_key emits and changes nothing. A retraction
         undoes its fill and repeats its signals as retracted (docs/signals.md, "Retractions"):
         each stream entry comes once here, so a fill after its retraction is a new inclusion."""
         self.position += 1
-        planned = rules.plan(order, self.wallets.get(order.user), self.settings)
+        seeded_at = self.seeded_at.get(order.user)
+        planned = rules.plan(
+            order, self.wallets.get(order.user), self.settings, seeded_at=seeded_at
+        )
         key = rules.decision_key(order, f"{self.position}-0")
+        if planned is not None and key in self.done and order.status is FillStatus.CONFIRMED:
+            return self._confirm(order, order.received_at if detected_at is None else detected_at)
         if planned is None or key in self.done:
             return []
         before = {unit: self.states.get(unit) for unit in planned.units}
@@ -54,6 +75,15 @@ class SerialDetector:
         self.done.add(key)
         self.suppressed.update(kind.value for kind in decision.suppressed)
         return list(decision.signals)
+
+    def _confirm(self, order: OrderFill, detected_at: float) -> list[Signal]:
+        """A repeat of a fill decided while pending: its signals once more, as confirmed."""
+        key = rules.confirmation_key(order)
+        effect = self.effects.get(order.order_key)
+        if effect is None or key in self.done:
+            return []
+        self.done.add(key)
+        return list(rules.confirm(effect, detected_at))
 
 
 def run(

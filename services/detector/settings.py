@@ -8,8 +8,10 @@ is missing, not a mapping, or names an unknown setting stops the detector at sta
 Rules (`docs/signals.md` has the exact semantics and confidence formulas):
 - `WHALE_MIN_NOTIONAL_USD` (1000): the `whale_order` threshold on shares_normalized * price, and
   the size scale of every confidence.
-- `SIGNAL_MAX_PRICE` (0.95): fills at or above this price buy a near-certain outcome: no signal.
-- `SIGNAL_MIN_NOTIONAL_USD` (0): fills below this notional emit no signal.
+- `SIGNAL_MAX_PRICE` (0.95): BUYs at or above this price buy a near-certain outcome: no signal.
+- `SIGNAL_MIN_PRICE` (0.05): BUYs at or below this price buy a near-impossible one: no signal
+  (SELLs are never dropped for their price); 0 disables.
+- `SIGNAL_MIN_NOTIONAL_USD` (10): fills below this notional emit no signal.
 - `SIGNAL_COOLDOWN_S` (300): no second signal of a kind for one wallet x market (consensus: one
   token) within this many seconds of exchange time; 0 disables.
 - `EXIT_MIN_FRACTION` (0.8): `trader_exit` when a sell is at least this part of the position.
@@ -17,6 +19,10 @@ Rules (`docs/signals.md` has the exact semantics and confidence formulas):
 - `CONSENSUS_WINDOW_S` (21600 = 6 h): W, the exchange-time window they must buy within.
 - `SIGNAL_MAX_AGE_S` (900): a fill received more than this many seconds after it traded (a
   backfill) still moves positions and consensus, but its signals are marked `late`; 0 disables.
+- `ACCUMULATION_MIN_NOTIONAL_USD` (500): `accumulation` / `distribution` when a tracked wallet's
+  small BUYs / SELLs of one token add up to this within the window; 0 disables.
+- `ACCUMULATION_WINDOW_S` (1800): that window, exchange seconds.
+- `ACCUMULATION_MIN_FILLS` (3): the fewest fills that make one.
 
 Service:
 - `WALLETS_FILE` (`config/wallets.example.json`): seeds the wallet registry (shared.wallet_registry)
@@ -34,6 +40,12 @@ Service:
 - `DETECTOR_RECLAIM_INTERVAL_S` (5): how often each replica sweeps the pending list.
 - `DETECTOR_MAX_DELIVERIES` (5): an entry delivered more often goes to `orders.dead`.
 - `DETECTOR_SHUTDOWN_GRACE_S` (15): on SIGTERM, how long the in-flight batch may take to finish.
+- `DETECTOR_SEED_POSITIONS` (true): seed the positions of every wallet that starts being tracked
+  from the Data API's `/positions?user=` (docs/signals.md, "Positions that are true").
+- `DATA_API_URL` (`http://127.0.0.1:8765`, the simulator): where `/positions` is asked (the
+  ingestor's setting of the same name; Polymarket's is `https://data-api.polymarket.com`).
+- `DETECTOR_SEED_TIMEOUT_S` (10): the timeout of one `/positions` request.
+- `DETECTOR_SEED_RETRY_S` (300): how often a wallet whose seeding failed is asked again.
 - `OPS_PORT` (8083): `/health` and `/metrics`.
 
 Plus the common ones (`REDIS_URL`, `STREAM_NAMESPACE`, `STREAM_MAXLEN`, `LOG_LEVEL`, `OPS_HOST`):
@@ -106,12 +118,16 @@ class DetectorSettings(CommonSettings):
 
     whale_min_notional_usd: float = Field(default=1000.0, gt=0)
     signal_max_price: float = Field(default=0.95, gt=0, le=1)
-    signal_min_notional_usd: float = Field(default=0.0, ge=0)
+    signal_min_price: float = Field(default=0.05, ge=0, lt=1)
+    signal_min_notional_usd: float = Field(default=10.0, ge=0)
     signal_cooldown_s: int = Field(default=300, ge=0)
     exit_min_fraction: float = Field(default=0.8, gt=0, le=1)
     consensus_min_wallets: int = Field(default=3, ge=2)
     consensus_window_s: int = Field(default=6 * 3600, gt=0)
     signal_max_age_s: int = Field(default=900, ge=0)
+    accumulation_min_notional_usd: float = Field(default=500.0, ge=0)
+    accumulation_window_s: int = Field(default=1800, gt=0)
+    accumulation_min_fills: int = Field(default=3, ge=2)
 
     detector_batch_size: int = Field(default=500, ge=1, le=10_000)
     detector_block_ms: int = Field(default=100, ge=1)
@@ -123,6 +139,13 @@ class DetectorSettings(CommonSettings):
     detector_reclaim_interval_s: float = Field(default=5.0, gt=0)
     detector_max_deliveries: int = Field(default=5, ge=1)
     detector_shutdown_grace_s: float = Field(default=15.0, gt=0)
+
+    # Positions seeded from the Data API's `/positions?user=` (services/detector/positions.py);
+    # DATA_API_URL is the ingestor's setting of the same name.
+    detector_seed_positions: bool = True
+    data_api_url: str = "http://127.0.0.1:8765"
+    detector_seed_timeout_s: float = Field(default=10.0, gt=0)
+    detector_seed_retry_s: float = Field(default=300.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

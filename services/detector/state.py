@@ -25,6 +25,10 @@ not marked done and its redelivery emits again (at least once; consumers dedupe 
 instead of losing a signal. Every key the script touches carries the `{<namespace>signals}` hash
 tag (`Streams.detector_prefix()`), the slot of the `signals` stream, so the script runs unchanged
 on Redis Cluster; the pending-list reads and the touch script use `orders.raw` alone.
+
+A wallet's `/positions` seeding (`seed:<wallet>`, `_SEED`, `_FORGET`) is one more key of its lane:
+every order of a tracked wallet carries it as a read-only unit (TTL `READ_ONLY`), compared with the
+others and never written by the apply step.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
-from services.detector.rules import WalletMarketState, wallet_unit
+from services.detector.rules import (
+    WalletMarketState,
+    load_unit,
+    seed_unit,
+    seeded,
+    seeding_time,
+    wallet_unit,
+)
 from shared.backoff import retrying
 from shared.redis_streams import UNREACHABLE, calling, dead_letter, entry_position
 from shared.streams import Lane, Streams
@@ -50,6 +61,8 @@ log = logging.getLogger(__name__)
 DUPLICATE = -1
 WAITING = -2
 CONFLICT = -3
+# The TTL of a unit the apply step compares but never writes (a wallet's seeding).
+READ_ONLY = -1
 
 PENDING_PAGE = 1000
 # read_entries reads one span of up to this many entries per id wanted before going one by one.
@@ -59,7 +72,8 @@ SPAN_FACTOR = 4
 # keys, nf done keys it forgets. ARGV[1]: MAXLEN ~ of signals; ARGV[2]: done-key TTL (s); then per
 # order: one header `np,nu,nf,<entry id>,<its done key's value>` (the value: its effect, for a
 # retraction to undo; one argument, as each argument costs redis-py's packing per order),
-# nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none), ns, ns x Signal JSON.
+# nu x (expected value, new value, TTL s; '' = absent / delete, TTL 0 = none, TTL -1 = read-only:
+# compared, never written), ns, ns x Signal JSON.
 # Per-unit compare and write, done keys last: see the module docstring. A retraction turns its
 # fill's done key into a tombstone `x:<its entry id>`: an entry of the fill up to there is a
 # repeat (a redelivery), one after it a new inclusion of the fill, decided afresh.
@@ -134,7 +148,9 @@ while a <= #ARGV do
 end
 for _, key in ipairs(written) do
   local value, ttl = values[key], ttls[key]
-  if value == '' then
+  if ttl < 0 then
+    -- read-only (a wallet's seeding): compared above, never written here
+  elseif value == '' then
     redis.call('DEL', key)
   elseif ttl > 0 then
     redis.call('SET', key, value, 'EX', ttl)
@@ -148,6 +164,77 @@ for _, done in ipairs(dones) do
   end
 end
 return results
+"""
+)
+
+# A wallet's seeding (`DetectorState.seed`, `forget_seeded`) lives in the lane with its units, one
+# key per wallet, `seed:<wallet>` (a unit name: `unit_key` puts it in the lane's hash-tag slot):
+# `<as_of>|<registry id>` once seeded (the snapshot's exchange time, and the wallet registry's
+# control-stream id as of which the seeding replica knew the wallet tracked: its generation), or
+# `|<registry id>` once the wallet was removed there (a tombstone). Every order of a tracked
+# wallet reads it with its units (`look`) and compares it in the apply step as it compares the
+# units (a read-only unit, TTL -1), so no order is decided on a seeding that changed meanwhile.
+# Registry ids compare as stream ids (ms, seq).
+_IDS = """
+local function newer(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if not ams or not bms then return false end
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+"""
+
+# Seeding a wallet's positions. KEYS[1]: its seed key; KEYS[2..n+1]: the wallet's units. ARGV[1]:
+# as_of, ARGV[2]: the generation, then n x (expected value, new value, TTL s; '' = absent /
+# delete, TTL 0 = none). Seeded already (by another replica, any generation not removed since):
+# that seeding holds, its time is returned. Removed at or after this generation (a seeding that
+# finished after the wallet was untracked): -2, nothing written. A unit changed since it was read:
+# -1 (the caller reads again). Else the units are written and the seed key set, in one step, so
+# no order is decided between the two.
+_SEED = (
+    _IDS
+    + """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local as_of, generation = string.match(current, '^(%d*)|(.*)$')
+  if as_of and as_of ~= '' then return tonumber(as_of) end
+  if generation and not newer(ARGV[2], generation) then return -2 end
+end
+local n = #KEYS - 1
+for i = 1, n do
+  if (redis.call('GET', KEYS[i + 1]) or '') ~= ARGV[3 * i] then return -1 end
+end
+for i = 1, n do
+  local value, ttl = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  if value == '' then
+    redis.call('DEL', KEYS[i + 1])
+  elseif ttl > 0 then
+    redis.call('SET', KEYS[i + 1], value, 'EX', ttl)
+  else
+    redis.call('SET', KEYS[i + 1], value)
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2])
+return tonumber(ARGV[1])
+"""
+)
+SEED_CONFLICT = -1
+SEED_REMOVED = -2
+
+# A wallet removed from the registry (its control-stream id ARGV[1]; ARGV[2]: the tombstone's TTL
+# s): its seeding goes, replaced by a tombstone, unless it is of a later generation (the wallet
+# added again since, seen first by a faster replica) or a later removal's tombstone is there.
+_FORGET = (
+    _IDS
+    + """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local _, generation = string.match(current, '^(%d*)|(.*)$')
+  if generation and not newer(ARGV[1], generation) then return 0 end
+end
+redis.call('SET', KEYS[1], '|' .. ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
 """
 )
 
@@ -250,6 +337,8 @@ class DetectorState:
         self.retry_s = retry_s
         self._prefix = lane.state_prefix
         self._apply = client.register_script(_APPLY)
+        self._seed = client.register_script(_SEED)
+        self._forget = client.register_script(_FORGET)
 
     # --- keys -----------------------------------------------------------------------------------
 
@@ -265,6 +354,74 @@ class DetectorState:
         """A tracked wallet's position in a token, in micro-shares (0 when none)."""
         raw: Any = await self.client.get(self.unit_key(wallet_unit(wallet, market)))
         return int(WalletMarketState.load(raw).positions.get(token_id, 0)) if raw else 0
+
+    # --- positions seeded from `/positions` -------------------------------------------------
+
+    async def seeded(self) -> dict[str, int]:
+        """Every wallet seeded in this lane (and not removed since), and its snapshot's time."""
+        pattern = self.unit_key(seed_unit("*"))
+
+        async def read() -> dict[str, int]:
+            keys = [key async for key in self.client.scan_iter(match=pattern)]
+            values: list[Any] = await self.client.mget(keys) if keys else []
+            prefix = len(self.unit_key(seed_unit("")))
+            times = {
+                k.decode()[prefix:]: seeding_time(v) for k, v in zip(keys, values, strict=True)
+            }
+            return {wallet: at for wallet, at in times.items() if at is not None}
+
+        return await self._retrying(read)
+
+    async def seeding(self, wallet: str) -> int | None:
+        """The time of the wallet's seeding in this lane, None when it has none."""
+        raw: Any = await self._retrying(partial(self.client.get, self.unit_key(seed_unit(wallet))))
+        return seeding_time(raw)
+
+    async def forget_seeded(self, wallet: str, removed_at: str) -> None:
+        """A wallet removed from the registry (control-stream id `removed_at`): tracked again
+        later, it is seeded afresh; a seeding made before the removal and finishing after it is
+        refused. A later generation's seeding stays (`_FORGET`)."""
+        keys = [self.unit_key(seed_unit(wallet))]
+        args: list[str | int] = [removed_at, self.done_ttl_s]
+        await self._retrying(partial(self._forget, keys=keys, args=args))
+
+    async def seed(
+        self,
+        wallet: str,
+        positions: Mapping[str, Mapping[str, int]],
+        as_of: int,
+        generation: str = "0-0",
+    ) -> int | None:
+        """Set the wallet's positions in every market to its holdings (micro-shares by market and
+        token) and mark it seeded at `as_of`, unless it is seeded already; returns the time of
+        the seeding that holds, None when the wallet was removed at or after `generation` (the
+        registry id as of which the caller knew it tracked). Markets it holds none of lose the
+        positions its fills made. Redis unreachable: retried up to `retry_s`, then raised."""
+        prefix = self.unit_key(wallet_unit(wallet, ""))
+        while True:
+            found: list[str] = await self._retrying(partial(self._scan, f"{prefix}*"))
+            markets = {key[len(prefix) :] for key in found} | set(positions)
+            units = sorted(wallet_unit(wallet, market) for market in markets)
+            keys = [self.unit_key(unit) for unit in units]
+            values: list[Any] = (
+                await self._retrying(partial(self.client.mget, keys)) if keys else []
+            )
+            args: list[str | bytes | int] = [as_of, generation]
+            for unit, value in zip(units, values, strict=True):
+                market = unit[len(wallet_unit(wallet, "")) :]
+                after = seeded(load_unit(unit, value), positions.get(market, {}))
+                written = b"" if after is None else after.dump()
+                ttl = 0 if after is not None and after.positions else self.done_ttl_s
+                args += [value or b"", written, ttl]
+            script_keys = [self.unit_key(seed_unit(wallet)), *keys]
+            held = int(await self._retrying(partial(self._seed, keys=script_keys, args=args)))
+            if held == SEED_REMOVED:
+                return None
+            if held != SEED_CONFLICT:
+                return held
+
+    async def _scan(self, pattern: str) -> list[str]:
+        return [key.decode() async for key in self.client.scan_iter(match=pattern)]
 
     async def look(
         self, group: str, units: Sequence[str]

@@ -33,6 +33,17 @@ IGNORED = Counter(
     PREFIX + "ignored", "Events of wallets removed a moment ago (not dead-lettered)", ["source"]
 )
 SERVER_ERRORS = Counter(PREFIX + "server_errors", "Error frames sent by the server", ["source"])
+# `code` is one of a fixed set: INVALID_FILTERS, ITEMS_LIMIT, CONNECTION_LIMIT, SESSION_LIMIT.
+PROVIDER_REFUSALS = Counter(
+    PREFIX + "provider_refusals",
+    "Connections the provider refused or ended for the plan or the filters, by code",
+    ["source", "code"],
+)
+NON_FILL_EVENTS = Counter(
+    PREFIX + "non_fill_events",
+    "Events that are not fills (Predexon's fee_refund), skipped, not dead-lettered",
+    ["source", "event_type"],
+)
 RECONNECTS = Counter(PREFIX + "reconnects", "Connection attempts after the first", ["source"])
 AUTH_FAILURES = Counter(
     PREFIX + "auth_failures", "Requests or handshakes refused for the key", ["source"]
@@ -82,6 +93,12 @@ HTTP_REQUESTS = Counter(
     PREFIX + "http_requests", "REST requests by source and HTTP status", ["source", "status"]
 )
 RATE_LIMITED = Counter(PREFIX + "rate_limited", "HTTP 429 answers honoured", ["source"])
+DATA_API_CACHE = Counter(
+    PREFIX + "data_api_cache",
+    "Data API answers by the CDN's cf-cache-status (lower case; none: no header); cached ones "
+    "(hit, stale, updating, or an age above 0) are never used: the page is asked again",
+    ["status"],
+)
 REDIS_ERRORS = Counter(PREFIX + "redis_errors", "Failed Redis calls (each is retried)")
 QUEUE_DEPTH = Gauge(PREFIX + "queue_depth", "Fills and dead letters waiting for Redis")
 PUBLISH_BATCH = Histogram(
@@ -106,6 +123,19 @@ PUBLISH_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# The rtds source (services/ingestor/sources/rtds.py): the firehose's frames by what they were,
+# and the new sockets its payload watchdog opened.
+RTDS_FRAMES = Counter(
+    PREFIX + "rtds_frames",
+    "RTDS frames by kind: fill (a tracked wallet's), untracked, empty, pong, no_payload, "
+    "other_topic, rejected",
+    ["kind"],
+)
+RTDS_WATCHDOG_RECONNECTS = Counter(
+    PREFIX + "rtds_watchdog_reconnects",
+    "New RTDS sockets opened because no payload came for RTDS_PAYLOAD_TIMEOUT_S",
+)
+
 # The polygon source (services/ingestor/chain). No label holds an endpoint's URL: it carries a key.
 CHAIN_HEAD = Gauge(PREFIX + "chain_head_block", "Newest block number the node announced")
 CHAIN_BLOCK = Gauge(PREFIX + "chain_read_block", "Last block fully read and published (watermark)")
@@ -122,4 +152,21 @@ CHAIN_REMOVED = Counter(
 CHAIN_RANGES_READ = Counter(PREFIX + "chain_ranges_read", "eth_getLogs ranges read")
 CHAIN_RANGES_SPLIT = Counter(
     PREFIX + "chain_ranges_split", "eth_getLogs ranges halved because the provider refused them"
+)
+
+# Pending (mempool) fills and their lifecycle (services/ingestor/pending.py).
+PENDING_PUBLISHED = Counter(
+    PREFIX + "pending_published", "Pending fills added to orders.raw (new order_keys)", ["source"]
+)
+PENDING_CONFIRMED = Counter(
+    PREFIX + "pending_confirmed", "Pending fills some source confirmed (any source)"
+)
+PENDING_RETRACTED = Counter(
+    PREFIX + "pending_retracted",
+    "Pending fills retracted: no source confirmed them within PENDING_CONFIRM_TIMEOUT_S",
+)
+PENDING_CONFIRM_DELAY = Histogram(
+    PREFIX + "pending_confirm_delay_seconds",
+    "From a pending fill's receipt to its confirmation's (fills seen pending by this process)",
+    buckets=(0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 120),
 )

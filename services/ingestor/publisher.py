@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -42,6 +42,9 @@ from shared.orders_raw import OrdersRaw, Outgoing
 from shared.redis_streams import calling, dead_letter, server_identity
 from shared.streams import Streams
 from shared.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from services.ingestor.pending import PendingTracker
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ class Publisher:
         self.duplicates = 0
         self.published_by_source: Counter[str] = Counter()
         self.duplicates_by_source: Counter[str] = Counter()
+        # The pending fills' deadlines (services/ingestor/pending.py), when the service has one.
+        self.pending: PendingTracker | None = None
 
     def on_recovered(self, callback: Callable[[], None]) -> None:
         """Call `callback` each time Redis answers again after an outage: a restart without its
@@ -203,7 +208,13 @@ class Publisher:
             await self._publish_items(items, live=True)
 
     async def _publish_items(self, items: list[Outgoing], *, live: bool) -> list[bool]:
+        pending = self.pending
+        if pending is not None:
+            # Before publishing: no pending fill is ever out without its deadline.
+            await self._retrying(lambda: pending.track(items))
         deliveries = await self._retrying(lambda: self.orders.deliver(items))
+        if pending is not None:
+            pending.observe(items, [delivery.added for delivery in deliveries])
         now = time.time()
         metrics.PUBLISH_BATCH.observe(len(items))
         new: Counter[str] = Counter()

@@ -39,12 +39,14 @@ from services.ingestor.feed_status import (
     feed_report,
 )
 from services.ingestor.http_api import JsonApi
+from services.ingestor.pending import PendingTracker
 from services.ingestor.publisher import Publisher
 from services.ingestor.settings import IngestorSettings
 from services.ingestor.sources.data_api import DataApiHistory, data_api
 from services.ingestor.sources.dome_rest import DomeRestHistory, dome_rest_api
 from services.ingestor.sources.dome_ws import DomeWebSocketSource
 from services.ingestor.sources.poller import WalletPoller
+from services.ingestor.sources.rtds import RTDS_FEED, RtdsSource
 from services.ingestor.sources.ws_connection import DOME_FEED
 from services.ingestor.subscriptions import SubscriptionPlanError
 from shared import layout, wallet_registry
@@ -96,11 +98,20 @@ class Ingestor:
             queue_size=settings.publish_queue_size,
             batch_max=settings.publish_batch_max,
         )
+        # Pending fills not confirmed in time are retracted (deadlines kept in Redis).
+        self.pending = PendingTracker(
+            self.redis,
+            settings.streams,
+            timeout_s=settings.pending_confirm_timeout_s,
+            sweep_interval_s=settings.pending_sweep_interval_s,
+        )
+        self.publisher.pending = self.pending
         self.tracked: set[str] = set()
         self.sources: list[WalletSource] = []
         self.websocket: DomeWebSocketSource | None = None
         self.pollers: list[WalletPoller] = []
         self.polygon: PolygonSource | None = None
+        self.rtds: RtdsSource | None = None
         self._apis: dict[str, JsonApi] = {}
         self._wallets_after = "0-0"
         self._started_at = time.time()
@@ -141,6 +152,10 @@ class Ingestor:
                 self.polygon = polygon_source(s, wallets, self.publisher, self.redis)
                 self.publisher.on_recovered(self.polygon.catch_up_again)
                 self.sources.append(self.polygon)
+            elif name == "rtds":
+                self.rtds = RtdsSource(s, wallets, self.publisher, self._rtds_catch_up())
+                self.publisher.on_recovered(self.rtds.catch_up_again)
+                self.sources.append(self.rtds)
             elif name == "dome_rest":
                 self._poller(
                     DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds),
@@ -185,6 +200,19 @@ class Ingestor:
             history = DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
         return self._catch_up(history, DOME_FEED, backfill=True)
 
+    def _rtds_catch_up(self) -> CatchUp | None:
+        """RTDS's gap backfill after each new socket, with a watermark of its own."""
+        s = self.settings
+        if s.rtds_backfill_via == "off":
+            return None
+        bounds = s.exchange_time_bounds()
+        history: WalletHistory
+        if s.rtds_backfill_via == "dome_rest":
+            history = DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds)
+        else:
+            history = DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
+        return self._catch_up(history, RTDS_FEED, backfill=True)
+
     def _poller(
         self, history: WalletHistory, feed: str, wallets: list[str], interval_s: float
     ) -> None:
@@ -226,16 +254,22 @@ class Ingestor:
         yield from (poller.status for poller in self.pollers)
         if self.polygon is not None:
             yield self.polygon.status
+        if self.rtds is not None:
+            yield self.rtds.status
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.publisher.ping()
+        # RTDS is unofficial and opportunistic: beside another source its trouble only degrades.
+        extra = self.rtds.status if self.rtds is not None and len(self.sources) > 1 else None
         ok, details = evaluate_health(
-            self.statuses,
+            [status for status in self.statuses if status is not extra],
             redis_ok=redis_ok,
             now=time.time(),
             max_down_s=self.settings.health_max_disconnected_s,
             max_event_silence_s=self.settings.health_max_event_silence_s,
         )
+        if extra is not None:
+            self._opportunistic_health(extra, details)
         if not self.sources:
             details["state"] = ConnectionState.STARTING.value
         if self.polygon is not None:
@@ -244,6 +278,20 @@ class Ingestor:
             ok = ok and not problems
         details["queued"] = self.publisher.unfinished
         return ok, details
+
+    def _opportunistic_health(self, status: FeedStatus, details: dict[str, Any]) -> None:
+        """An extra source's state in `details`, its problems as `degraded` (still 200)."""
+        _, own = evaluate_health(
+            status,
+            redis_ok=True,
+            now=time.time(),
+            max_down_s=self.settings.health_max_disconnected_s,
+            max_event_silence_s=self.settings.health_max_event_silence_s,
+        )
+        details["sources"].update(own["sources"])
+        details["degraded"] += own["degraded"] + [
+            f"{problem} (unofficial, opportunistic source)" for problem in own["problems"]
+        ]
 
     # --- running -------------------------------------------------------------------------------
 
@@ -260,6 +308,7 @@ class Ingestor:
         workers = [_task(source.run(), f"source-{i}") for i, source in enumerate(self.sources)]
         if started:
             workers.append(_task(self._follow_wallets(), "wallets"))
+            workers.append(_task(self.pending.run(self.publisher), "pending"))
         stopper = _task(stop.wait(), "stop")
         parts = (*workers, publisher, status, server)
         done, _ = await asyncio.wait((*parts, stopper), return_when=asyncio.FIRST_COMPLETED)

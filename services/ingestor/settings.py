@@ -22,8 +22,8 @@ from shared.settings import CommonSettings
 MIB = 1 << 20
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-IngestSource = Literal["dome_ws", "dome_rest", "data_api", "polygon"]
-INGEST_SOURCES: tuple[IngestSource, ...] = ("dome_ws", "dome_rest", "data_api", "polygon")
+IngestSource = Literal["dome_ws", "dome_rest", "data_api", "polygon", "rtds"]
+INGEST_SOURCES: tuple[IngestSource, ...] = ("dome_ws", "dome_rest", "data_api", "polygon", "rtds")
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,20 @@ class Tier:
     max_subscriptions: int
     wallets_per_subscription: int
     subscriptions_per_connection: int
-    rest_rate_per_s: float
-    rest_rate_per_10s: int
+    # None: the plan publishes no REST rate; DOME_REST_RATE_* keep their own values.
+    rest_rate_per_s: float | None
+    rest_rate_per_10s: int | None
 
 
-# Dome's published limits (feeds.md): subscriptions x wallets, and REST requests per s / per 10 s.
+# Published limits (feeds.md): subscriptions x wallets, and REST requests per s / per 10 s. Dome's
+# `free` and `dev`; Predexon's plans (`predexon_dev`, `predexon_pro`: subscriptions x items).
 TIERS: dict[str, Tier] = {
     "free": Tier(2, 5, 2, 10, 100),
     "dev": Tier(500, 500, 500, 100, 500),
+    "predexon_dev": Tier(10, 10, 10, None, None),
+    "predexon_pro": Tier(100, 500, 100, None, None),
 }
+TierName = Literal["free", "dev", "predexon_dev", "predexon_pro", "custom"]
 _TIER_FIELDS = {
     "dome_max_subscriptions": "max_subscriptions",
     "dome_wallets_per_subscription": "wallets_per_subscription",
@@ -53,20 +58,41 @@ class IngestorSettings(CommonSettings):
     ops_port: int = 8082
 
     # Which feeds to read, comma-separated: dome_ws (WebSocket + REST gap backfill), dome_rest
-    # (REST polling), data_api (Polymarket's public Data API, no key). Overlaps are deduplicated.
+    # (REST polling), data_api (Polymarket's public Data API, no key), polygon (the chain), rtds
+    # (Polymarket's unofficial RTDS firehose, best beside another). Overlaps are deduplicated.
     ingest_sources: str = "dome_ws"
     # The seed's switch: false turns dome_ws into dome_rest (polling).
     dome_use_websocket: bool = True
 
-    # free | dev fill in that tier's limits below unless set explicitly; custom uses them as set.
-    dome_tier: Literal["free", "dev", "custom"] = "custom"
+    # free | dev (Dome), predexon_dev | predexon_pro (Predexon's plans) fill in that tier's limits
+    # below unless set explicitly; custom uses them as set.
+    dome_tier: TierName = "custom"
     # Dome puts the key in the URL path (`<DOME_WS_URL>/<key>`); it is never logged or shown.
     dome_api_key: SecretStr = SecretStr("demo-key")
     # dome: Dome's protocol; polynode: its Dome-compatible successor (`<DOME_WS_URL>?key=<key>`,
     # subscribe `{"action":"subscribe","type":"dome","filters":{"wallets":[..]}}`).
-    dome_dialect: Literal["dome", "polynode"] = "dome"
+    # predexon: Dome's protocol at `<DOME_WS_URL>/<key>` (DOME_WS_URL=wss://wss.predexon.com/v1).
+    dome_dialect: Literal["dome", "polynode", "predexon"] = "dome"
     # The polynode key; empty: DOME_API_KEY is used for the WebSocket in that dialect too.
     polynode_api_key: SecretStr = SecretStr("")
+    # The Predexon key; empty: DOME_API_KEY is used for the WebSocket in that dialect too.
+    predexon_api_key: SecretStr = SecretStr("")
+    # predexon: ask for pending (pre-block) events too (`"status":"all"` in the filters); they are
+    # published with status `pending`, then again `confirmed` under the same order_key.
+    predexon_status_all: bool = False
+    # polynode: the same (`"status":"all"`); its pending events have a null block and log index.
+    polynode_status_all: bool = False
+    # polynode: every subscribe asks the server to replay this many seconds (`since`, a number of
+    # seconds), a first gap backfill before the REST one; the plan bounds it (free 30 s, paid up
+    # to 300 s). 0: off.
+    polynode_since_s: float = Field(default=30.0, ge=0, le=300)
+    # polynode: `&compress=zlib`, event frames arrive as binary raw deflate (inflated here, bounded
+    # by DOME_MAX_FRAME_BYTES); control messages stay JSON text.
+    polynode_compress: bool = False
+    # The provider refused for the plan (Predexon ITEMS_LIMIT / CONNECTION_LIMIT / INVALID_FILTERS,
+    # polynode's daily session used up): wait from DOME_RECONNECT_MAX_S, doubling up to this,
+    # between attempts, never a hot reconnect loop.
+    dome_plan_limit_wait_s: float = Field(default=900.0, gt=0)
     dome_ws_url: str = "ws://127.0.0.1:8765"
     # REST base for polling and gap backfill (`Authorization: Bearer <DOME_API_KEY>`).
     dome_api_url: str = "http://127.0.0.1:8765/v1"
@@ -91,8 +117,12 @@ class IngestorSettings(CommonSettings):
     data_api_url: str = "http://127.0.0.1:8765"
     data_api_rate_per_s: float = Field(default=10.0, gt=0)
     data_api_rate_per_10s: int = Field(default=150, ge=1)
-    data_api_page_limit: int = Field(default=500, ge=1, le=10_000)
+    # Rows per `/v2/trades` page (the API's cap is 1,000).
+    data_api_page_limit: int = Field(default=500, ge=1, le=1000)
     data_api_poll_interval_s: float = Field(default=5.0, ge=0)
+    # How long the Data API's CDN may answer an identical URL from its cache (Cloudflare, up to
+    # 300 s): a URL asked within this long is not asked again unchanged (sources/data_api.py).
+    data_api_cdn_cache_s: float = Field(default=300.0, ge=0)
 
     # Gap backfill after every (re)connect: where from, how far back.
     backfill_via: Literal["dome_rest", "data_api", "off"] = "dome_rest"
@@ -167,8 +197,25 @@ class IngestorSettings(CommonSettings):
     # The longest a fill waits for its market's metadata; later it goes out without it.
     market_lookup_timeout_s: float = Field(default=1.0, gt=0)
 
+    # --- rtds: Polymarket's unofficial RTDS `activity` firehose, an extra source only ---
+    # (docs/ingestion.md, "The rtds source"). Every trade of the exchange arrives; the tracked
+    # wallets' are kept. The simulator serves it at `ws://127.0.0.1:8765/rtds`.
+    rtds_url: str = "wss://ws-live-data.polymarket.com"
+    # The client sends the text `ping` this often (the official client's 5 s).
+    rtds_ping_interval_s: float = Field(default=5.0, gt=0)
+    # No payload (of any wallet) for this long = a frozen socket: open a new one, and backfill.
+    # The maintainers' advice is ~15 s; 0 turns the watchdog off.
+    rtds_payload_timeout_s: float = Field(default=15.0, ge=0)
+    # Where the gap after each new socket is read from (keyless Data API by default).
+    rtds_backfill_via: Literal["data_api", "dome_rest", "off"] = "data_api"
+
     # How long an order_key is remembered for dedupe (s): covers reconnect replays and backfill.
     dedupe_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    # A pending (mempool) fill not confirmed by any source within this bound is retracted
+    # (services/ingestor/pending.py); its deadline is kept in Redis, so a restart keeps it.
+    pending_confirm_timeout_s: float = Field(default=60.0, gt=0)
+    # How often the due pending deadlines are looked at.
+    pending_sweep_interval_s: float = Field(default=1.0, gt=0)
     # Fills waiting for Redis; when full the socket reader waits (backpressure), nothing dropped.
     publish_queue_size: int = Field(default=10_000, ge=1)
     # Most fills published in one Lua call when several are already waiting.
@@ -196,14 +243,15 @@ class IngestorSettings(CommonSettings):
         tier = TIERS.get(tier_name) if isinstance(tier_name, str) else None
         if tier is not None:
             for field, attribute in _TIER_FIELDS.items():
-                data.setdefault(field, getattr(tier, attribute))
+                if getattr(tier, attribute) is not None:
+                    data.setdefault(field, getattr(tier, attribute))
         return data
 
-    @field_validator("dome_ws_url")
+    @field_validator("dome_ws_url", "rtds_url")
     @classmethod
     def _websocket_scheme(cls, value: str) -> str:
         if not value.startswith(("ws://", "wss://")):
-            raise ValueError("DOME_WS_URL must start with ws:// or wss://")
+            raise ValueError("DOME_WS_URL and RTDS_URL must start with ws:// or wss://")
         return value.rstrip("/")
 
     @field_validator("dome_api_url", "data_api_url", "gamma_api_url")
@@ -266,17 +314,26 @@ class IngestorSettings(CommonSettings):
         return tuple(names)
 
     def websocket_key(self) -> str:
-        polynode = self.polynode_api_key.get_secret_value()
-        if self.dome_dialect == "polynode" and polynode:
-            return polynode
+        own = {"polynode": self.polynode_api_key, "predexon": self.predexon_api_key}.get(
+            self.dome_dialect
+        )
+        if own is not None and own.get_secret_value():
+            return own.get_secret_value()
         return self.dome_api_key.get_secret_value()
+
+    def pending_events(self) -> bool:
+        """Whether this dialect's subscribes ask for pending (pre-block) events too."""
+        if self.dome_dialect == "polynode":
+            return self.polynode_status_all
+        return self.dome_dialect == "predexon" and self.predexon_status_all
 
     def dome_ws_endpoint(self) -> str:
         """The URL to connect to, key included: pass it to the client only, never to a log."""
         key = self.websocket_key()
         if self.dome_dialect == "polynode":
             separator = "&" if "?" in self.dome_ws_url else "?"
-            return f"{self.dome_ws_url}{separator}{urlencode({'key': key})}"
+            query = {"key": key} | ({"compress": "zlib"} if self.polynode_compress else {})
+            return f"{self.dome_ws_url}{separator}{urlencode(query)}"
         return f"{self.dome_ws_url}/{key}"
 
     def exchange_time_bounds(self) -> ExchangeTimeBounds:
@@ -288,7 +345,11 @@ class IngestorSettings(CommonSettings):
 
     def secrets(self) -> list[str]:
         """Every key this configuration holds, to be scrubbed from logs."""
-        values = [self.dome_api_key.get_secret_value(), self.polynode_api_key.get_secret_value()]
+        values = [
+            self.dome_api_key.get_secret_value(),
+            self.polynode_api_key.get_secret_value(),
+            self.predexon_api_key.get_secret_value(),
+        ]
         for url in self.polygon_urls() if "polygon" in self.sources() else ():
             values += [url, *_key_like_parts(url)]
         # The polynode key travels URL-encoded in the query string.

@@ -1,5 +1,5 @@
 """The notifier's HTTP side: `/ws` (the signal feed), `/` (the live page), `/api/status`,
-`/health`, `/metrics`.
+`/health`, `/metrics`, and the page's pictures' data under `/api/...` (`dashboard_api`).
 
 Before any route runs, a request naming a `Host` this server does not answer to is refused, and so
 is a WebSocket handshake from another web site's page (`Origin`): see `auth.Site`. A connection
@@ -50,8 +50,17 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from services.notifier.auth import ClientLimits, ConnectionSlots, Site, Tokens, presented_token
 from services.notifier.clients import Client, Delivery, SignalFilter, StreamId
+from services.notifier.dashboard_api import DashboardData, page_policy
 from services.notifier.fanout import Backlog, Fanout
-from services.notifier.filters import FILTER_FIELDS, FilterError, Filters, filters_from_query
+from services.notifier.filters import (
+    FILTER_FIELDS,
+    FilterError,
+    Filters,
+    TaggedMatch,
+    filters_from_query,
+    signal_filter,
+)
+from services.notifier.market_tags import MarketTags
 from services.notifier.metrics import CLIENTS, CLIENTS_DROPPED, LATENCY, SENT_BACKLOG, SENT_LIVE
 from services.notifier.protocol import (
     HELLO,
@@ -82,6 +91,7 @@ CLOSE_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 10.0
 
 DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
+DASHBOARD_HEADERS = {"Content-Security-Policy": page_policy(DASHBOARD_HTML)}
 
 NOT_READY = Close(
     CloseCode.TRY_AGAIN_LATER, "signal reader not connected to Redis yet; retry later", "not_ready"
@@ -112,6 +122,8 @@ class FeedPolicy:
     site: Site
     limits: ClientLimits
     max_replay_entries: int
+    # Where `tags` filters find a market's tags (Gamma); None: unknown, so they match nothing.
+    market_tags: MarketTags | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +144,10 @@ def create_app(
     health: HealthCheck,
     status: StatusSource,
     policy: FeedPolicy,
+    dashboard: DashboardData | None = None,
 ) -> Starlette:
     async def page(_: Request) -> HTMLResponse:
-        return HTMLResponse(DASHBOARD_HTML)
+        return HTMLResponse(DASHBOARD_HTML, headers=DASHBOARD_HEADERS)
 
     async def api_status(_: Request) -> JSONResponse:
         return JSONResponse(await status(), headers={"Cache-Control": "no-store"})
@@ -155,6 +168,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/", page),
         Route("/api/status", api_status),
+        *(dashboard.routes() if dashboard is not None else ()),
         WebSocketRoute("/ws", feed),
         *ops_routes(health),
     ]
@@ -244,7 +258,10 @@ async def _stream(
         await _close(websocket, peer, BACKLOG_FAILED)
         return
     client = Client(
-        policy.queue_size, peer=peer, accepts=_accepts(setup.filters), resume_after=resume_after
+        policy.queue_size,
+        peer=peer,
+        accepts=_accepts(setup.filters, policy),
+        resume_after=resume_after,
     )
     # No await between the resume point and this: see `_resume_point`.
     fanout.add(client)
@@ -334,8 +351,8 @@ async def _receive_one(websocket: WebSocket) -> Mapping[str, Any]:
     return message
 
 
-def _accepts(filters: Filters) -> SignalFilter | None:
-    return None if filters.matches_all else filters.matches
+def _accepts(filters: Filters, policy: FeedPolicy) -> SignalFilter | None:
+    return signal_filter(filters, policy.market_tags)
 
 
 async def _run_connection(
@@ -418,6 +435,8 @@ async def _send_backlog(
         last, read = stream_id, read + 1
         if delivery is None or delivery.signal is None:
             continue
+        if isinstance(accepts, TaggedMatch):
+            await accepts.prepare((delivery.signal,))
         if accepts is None or accepts(delivery.signal):
             await websocket.send_text(delivery.text)
             SENT_BACKLOG.inc()
@@ -450,7 +469,7 @@ async def _receive(
             return
         if request.filters is not None:
             filters = request.filters
-        client.change_filter(_accepts(filters), Delivery(subscribed_message(filters)))
+        client.change_filter(_accepts(filters, policy), Delivery(subscribed_message(filters)))
 
 
 async def _close(websocket: WebSocket, peer: str, close: Close) -> None:

@@ -7,7 +7,9 @@ outage or a dropped connection skips nothing while the process lives.
 
 Each entry is decoded and validated once and turned into one message text that all clients share.
 Handing it out never waits: a client whose bounded queue is full is marked to be closed as a slow
-consumer (see `clients.Client.offer`), so one slow client cannot hold the others back.
+consumer (see `clients.Client.offer`), so one slow client cannot hold the others back. Clients
+that filter on market tags get each read's entries once those tags are looked up (a task of its
+own), the others at once: a slow Gamma does not hold their signals back.
 
 `Backlog` reads the entries after a client's `last_id` for a resume (XRANGE, exclusive, in pages,
 at most a given number of entries, letting other tasks run between pages).
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -27,6 +30,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from services.notifier.clients import Client, Delivery, StreamId
+from services.notifier.filters import TaggedMatch
+from services.notifier.market_tags import MarketTags
 from services.notifier.metrics import ENTRIES_INVALID, READ_ERRORS, SIGNALS_READ
 from services.notifier.protocol import Close, signal_message
 from shared.backoff import Backoff
@@ -117,14 +122,19 @@ class Fanout:
         self.ready = asyncio.Event()
         self.status = "starting"
         self.last_id: str | None = None
+        # The reads' entries for the clients that filter on tags, handed out once their markets'
+        # tags are looked up (`_tagged_delivery`); and how many of those each client awaits.
+        self._tag_queue: asyncio.Queue[_TaggedBatch] = asyncio.Queue()
+        self._tag_pending: dict[Client, int] = {}
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
 
     def add(self, client: Client) -> None:
-        # `dispatch` runs without awaiting: everything up to `last_id` went out before this client
-        # was added, everything after it will be offered to it.
+        # `dispatch` runs without awaiting: everything up to `last_id` went out (or was set aside
+        # for the clients that filter on tags) before this client was added, everything after it
+        # will be offered to it.
         client.live_after = None if self.last_id is None else StreamId.parse(self.last_id)
         self._clients.add(client)
         self._no_clients.clear()
@@ -148,6 +158,7 @@ class Fanout:
         """Read the stream until cancelled; Redis errors are retried with backoff, never raised."""
         reader = reader_connection(self._url, self._stream, self._block_ms, cluster=self._cluster)
         backoff = Backoff(0.1, 5.0)
+        tagged_delivery = asyncio.create_task(self._tagged_delivery())
         try:
             while True:
                 try:
@@ -171,6 +182,9 @@ class Fanout:
                     self.dispatch(entries)
         finally:
             self.status = "stopped"
+            tagged_delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tagged_delivery
             with contextlib.suppress(RedisError, OSError):
                 await reader.aclose()
 
@@ -190,8 +204,73 @@ class Fanout:
         return cast(Sequence[Entry], response[0][1]) if response else ()
 
     def dispatch(self, entries: Sequence[Entry]) -> None:
-        """Hand each valid entry to every client; skip (and log) the ones that are not Signals."""
-        clients = tuple(self._clients)
+        """Hand the entries to every client without waiting: now to the clients whose filters need
+        no market tags; to the ones that filter on tags once those are looked up (Gamma, see
+        `market_tags`; `_tagged_delivery`). So a `tags` subscriber never delays the others'
+        signals. A client still awaiting earlier entries that way gets these the same way, even
+        if its filter changed meanwhile: each client gets the entries in stream order."""
+        deliveries = self._deliveries(entries)
+        tagged: list[Client] = []
+        plain: list[Client] = []
+        for client in self._clients:
+            waits = isinstance(client.accepts, TaggedMatch) or client in self._tag_pending
+            (tagged if waits else plain).append(client)
+        for delivery in deliveries:
+            for client in plain:
+                client.offer(delivery)
+        # No await since the clients were picked: a client added later is in neither group, and
+        # its `live_after` (this id) says it gets the entries after these.
+        self.last_id = entries[-1][0].decode()
+        if not (tagged and deliveries):
+            return
+        lookups = {
+            id(c.accepts.market_tags): c.accepts.market_tags
+            for c in tagged
+            if isinstance(c.accepts, TaggedMatch) and c.accepts.market_tags is not None
+        }
+        for client in tagged:
+            self._tag_pending[client] = self._tag_pending.get(client, 0) + 1
+        self._tag_queue.put_nowait(_TaggedBatch(deliveries, tuple(tagged), list(lookups.values())))
+
+    async def _tagged_delivery(self) -> None:
+        """Hand the tagged clients their entries, in order, each batch once its markets' tags are
+        looked up; the batches waiting meanwhile are looked up together on the next round."""
+        while True:
+            batches = [await self._tag_queue.get()]
+            while not self._tag_queue.empty():
+                batches.append(self._tag_queue.get_nowait())
+            try:
+                await self._prepare_tags(batches)
+            except Exception as exc:  # never for Gamma's sake; the filters then see no tags
+                log.warning("market_tags_failed", extra={"error": type(exc).__name__})
+            for batch in batches:
+                # The same clients as chosen then, whatever their filters are now: each gets
+                # every entry exactly once, by the filter it has when the entry is offered.
+                for delivery in batch.deliveries:
+                    for client in batch.clients:
+                        client.offer(delivery)
+                for client in batch.clients:
+                    left = self._tag_pending.pop(client, 1) - 1
+                    if left > 0:
+                        self._tag_pending[client] = left
+
+    @staticmethod
+    async def _prepare_tags(batches: Sequence[_TaggedBatch]) -> None:
+        """Look up the market tags of these batches' signals, so that the tagged clients' filters
+        (which never wait) find them cached. Bounded by the lookup's timeout."""
+        markets: dict[int, list[str]] = {}
+        lookups: dict[int, MarketTags] = {}
+        for batch in batches:
+            for lookup in batch.lookups:
+                lookups[id(lookup)] = lookup
+                markets.setdefault(id(lookup), []).extend(
+                    d.signal.condition_id for d in batch.deliveries if d.signal is not None
+                )
+        await asyncio.gather(*(lookups[key].prefetch(markets[key]) for key in lookups))
+
+    def _deliveries(self, entries: Sequence[Entry]) -> list[Delivery]:
+        """The valid entries' messages; the ones that are not Signals are skipped (and logged)."""
+        deliveries = []
         for entry_id, fields in entries:
             try:
                 delivery = to_delivery(entry_id, fields)
@@ -208,9 +287,17 @@ class Fanout:
                 )
                 continue
             SIGNALS_READ.inc()
-            for client in clients:
-                client.offer(delivery)
-        self.last_id = entries[-1][0].decode()
+            deliveries.append(delivery)
+        return deliveries
+
+
+@dataclass(frozen=True)
+class _TaggedBatch:
+    """One read's entries for the clients that filter on tags, and the lookups they use."""
+
+    deliveries: Sequence[Delivery]
+    clients: tuple[Client, ...]
+    lookups: Sequence[MarketTags]
 
 
 class Backlog:

@@ -3,7 +3,7 @@
 ```json
 {"wallets": ["0xabc…"], "markets": ["nobel-peace-prize-2025"], "kinds": ["whale_order"],
  "min_confidence": 0.8, "min_notional_usd": 500, "min_price": 0.05, "max_price": 0.9,
- "sides": ["BUY"]}
+ "sides": ["BUY"], "tags": ["politics"], "only_new_positions": true}
 ```
 
 - A field left out (or `null`) matches every signal; the fields combine with AND, the values of
@@ -13,6 +13,12 @@
 - The noise controls a trader sets for themself: `min_notional_usd` (the fill's shares x price,
   inclusive), `min_price` / `max_price` (0..1, inclusive: leave out the near-certain outcomes and
   the long shots), `sides` (`BUY`, `SELL`).
+- `tags`: the market's categories, as Gamma tags them (`politics`, `sports`, `crypto`, ...; a
+  tag's label or slug, any case; see `market_tags`). A signal passes when its market has any of
+  them; when its tags are not known (Gamma unreachable, no `NOTIFIER_GAMMA_URL`) it does not.
+- `only_new_positions`: true passes only signals that open a position (`Signal.opens_position`
+  true: the wallet held none of the token before). Unknown (`null`: the detector had not seeded
+  that wallet's positions) does not pass, since "new" cannot be vouched for.
 - An empty list is an error rather than "match nothing": leave the field out to match any.
 - Unknown fields are errors too, so a typo (`"wallet"`) is reported instead of silently matching
   everything.
@@ -24,7 +30,7 @@ comma-separated and may repeat.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
 from pydantic import (
@@ -37,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from services.notifier.market_tags import MarketTags
 from shared.models import Address, Side, Signal, SignalKind
 
 FILTER_FIELDS = (
@@ -48,12 +55,24 @@ FILTER_FIELDS = (
     "min_price",
     "max_price",
     "sides",
+    "tags",
+    "only_new_positions",
 )
-_LIST_FIELDS = ("wallets", "markets", "kinds", "sides")
-_NUMBER_FIELDS = ("min_confidence", "min_notional_usd", "min_price", "max_price")
+_LIST_FIELDS = ("wallets", "markets", "kinds", "sides", "tags")
+# One value each on a URL: numbers, and `only_new_positions` (true/false, 1/0).
+_NUMBER_FIELDS = (
+    "min_confidence",
+    "min_notional_usd",
+    "min_price",
+    "max_price",
+    "only_new_positions",
+)
 
 Market = Annotated[
     str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=200)
+]
+Tag = Annotated[
+    str, StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=100)
 ]
 
 
@@ -72,6 +91,8 @@ class Filters(BaseModel):
     min_price: float = Field(default=0.0, ge=0, le=1)
     max_price: float = Field(default=1.0, ge=0, le=1)
     sides: frozenset[Side] | None = None
+    tags: frozenset[Tag] | None = None
+    only_new_positions: bool = False
 
     @field_validator(*_LIST_FIELDS, mode="before")
     @classmethod
@@ -97,7 +118,13 @@ class Filters(BaseModel):
     def matches_all(self) -> bool:
         return self == MATCH_ALL
 
-    def matches(self, signal: Signal) -> bool:
+    @property
+    def needs_tags(self) -> bool:
+        """Whether matching needs the signal's market tags (looked up from Gamma)."""
+        return self.tags is not None
+
+    def matches(self, signal: Signal, market_tags: frozenset[str] | None = None) -> bool:
+        """`market_tags`: the tags of the signal's market, None when not known."""
         return (
             signal.confidence >= self.min_confidence
             and signal.notional_usd >= self.min_notional_usd
@@ -110,6 +137,8 @@ class Filters(BaseModel):
                 or signal.market_slug.lower() in self.markets
                 or signal.condition_id.lower() in self.markets
             )
+            and (not self.only_new_positions or signal.opens_position is True)
+            and (self.tags is None or bool(market_tags and self.tags & market_tags))
         )
 
     def describe(self) -> dict[str, Any]:
@@ -123,14 +152,45 @@ class Filters(BaseModel):
             "min_price": self.min_price,
             "max_price": self.max_price,
             "sides": _sorted(self.sides),
+            "tags": _sorted(self.tags),
+            "only_new_positions": self.only_new_positions,
         }
 
     def size(self) -> int:
-        lists = (self.wallets, self.markets, self.kinds, self.sides)
+        lists = (self.wallets, self.markets, self.kinds, self.sides, self.tags)
         return sum(len(values or ()) for values in lists)
 
 
 MATCH_ALL = Filters()
+
+
+class TaggedMatch:
+    """A subscriber's filters that ask for market tags, with the lookup that knows them.
+
+    Matching stays synchronous (the fan-out hands a signal to every client without waiting):
+    the tags are looked up beforehand with `prepare`, and `__call__` reads the cache.
+    """
+
+    def __init__(self, filters: Filters, market_tags: MarketTags | None) -> None:
+        self.filters = filters
+        self.market_tags = market_tags
+
+    def __call__(self, signal: Signal) -> bool:
+        tags = None if self.market_tags is None else self.market_tags.known(signal.condition_id)
+        return self.filters.matches(signal, tags)
+
+    async def prepare(self, signals: Iterable[Signal]) -> None:
+        if self.market_tags is not None:
+            await self.market_tags.prefetch(signal.condition_id for signal in signals)
+
+
+def signal_filter(
+    filters: Filters, market_tags: MarketTags | None
+) -> TaggedMatch | Callable[[Signal], bool] | None:
+    """What a subscriber's filters accept: None for everything, else a callable."""
+    if filters.matches_all:
+        return None
+    return TaggedMatch(filters, market_tags) if filters.needs_tags else filters.matches
 
 
 def _sorted(values: Iterable[str] | None) -> list[str] | None:

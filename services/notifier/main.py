@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -21,7 +22,9 @@ from redis.exceptions import RedisError
 
 from services.notifier.app import FeedPolicy, create_app
 from services.notifier.auth import ClientLimits, ConnectionSlots, Site, Tokens
+from services.notifier.dashboard_api import DashboardData, StoreReader
 from services.notifier.fanout import Backlog, Fanout
+from services.notifier.market_tags import MarketTags
 from services.notifier.protocol import SHUTDOWN
 from services.notifier.settings import NotifierSettings
 from services.notifier.status import describe_feed
@@ -31,6 +34,7 @@ from services.notifier.webhooks.delivery import RetryPolicy
 from shared.consumer import consumer_name
 from shared.logs import configure_logging, redact_url, register_secret
 from shared.ops import http_server, run_until_stopped, settle_heap, stop_event
+from shared.source_lag import read_source_lag
 from shared.stream_metrics import public_streams, track_streams
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,7 @@ class Notifier:
             cluster=settings.redis_cluster,
         )
         self.tokens = Tokens(settings.notifier_tokens)
+        self.market_tags = _market_tags(settings)
         self.hooks = _webhooks(settings)
         self.webhooks: WebhookConsumer | None = None
         if self.hooks:
@@ -75,6 +80,7 @@ class Notifier:
                 max_deliveries=settings.webhook_max_deliveries,
                 grace_s=SHUTDOWN_GRACE_S,
                 cluster=settings.redis_cluster,
+                market_tags=self.market_tags,
             )
         self.slots = ConnectionSlots(settings.notifier_max_clients_per_token)
         self.limits = ClientLimits(
@@ -90,9 +96,24 @@ class Notifier:
             site=Site(settings.allowed_hosts(), settings.allowed_origins()),
             limits=self.limits,
             max_replay_entries=settings.notifier_max_replay_entries,
+            market_tags=self.market_tags,
+        )
+        # The dashboard's pictures: history from the store, source lags from Redis.
+        self.store_reader = StoreReader(
+            settings.store_api_url, settings.store_api_timeout_s, settings.store_api_token
+        )
+        dashboard = DashboardData(
+            self.store_reader,
+            functools.partial(read_source_lag, self.redis, settings.streams),
+            self.tokens,
         )
         self.app = create_app(
-            self.fanout, Backlog(self.redis, stream), self.health, self.status, policy
+            self.fanout,
+            Backlog(self.redis, stream),
+            self.health,
+            self.status,
+            policy,
+            dashboard=dashboard,
         )
         self.server = http_server(self.app, settings.notifier_host, settings.notifier_port)
         # permessage-deflate would compress every message once per client (tens of microseconds
@@ -191,6 +212,20 @@ class Notifier:
             for listener in getattr(self.server, "servers", ()):
                 listener.close()
             await self.redis.aclose()
+            await self.store_reader.aclose()
+            if self.market_tags is not None:
+                await self.market_tags.aclose()
+
+
+def _market_tags(settings: NotifierSettings) -> MarketTags | None:
+    if not settings.notifier_gamma_url:
+        return None
+    return MarketTags(
+        settings.notifier_gamma_url,
+        timeout_s=settings.notifier_tags_timeout_s,
+        max_markets=settings.notifier_tags_cache,
+        ttl_s=settings.notifier_tags_ttl_s,
+    )
 
 
 def _webhooks(settings: NotifierSettings) -> list[Webhook]:
@@ -207,6 +242,8 @@ def main() -> None:
     register_secret(urlsplit(settings.redis_url).password)
     for token in settings.notifier_tokens:
         register_secret(token.get_secret_value())
+    if settings.store_api_token is not None:
+        register_secret(settings.store_api_token.get_secret_value())
     log.info(
         "notifier_starting",
         extra={

@@ -16,6 +16,13 @@
 | `NOTIFIER_MAX_CLIENTS` | `1000` | WebSocket connections on one replica |
 | `NOTIFIER_MAX_CLIENTS_PER_IP` | `100` | WebSocket connections from one address on one replica |
 | `NOTIFIER_MAX_REPLAY_ENTRIES` | `10000` | stream entries one resume reads before it is cut |
+| `NOTIFIER_GAMMA_URL` | `http://127.0.0.1:8765` | Gamma host of market tags (`tags` filters) |
+| `NOTIFIER_TAGS_TIMEOUT_S` | `2` | one tag lookup's timeout (it holds that read's signals) |
+| `NOTIFIER_TAGS_CACHE` | `10000` | markets whose tags are kept (least recently used dropped) |
+| `NOTIFIER_TAGS_TTL_S` | `3600` | how long a market's tags are kept (a failure: 60 s) |
+| `STORE_API_URL` | `http://127.0.0.1:8081` | the store's read API, for the dashboard's `/api/...` |
+| `STORE_API_TIMEOUT_S` | `3` | timeout of one request to it |
+| `STORE_API_TOKEN` | none | its bearer token (`STORE_API_READ_AUTH`); never sent to a browser |
 | `WEBHOOKS_FILE` | none | JSON or YAML file of webhook endpoints (see `webhooks.config`) |
 | `WEBHOOK_TIMEOUT_S` | `5` | timeout of one POST |
 | `WEBHOOK_MAX_ATTEMPTS` | `5` | POSTs per signal and endpoint before `webhooks.dead` |
@@ -24,6 +31,10 @@
 | `WEBHOOK_CONCURRENCY` | `32` | signals in delivery at once per endpoint and replica |
 | `WEBHOOK_CLAIM_IDLE_MS` | `30000` | pending this long: a dead replica's entry, reclaimed |
 | `WEBHOOK_MAX_DELIVERIES` | `5` | an entry claimed this often without an outcome: dead-lettered |
+
+`NOTIFIER_GAMMA_URL`: the simulator by default; Polymarket's is `https://gamma-api.polymarket.com`;
+empty turns the lookup off (a `tags` filter then matches nothing). Tags are asked only while some
+subscriber filters on them.
 
 `NOTIFIER_BLOCK_MS` does not add latency: a blocked XREAD returns as soon as an entry arrives. It
 only bounds how long the reader sits in one call (and so how soon a dead connection is noticed).
@@ -70,6 +81,15 @@ class NotifierSettings(CommonSettings):
     notifier_max_clients: int = Field(default=1000, ge=1)
     notifier_max_clients_per_ip: int = Field(default=100, ge=1)
     notifier_max_replay_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    notifier_gamma_url: str = "http://127.0.0.1:8765"
+    notifier_tags_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    notifier_tags_cache: int = Field(default=10_000, ge=1)
+    notifier_tags_ttl_s: float = Field(default=3600.0, gt=0)
+
+    # The dashboard's history: the store's read API, asked by the notifier, never by the browser.
+    store_api_url: str = "http://127.0.0.1:8081"
+    store_api_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    store_api_token: SecretStr | None = None
 
     webhooks_file: Path | None = None
     webhook_timeout_s: float = Field(default=5.0, gt=0)
@@ -106,6 +126,13 @@ class NotifierSettings(CommonSettings):
                 )
         return value
 
+    @field_validator("notifier_gamma_url")
+    @classmethod
+    def _gamma_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("NOTIFIER_GAMMA_URL must start with http(s):// (or be empty: off)")
+        return value
+
     @field_validator("notifier_allowed_hosts")
     @classmethod
     def _host_names(cls, value: str) -> str:
@@ -122,6 +149,19 @@ class NotifierSettings(CommonSettings):
                     "(http or https scheme://host[:port], no path; * for any)"
                 )
         return ",".join(origins)
+
+    @field_validator("store_api_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+/?$", value):
+            # Not echoed: a URL may carry a password.
+            raise ValueError("STORE_API_URL must be a base URL: http(s)://host[:port], no path")
+        return value.rstrip("/")
+
+    @field_validator("store_api_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("webhooks_file", mode="before")
     @classmethod

@@ -4,7 +4,9 @@ Any Dome client can be pointed at it by changing only the base URL:
 
 - WebSocket `ws://SIM_HOST:SIM_PORT/<API_KEY>` speaks Dome's order-feed protocol (subscribe -> ack,
   events with the subscription id, update, unsubscribe); see `protocol` and `feed`.
-- WebSocket `ws://SIM_HOST:SIM_PORT/ws?key=<API_KEY>` speaks the same feed in the polynode dialect.
+- WebSocket `ws://SIM_HOST:SIM_PORT/ws?key=<API_KEY>` speaks the same feed in the polynode dialect,
+  `ws://SIM_HOST:SIM_PORT/v1/<API_KEY>` in the Predexon dialect, each with its provider's quirks,
+  limits and pending (mempool) events; see `successors`.
 - REST `GET /v1/polymarket/orders` answers like `https://api.domeapi.io/v1/polymarket/orders`; see
   `history`.
 - REST `GET /trades` answers like Polymarket's Data API `/trades`; see `data_api`.

@@ -3,15 +3,28 @@
 Dome-compatible:
 - `WS /<API_KEY>`: the order feed (see `protocol`). A wrong or missing key is refused during the
   handshake with HTTP 401 and `{"error":"unauthorized","message":..}`.
-- `WS /ws?key=<API_KEY>`: the same feed in the polynode dialect (see `protocol`); so a Dome key
-  spelled `ws` cannot be used on the Dome path.
+- `WS /ws?key=<API_KEY>[&compress=zlib]`: the same feed in the polynode dialect (see `protocol`);
+  so a Dome key spelled `ws` cannot be used on the Dome path.
+- `WS /v1/<API_KEY>`: the same feed in the Predexon dialect (see `protocol`). Both successors'
+  timers, plans and the mempool's pending events, with their `/_sim/pending`, `/_sim/mempool`,
+  `/_sim/predexon` and `/_sim/polynode` switches, are in `successors`;
+  `POST /_sim/emit?pending=1[&drop=1]` puts exact trades through the mempool.
 - `GET /v1/polymarket/orders` with `Authorization: Bearer <key>` (see `history`); 401 without it.
   With SIM_API_KEY empty any non-empty key is accepted.
-- `GET /trades`: Polymarket's Data API trades (see `data_api`); no key, as at Polymarket.
+- `GET /trades`, `GET /v2/trades`, `GET /v2/activity`: Polymarket's Data API trades (v1 offset
+  pages, v2 cursor feeds) behind its CDN's cache (SIM_CDN_CACHE_S, `/_sim/cdn`); no key, as at
+  Polymarket (see `data_api_routes`).
 - `GET /markets`: Gamma's markets by `clob_token_ids` / `condition_ids`, `closed` filtering; the
-  markets SIM_RESOLUTION resolves are closed with their payouts (see `resolution`).
+  markets SIM_RESOLUTION resolves are closed with their payouts (see `resolution`); with
+  `include_tag=true` each has its `tags` (SIM_TAGS, see `gamma`).
+- `GET /closed-positions`, `GET /v1/leaderboard`: the Data API's, from the emitted trades and
+  SIM_RESOLUTION (see `wallet_history`); no key.
 - `GET /prices-history`: Polymarket CLOB's price history of a token, from every emitted trade
   (see `prices`); no key.
+- `GET /positions?user=`: Polymarket Data API's holdings per token, from SIM_POSITIONS_TAPE and
+  the trades emitted since (see `positions`); no key.
+- `WS /rtds`: Polymarket's unofficial RTDS `activity` firehose, with its quirks and failures as
+  switches (`GET`/`POST /_sim/rtds`; see `rtds`).
 
 Control API, not part of Dome, unauthenticated (bind to loopback; meant for tests and benchmarks):
 - `GET /_sim/status` -> `{"emitted", "clients", "subscriptions", "started", "tape_done", "loops",
@@ -39,6 +52,8 @@ client that was away can only recover them by backfill):
   endpoint fails for that wallet (`*`: every wallet): that HTTP status, an answer held `hang_s`
   (a client times out on it), or `has_more` with a null `pagination_key`; other wallets are
   answered normally -> the fault state.
+- `POST /_sim/prices_lag` `{"seconds": s}` -> `/prices-history` holds only trades emitted more
+  than `s` ago and no point past then (`prices`); 0 turns it off.
 - `POST /_sim/rest_lag` `{"seconds": s}` -> a trade shows up in the orders endpoint only `s` after
   its live event (REST indexing lag; 0 turns it off; SIM_REST_INDEX_LAG_S at start) -> the state.
 - `POST /_sim/update_delay` `{"seconds": s}` -> subscription `update`s are applied `s` after they
@@ -51,9 +66,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +80,8 @@ from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import SecretStr
 
-from services.simulator.data_api import parse_trades_query, trades_page
+from services.simulator.cdn import Cdn
+from services.simulator.data_api_routes import add_data_api_routes
 from services.simulator.faults import (
     AUTH_CLOSE_CODE,
     AUTH_CLOSE_REASON,
@@ -72,13 +90,31 @@ from services.simulator.faults import (
     parse_rest_failure,
 )
 from services.simulator.feed import Connection, Hub, Transport
+from services.simulator.gamma import load_tags, with_tags
 from services.simulator.history import History, QueryError, parse_orders_query
+from services.simulator.positions import (
+    Fill,
+    Holdings,
+    last_prices,
+    parse_positions_query,
+    positions_page,
+    wallet_fills,
+)
 from services.simulator.prices import parse_prices_query, price_history
 from services.simulator.protocol import Dialect
 from services.simulator.replay import Emitter
 from services.simulator.resolution import gamma_answer, load_resolution
+from services.simulator.rtds import RtdsFeed, RtdsSwitches, add_rtds_routes
 from services.simulator.settings import SimulatorSettings, resolve_path
+from services.simulator.successors import (
+    Successors,
+    add_successor_routes,
+    chores,
+    protocol_pinger,
+)
+from services.simulator.tape import load_tape
 from services.simulator.trades import Injected, TradeInputError, injected_trade
+from services.simulator.wallet_history import closed_positions, leaderboard
 from shared.ops import ops_routes
 
 log = logging.getLogger(__name__)
@@ -190,9 +226,18 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="BetterBot Dome simulator", docs_url=None, redoc_url=None, openapi_url=None)
     api_key = ApiKey(settings.sim_api_key)
-    faults = Faults(rest_lag_s=settings.sim_rest_index_lag_s)
+    faults = Faults(
+        rest_lag_s=settings.sim_rest_index_lag_s, prices_lag_s=settings.sim_prices_lag_s
+    )
     app.state.faults = faults
     hub.update_delay_s = settings.sim_update_delay_s
+    # Dome's successors: plans, pings, heartbeats, the mempool (services/simulator/successors.py).
+    successors = Successors.of(settings)
+    successors.start(hub)
+    hub.history = history
+    emitter.mempool = successors.mempool
+    add_successor_routes(app, hub, emitter, successors)
+    pending_batches = itertools.count()
     inject_salt = secrets.token_hex(8)
 
     def refused(path: str, params: Any) -> Response | None:
@@ -206,8 +251,10 @@ def create_app(
         response.headers["Retry-After"] = retry_after
         return response
 
-    def answered(path: str, params: Any, status: int, response: Response) -> Response:
-        faults.record(path, params, status)
+    def answered(
+        path: str, params: Any, status: int, response: Response, *, cache: str = ""
+    ) -> Response:
+        faults.record(path, params, status, cache)
         REST_REQUESTS.labels(path, str(status)).inc()
         return response
 
@@ -228,17 +275,22 @@ def create_app(
             await _refuse(websocket)
             return
         await websocket.accept()
-        conn = hub.connect(websocket, dialect, _transport(websocket))
+        # polynode's `&compress=zlib`: event frames as binary raw deflate.
+        compress = websocket.query_params.get("compress") == "zlib"
+        compress = compress and dialect is Dialect.POLYNODE
+        conn = hub.connect(websocket, dialect, _transport(websocket), compress)
         log.info("client_connected", extra={"connection": conn.id, "dialect": dialect.value})
         writer = asyncio.create_task(conn.write_loop())
         reader = asyncio.create_task(_read_loop(websocket, conn, hub))
+        # The dialect's timers: Predexon's pings and idle close, polynode's heartbeats and session.
+        timers = asyncio.create_task(chores(conn, hub, successors, protocol_pinger(websocket)))
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hub.disconnect(conn)
-            for task in (reader, writer):
+            for task in (reader, writer, timers):
                 task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
+            await asyncio.gather(reader, writer, timers, return_exceptions=True)
             log.info("client_disconnected", extra={"connection": conn.id})
 
     @app.websocket("/")
@@ -253,6 +305,10 @@ def create_app(
     @app.websocket("/{api_key_path}")
     async def feed_with_key(websocket: WebSocket, api_key_path: str) -> None:
         await feed(websocket, api_key_path)
+
+    @app.websocket("/v1/{api_key_path}")
+    async def predexon_feed(websocket: WebSocket, api_key_path: str) -> None:
+        await feed(websocket, api_key_path, Dialect.PREDEXON)
 
     @app.get("/v1/polymarket/orders")
     async def orders(request: Request) -> Response:
@@ -275,22 +331,35 @@ def create_app(
         body = history.page(query, faults.indexed_before(time.time()))
         return answered(path, params, 200, json_response(_broken(body, failure)))
 
-    @app.get("/trades")
-    async def data_api_trades(request: Request) -> Response:
-        path, params = "/trades", request.query_params
+    app.state.cdn = Cdn(settings.sim_cdn_cache_s)
+    add_data_api_routes(app, history, app.state.cdn, refused, answered)
+
+    positions_tape = settings.sim_positions_tape
+    earlier = load_tape(resolve_path(Path(positions_tape))) if positions_tape else []
+
+    @app.get("/positions")
+    async def data_api_positions(request: Request) -> Response:
+        """The Data API's holdings of a wallet: SIM_POSITIONS_TAPE, then the emitted trades."""
+        path, params = "/positions", request.query_params
         if (limited := refused(path, params)) is not None:
             return limited
         try:
-            query = parse_trades_query(params)
+            query = parse_positions_query(params)
         except QueryError as exc:
             return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
-        return answered(path, params, 200, json_response(trades_page(history, query)))
+        fills: list[Fill] = [*earlier, *history.trades()]
+        holdings = Holdings().add(wallet_fills(query.user, fills))
+        # `curPrice` is the token's last trade, whoever made it, not the wallet's own.
+        holdings.last_price = last_prices(fills)
+        return answered(path, params, 200, json_response(positions_page(holdings, query)))
 
     resolution = (
         load_resolution(resolve_path(Path(settings.sim_resolution)))
         if settings.sim_resolution
         else {}
     )
+
+    tags = load_tags(resolve_path(Path(settings.sim_tags))) if settings.sim_tags else {}
 
     @app.get("/markets")
     async def gamma(request: Request) -> Response:
@@ -303,6 +372,31 @@ def create_app(
         conditions = [p for value in params.getlist("condition_ids") for p in value.split(",")]
         closed = {"true": True, "false": False}.get(params.get("closed", "").lower())
         body = gamma_answer(markets or {}, resolution, ids, conditions, closed)
+        if params.get("include_tag", "").lower() == "true":
+            body = [with_tags(market, tags) for market in body]
+        return answered(path, params, 200, json_response(body))
+
+    @app.get("/closed-positions")
+    async def data_api_closed_positions(request: Request) -> Response:
+        """The Data API's closed positions of a wallet, from the emitted trades (see
+        `wallet_history`)."""
+        return _wallet_history(request, lambda p: closed_positions(history.trades(), resolution, p))
+
+    @app.get("/v1/leaderboard")
+    async def data_api_leaderboard(request: Request) -> Response:
+        """The Data API's trader leaderboard, from the emitted trades (see `wallet_history`)."""
+        return _wallet_history(
+            request, lambda p: leaderboard(history.trades(), resolution, tags, p)
+        )
+
+    def _wallet_history(request: Request, answer: Callable[[Any], list[Any]]) -> Response:
+        path, params = request.url.path, request.query_params
+        if (limited := refused(path, params)) is not None:
+            return limited
+        try:
+            body = answer(params)
+        except QueryError as exc:
+            return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
         return answered(path, params, 200, json_response(body))
 
     @app.get("/_sim/status")
@@ -383,6 +477,14 @@ def create_app(
         faults.fail_rest(user, failure)
         return json_response(fault_state_now())
 
+    @app.post("/_sim/prices_lag")
+    async def prices_lag(request: Request) -> Response:
+        try:
+            faults.prices_lag_s = _seconds(await _json_body(request))
+        except (QueryError, ValueError) as exc:
+            return error_response(400, "bad_request", str(exc))
+        return json_response(fault_state_now())
+
     @app.post("/_sim/rest_lag")
     async def rest_lag(request: Request) -> Response:
         try:
@@ -418,12 +520,19 @@ def create_app(
             return error_response(400, "bad_request", f"body is not JSON: {exc}")
         if not isinstance(items, list):
             return error_response(400, "bad_request", "body must be a JSON list of trades")
+        # `?pending=1[&drop=1]`: through the mempool (successors.py), announced now.
+        pending, drop = (request.query_params.get(name) == "1" for name in ("pending", "drop"))
+        batch = f"p{next(pending_batches)}" if pending else ""
         parsed: list[Injected] = []
         for index, item in enumerate(items):
             try:
-                parsed.append(injected_trade(item, f"{inject_salt}|{emitter.emitted}|{index}"))
+                unique = f"{inject_salt}|{emitter.emitted}|{batch}|{index}"
+                parsed.append(injected_trade(item, unique))
             except TradeInputError as exc:
                 return error_response(400, "bad_request", f"trade {index}: {exc}")
+        if pending:
+            announced = [emitter.submit(p.template, pending=True, drop=drop) for p in parsed]
+            return json_response({"pending": len(announced), "trades": announced})
         emitted = [
             emitter.emit(p.template, p.timestamp, p.block_number, p.log_index) for p in parsed
         ]
@@ -436,9 +545,16 @@ def create_app(
         if (limited := refused(path, params)) is not None:
             return limited
         try:
-            body = price_history(history.trades(), parse_prices_query(params))
+            query = parse_prices_query(params)
+            body = price_history(history.trades(), query, faults.prices_known_before(time.time()))
         except QueryError as exc:
             return answered(path, params, 400, error_response(400, "bad_request", str(exc)))
         return answered(path, params, 200, json_response(body))
 
+    # Polymarket's unofficial RTDS firehose over the same trades (`rtds`); it opens the gate too.
+    rtds = RtdsFeed(
+        history, RtdsSwitches.of(settings), settings.sim_send_queue_max, hub.first_subscription
+    )
+    app.state.rtds = rtds
+    add_rtds_routes(app, rtds)
     return app

@@ -1,14 +1,16 @@
-"""Polymarket's Data API `GET /trades` over the emitted trades, in the Data API's own field names.
+"""Polymarket's Data API v1 `GET /trades` over the emitted trades, in the Data API's own field names
+(the cursor routes `/v2/trades` and `/v2/activity` are in `data_api_v2`).
 
 Parameters (docs.polymarket.com, Data API `/trades`): `user` (a wallet), `market` (condition ids,
 comma-separated), `side` (BUY | SELL), `limit` (0..10000, default 100), `offset` (0..10000,
-default 0), `takerOnly` (true | false, default true). Unknown parameters are ignored. The answer
+default 0), `takerOnly` (true | false, default true). A value past a cap is a 400, not clamped:
+so a listing longer than 10,000 rows cannot be read past its 10,000th row here (there is no time
+filter on v1; `/v2/trades` has one, and a cursor). Unknown parameters are ignored. The answer
 is a bare JSON list, newest first.
 
 `takerOnly`: at Polymarket the default (true) returns only the taker side of each match, so a
-wallet's maker fills are missed without `takerOnly=false`. The tape holds one side of each trade,
-so here both values return the same rows; the value is still validated and logged (see
-`faults.Faults.requests`) so tests can check that a client asks for `takerOnly=false`.
+wallet's maker fills (`Trade.maker`: SIM_MAKER_EVERY, or `"maker": true` in `/_sim/emit`) are
+missing unless asked with `takerOnly=false`.
 
 Items carry `proxyWallet, side, asset, conditionId, size, price, timestamp, title, slug, icon,
 eventSlug, outcome, outcomeIndex, name, pseudonym, bio, profileImage, profileImageOptimized,
@@ -48,6 +50,8 @@ class TradesQuery:
     taker_only: bool = True
 
     def matches(self, trade: Trade) -> bool:
+        if self.taker_only and trade.maker:
+            return False
         if self.user is not None and trade.user.lower() != self.user:
             return False
         if self.markets is not None and trade.condition_id.lower() not in self.markets:

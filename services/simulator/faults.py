@@ -59,9 +59,12 @@ class RequestRecord:
     path: str
     params: dict[str, str]
     status: int
+    # The Data API CDN's cf-cache-status of the answer (HIT, MISS, DYNAMIC); empty elsewhere.
+    cache: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"at": self.at, "path": self.path, "params": self.params, "status": self.status}
+        record = {"at": self.at, "path": self.path, "params": self.params, "status": self.status}
+        return {**record, "cache": self.cache} if self.cache else record
 
 
 def parse_rest_failure(body: Mapping[str, Any]) -> tuple[str, RestFailure | None]:
@@ -89,12 +92,14 @@ def parse_rest_failure(body: Mapping[str, Any]) -> tuple[str, RestFailure | None
 
 
 class Faults:
-    def __init__(self, rest_lag_s: float = 0.0) -> None:
+    def __init__(self, rest_lag_s: float = 0.0, prices_lag_s: float = 0.0) -> None:
         self.reject_auth = False
         self._throttle_left = 0
         self._retry_after = "1"
         self.requests: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_MAX)
         self.rest_lag_s = rest_lag_s
+        # How far the CLOB price history trails the trades (`prices.price_history`).
+        self.prices_lag_s = prices_lag_s
         # wallet (lower case) or ALL_USERS -> how the orders endpoint fails for it.
         self.rest_failures: dict[str, RestFailure] = {}
 
@@ -110,6 +115,10 @@ class Faults:
         if user is not None and (failure := self.rest_failures.get(user.lower())) is not None:
             return failure
         return self.rest_failures.get(ALL_USERS)
+
+    def prices_known_before(self, now: float) -> float | None:
+        """Trades emitted after this are not in the price history yet (None: no lag)."""
+        return now - self.prices_lag_s if self.prices_lag_s > 0 else None
 
     def indexed_before(self, now: float) -> float | None:
         """Trades emitted after this are not in the REST index yet (None: no lag)."""
@@ -136,8 +145,8 @@ class Faults:
     def throttle_left(self) -> int:
         return self._throttle_left
 
-    def record(self, path: str, params: Mapping[str, str], status: int) -> None:
-        self.requests.append(RequestRecord(time.time(), path, dict(params), status))
+    def record(self, path: str, params: Mapping[str, str], status: int, cache: str = "") -> None:
+        self.requests.append(RequestRecord(time.time(), path, dict(params), status, cache))
 
     def state(self) -> dict[str, Any]:
         return {
@@ -145,5 +154,6 @@ class Faults:
             "throttle_left": self._throttle_left,
             "retry_after": self._retry_after,
             "rest_lag_s": self.rest_lag_s,
+            "prices_lag_s": self.prices_lag_s,
             "rest_failures": {user: f.to_json() for user, f in self.rest_failures.items()},
         }

@@ -27,28 +27,39 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import Counter, Gauge
 
 from services.simulator.protocol import (
+    CONNECTION_LIMIT,
+    UNKNOWN_SUBSCRIPTION,
     Dialect,
     Filters,
+    PredexonEvents,
     ProtocolError,
     Subscribe,
     Unsubscribe,
     Update,
     ack_frame,
+    connected_frame,
     error_frame,
     event_prefix,
+    fee_refund_order,
     new_subscription_id,
     parse_client_message,
+    pending_order,
+    predexon_order,
+    snapshot_frame,
+    unsubscribed_frame,
 )
-from services.simulator.trades import Trade
+from services.simulator.trades import EXCHANGE_ADDRESS, Trade
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +107,13 @@ class Connection:
         on_overflow: Callable[[Connection], None],
         dialect: Dialect = Dialect.DOME,
         transport: Transport | None = None,
+        compress: bool = False,
     ) -> None:
         self.id = next(self._ids)
         self.dialect = dialect
+        # polynode's `compress=zlib`: event frames go out as binary raw deflate.
+        self.compress = compress
+        self.opened_at = time.monotonic()
         self.stalled = False
         self._transport = transport
         self.subscriptions: dict[str, Subscription] = {}
@@ -113,6 +128,10 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._close_with is not None
+
+    def push_event(self, frame: str) -> bool:
+        """Queue a frame that carries fills: compressed on a `compress=zlib` connection."""
+        return self.push(deflate(frame) if self.compress else frame)
 
     def push(self, frame: str | bytes) -> bool:
         """Queue a frame; False if the connection is closing, stalled or just overflowed."""
@@ -137,8 +156,9 @@ class Connection:
         if self.stalled and self._transport is not None:
             self._transport.pause_reading()
 
-    def close(self, code: int, reason: str) -> None:
-        """Drop what is queued and close with this code once the frame being sent is out."""
+    def close(self, code: int, reason: str, *, drain: bool = False) -> None:
+        """Drop what is queued (unless `drain`: send it first) and close with this code once the
+        frame being sent is out."""
         if self.stalled:
             # A frozen peer sends no close frame: the socket just goes away.
             if self._transport is not None:
@@ -148,7 +168,8 @@ class Connection:
             return
         if self._close_with is None:
             self._close_with = (code, reason)
-            self._queue.clear()
+            if not drain:
+                self._queue.clear()
             self._wakeup.set()
 
     async def write_loop(self) -> None:
@@ -179,6 +200,26 @@ class Connection:
             await self._wakeup.wait()
 
 
+def deflate(frame: str) -> bytes:
+    """One frame as raw deflate (zlib wbits -15: no header, no checksum), as polynode sends it."""
+    packer = zlib.compressobj(wbits=-15)
+    return packer.compress(frame.encode()) + packer.flush()
+
+
+class RecentTrades(Protocol):
+    """What snapshots and `since` replays read (the simulator's `History` fits)."""
+
+    def trades(self, user: str | None = None) -> Sequence[Trade]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A successor's plan: subscriptions per connection, filter items per subscription."""
+
+    max_subscriptions: int
+    max_items: int
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     id: str
@@ -189,18 +230,33 @@ class Subscription:
     def __post_init__(self) -> None:
         self.prefix = event_prefix(self.id)
 
+    def wants(self, trade: Trade, pending: bool) -> bool:
+        """Whether this fill (pending or confirmed) is for this subscription."""
+        f = self.filters
+        if not (f.pending if pending else f.confirmed):
+            return False
+        if not f.matches(trade.user.lower(), trade.condition_id.lower(), trade.market_slug):
+            return False
+        return f.admits(trade.token_id, trade.side, trade.shares_normalized)
+
 
 class Hub:
     """All connections and subscriptions; applies client messages and fans trades out."""
 
-    def __init__(self, max_queue: int, max_subscriptions: int, max_filter_values: int) -> None:
+    def __init__(
+        self,
+        max_queue: int,
+        max_subscriptions: int,
+        max_filter_values: int,
+        plans: Mapping[Dialect, Plan] | None = None,
+    ) -> None:
         self.connections: set[Connection] = set()
         # Stalled: open at the TCP level, dead for the protocol (not counted as clients).
         self.stalled: set[Connection] = set()
         self.first_subscription = asyncio.Event()
         self._max_queue = max_queue
-        self._max_subscriptions = max_subscriptions
-        self._max_filter_values = max_filter_values
+        # Dome's limits, and each successor's plan (the same limits when not given).
+        self._plans = {Dialect.DOME: Plan(max_subscriptions, max_filter_values), **(plans or {})}
         self._subscriptions: dict[str, Subscription] = {}
         self._by_user: dict[str, set[Subscription]] = {}
         self._by_condition: dict[str, set[Subscription]] = {}
@@ -211,6 +267,18 @@ class Hub:
         self._updates = itertools.count(1)
         # subscription id -> the newest update applied to it, so a late one never overwrites it.
         self._applied: dict[str, int] = {}
+        # Where polynode's `snapshot_count` and `since` read recent fills (None: nothing kept).
+        self.history: RecentTrades | None = None
+        # polynode's `since` window of the plan (free 30 s, paid 300 s).
+        self.since_window_s = 300.0
+        self.predexon = PredexonEvents()
+
+    def plan(self, dialect: Dialect) -> Plan:
+        return self._plans.get(dialect, self._plans[Dialect.DOME])
+
+    def set_plan(self, dialect: Dialect, plan: Plan) -> None:
+        """A successor's limits from now on (open subscriptions above them are kept)."""
+        self._plans[dialect] = plan
 
     @property
     def subscription_count(self) -> int:
@@ -226,10 +294,13 @@ class Hub:
         socket: Socket,
         dialect: Dialect = Dialect.DOME,
         transport: Transport | None = None,
+        compress: bool = False,
     ) -> Connection:
-        conn = Connection(socket, self._max_queue, self._overflowed, dialect, transport)
+        conn = Connection(socket, self._max_queue, self._overflowed, dialect, transport, compress)
         self.connections.add(conn)
         CLIENTS.set(len(self.connections))
+        if dialect is Dialect.PREDEXON:
+            conn.push(connected_frame())
         return conn
 
     def disconnect(self, conn: Connection) -> None:
@@ -249,9 +320,9 @@ class Hub:
         CLIENTS.set(len(self.connections))
         return len(conns)
 
-    def close(self, conn: Connection, code: int, reason: str) -> None:
+    def close(self, conn: Connection, code: int, reason: str, *, drain: bool = False) -> None:
         self.disconnect(conn)
-        conn.close(code, reason)
+        conn.close(code, reason, drain=drain)
 
     async def close_all(self, code: int, reason: str, grace: float = CLOSE_TIMEOUT) -> int:
         """Close every connection with this code; wait (at most `grace` s) for the frames to go.
@@ -278,7 +349,8 @@ class Hub:
 
     def handle(self, conn: Connection, raw: str | bytes) -> None:
         try:
-            message = parse_client_message(raw, self._max_filter_values, conn.dialect)
+            plan = self.plan(conn.dialect)
+            message = parse_client_message(raw, plan.max_items, conn.dialect)
             if isinstance(message, Subscribe):
                 self._subscribe(conn, message.filters)
             elif isinstance(message, Update):
@@ -287,20 +359,58 @@ class Hub:
             elif isinstance(message, Unsubscribe):
                 self._remove(self._owned(conn, message.subscription_id))
                 self._applied.pop(message.subscription_id, None)
+                if conn.dialect is Dialect.POLYNODE:
+                    conn.push(unsubscribed_frame(message.subscription_id))
         except ProtocolError as exc:
             CLIENT_ERRORS.inc()
-            conn.push(error_frame(str(exc)))
+            conn.push(error_frame(str(exc), conn.dialect, exc.code))
 
     def _subscribe(self, conn: Connection, filters: Filters) -> None:
-        if len(conn.subscriptions) >= self._max_subscriptions:
+        limit = self.plan(conn.dialect).max_subscriptions
+        if len(conn.subscriptions) >= limit:
             raise ProtocolError(
-                f"subscription limit reached ({self._max_subscriptions} per connection)"
+                f"subscription limit reached ({limit} per connection)", CONNECTION_LIMIT
             )
         sub_id = new_subscription_id(self._subscriptions)
+        since_s = min(filters.since_s, self.since_window_s)
+        warnings = []
+        if filters.since_s > since_s:
+            warnings.append(
+                f"since capped to {since_s:g} s: the plan replays at most {since_s:g} s"
+            )
         # Queued before the subscription exists, so the ack precedes its first event.
-        conn.push(ack_frame(sub_id))
-        self._add(Subscription(sub_id, conn, filters))
+        conn.push(ack_frame(sub_id, conn.dialect, warnings))
+        sub = Subscription(sub_id, conn, filters)
+        self._replay(sub, since_s)
+        self._add(sub)
         self.first_subscription.set()
+
+    def _replay(self, sub: Subscription, since_s: float) -> None:
+        """polynode's `snapshot_count` (one `snapshot` frame) and `since` (the last seconds'
+        fills as events), both before any live event of the subscription."""
+        count = sub.filters.snapshot_count
+        if self.history is None or (not count and since_s <= 0):
+            return
+        recent = self._recent(sub)
+        if count:
+            orders = [trade.order() for trade in recent[-count:]]
+            sub.connection.push_event(snapshot_frame(sub.id, orders))
+        if since_s > 0:
+            start = time.time() - since_s
+            for trade in recent:
+                if trade.emitted_at >= start:
+                    sub.connection.push_event(self._frame(sub, self._data(trade, sub, False)))
+
+    def _recent(self, sub: Subscription) -> list[Trade]:
+        """The kept confirmed fills this subscription matches, oldest first."""
+        assert self.history is not None
+        users = sub.filters.users
+        if users is not None and not sub.filters.all_users:
+            found = [t for user in users for t in self.history.trades(user)]
+            found.sort(key=lambda trade: trade.seq)
+        else:
+            found = list(self.history.trades())
+        return [trade for trade in found if sub.wants(trade, pending=False)]
 
     def _update_later(self, conn: Connection, message: Update) -> None:
         seq = next(self._updates)
@@ -324,7 +434,10 @@ class Hub:
     def _owned(self, conn: Connection, sub_id: str) -> Subscription:
         sub = conn.subscriptions.get(sub_id)
         if sub is None:
-            raise ProtocolError(f"unknown subscription_id {sub_id[:40]!r} on this connection")
+            raise ProtocolError(
+                f"unknown subscription_id {sub_id[:40]!r} on this connection",
+                UNKNOWN_SUBSCRIPTION,
+            )
         return sub
 
     def _index_of(self, sub: Subscription) -> tuple[dict[str, set[Subscription]], frozenset[str]]:
@@ -368,8 +481,9 @@ class Hub:
 
     # Fan-out
 
-    def publish(self, trade: Trade) -> int:
-        """Queue the trade to every matching subscription; returns the number of frames queued."""
+    def publish(self, trade: Trade, pending: bool = False) -> int:
+        """Queue the trade to every matching subscription (a `pending` one: its mempool event,
+        to those that asked for pending events); returns the number of frames queued."""
         user, condition_id, slug = trade.user.lower(), trade.condition_id.lower(), trade.market_slug
         targets: list[Subscription] = []
         for index, key in (
@@ -383,19 +497,45 @@ class Hub:
         targets.extend(self._all)
         if not targets:
             return 0
-        data: str | None = None
+        # The data's JSON per dialect, built once (Dome and polynode share it).
+        built: dict[bool, str] = {}
         sent = 0
         # `targets` is a copy: an overflow below removes subscriptions from the indexes.
         for sub in targets:
-            if not sub.filters.matches(user, condition_id, slug):
+            if not sub.wants(trade, pending):
                 continue
-            if data is None:
-                data = orjson.dumps(trade.order()).decode()
-            if sub.connection.push(sub.prefix + data + "}"):
+            predexon = sub.connection.dialect is Dialect.PREDEXON
+            if predexon not in built:
+                built[predexon] = self._data(trade, sub, pending)
+            if sub.connection.push_event(self._frame(sub, built[predexon])):
                 sent += 1
+            if predexon and not pending:
+                sent += self._fee_refund(sub, trade)
         if sent:
             EVENTS_SENT.inc(sent)
         return sent
+
+    def _data(self, trade: Trade, sub: Subscription, pending: bool) -> str:
+        order: dict[str, Any] = trade.order()
+        if sub.connection.dialect is Dialect.PREDEXON:
+            order = predexon_order(order, pending=pending, exchange=EXCHANGE_ADDRESS)
+        elif pending:
+            order = pending_order(order)
+        return orjson.dumps(order).decode()
+
+    def _frame(self, sub: Subscription, data: str) -> str:
+        if sub.connection.dialect is Dialect.PREDEXON:
+            return event_prefix(sub.id, self.predexon.next_type()) + data + "}"
+        return sub.prefix + data + "}"
+
+    def _fee_refund(self, sub: Subscription, trade: Trade) -> int:
+        """Predexon's `fee_refund` event after every n-th fill (the switch), not a fill."""
+        every = self.predexon.fee_refund_every
+        if every <= 0 or trade.seq % every != every - 1:
+            return 0
+        fill = predexon_order(trade.order(), pending=False, exchange=EXCHANGE_ADDRESS)
+        refund = orjson.dumps(fee_refund_order(fill)).decode()
+        return int(sub.connection.push_event(self._frame(sub, refund)))
 
     def broadcast(self, frame: str | bytes) -> int:
         """Queue a raw frame to every open connection (the control API's malformed-frame tests)."""

@@ -1,15 +1,19 @@
 """Polymarket's Gamma API `/markets?clob_token_ids=<id>` for the markets of the tape, in Gamma's own
 shape: `conditionId`, `slug`, `question`, `negRisk`, `closed`, and `outcomes` / `clobTokenIds` as
 JSON text inside the JSON (that is how Gamma sends them), outcomes in the order of the token ids.
+Asked with `include_tag=true`, each market also carries `tags` (`{"id", "label", "slug"}`), from a
+tags file (`SIM_TAGS`, see `load_tags`), as Gamma tags its markets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import orjson
 
+from services.simulator.tape import TapeError
 from services.simulator.trades import TradeTemplate
 
 
@@ -47,3 +51,39 @@ def markets_answer(index: dict[str, dict[str, Any]], clob_token_ids: list[str]) 
         if market is not None and market not in found:
             found.append(market)
     return found
+
+
+TagBook = dict[str, list[dict[str, str]]]
+
+
+def load_tags(path: Path) -> TagBook:
+    """Market slug -> its Gamma tags, from a tags file (`SIM_TAGS`; data/nobel2025_tags.json):
+    `{"every_market": [tag, ...], "markets": {slug: [tag, ...]}}`, a tag `{"id", "label",
+    "slug"}`. The key `""` holds the tags of every market."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise TapeError(f"tags file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TapeError(f"tags file {path}: needs an object")
+    book: TagBook = {"": _tag_list(path, data.get("every_market", []))}
+    markets = data.get("markets", {})
+    if not isinstance(markets, dict):
+        raise TapeError(f"tags file {path}: 'markets' must map slugs to tag lists")
+    for slug, tags in markets.items():
+        book[str(slug)] = _tag_list(path, tags)
+    return book
+
+
+def _tag_list(path: Path, tags: Any) -> list[dict[str, str]]:
+    if not isinstance(tags, list) or not all(
+        isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("id", "label", "slug"))
+        for t in tags
+    ):
+        raise TapeError(f"tags file {path}: a tag list must hold {{id, label, slug}} strings")
+    return [{"id": t["id"], "label": t["label"], "slug": t["slug"]} for t in tags]
+
+
+def with_tags(market: dict[str, Any], book: TagBook) -> dict[str, Any]:
+    """The market as Gamma answers `include_tag=true`: with its `tags` list."""
+    return {**market, "tags": book.get("", []) + book.get(market.get("slug", ""), [])}

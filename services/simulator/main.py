@@ -145,6 +145,7 @@ class Simulator:
             emitting.cancel()
             stopping.cancel()
             await self.hub.close_all(SHUTDOWN_CODE, SHUTDOWN_REASON)
+            await self.app.state.rtds.close_all()
             server.should_exit = True
             await asyncio.gather(serving, emitting, mining, stopping, return_exceptions=True)
         for task in (emitting, serving):

@@ -12,6 +12,11 @@ the token's first trade are left out. Without `startTs` the span starts at that 
 without `endTs` it ends now. Trades stamped wrongly on purpose (the timestamp quirks) are left
 out, and a span of more than `MAX_POINTS` points is a 400.
 
+Lag (a fault, `SIM_PRICES_LAG_S` or `POST /_sim/prices_lag`): the history holds only trades
+emitted more than that long ago, and no point past that moment, as a price service that trails the
+exchange answers; asked for a span ending later, it ends early rather than failing. A validator
+that took the last point it got as the price at its horizon would read a stale price.
+
 This is the simulator's own reading of its trades, independent of the store's validator, so a test
 comparing the two can catch a mistake on either side.
 """
@@ -73,21 +78,33 @@ def parse_prices_query(params: Mapping[str, str], now: float | None = None) -> P
     return PricesQuery(market, start, end, fidelity)
 
 
-def price_history(trades: Iterable[Trade], query: PricesQuery) -> dict[str, Any]:
-    """The answer body for the query over the emitted trades (oldest emitted first)."""
+def price_history(
+    trades: Iterable[Trade], query: PricesQuery, known_before: float | None = None
+) -> dict[str, Any]:
+    """The answer body for the query over the emitted trades (oldest emitted first); with
+    `known_before` (the lag fault), over those emitted before it, and no point after it."""
     own = sorted(
-        (t for t in trades if t.token_id == query.market and not t.quirk),
+        (
+            t
+            for t in trades
+            if t.token_id == query.market
+            and not t.quirk
+            and (known_before is None or t.emitted_at <= known_before)
+        ),
         key=lambda t: (t.timestamp, t.seq),
     )
     if not own:
         return {"history": []}
     start = own[0].timestamp if query.start is None else query.start
+    end = query.end if known_before is None else min(query.end, int(known_before))
     step = query.fidelity * 60
-    if (query.end - start) // step + 2 > MAX_POINTS:
+    if (end - start) // step + 2 > MAX_POINTS:
         raise QueryError(f"more than {MAX_POINTS} points: raise fidelity or narrow the span")
-    times = list(range(start, query.end + 1, step))
-    if not times or times[-1] != query.end:
-        times.append(query.end)
+    if end < start:
+        return {"history": []}
+    times = list(range(start, end + 1, step))
+    if not times or times[-1] != end:
+        times.append(end)
     return {"history": _points(own, times)}
 
 

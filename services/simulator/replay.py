@@ -7,7 +7,9 @@ flowing.
 
 Emitting a trade stamps it with the real current time (`timestamp`, integer Unix seconds as at
 Dome, and `emitted_at`, the float the ground truth keeps) and a block number, appends it to the
-history, and fans it out to the WebSocket subscriptions.
+history, and fans it out to the WebSocket subscriptions. While the mempool is on
+(`successors.Mempool`), a trade is first announced as pending and emitted `lead_s` later (or
+never: a dropped one).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import Counter
 
 from services.simulator.chain import ChainNode
 from services.simulator.feed import Hub
 from services.simulator.history import History
+from services.simulator.successors import Mempool
 from services.simulator.tape import Scheduled
 from services.simulator.trades import BlockClock, Trade, TradeTemplate
 
@@ -48,6 +52,8 @@ class Emitter:
         self._gate = start_gate
         self._chain = chain
         self._blocks = BlockClock()
+        # The pending stage (services/simulator/successors.py); off unless switched on.
+        self.mempool = Mempool()
         self.emitted = 0
         self.started = False
         self.done = False
@@ -80,6 +86,26 @@ class Emitter:
         EMITTED.inc()
         return trade
 
+    def submit(
+        self, template: TradeTemplate, *, pending: bool | None = None, drop: bool | None = None
+    ) -> dict[str, Any] | None:
+        """Emit the trade now, or while the mempool is on (or `pending`), announce it as pending
+        and emit it `lead_s` later, unless it is dropped (`drop`, or the mempool's every n-th):
+        then it never confirms. Returns the pending event's truth, None when emitted at once."""
+        mempool = self.mempool
+        if not (mempool.enabled if pending is None else pending):
+            self.emit(template)
+            return None
+        now = time.time()
+        seen = Trade.stamp(
+            template, seq=-1, timestamp=int(now), block_number=0, log_index=0, emitted_at=now
+        )
+        dropped = mempool.dropping() if drop is None else drop
+        self._hub.publish(seen, pending=True)
+        if not dropped:
+            asyncio.get_running_loop().call_later(mempool.lead_s, self.emit, template)
+        return mempool.record(seen, dropped)
+
     async def run(self) -> None:
         """Wait for the start gate (the first subscription), then play the schedule to its end."""
         if self._gate is not None:
@@ -98,7 +124,7 @@ class Emitter:
             elif burst >= BURST_YIELD:
                 burst = 0
                 await asyncio.sleep(0)
-            self.emit(template)
+            self.submit(template)
             burst += 1
         self.loops += 1
         self.done = True

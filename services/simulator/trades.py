@@ -14,6 +14,11 @@ Fields no source gives us are synthesized deterministically:
 `SIM_*`, or live on the simulator's `quirks`): timestamps in milliseconds or far in the future,
 identical fills in one transaction, and (in the Data API) the trades of one second listed in a
 different order on every page. A trade stamped oddly says so in the ground truth (`quirk`).
+
+Maker fills: a trade is the tracked wallet's fill as maker (its resting order was hit) or as taker.
+Dome and the chain show both; Polymarket's Data API hides maker fills unless asked with
+`takerOnly=false` (`taker_only=false` on `/v2/trades`). A maker fill says `"maker": true` in the
+ground truth; `Quirks.maker_every` (SIM_MAKER_EVERY) or `"maker": true` in `/_sim/emit` makes one.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ class TradeTemplate:
     tape_ts: int = 0
     stamp_quirk: StampQuirk = StampQuirk.NONE
     ahead_s: int = 0
+    # The wallet's order was the resting one (the Data API hides it unless takerOnly=false).
+    maker: bool = False
 
     def stamped(self, timestamp: int) -> int:
         """The timestamp the feeds show for a trade emitted at `timestamp` (Unix seconds)."""
@@ -125,7 +132,9 @@ class Quirks:
     - `twin_every` n: every n-th scheduled trade has an identical twin (`twin_of`) emitted right
       after it, so in the same block at the next log index;
     - `unstable_ties`: the Data API lists the trades of one second in another order on each page
-      (`data_api.trades_page`).
+      (`data_api.trades_page`);
+    - `maker_every` n: every n-th scheduled trade is the wallet's maker fill, which the Data API
+      lists only with `takerOnly=false`.
     """
 
     ms_timestamp_every: int = 0
@@ -133,6 +142,7 @@ class Quirks:
     future_timestamp_s: int = 3600
     twin_every: int = 0
     unstable_ties: bool = False
+    maker_every: int = 0
 
     @classmethod
     def of(cls, settings: SimulatorSettings) -> Quirks:
@@ -142,10 +152,14 @@ class Quirks:
             future_timestamp_s=settings.sim_future_timestamp_s,
             twin_every=settings.sim_twin_every,
             unstable_ties=settings.sim_unstable_ties,
+            maker_every=settings.sim_maker_every,
         )
 
     def stamp(self, template: TradeTemplate, count: int) -> TradeTemplate:
-        """The `count`-th scheduled trade (from 1), with its timestamp quirk if one is due."""
+        """The `count`-th scheduled trade (from 1), with its timestamp quirk if one is due, and
+        made a maker fill when one is due."""
+        if _due(self.maker_every, count):
+            template = replace(template, maker=True)
         if _due(self.ms_timestamp_every, count):
             return replace(template, stamp_quirk=StampQuirk.MILLISECONDS)
         if _due(self.future_timestamp_every, count):
@@ -183,6 +197,10 @@ class Trade:
     taker: str
     emitted_at: float
     quirk: str = ""
+    maker: bool = False
+    # The block's time, whatever `timestamp` a quirk wrote: what the Data API's v2 time window
+    # and keyset order go by (its `block_timestamp`).
+    block_time: int = 0
 
     @classmethod
     def stamp(
@@ -216,6 +234,8 @@ class Trade:
             t.taker,
             emitted_at,
             t.stamp_quirk.value,
+            t.maker,
+            timestamp,
         )
 
     def order(self) -> dict[str, Any]:
@@ -241,10 +261,13 @@ class Trade:
 
     def truth(self) -> dict[str, Any]:
         """The ground-truth record: the Dome order plus when it was emitted (float Unix time),
-        and for a trade stamped oddly on purpose, which `quirk` (no consumer should accept it)."""
+        and for a trade stamped oddly on purpose, which `quirk` (no consumer should accept it); a
+        maker fill says `maker`."""
         record = {**self.order(), "emitted_at": self.emitted_at}
         if self.quirk:
             record["quirk"] = self.quirk
+        if self.maker:
+            record["maker"] = True
         return record
 
 
@@ -287,6 +310,7 @@ _STR_FIELDS = (
 _INT_FIELDS = ("shares", "timestamp", "block_number", "log_index")
 _NUMBER_FIELDS = ("shares_normalized", "price")
 _IGNORED_FIELDS = ("emitted_at",)
+_FLAG_FIELDS = ("maker",)
 
 INJECT_USER = "0x" + "5" * 40
 INJECT_SLUG = "simulated-market"
@@ -305,10 +329,13 @@ class Injected:
 
 
 def _check_types(item: Mapping[str, Any]) -> None:
-    known = {*ORDER_FIELDS, *_IGNORED_FIELDS}
+    known = {*ORDER_FIELDS, *_IGNORED_FIELDS, *_FLAG_FIELDS}
     unknown = sorted(set(item) - known)
     if unknown:
         raise TradeInputError(f"unknown field(s) {unknown}; Dome order fields are {ORDER_FIELDS}")
+    for name in _FLAG_FIELDS:
+        if name in item and not isinstance(item[name], bool):
+            raise TradeInputError(f"{name} must be a boolean")
     for name in _STR_FIELDS:
         if name in item and not isinstance(item[name], str):
             raise TradeInputError(f"{name} must be a string")
@@ -322,7 +349,8 @@ def _check_types(item: Mapping[str, Any]) -> None:
 
 
 def injected_trade(item: Any, unique: str) -> Injected:
-    """A Dome-shaped trade from a test, missing fields filled; values are kept as given.
+    """A Dome-shaped trade from a test, missing fields filled; values are kept as given
+    (`"maker": true` makes it the wallet's maker fill).
 
     Types are checked (the simulator indexes and filters on them) but not ranges, so a test can
     push a price of 1.5 through the normal path to see a consumer reject it. `unique` makes the
@@ -357,6 +385,7 @@ def injected_trade(item: Any, unique: str) -> Injected:
         ),
         user=user,
         taker=item.get("taker", EXCHANGE_ADDRESS),
+        maker=item.get("maker", False),
     )
     return Injected(
         template, item.get("timestamp"), item.get("block_number"), item.get("log_index")

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.store.api_context import ApiContext, Ctx, problems, read_router, write_router
 from services.store.api_inputs import ADDRESS_PATTERN, Label, Wallet
+from services.store.wallet_quality_refresh import qualities
 from services.store.wallets import StoredWallet
 from shared.models import TrackedWallet
 
@@ -35,21 +36,42 @@ class WalletIn(BaseModel):
         return value
 
 
+class WalletQualityOut(BaseModel):
+    """The wallet's quality from its history (docs/store.md, "Wallet quality")."""
+
+    score: float | None = Field(description="0..1 from the figures below; null: too few decided")
+    realised_pnl: float = Field(description="USDC: closed positions and decided open ones")
+    unrealised_pnl: float = Field(description="USDC: open positions of unresolved markets")
+    win_rate: float | None = Field(description="wins / (wins + losses), unredeemed losers in")
+    wins: int
+    losses: int
+    markets_traded: int
+    trades: int
+    volume_usd: float
+    market_maker: bool
+    bot: bool
+    refreshed_at: datetime | None = Field(description="the last refresh that worked")
+    error: str = Field(description="why the last refresh failed; empty when it worked")
+
+
 class WalletOut(BaseModel):
     address: str
     label: str
     score: float | None
     added_at: datetime
     updated_at: datetime
+    # Null until the store's refresher has read the wallet's history once.
+    quality: WalletQualityOut | None = None
 
     @classmethod
-    def of(cls, wallet: StoredWallet) -> WalletOut:
+    def of(cls, wallet: StoredWallet, quality: dict[str, Any] | None = None) -> WalletOut:
         return cls(
             address=wallet.address,
             label=wallet.label,
             score=wallet.score,
             added_at=wallet.added_at,
             updated_at=wallet.updated_at,
+            quality=None if quality is None else WalletQualityOut(**quality),
         )
 
 
@@ -60,7 +82,9 @@ writes = write_router()
 @reads.get("/wallets", response_model=list[WalletOut], summary="The tracked wallets")
 async def get_wallets(ctx: Ctx) -> list[WalletOut]:
     await _synced(ctx)
-    return [WalletOut.of(w) for w in await ctx.wallets.tracked()]
+    wallets = await ctx.wallets.tracked()
+    quality = await qualities(ctx.db, [w.address for w in wallets])
+    return [WalletOut.of(w, quality.get(w.address)) for w in wallets]
 
 
 AddressPath = Annotated[

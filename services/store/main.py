@@ -33,6 +33,7 @@ from services.store.database import Database, Stopping
 from services.store.schema import load
 from services.store.settings import StoreSettings
 from services.store.validator import ValidationConfig, Validator
+from services.store.wallet_quality_refresh import QualityConfig, QualityRefresher
 from services.store.wallets import Wallets
 from shared import layout
 from shared.consumer import ConsumerGroup, Entry, GroupConfig, Handled, consumer_name
@@ -73,6 +74,7 @@ class Store:
         )
         self.batches = BatchStore(self.db, self.redis)
         self.validator = self._validator() if settings.validation_enabled else None
+        self.quality = self._quality() if settings.wallet_quality_enabled else None
         self.groups = [self._group(feed) for feed in self.feeds]
         self.schema: list[str] = []
         self.running = False
@@ -92,6 +94,19 @@ class Store:
             retry_max=s.store_retry_max_s,
         )
         return Validator(db, ValidationConfig.of(s))
+
+    def _quality(self) -> QualityRefresher:
+        """The wallet-quality refresher, on one connection of its own: a tick holds it (and its
+        advisory lock) while it waits on the Data API."""
+        s = self.settings
+        db = Database(
+            s.database_url,
+            pool_size=1,
+            timeout=s.store_db_timeout_s,
+            retry_min=s.store_retry_min_s,
+            retry_max=s.store_retry_max_s,
+        )
+        return QualityRefresher(db, self.wallets, QualityConfig.of(s))
 
     def _group(self, feed: Feed) -> ConsumerGroup:
         settings = self.settings
@@ -148,6 +163,8 @@ class Store:
         ]
         if self.validator is not None:
             self._tasks.append(asyncio.create_task(self.validator.run(self._stop)))
+        if self.quality is not None:
+            self._tasks.append(asyncio.create_task(self.quality.run(self._stop)))
         self._consuming = [asyncio.create_task(group.run(self._stop)) for group in self.groups]
         self.running = True
         log.info(
@@ -179,6 +196,8 @@ class Store:
         await self.api_db.close()
         if self.validator is not None:
             await self.validator.close()
+        if self.quality is not None:
+            await self.quality.close()
         await self.redis.aclose()
         log.info("store_stopped", extra={"consumer": self.consumer})
 

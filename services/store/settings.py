@@ -104,15 +104,29 @@ class StoreSettings(DatabaseSettings):
     validation_fee_bps: float = Field(default=0.0, ge=0, le=10_000)
     validation_every_s: float = Field(default=30.0, gt=0)
     validation_delay_s: float = Field(default=60.0, ge=0)
+    validation_give_up_s: float = Field(default=21_600.0, ge=0)
     validation_resolution_every_s: float = Field(default=600.0, ge=0)
     validation_batch: int = Field(default=200, ge=1, le=10_000)
     validation_lookback_s: int = Field(default=7 * 86_400, gt=0)
 
-    @field_validator("validation_prices_url", "gamma_api_url")
+    # Wallet quality from the Data API (services/store/wallet_quality*.py).
+    wallet_quality_enabled: bool = True
+    data_api_url: str = "http://127.0.0.1:8765"
+    wallet_quality_every_s: float = Field(default=3600.0, gt=0)
+    wallet_quality_tick_s: float = Field(default=60.0, gt=0)
+    wallet_quality_batch: int = Field(default=50, ge=1, le=10_000)
+    wallet_quality_sets_score: bool = True
+    wallet_quality_max_trades: int = Field(default=2000, ge=1, le=10_000)
+    wallet_quality_min_decided: int = Field(default=5, ge=1)
+    wallet_quality_pnl_scale_usd: float = Field(default=10_000.0, gt=0)
+
+    @field_validator("validation_prices_url", "gamma_api_url", "data_api_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError("VALIDATION_PRICES_URL and GAMMA_API_URL must start with http(s)://")
+            raise ValueError(
+                "VALIDATION_PRICES_URL, GAMMA_API_URL and DATA_API_URL must start with http(s)://"
+            )
         return value
 
     @field_validator("store_api_token", mode="before")

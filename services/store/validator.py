@@ -9,7 +9,11 @@ Each cycle (every `VALIDATION_EVERY_S`):
   point at or before it of `GET <VALIDATION_PRICES_URL>/prices-history?market=<token>&startTs=
   &endTs=&fidelity=` (Polymarket's CLOB; the simulator serves the same from its trades): first
   over the 10 minutes before `t + h` at 1-minute fidelity, else from the fill to `t + h` at a
-  coarser one. No point at all: the row is recorded without a price, and is not tried again.
+  coarser one. The answer must reach the target (a point within one fidelity step of it): a price
+  history that trails the exchange answers a span that ends early, and its last point would be a
+  stale price. Such a horizon, or one with no point at all (the history has not got the token's
+  fill yet), is tried again each cycle; once its target is `VALIDATION_GIVE_UP_S` old it is
+  recorded without a price, and not tried again.
 - settlements, at most every `VALIDATION_RESOLUTION_EVERY_S`: the markets of the signals that have
   none yet, asked from Gamma (`GET <GAMMA_API_URL>/markets?condition_ids=..&closed=true`; Gamma
   leaves closed markets out unless asked), 20 at a time; a market that is closed with payout
@@ -20,7 +24,8 @@ a crash, or a replica racing, adds nothing twice. Replicas take turns anyway: a 
 Postgres advisory lock, and a replica that does not get it skips the cycle.
 
 Outages: Postgres unavailable ends the cycle (the next one tries again; one warning per outage);
-a price host or Gamma that cannot be reached ends that part of the cycle, and an answer that is
+a price host or Gamma that cannot be reached, or answers 429, ends that part of the cycle (after a
+429 nothing is asked of that host before its Retry-After has passed), and an answer that is
 an HTTP error or not the expected JSON skips that one item until the next cycle. Nothing is
 recorded from a failed request. The clock is a parameter (`now`), so tests move it past horizons
 instead of waiting for them.
@@ -131,6 +136,7 @@ class ValidationConfig:
     fee_bps: float = 0.0
     every_s: float = 30.0
     delay_s: float = 60.0
+    give_up_s: float = 21_600.0
     resolution_every_s: float = 600.0
     batch: int = 200
     lookback_s: int = 7 * 86_400
@@ -143,6 +149,7 @@ class ValidationConfig:
             fee_bps=s.validation_fee_bps,
             every_s=s.validation_every_s,
             delay_s=s.validation_delay_s,
+            give_up_s=s.validation_give_up_s,
             resolution_every_s=s.validation_resolution_every_s,
             batch=s.validation_batch,
             lookback_s=s.validation_lookback_s,
@@ -174,10 +181,19 @@ class CycleReport:
     markouts: int = 0
     no_price: int = 0
     settlements: int = 0
+    # Horizons whose price history does not reach them yet: tried again next cycle.
+    waiting: int = 0
 
 
 class Unreachable(Exception):
     """The price host or Gamma could not be reached: the rest of that part of the cycle waits."""
+
+
+class NotYet(Exception):
+    """The price history does not reach the horizon yet: the item is tried again next cycle."""
+
+
+DEFAULT_RETRY_AFTER_S = 30.0
 
 
 class Validator:
@@ -196,6 +212,8 @@ class Validator:
         self.clock = clock
         self._settled_at = float("-inf")
         self._failing: set[str] = set()  # what is failing now, so an outage is logged once
+        # what -> monotonic time before which a host that answered 429 is not asked again.
+        self._quiet_until: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Cycle every `every_s` until `stop`; never raises for an outage."""
@@ -237,7 +255,7 @@ class Validator:
                 with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     await conn.execute("SELECT pg_advisory_unlock($1)", LOCK)
         LAST_CYCLE.set(time.time())
-        if report.markouts or report.no_price or report.settlements:
+        if report.markouts or report.no_price or report.settlements or report.waiting:
             log.info("validation_recorded", extra=vars(report))
         return report
 
@@ -251,9 +269,12 @@ class Validator:
         refused: list[str] = []
         for item in due:
             try:
-                point = await self._price(item, cache)
+                point = await self._price(item, cache, now)
             except Unreachable:
                 break
+            except NotYet:
+                report.waiting += 1
+                continue
             except (httpx.HTTPStatusError, ValueError) as exc:
                 ERRORS.labels("prices").inc()
                 refused.append(_describe(exc))
@@ -293,18 +314,29 @@ class Validator:
         ]
 
     async def _price(
-        self, item: Due, cache: dict[tuple[str, int, int, int], list[tuple[int, float]]]
+        self,
+        item: Due,
+        cache: dict[tuple[str, int, int, int], list[tuple[int, float]]],
+        now: float,
     ) -> tuple[int, float] | None:
         """The token's last price point at or before `t + h`: near the target first, then back
-        to the fill (an illiquid token may not have traded for a while)."""
+        to the fill (an illiquid token may not have traded for a while). While the target is
+        younger than `give_up_s`, an answer that does not reach it (no point within one fidelity
+        step: the history trails the exchange, or holds nothing for the token yet) raises NotYet;
+        after that the last point there is, if any, is the price (a history without regular
+        points for a token that stopped trading), else None."""
         target = int(item.target)
+        patient = now - item.target < self.config.give_up_s
         near = max(int(item.exchange_ts), target - NEAR_WINDOW_S)
         windows = [(near, 1), (int(item.exchange_ts) - 60, max(1, item.horizon.seconds // 1440))]
         for start, fidelity in windows:
             key = (item.token_id, start, target, fidelity)
             if key not in cache:
                 cache[key] = await self._history(*key)
-            point = last_at_or_before(cache[key], target)
+            points = cache[key]
+            if patient and not (points and points[-1][0] >= target - fidelity * 60):
+                raise NotYet(item.signal_id)
+            point = last_at_or_before(points, target)
             if point is not None:
                 return point
         return None
@@ -387,8 +419,11 @@ class Validator:
     # --- plumbing --------------------------------------------------------------------------------
 
     async def _get(self, what: str, url: str, params: Any) -> Any:
-        """The JSON answer of one GET. A host that cannot be reached raises `Unreachable` (logged
-        once per outage); an HTTP error status or a body that is not JSON raises for the item."""
+        """The JSON answer of one GET. A host that cannot be reached, or that answered 429 (then
+        left alone until its Retry-After has passed), raises `Unreachable` (logged once per
+        outage); an HTTP error status or a body that is not JSON raises for the item."""
+        if time.monotonic() < self._quiet_until.get(what, 0.0):
+            raise Unreachable(what)
         try:
             response = await self.http.get(url, params=params)
         except httpx.TransportError as exc:
@@ -397,6 +432,12 @@ class Validator:
             raise Unreachable(what) from exc
         except httpx.RequestError as exc:  # an answer that cannot be read (redirects, encoding)
             raise ValueError(_describe(exc)) from exc
+        if response.status_code == 429:
+            ERRORS.labels(what).inc()
+            wait = _retry_after(response.headers.get("retry-after"))
+            self._quiet_until[what] = time.monotonic() + wait
+            self._failed(what, RuntimeError(f"429 Too Many Requests, retry after {wait:g} s"))
+            raise Unreachable(what)
         self._recovered(what)
         response.raise_for_status()
         return response.json()
@@ -410,6 +451,15 @@ class Validator:
         if what in self._failing:
             self._failing.discard(what)
             log.warning("validation_available_again", extra={"what": what})
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (a number; a date or nonsense: the default)."""
+    try:
+        seconds = float(value) if value is not None else DEFAULT_RETRY_AFTER_S
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 0.0), 3600.0) if seconds == seconds else DEFAULT_RETRY_AFTER_S
 
 
 def _describe(exc: BaseException) -> str:

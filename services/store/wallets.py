@@ -4,11 +4,12 @@ The registry (`shared.wallet_registry`: a hash plus the `wallets.control` stream
 ingestor and the detector follow while running; Postgres is what survives a Redis that lost its
 data. They are kept in step three ways:
 
-- API writes (`put`, `delete`): one Postgres transaction that takes the wallet's advisory lock,
-  writes the registry (hash + control entry, one MULTI), records that entry's id on the row, then
-  commits. Redis refusing rolls the row back (the caller gets 503, nothing changed); the rare commit
-  failure after Redis took the change is repaired by the follower below, which finds the entry.
-  The per-wallet lock makes concurrent writers of one wallet commit in control-stream order.
+- API writes (`put`, `delete`; the quality refresher's `set_score` too): one Postgres
+  transaction that takes the wallet's advisory lock, writes the registry (hash + control entry,
+  one script), records that entry's id on the row, then commits. Redis refusing rolls the row
+  back (the caller gets 503, nothing changed); the rare commit failure after Redis took the
+  change is repaired by the follower below, which finds the entry. The per-wallet lock makes
+  concurrent writers of one wallet commit in control-stream order.
 - The follower (`follow`): every store replica applies every control entry to Postgres, so changes
   made by other writers of the registry (an operator tool) are persisted too. Each row keeps the id
   of the last entry applied to it (`control_ms`, `control_seq`); older entries change nothing, and a
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -88,6 +91,14 @@ WHERE removed_at IS NULL ORDER BY address
 _ONE_ACTIVE = """
 SELECT address, label, score, added_at, updated_at FROM tracked_wallets
 WHERE address = $1 AND removed_at IS NULL
+"""
+# KEYS: the registry's hash, the control stream; ARGV: address, the wallet JSON read, the new
+# wallet JSON, the change JSON, MAXLEN. The change and its announcement (as `wallet_registry`
+# makes them), only if the wallet is still in the registry as it was read; else nil.
+_SET_SCORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return false end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 """
 _NEWEST_APPLIED = """
 SELECT control_ms, control_seq FROM tracked_wallets WHERE control_ms IS NOT NULL
@@ -314,6 +325,45 @@ class Wallets:
                     address,
                 )
         metrics.WALLET_CHANGES.labels("remove", "api").inc()
+        return True
+
+    async def set_score(self, address: str, score: float) -> bool:
+        """Change the score of a wallet that is still tracked, keeping its label; False (nothing
+        changed) when it is no longer tracked, or changed in the registry meanwhile.
+
+        For the quality refresher, whose figures come from reads that take a while: an upsert of
+        the wallet as it was read before them would track a wallet removed meanwhile again, or
+        put back a label replaced meanwhile. Under the wallet's lock, like `put`/`delete`; the
+        registry entry is replaced only if it is still the one read (`_SET_SCORE`), so a writer
+        of the registry that does not take the lock (the operator CLI) is not overwritten either,
+        and the change is announced on the control stream like any other (the detector follows).
+        """
+        async with self.api_db.connection() as conn, conn.transaction():
+            await self._lock(conn, address)
+            if await conn.fetchrow(_ONE_ACTIVE, address) is None:
+                return False
+            raw: Any = await self.redis.hget(self.streams.wallets_key(), address)
+            if raw is None:
+                return False
+            live = TrackedWallet.model_validate_json(raw)
+            wallet = TrackedWallet(address=live.address, label=live.label, score=score)
+            change = {"v": 1, "op": "upsert", "wallet": wallet.model_dump(mode="json")}
+            keys = [self.streams.wallets_key(), self.streams.wallets_control]
+            control_id: Any = await self.redis.eval(
+                _SET_SCORE,
+                len(keys),
+                *keys,
+                address,
+                raw,
+                wallet.model_dump_json(),
+                orjson.dumps(change | {"at": time.time()}),
+                wallet_registry.CONTROL_MAXLEN,
+            )
+            if control_id is None:
+                return False
+            entry = control_id.decode() if isinstance(control_id, bytes) else str(control_id)
+            await apply_change(conn, wallet, False, entry)
+        metrics.WALLET_CHANGES.labels("upsert", "quality").inc()
         return True
 
     @staticmethod

@@ -7,6 +7,10 @@ holds every caller for its Retry-After. Each poll reads the wallet since its wat
 overlap), so a missed cycle or a restart loses nothing. A failing API marks the source down (stale
 after HEALTH_MAX_DISCONNECTED_S) and is retried with backoff; a refused key is an auth failure,
 retried at the maximum backoff. Wallets come and go with the registry (`add` / `remove`).
+
+A poll that gets nothing new is only "nothing new" if the answer was fresh: the Data API's CDN
+serves an identical URL from its cache for minutes, so its reader never asks a URL twice within
+that time and never uses a cached answer (it asks again with another URL; see `data_api`).
 """
 
 from __future__ import annotations

@@ -30,9 +30,24 @@ no subscriptions across connections, and the ids change. A handshake refused wit
 close with 4001/4003 (or 1008 naming auth), is an auth failure: logged as such and retried at the
 maximum backoff, since retrying sooner cannot fix a key.
 
-The key is in the URL (path for Dome, query for polynode). It never reaches a log line: errors are
-described without the URL, the library's logger goes through a scrubbing filter, and the keys are
-registered with `shared.logs.register_secret` as a last line of defence.
+Dialects (`dialects`, DOME_DIALECT): Dome, Predexon and polynode speak one protocol with their own
+requests; their frames are all read by `frames.parse_frame` and their fills carry their own
+`Source`. polynode's `compress=zlib` event frames are binary raw deflate, opened within the frame
+bound. A pending (pre-block) fill is published with status `pending` and never moves a watermark:
+only its confirmation, under the same order_key, does.
+
+An error frame (or a close reason) naming a refusal that retrying soon cannot fix (Predexon's
+INVALID_FILTERS, ITEMS_LIMIT, CONNECTION_LIMIT; polynode's daily session used up) closes the
+connection and is reported (`provider_refused`, with the code and what to change; the feed
+status's `last_error`; `betterbot_ingestor_provider_refusals_total{code}`); the next attempt waits
+from DOME_RECONNECT_MAX_S, doubling up to DOME_PLAN_LIMIT_WAIT_S: never a hot reconnect loop.
+A connection left with no subscription at all (its last wallet removed) is closed at once rather
+than held open: Predexon closes such a connection after 120 s anyway, and it costs a plan's
+connection; it opens again when a wallet comes.
+
+The key is in the URL (path for Dome and Predexon, query for polynode). It never reaches a log
+line: errors are described without the URL, the library's logger goes through a scrubbing filter,
+and the keys are registered with `shared.logs.register_secret` as a last line of defence.
 
 Frames over DOME_MAX_FRAME_BYTES are rejected and their first `DEAD_LETTER_PREFIX_BYTES` kept in
 the dead letter. The socket's own limit is `HARD_LIMIT_FACTOR` times larger, to bound memory: a
@@ -57,23 +72,32 @@ from websockets.frames import Close, CloseCode
 
 from services.ingestor import metrics
 from services.ingestor.backfill import BackfillSchedule, CatchUp, Outcome, WalletRead
-from services.ingestor.dialects import message
+from services.ingestor.dialects import Dialect, message
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import (
     Ack,
     Fill,
+    Frame,
+    Greeting,
+    Heartbeat,
     Ignored,
+    NotAFill,
+    Refusal,
     Rejected,
     RejectKind,
     ServerError,
+    Snapshot,
     Twins,
+    Unsubscribed,
+    inflate,
     parse_frame,
+    refusal_of,
 )
 from services.ingestor.http_api import ApiError, AuthError
 from services.ingestor.subscriptions import Slot, SubscriptionRegistry, Unsubscribe, Update
 from shared.backoff import Backoff
 from shared.logs import redact_url, scrub
-from shared.models import OrderFill, Source
+from shared.models import FillStatus, OrderFill, Source
 from shared.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -132,6 +156,15 @@ class FeedSilent(Exception):
     """No frame at all for the silence bound while subscribed."""
 
 
+class ProviderRefused(Exception):
+    """The server refused for the plan or the filters (an error frame's code, a close reason)."""
+
+    def __init__(self, refusal: Refusal, detail: str) -> None:
+        super().__init__(f"{refusal.value}: {detail}")
+        self.refusal = refusal
+        self.detail = detail
+
+
 class _ScrubFilter(logging.Filter):
     """The library logs request lines at DEBUG; their path or query string holds the key."""
 
@@ -164,6 +197,17 @@ class DomeConnection:
         self.backoff = Backoff(
             settings.dome_reconnect_min_s, settings.dome_reconnect_max_s, rng=rng
         )
+        # After a refusal for the plan: from the reconnect maximum up to DOME_PLAN_LIMIT_WAIT_S.
+        limit_wait = settings.dome_plan_limit_wait_s
+        self.limit_backoff = Backoff(
+            min(settings.dome_reconnect_max_s, limit_wait), limit_wait, rng=rng
+        )
+        self.dialect = Dialect(
+            settings.dome_dialect, settings.pending_events(), settings.polynode_since_s
+        )
+        self._compressed = settings.dome_dialect == "polynode" and settings.polynode_compress
+        # Set when this side closed the connection for having nothing subscribed.
+        self._idle = False
         self.status.behind_limit_s = settings.health_max_backfill_behind_s
         self.backfills = BackfillSchedule(
             indexing_lag_s=settings.backfill_indexing_lag_s,
@@ -235,11 +279,20 @@ class DomeConnection:
                 return self._auth_failed(f"handshake rejected with HTTP {status_code}", status_code)
             error = f"handshake rejected with HTTP {status_code}"
         except ConnectionClosed as exc:
+            if self._idle:
+                return self._closed_idle()
+            # Before the auth check: "session limit reached for this API key" is not a bad key.
+            refusal = refusal_of(exc.rcvd.reason, exc.rcvd.reason) if exc.rcvd else None
+            if refusal is not None and exc.rcvd is not None:
+                reason = f"closed by the server with {exc.rcvd.code} ({scrub(exc.rcvd.reason)})"
+                return self._refused(ProviderRefused(refusal, reason[:500]))
             if is_auth_close(exc.rcvd):
                 assert exc.rcvd is not None
                 close = f"closed by the server with {exc.rcvd.code} ({scrub(exc.rcvd.reason)})"
                 return self._auth_failed(close, None)
             error = await self._closed(exc)
+        except ProviderRefused as exc:
+            return self._refused(exc)
         except FeedSilent as exc:
             metrics.SILENCE_TIMEOUTS.labels(SOURCE).inc()
             error = str(exc)
@@ -253,6 +306,7 @@ class DomeConnection:
         uptime = None if opened_at is None else time.monotonic() - opened_at
         if uptime is not None and uptime >= settings.dome_stable_after_s:
             self.backoff.reset()
+            self.limit_backoff.reset()
         self.status.mark_down(ConnectionState.DISCONNECTED, error, time.time())
         self._source.refreshed()
         log.warning(
@@ -265,6 +319,37 @@ class DomeConnection:
             },
         )
         return self.backoff.next_delay()
+
+    def _refused(self, exc: ProviderRefused) -> float:
+        """Report a refusal for the plan or the filters, and wait long before trying again."""
+        refusal = exc.refusal
+        metrics.PROVIDER_REFUSALS.labels(SOURCE, refusal.value).inc()
+        delay = self.limit_backoff.next_delay()
+        self.status.mark_down(
+            ConnectionState.DISCONNECTED, f"{exc}; {refusal.hint}"[:1000], time.time()
+        )
+        self._source.refreshed()
+        log.error(
+            "provider_refused",
+            extra={
+                "source": SOURCE,
+                "connection": self.index,
+                "code": refusal.value,
+                "detail": exc.detail,
+                "hint": refusal.hint,
+                "retry_in_s": round(delay, 3),
+            },
+        )
+        return delay
+
+    def _closed_idle(self) -> float:
+        """Closed by us with nothing subscribed: not a failure; reopened when a wallet comes."""
+        self.status.state = ConnectionState.STOPPED
+        self.status.down_since = None
+        self.status.last_error = ""
+        self._source.refreshed()
+        log.info("connection_closed_idle", extra={"source": SOURCE, "connection": self.index})
+        return 0.0
 
     def _auth_failed(self, error: str, status_code: int | None) -> float:
         metrics.AUTH_FAILURES.labels(SOURCE).inc()
@@ -288,6 +373,7 @@ class DomeConnection:
         self.registry.clear()
         self.caught_up.clear()
         self.backfills.reset()
+        self._idle = False
         self.status.mark_connected()
         self.status.connections = 1
         self._source.refreshed()
@@ -313,17 +399,21 @@ class DomeConnection:
             # Stopping, not failing: say so to the server (the library would send 1011).
             await ws.close(CloseCode.GOING_AWAY, "client stopping")
             raise
+        except ProviderRefused as exc:
+            await ws.close(CloseCode.NORMAL_CLOSURE, f"refused: {exc.refusal.value}")
+            raise
         finally:
             for task in helpers:
                 await cancel_and_wait(task)
 
-    async def _receive(self, ws: ClientConnection) -> bytes:
+    async def _receive(self, ws: ClientConnection) -> bytes | str:
+        """The next frame: text frames as str, binary ones as bytes (compressed, with zlib)."""
         silence = self._settings.dome_silence_timeout_s
         if not silence or not (self.registry.active or self.registry.pending):
-            return await ws.recv(decode=False)
+            return await ws.recv()
         try:
             async with asyncio.timeout(silence):
-                return await ws.recv(decode=False)
+                return await ws.recv()
         except TimeoutError:
             log.warning(
                 "feed_silent",
@@ -335,14 +425,17 @@ class DomeConnection:
 
     async def _sync_forever(self, ws: ClientConnection) -> None:
         """Send whatever brings the server to the desired subscriptions, each time it changes."""
-        dialect = self._settings.dome_dialect
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await self._dirty.wait()
                 self._dirty.clear()
                 actions = self.registry.reconcile(self._source.slots(self.index))
                 for action in actions:
-                    await ws.send(orjson.dumps(message(action, dialect)).decode())
+                    await ws.send(orjson.dumps(message(action, self.dialect)).decode())
+                if self._nothing_subscribed():
+                    self._idle = True
+                    await ws.close(CloseCode.NORMAL_CLOSURE, "no subscriptions")
+                    return
                 if not actions:
                     continue
                 self._plan_after_sync()
@@ -358,6 +451,9 @@ class DomeConnection:
                         },
                     )
                 self._subscriptions_changed()
+
+    def _nothing_subscribed(self) -> bool:
+        return not (self._wanted() or self.registry.active or self.registry.pending)
 
     def _plan_after_sync(self) -> None:
         """Wallets an update just added may not be followed by the server yet: read them afresh
@@ -503,41 +599,84 @@ class DomeConnection:
             },
         )
 
-    async def _handle(self, raw: bytes, received_at: float) -> None:
+    async def _handle(self, raw: bytes | str, received_at: float) -> None:
+        text = raw
+        if isinstance(raw, bytes) and self._compressed:
+            opened = inflate(raw, self._settings.dome_max_frame_bytes)
+            if isinstance(opened, Rejected):
+                await self._reject(raw, opened)
+                return
+            text = opened
         frame = parse_frame(
-            raw,
+            text,
             tracked=self._source.tracked,
             received_at=received_at,
             max_bytes=self._settings.dome_max_frame_bytes,
             ignored=self._source.removed,
             bounds=self._time_bounds,
             twins=self._source.twins,
+            dialect=self.dialect.name,
         )
+        # A rejected frame is dead-lettered as read: inflated, when it was compressed.
+        await self._dispatch(frame, text, received_at)
+
+    async def _dispatch(self, frame: Frame, raw: bytes | str, received_at: float) -> None:
         if isinstance(frame, Fill):
-            fill = frame.fill
-            metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
-            self.status.mark_event(received_at, fill.timestamp)
-            watermark = DOME_FEED if fill.user in self.caught_up else None
-            await self._source.sink.submit(fill, watermark)
+            await self._filled(frame.fill, received_at)
+        elif isinstance(frame, Snapshot):
+            for item in frame.items:
+                await self._dispatch(item, raw, received_at)
         elif isinstance(frame, Ack):
-            self._acked(frame.subscription_id)
+            self._acked(frame.subscription_id, frame.warnings)
         elif isinstance(frame, ServerError):
-            metrics.SERVER_ERRORS.labels(SOURCE).inc()
-            log.warning(
-                "server_error",
-                extra={
-                    "source": SOURCE,
-                    "detail": scrub(frame.detail),
-                    "pending_subscribes": self.registry.pending,
-                },
-            )
+            self._server_error(frame)
         elif isinstance(frame, Ignored):
             metrics.IGNORED.labels(SOURCE).inc()
             log.debug("event_of_removed_wallet", extra={"wallet": frame.user})
-        else:
-            await self._reject(raw, frame)
+        elif isinstance(frame, NotAFill):
+            metrics.NON_FILL_EVENTS.labels(SOURCE, frame.event_type).inc()
+            log.debug("not_a_fill", extra={"source": SOURCE, "event_type": frame.event_type})
+        elif isinstance(frame, Greeting):
+            log.info(
+                "server_greeting",
+                extra={"source": SOURCE, "connection": self.index, "detail": scrub(frame.message)},
+            )
+        elif isinstance(frame, Unsubscribed):
+            log.debug("unsubscribed", extra={"subscription_id": frame.subscription_id})
+        elif not isinstance(frame, Heartbeat):  # a heartbeat only proves the feed alive
+            await self._reject(frame.item or raw, frame)
 
-    def _acked(self, subscription_id: str) -> None:
+    async def _filled(self, fill: OrderFill, received_at: float) -> None:
+        metrics.EVENTS_RECEIVED.labels(SOURCE).inc()
+        self.status.mark_event(received_at, fill.timestamp)
+        # A pending fill may never confirm: only a confirmed one moves the watermark.
+        caught_up = fill.user in self.caught_up and fill.status is FillStatus.CONFIRMED
+        await self._source.sink.submit(fill, DOME_FEED if caught_up else None)
+
+    def _server_error(self, frame: ServerError) -> None:
+        if frame.refusal is not None:
+            raise ProviderRefused(frame.refusal, scrub(frame.detail))
+        metrics.SERVER_ERRORS.labels(SOURCE).inc()
+        log.warning(
+            "server_error",
+            extra={
+                "source": SOURCE,
+                "code": frame.code,
+                "detail": scrub(frame.detail),
+                "pending_subscribes": self.registry.pending,
+            },
+        )
+
+    def _acked(self, subscription_id: str, warnings: tuple[str, ...] = ()) -> None:
+        if warnings:
+            log.warning(
+                "subscription_warnings",
+                extra={
+                    "source": SOURCE,
+                    "subscription_id": subscription_id,
+                    "warnings": [scrub(warning) for warning in warnings],
+                },
+            )
         users = self.registry.acked(subscription_id)
         if users is None:
             log.warning(
@@ -565,7 +704,7 @@ class DomeConnection:
         self._backfill_wanted.set()
         self._source.refreshed()
 
-    async def _reject(self, raw: bytes, frame: Rejected) -> None:
+    async def _reject(self, raw: bytes | str, frame: Rejected) -> None:
         metrics.REJECTED.labels(SOURCE, frame.kind.value).inc()
         log.warning(
             "frame_rejected",
@@ -577,6 +716,8 @@ class DomeConnection:
             },
         )
         reason = f"{frame.kind.value}: {frame.reason}"
+        if isinstance(raw, str):
+            raw = raw.encode()
         if len(raw) > DEAD_LETTER_PREFIX_BYTES and frame.kind is RejectKind.OVERSIZED:
             raw = raw[:DEAD_LETTER_PREFIX_BYTES]
             reason += f"; only the first {DEAD_LETTER_PREFIX_BYTES} bytes are kept"

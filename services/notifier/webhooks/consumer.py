@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import httpx
 from redis.exceptions import RedisError
 
+from services.notifier.market_tags import MarketTags
 from services.notifier.metrics import WEBHOOK_BACKLOG
 from services.notifier.webhooks.config import Webhook
 from services.notifier.webhooks.dead import DeadLetters
@@ -56,11 +57,12 @@ class WebhookConsumer:
         max_deliveries: int,
         grace_s: float,
         cluster: bool = False,
+        market_tags: MarketTags | None = None,
     ) -> None:
         """`timeout_s`: of one POST; `concurrency`: deliveries at once per endpoint and replica;
         `block_ms`: XREADGROUP BLOCK; `claim_idle_ms`: pending this long, an entry is taken over;
         `max_deliveries`: claims of one queued signal before it is dead-lettered; `grace_s`: what
-        is in flight at shutdown gets this long."""
+        is in flight at shutdown gets this long; `market_tags`: for `tags` filters."""
         self.consumer = consumer
         self.hooks = tuple(hooks)
         self.redis = connect(redis_url, cluster=cluster)
@@ -84,7 +86,7 @@ class WebhookConsumer:
             )
 
         # From the stream's end the first time: endpoints get the signals from then on.
-        handoff = Handoff(self.redis, streams.signals, routes, dead)
+        handoff = Handoff(self.redis, streams.signals, routes, dead, market_tags)
         self.handoff = ConsumerGroup(
             self.redis, config(streams.signals, batch_size=HANDOFF_BATCH, start_id="$"), handoff
         )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.notifier.fanout import rejection_reason
+from services.notifier.market_tags import MarketTags
 from services.notifier.metrics import WEBHOOK_SKIPPED
 from services.notifier.webhooks.config import Webhook
 from services.notifier.webhooks.dead import DeadLetters, until_done
@@ -70,9 +71,17 @@ class Handoff:
     """The handler of group `webhooks` on `signals`: every entry of a batch handed off."""
 
     def __init__(
-        self, redis: aioredis.Redis, stream: str, routes: Sequence[Route], dead: DeadLetters
+        self,
+        redis: aioredis.Redis,
+        stream: str,
+        routes: Sequence[Route],
+        dead: DeadLetters,
+        market_tags: MarketTags | None = None,
     ) -> None:
         self.redis = redis
+        # Asked only when an endpoint filters on tags; None leaves tags unknown (no match).
+        self._market_tags = market_tags
+        self._needs_tags = any(route.hook.filters.needs_tags for route in routes)
         self._stream = stream
         self._routes = tuple(routes)
         self._dead = dead
@@ -99,7 +108,10 @@ class Handoff:
             )
         else:
             data = fields[DATA_FIELD]
-            wanted = [route for route in self._routes if route.hook.filters.matches(signal)]
+            tags = None
+            if self._needs_tags and self._market_tags is not None:
+                tags = await self._market_tags.lookup(signal.condition_id)
+            wanted = [r for r in self._routes if r.hook.filters.matches(signal, tags)]
             routes = await self._with_room(wanted, entry_id, signal.signal_id, data)
         keys = [self._stream, *(route.queue for route in routes)]
         await until_done(lambda: self._script(keys=keys, args=[WEBHOOKS_GROUP, entry_id, data]))
