@@ -157,17 +157,14 @@ class Pipeline:
         self.services = {p.name: p for p in consumers}
         await start_all(consumers)
         await self.subscriber.start()
-        ingestor = ops_service(
-            "ingestor",
-            self.base,
-            tag,
-            DOME_WS_URL=f"ws://127.0.0.1:{self.sim_port}",
-            DOME_API_URL=f"http://127.0.0.1:{self.sim_port}/v1",
-            DOME_API_KEY=API_KEY,
-            DOME_RECONNECT_MIN_S="0.05",
-            DOME_RECONNECT_MAX_S="0.5",
-            **self.ingest,
-        )
+        feed = {
+            "DOME_WS_URL": f"ws://127.0.0.1:{self.sim_port}",
+            "DOME_API_URL": f"http://127.0.0.1:{self.sim_port}/v1",
+            "DOME_API_KEY": API_KEY,
+            "DOME_RECONNECT_MIN_S": "0.05",
+            "DOME_RECONNECT_MAX_S": "0.5",
+        }
+        ingestor = ops_service("ingestor", self.base, tag, **(feed | self.ingest))
         self.services[ingestor.name] = ingestor
         await start_all([ingestor])
         self._pg_before = await self.postgres_counts()
