@@ -46,7 +46,13 @@ from services.ingestor import metrics
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.sources.listing import DEFAULT_BOUNDS, Cut, Listing, settle, to_order
+from services.ingestor.sources.listing import (
+    DEFAULT_BOUNDS,
+    Listing,
+    next_request,
+    settle,
+    to_order,
+)
 from shared.data_api import order_from_data_api
 from shared.models import DomeOrder, ExchangeTimeBounds, Source
 
@@ -188,7 +194,7 @@ class DataApiHistory:
             yield self.listing.hand_on(cut)
             if cut.reached or not more:
                 return
-            end, cursor = _next(end, cut, pagination)
+            end, cursor = next_request(TRADES_PATH, end, cut, pagination, "next_cursor")
 
     async def _page(
         self,
@@ -246,25 +252,6 @@ class DataApiHistory:
 def _where(wallet: str, params: dict[str, str | int]) -> dict[str, Any]:
     start, end = params["start"], params["end"]
     return {"source": Source.DATA_API.value, "wallet": wallet, "start": start, "end": end}
-
-
-def _next(end: int | None, cut: Cut, pagination: dict[str, Any]) -> tuple[int | None, str | None]:
-    """The (end, cursor) of the next request: the second held back, else (a second larger than
-    the largest page went on whole) the server's cursor."""
-    if cut.edge is None:
-        return end, _cursor(pagination)
-    if end is not None and cut.edge >= end:
-        # Rows after `end` came back: a server ignoring the bound would be read from the same
-        # second forever.
-        raise ApiError(f"{TRADES_PATH}: end={end} answered with later trades")
-    return cut.edge, None
-
-
-def _cursor(pagination: dict[str, Any]) -> str:
-    cursor = pagination.get("next_cursor")
-    if not isinstance(cursor, str) or not cursor:
-        raise ApiError(f"{TRADES_PATH}: has_more without a next_cursor")
-    return cursor
 
 
 def _page(body: Any) -> tuple[list[Any], dict[str, Any]]:

@@ -22,7 +22,13 @@ from typing import Any
 from services.ingestor.http_api import ApiError, JsonApi
 from services.ingestor.ratelimit import RateLimiter
 from services.ingestor.settings import IngestorSettings
-from services.ingestor.sources.listing import DEFAULT_BOUNDS, Cut, Listing, settle, to_order
+from services.ingestor.sources.listing import (
+    DEFAULT_BOUNDS,
+    Listing,
+    next_request,
+    settle,
+    to_order,
+)
 from shared.models import DomeOrder, ExchangeTimeBounds, FeedOrder, Source
 
 ORDERS_PATH = "/polymarket/orders"
@@ -73,7 +79,7 @@ class DomeRestHistory:
             yield self.listing.hand_on(cut)
             if cut.reached or not more:
                 return
-            end, key = _next(end, cut, pagination)
+            end, key = next_request(ORDERS_PATH, end, cut, pagination, "pagination_key")
 
     async def _page(
         self, wallet: str, since: int, end: int | None, limit: int, key: str | None
@@ -87,25 +93,6 @@ class DomeRestHistory:
 
     def to_order(self, item: Any) -> DomeOrder:
         return to_order(item, FeedOrder.model_validate)
-
-
-def _next(end: int | None, cut: Cut, pagination: dict[str, Any]) -> tuple[int | None, str | None]:
-    """The (end_time, pagination_key) of the next request: the second held back, else (a second
-    larger than the largest page went on whole) the server's cursor."""
-    if cut.edge is None:
-        return end, _pagination_key(pagination)
-    if end is not None and cut.edge >= end:
-        # Orders after `end_time` came back: a server ignoring the bound would be read from the
-        # same second forever.
-        raise ApiError(f"{ORDERS_PATH}: end_time={end} answered with later orders")
-    return cut.edge, None
-
-
-def _pagination_key(pagination: dict[str, Any]) -> str:
-    key = pagination.get("pagination_key")
-    if not isinstance(key, str) or not key:
-        raise ApiError(f"{ORDERS_PATH}: has_more without a pagination_key")
-    return key
 
 
 def _page(body: Any) -> tuple[list[Any], dict[str, Any]]:

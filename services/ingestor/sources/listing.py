@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from services.ingestor.http_api import ApiError
 from shared.errors import validation_reason
 from shared.models import DomeOrder, ExchangeTimeBounds, occurrences
 
@@ -121,6 +122,23 @@ def settle(
         return None, min(limit_max, limit * 2)
     log.warning("tie_group_exceeds_page", extra={**where, "second": cut.edge, "limit": limit})
     return cut_page(rows, since=since, above=above, hold=False), limit
+
+
+def next_request(
+    path: str, end: int | None, cut: Cut, pagination: dict[str, Any], cursor_field: str
+) -> tuple[int | None, str | None]:
+    """The (end bound, cursor) of the next request: the second held back, else (a second larger
+    than the largest page went on whole) the server's cursor, named `cursor_field`."""
+    if cut.edge is None:
+        cursor = pagination.get(cursor_field)
+        if not isinstance(cursor, str) or not cursor:
+            raise ApiError(f"{path}: has_more without a {cursor_field}")
+        return end, cursor
+    if end is not None and cut.edge >= end:
+        # Rows after the end bound came back: a server ignoring it would be read from the same
+        # second forever.
+        raise ApiError(f"{path}: an end bound of {end} answered with later rows")
+    return cut.edge, None
 
 
 def _goes_on(stamp: int | None, since: int, above: int | None, edge: int | None) -> bool:
