@@ -190,6 +190,8 @@ class Run:
                 "NOTIFIER_HOST": "127.0.0.1",
                 "NOTIFIER_PORT": str(self.notifier_port),
                 "NOTIFIER_TOKENS": ",".join(s.ws_tokens),
+                # The store's token, which the dashboard's history reads send server-side.
+                "STORE_API_TOKEN": s.store_token,
                 "WEBHOOKS_FILE": str(self._webhooks_file()),
                 "WEBHOOK_MAX_ATTEMPTS": "2",
                 "WEBHOOK_BACKOFF_S": "0.05",

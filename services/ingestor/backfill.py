@@ -34,17 +34,23 @@ and how far back; it does no I/O (the connection runs the reads):
   again once DOME_UPDATE_APPLY_S plus the indexing lag have passed since the update was sent,
   reaching back to before the first read; only after that re-read does it count as caught up
   (its live fills may then raise its watermark).
+
+`run_backfills` is the dispatcher both WebSocket sources (Dome's connections, RTDS) run over their
+schedule: it starts the due reads of each lane as tasks, up to the lane's limit, and waits for the
+earliest next read or a wake-up (a finished read frees its lane; a wallet change needs a look).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Container, Iterable
+from collections.abc import AsyncIterator, Callable, Container, Coroutine, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import orjson
 from pydantic import ValidationError
@@ -53,6 +59,7 @@ from services.ingestor import metrics
 from shared.backoff import Backoff
 from shared.errors import validation_reason
 from shared.models import DomeOrder, OrderFill, Source
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -320,3 +327,60 @@ class BackfillSchedule:
         """How many wallets are behind, and since when the oldest of them has been."""
         times = [r.behind_since for r in self.reads.values() if r.behind]
         return len(times), (min(times) if times else None)
+
+
+async def run_backfills(
+    schedule: BackfillSchedule,
+    *,
+    retry_concurrency: int,
+    forget: Callable[[], None],
+    wanted: Callable[[], Iterable[str]],
+    read: Callable[[WalletRead], Coroutine[Any, Any, None]],
+    report: Callable[[], None],
+    wake: asyncio.Event,
+    task_name: str,
+) -> NoReturn:
+    """Run `schedule`'s reads until cancelled; cancelling cancels every read still running.
+
+    Each round: `forget()` drops wallets that left, the schedule wants `wanted()`, each lane takes
+    its due reads up to its room (wallets in good standing one at a time, retries of failed reads
+    `retry_concurrency` at once) and runs each as a task `read(read)` named `task_name`, then
+    `report()` is called; the next round comes when a read is due in a lane with room, or `wake`
+    is set (by the source, or by a read that finished: it frees its lane)."""
+    # Lane (True: retries of failed reads) -> its reads running, and how many it may run.
+    lanes: dict[bool, set[asyncio.Task[None]]] = {False: set(), True: set()}
+    limits = {False: 1, True: retry_concurrency}
+
+    def start(wallet_read: WalletRead, running: set[asyncio.Task[None]]) -> None:
+        task = asyncio.create_task(read(wallet_read), name=task_name)
+        running.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            # Wake the dispatcher only now: before, the lane still counts this read as running.
+            running.discard(done)
+            wake.set()
+
+        task.add_done_callback(finished)
+
+    try:
+        while True:
+            forget()
+            schedule.want(wanted())
+            for retries, running in lanes.items():
+                room = limits[retries] - len(running)
+                for wallet_read in schedule.take(room, retries=retries):
+                    start(wallet_read, running)
+            report()
+            waits = [
+                schedule.wait_s(retries=retries)
+                for retries, running in lanes.items()
+                if len(running) < limits[retries]
+            ]
+            timeout_s = min((w for w in waits if w is not None), default=None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await wake.wait()
+            wake.clear()
+    finally:
+        for task in [*lanes[False], *lanes[True]]:
+            await cancel_and_wait(task)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -48,7 +49,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.frames import CloseCode
 
 from services.ingestor import metrics
-from services.ingestor.backfill import BackfillSchedule, CatchUp, Outcome, WalletRead
+from services.ingestor.backfill import (
+    BackfillSchedule,
+    CatchUp,
+    Outcome,
+    WalletRead,
+    run_backfills,
+)
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import Rejected, RejectKind
 from services.ingestor.http_api import ApiError, AuthError, retry_after_seconds
@@ -325,45 +332,16 @@ class RtdsSource:
         failed are retried on the side (BACKFILL_RETRY_CONCURRENCY at once)."""
         catch_up = self.catch_up
         assert catch_up is not None
-        lanes: dict[bool, set[asyncio.Task[None]]] = {False: set(), True: set()}
-        limits = {False: 1, True: self._settings.backfill_retry_concurrency}
-        try:
-            while True:
-                self.backfills.forget(self.tracked)
-                self.backfills.want(self.tracked - self.caught_up)
-                for retries, running in lanes.items():
-                    for read in self.backfills.take(
-                        limits[retries] - len(running), retries=retries
-                    ):
-                        self._start_read(catch_up, read, running)
-                self._report_behind()
-                waits = [
-                    self.backfills.wait_s(retries=retries)
-                    for retries, running in lanes.items()
-                    if len(running) < limits[retries]
-                ]
-                await self._backfill_wait(min((w for w in waits if w is not None), default=None))
-        finally:
-            for task in [*lanes[False], *lanes[True]]:
-                await cancel_and_wait(task)
-
-    def _start_read(
-        self, catch_up: CatchUp, read: WalletRead, running: set[asyncio.Task[None]]
-    ) -> None:
-        task = asyncio.create_task(self._read(catch_up, read), name="rtds-backfill-read")
-        running.add(task)
-
-        def finished(done: asyncio.Task[None]) -> None:
-            running.discard(done)  # only now is the lane free again
-            self._wake_backfill.set()
-
-        task.add_done_callback(finished)
-
-    async def _backfill_wait(self, timeout_s: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._wake_backfill.wait()
-        self._wake_backfill.clear()
+        await run_backfills(
+            self.backfills,
+            retry_concurrency=self._settings.backfill_retry_concurrency,
+            forget=lambda: self.backfills.forget(self.tracked),
+            wanted=lambda: self.tracked - self.caught_up,
+            read=functools.partial(self._read, catch_up),
+            report=self._report_behind,
+            wake=self._wake_backfill,
+            task_name="rtds-backfill-read",
+        )
 
     async def _read(self, catch_up: CatchUp, read: WalletRead) -> None:
         started_at, started_mono = time.time(), time.monotonic()

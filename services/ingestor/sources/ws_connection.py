@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -71,7 +72,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.frames import Close, CloseCode
 
 from services.ingestor import metrics
-from services.ingestor.backfill import BackfillSchedule, CatchUp, Outcome, WalletRead
+from services.ingestor.backfill import (
+    BackfillSchedule,
+    CatchUp,
+    Outcome,
+    WalletRead,
+    run_backfills,
+)
 from services.ingestor.dialects import Dialect, message
 from services.ingestor.feed_status import ConnectionState, FeedStatus
 from services.ingestor.frames import (
@@ -476,47 +483,16 @@ class DomeConnection:
         """Read every wallet that needs it; failing wallets are retried on the side."""
         catch_up = self._source.catch_up
         assert catch_up is not None
-        # Lane (True: retries of failed reads) -> its reads running, and how many it may run.
-        lanes: dict[bool, set[asyncio.Task[None]]] = {False: set(), True: set()}
-        limits = {False: 1, True: self._settings.backfill_retry_concurrency}
-        try:
-            while True:
-                self._forget_departed()
-                self.backfills.want(self.registry.confirmed() - self.caught_up)
-                for retries, running in lanes.items():
-                    room = limits[retries] - len(running)
-                    for read in self.backfills.take(room, retries=retries):
-                        self._start_backfill(catch_up, read, running)
-                self._backfill_changed()
-                waits = [
-                    self.backfills.wait_s(retries=retries)
-                    for retries, running in lanes.items()
-                    if len(running) < limits[retries]
-                ]
-                # A finished read wakes us too: it frees its lane.
-                await self._backfill_wait(min((w for w in waits if w is not None), default=None))
-        finally:
-            for task in [*lanes[False], *lanes[True]]:
-                await cancel_and_wait(task)
-
-    def _start_backfill(
-        self, catch_up: CatchUp, read: WalletRead, running: set[asyncio.Task[None]]
-    ) -> None:
-        task = asyncio.create_task(self._backfill(catch_up, read), name="dome_ws-backfill")
-        running.add(task)
-
-        def finished(done: asyncio.Task[None]) -> None:
-            # Wake the dispatcher only now: before, the lane still counts this read as running.
-            running.discard(done)
-            self._backfill_wanted.set()
-
-        task.add_done_callback(finished)
-
-    async def _backfill_wait(self, timeout_s: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._backfill_wanted.wait()
-        self._backfill_wanted.clear()
+        await run_backfills(
+            self.backfills,
+            retry_concurrency=self._settings.backfill_retry_concurrency,
+            forget=self._forget_departed,
+            wanted=lambda: self.registry.confirmed() - self.caught_up,
+            read=functools.partial(self._backfill, catch_up),
+            report=self._backfill_changed,
+            wake=self._backfill_wanted,
+            task_name="dome_ws-backfill",
+        )
 
     async def _backfill(self, catch_up: CatchUp, read: WalletRead) -> None:
         """One read of one wallet; its outcome goes into the schedule."""
