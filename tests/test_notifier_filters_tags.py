@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import websockets
 
 from devtools.servers import free_port
+from services.notifier import fanout as fanout_module
 from services.notifier.clients import Client, Delivery
 from services.notifier.fanout import Fanout
 from services.notifier.filters import (
@@ -320,6 +321,47 @@ async def test_a_tags_subscriber_does_not_hold_back_the_others_signals(
         assert queued(tagged) == every  # in stream order
         assert queued(switcher) == ["subscribed", *every]
     finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await lookup.aclose()
+
+
+async def test_a_gamma_that_never_answers_holds_the_tagged_clients_only_so_long(
+    redis_url: str,
+    namespace: str,
+    streams: Streams,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx's timeouts are per phase: a Gamma trickling bytes never times out. The round of
+    lookups has its own bound; past it the tagged client's signals go out, and without tags
+    known they pass no `tags` filter (the switcher, without a filter now, gets them all)."""
+    monkeypatch.setattr(fanout_module, "TAGS_DEADLINE_S", 0.5)
+    gamma = HeldGamma()  # never released
+    lookup = gamma.market_tags()
+    accepts = signal_filter(parse_filters({"tags": ["politics"]}, max_values=10), lookup)
+    assert isinstance(accepts, TaggedMatch)
+    tagged, switcher = Client(100, accepts=accepts), Client(100, accepts=accepts)
+    fanout = Fanout(redis_url, streams.signals, block_ms=50)
+    reading = asyncio.create_task(fanout.run())
+    try:
+        await asyncio.wait_for(fanout.ready.wait(), 10)
+        fanout.add(tagged)
+        fanout.add(switcher)
+        signals = [on_market(n, TRUMP) for n in (1, 2)]
+        await publish(redis_client, streams.signals, signals)
+        await asyncio.wait_for(gamma.asked.wait(), 10)
+        switcher.change_filter(None, Delivery("subscribed"))
+
+        async def switcher_has_all() -> bool:
+            return switcher.queue.qsize() == 1 + len(signals)
+
+        await wait_until(switcher_has_all, "the signals held for the lookup", 5)
+        assert queued(switcher) == ["subscribed", *[s.signal_id for s in signals]]
+        assert tagged.queue.empty()
+    finally:
+        gamma.go.set()
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reading

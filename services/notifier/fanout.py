@@ -40,6 +40,9 @@ from shared.models import Signal
 from shared.redis_streams import DATA_FIELD, connect, decode
 
 log = logging.getLogger(__name__)
+# The longest the tagged clients wait for one round of tag lookups before their signals go out
+# (a market whose tags are unknown then passes no `tags` filter).
+TAGS_DEADLINE_S = 10.0
 
 READ_COUNT = 500
 BACKLOG_PAGE = 500
@@ -240,7 +243,9 @@ class Fanout:
             while not self._tag_queue.empty():
                 batches.append(self._tag_queue.get_nowait())
             try:
-                await self._prepare_tags(batches)
+                # httpx's timeouts are per phase: a Gamma trickling bytes would hold the tagged
+                # clients (and the batches piling up behind them) without this bound.
+                await asyncio.wait_for(self._prepare_tags(batches), TAGS_DEADLINE_S)
             except Exception as exc:  # never for Gamma's sake; the filters then see no tags
                 log.warning("market_tags_failed", extra={"error": type(exc).__name__})
             for batch in batches:
