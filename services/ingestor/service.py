@@ -189,29 +189,23 @@ class Ingestor:
         )
 
     def _backfill_catch_up(self) -> CatchUp | None:
-        s = self.settings
-        if s.backfill_via == "off":
-            return None
-        bounds = s.exchange_time_bounds()
-        history: WalletHistory
-        if s.backfill_via == "dome_rest":
-            history = DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds)
-        else:
-            history = DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
-        return self._catch_up(history, DOME_FEED, backfill=True)
+        history = self._history(self.settings.backfill_via)
+        return None if history is None else self._catch_up(history, DOME_FEED, backfill=True)
 
     def _rtds_catch_up(self) -> CatchUp | None:
         """RTDS's gap backfill after each new socket, with a watermark of its own."""
+        history = self._history(self.settings.rtds_backfill_via)
+        return None if history is None else self._catch_up(history, RTDS_FEED, backfill=True)
+
+    def _history(self, via: str) -> WalletHistory | None:
+        """The REST history a gap backfill reads (`dome_rest` or `data_api`); None for `off`."""
         s = self.settings
-        if s.rtds_backfill_via == "off":
-            return None
         bounds = s.exchange_time_bounds()
-        history: WalletHistory
-        if s.rtds_backfill_via == "dome_rest":
-            history = DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds)
-        else:
-            history = DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
-        return self._catch_up(history, RTDS_FEED, backfill=True)
+        if via == "dome_rest":
+            return DomeRestHistory(self._api("dome_rest"), s.dome_rest_page_limit, bounds)
+        if via == "data_api":
+            return DataApiHistory(self._api("data_api"), s.data_api_page_limit, bounds)
+        return None
 
     def _poller(
         self, history: WalletHistory, feed: str, wallets: list[str], interval_s: float
