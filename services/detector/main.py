@@ -9,10 +9,10 @@ label, score and added or removed wallets apply without a restart. Then join gro
 settled, keeps slow batches claimed, reclaims what dead replicas left pending, dead-letters an entry
 delivered `DETECTOR_MAX_DELIVERIES` times, and waits out a Redis restart.
 
-Positions (`positions.py`, with `DETECTOR_SEED_POSITIONS`): before consuming, every tracked wallet
-not seeded yet gets its positions from the Data API's `/positions` (`DATA_API_URL`), and so does a
-wallet added live; seedings other replicas made are found in Redis, where every decision reads
-them.
+Positions (`positions.py`, with `DETECTOR_SEED_POSITIONS`): before consuming (for up to
+`DETECTOR_SEED_STARTUP_S`, then in the background), every tracked wallet not seeded yet gets its
+positions from the Data API's `/positions` (`DATA_API_URL`), and so does a wallet added live;
+seedings other replicas made are found in Redis, where every decision reads them.
 
 Shutdown (SIGTERM or SIGINT): stop reading, let the in-flight batch finish, process whatever else
 is pending under this consumer (up to `DETECTOR_SHUTDOWN_GRACE_S`), then leave the group if nothing
@@ -167,8 +167,16 @@ class Detector:
             await worker.group.ensure_group()
         if self.seeder is not None:
             # Before consuming: a backlog is decided against the true positions. The wallets are
-            # known tracked as of the registry snapshot's id (their seedings' generation).
-            await self.seeder.seed_all(self.processor.wallets, last_id)
+            # known tracked as of the registry snapshot's id (their seedings' generation). Up to
+            # `DETECTOR_SEED_STARTUP_S`: past it the rest goes on in the background (a wallet
+            # unseeded meanwhile is decided as before seeding, `opens_position` null) and a
+            # wallet that fails is asked again by the retry.
+            startup = self._background(self.seeder.seed_all(self.processor.wallets, last_id))
+            within = self.settings.detector_seed_startup_s
+            done, _ = await asyncio.wait([startup], timeout=within)
+            if not done:
+                left = len(self.processor.wallets) - len(self.seeder.seeded)
+                log.warning("positions_seeding_continues", extra={"after_s": within, "left": left})
             every = self.settings.detector_seed_retry_s
             self._background(self.seeder.retry(every, lambda: list(self.processor.wallets)))
         self._stop = asyncio.Event()
@@ -275,10 +283,11 @@ class Detector:
         except TRANSIENT as exc:
             log.warning("positions_forget_failed", extra={"wallet": wallet, "error": repr(exc)})
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self.seeding.add(task)
         task.add_done_callback(self.seeding.discard)
+        return task
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         redis_ok = await self.state.ping()

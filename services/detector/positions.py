@@ -18,8 +18,9 @@ replica to seed a wallet decides for all, and a replica that starts later, or le
 later, finds that seeding without asking the API. No replica keeps a seeding in memory: every
 order of the wallet reads the seed key with its units and the apply step compares it as it
 compares them, so an order is decided on the seeding that holds when it is applied, whichever
-replica decides it. A wallet whose request fails (or whose seeding Redis refuses for longer than
-`DETECTOR_STATE_RETRY_S`) stays unseeded (its signals carry `opens_position` null, entries as
+replica decides it. A wallet whose request fails (any error of that wallet; a malformed item of
+the answer is skipped, not a failure), or whose seeding Redis refuses for longer than
+`DETECTOR_STATE_RETRY_S`, stays unseeded (its signals carry `opens_position` null, entries as
 before) and is asked again every `DETECTOR_SEED_RETRY_S`.
 
 A seeding carries its generation: the wallet registry's control-stream id as of which the replica
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from typing import Any
 import httpx
 
 from services.detector import metrics
-from services.detector.state import TRANSIENT, DetectorState
+from services.detector.state import TRANSIENT, DetectorState, SeedConflict
 from shared.models import SHARE_DECIMALS
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,13 @@ class PositionsError(RuntimeError):
 
 
 # What makes one seeding fail (the wallet asked again later): the API, or Redis unreachable for
-# longer than `DETECTOR_STATE_RETRY_S` (`DetectorState` retries first).
+# longer than `DETECTOR_STATE_RETRY_S` (`DetectorState` retries first), or a unit that kept
+# changing (`SeedConflict`). Documentation only: `Seeder.seed` takes any `Exception` as a failure,
+# so that nothing the API answers can crash the startup or end a background task.
 FAILURES: tuple[type[BaseException], ...] = (
     httpx.HTTPError,
     PositionsError,
+    SeedConflict,
     ValueError,
     KeyError,
     *TRANSIENT,
@@ -65,19 +70,45 @@ PAGE = 500  # the Data API's largest `limit` for /positions
 CONCURRENCY = 4
 
 
-def positions_of(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+def _holding(item: object) -> tuple[str, str, int] | None:
+    """(market, token, micro-shares) of one `/positions` item; None when it is malformed (not an
+    object, no token, a size that is not a finite number)."""
+    if not isinstance(item, Mapping):
+        return None
+    token, size = item.get("asset"), item.get("size")
+    if not isinstance(token, str | int) or isinstance(token, bool) or token == "":
+        return None
+    if isinstance(size, bool) or not isinstance(size, int | float | str):
+        return None
+    try:
+        shares = float(size)
+    except ValueError:
+        return None
+    if not math.isfinite(shares):
+        return None
+    # Condition ids are lower-cased at the boundary (`shared.models.ConditionId`).
+    condition = str(item.get("conditionId") or "").lower()
+    market = condition or str(item.get("slug") or token)
+    return market, str(token), round(shares * 10**SHARE_DECIMALS)
+
+
+def positions_of(items: Iterable[object], wallet: str = "") -> dict[str, dict[str, int]]:
     """Micro-shares by market and token, from `/positions` items. The market is named as the
-    rules name it (`rules.market_of`: condition id, else slug, else token id)."""
+    rules name it (`rules.market_of`: condition id, else slug, else token id). A malformed item
+    is skipped (one log line per answer, with how many)."""
     markets: dict[str, dict[str, int]] = {}
+    skipped = 0
     for item in items:
-        token = str(item["asset"])
-        # Condition ids are lower-cased at the boundary (`shared.models.ConditionId`).
-        condition = str(item.get("conditionId") or "").lower()
-        market = condition or str(item.get("slug") or token)
-        size = round(float(item["size"]) * 10**SHARE_DECIMALS)
+        holding = _holding(item)
+        if holding is None:
+            skipped += 1
+            continue
+        market, token, size = holding
         if size > 0:
             held = markets.setdefault(market, {})
             held[token] = held.get(token, 0) + size
+    if skipped:
+        log.warning("positions_items_skipped", extra={"wallet": wallet, "skipped": skipped})
     return markets
 
 
@@ -140,18 +171,34 @@ class Seeder:
                 self._done(wallet, held, "adopted")
                 return
             items = await fetch_positions(self.http, self.base_url, wallet)
-            held = await state.seed(wallet, positions_of(items), int(self.clock()), generation)
-        except FAILURES as exc:
-            self.failed[wallet] = generation
+            markets = positions_of(items, wallet)
+            held = await state.seed(wallet, markets, int(self.clock()), generation)
+        except Exception as exc:  # any: one wallet's failure must not crash the others' seeding
+            self._failed(wallet, generation)
             metrics.SEEDINGS.labels("failed").inc()
-            log.warning("positions_seed_failed", extra={"wallet": wallet, "error": repr(exc)})
+            expected = isinstance(exc, FAILURES)
+            log.warning(
+                "positions_seed_failed",
+                extra={"wallet": wallet, "error": repr(exc)},
+                exc_info=not expected,
+            )
             return
         if held is None:  # removed from the registry meanwhile: nothing to seed
-            self.forget(wallet)
+            # Only this generation's retry: a later one (removed and added again since, its own
+            # seeding failed) is still to be asked.
+            if self.failed.get(wallet) == generation:
+                del self.failed[wallet]
             log.info("positions_seed_dropped", extra={"wallet": wallet})
             return
         self._done(wallet, held, "seeded")
         log.info("positions_seeded", extra={"wallet": wallet, "tokens": len(items), "as_of": held})
+
+    def _failed(self, wallet: str, generation: str) -> None:
+        """Ask the wallet again at `generation`, unless a later generation is to be asked (an
+        older seeding, of before a removal and re-addition, failing late)."""
+        known = self.failed.get(wallet)
+        if known is None or not _newer(known, generation):
+            self.failed[wallet] = generation
 
     def forget(self, wallet: str) -> None:
         self.failed.pop(wallet, None)
@@ -159,15 +206,28 @@ class Seeder:
 
     async def retry(self, every_s: float, tracked: Callable[[], Iterable[str]]) -> None:
         """Ask again for the wallets whose seeding failed, every `every_s`, for as long as they
-        are tracked."""
+        are tracked. A round that fails is logged; the next one comes all the same."""
         while True:
             await asyncio.sleep(every_s)
-            still = set(tracked())
-            for wallet in [w for w in self.failed if w not in still]:
-                self.failed.pop(wallet, None)
-            await self._each(list(self.failed.items()))
+            try:
+                still = set(tracked())
+                for wallet in [w for w in self.failed if w not in still]:
+                    self.failed.pop(wallet, None)
+                await self._each(list(self.failed.items()))
+            except Exception as exc:
+                log.exception("positions_retry_failed", extra={"error": repr(exc)})
 
     def _done(self, wallet: str, as_of: int, result: str) -> None:
         self.failed.pop(wallet, None)
         self.seeded[wallet] = as_of
         metrics.SEEDINGS.labels(result).inc()
+
+
+def _newer(a: str, b: str) -> bool:
+    """Registry id `a` is later than `b` (stream ids: ms, seq); False when either is malformed."""
+    try:
+        a_ms, a_seq = (int(part) for part in a.split("-"))
+        b_ms, b_seq = (int(part) for part in b.split("-"))
+    except ValueError:
+        return False
+    return (a_ms, a_seq) > (b_ms, b_seq)

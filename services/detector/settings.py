@@ -46,6 +46,8 @@ Service:
   ingestor's setting of the same name; Polymarket's is `https://data-api.polymarket.com`).
 - `DETECTOR_SEED_TIMEOUT_S` (10): the timeout of one `/positions` request.
 - `DETECTOR_SEED_RETRY_S` (300): how often a wallet whose seeding failed is asked again.
+- `DETECTOR_SEED_STARTUP_S` (60): how long startup waits for the seedings before consuming; the
+  rest go on in the background (their wallets decided unseeded meanwhile).
 - `OPS_PORT` (8083): `/health` and `/metrics`.
 
 Plus the common ones (`REDIS_URL`, `STREAM_NAMESPACE`, `STREAM_MAXLEN`, `LOG_LEVEL`, `OPS_HOST`):
@@ -146,6 +148,7 @@ class DetectorSettings(CommonSettings):
     data_api_url: str = "http://127.0.0.1:8765"
     detector_seed_timeout_s: float = Field(default=10.0, gt=0)
     detector_seed_retry_s: float = Field(default=300.0, gt=0)
+    detector_seed_startup_s: float = Field(default=60.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

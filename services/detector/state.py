@@ -221,6 +221,17 @@ return tonumber(ARGV[1])
 )
 SEED_CONFLICT = -1
 SEED_REMOVED = -2
+# A seeding whose units changed (orders of the wallet applied) this many times in a row gives up:
+# the wallet counts as failed and is asked again later (`DETECTOR_SEED_RETRY_S`).
+SEED_ATTEMPTS = 5
+# Keys per SCAN step when looking for a wallet's units (or the lane's seedings): Redis walks
+# about this many keys of the keyspace per round trip.
+SCAN_COUNT = 10_000
+
+
+class SeedConflict(RuntimeError):
+    """A wallet's units kept changing while it was being seeded (`DetectorState.seed`)."""
+
 
 # A wallet removed from the registry (its control-stream id ARGV[1]; ARGV[2]: the tombstone's TTL
 # s): its seeding goes, replaced by a tombstone, unless it is of a later generation (the wallet
@@ -362,7 +373,7 @@ class DetectorState:
         pattern = self.unit_key(seed_unit("*"))
 
         async def read() -> dict[str, int]:
-            keys = [key async for key in self.client.scan_iter(match=pattern)]
+            keys = [key async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT)]
             values: list[Any] = await self.client.mget(keys) if keys else []
             prefix = len(self.unit_key(seed_unit("")))
             times = {
@@ -396,13 +407,18 @@ class DetectorState:
         token) and mark it seeded at `as_of`, unless it is seeded already; returns the time of
         the seeding that holds, None when the wallet was removed at or after `generation` (the
         registry id as of which the caller knew it tracked). Markets it holds none of lose the
-        positions its fills made. Redis unreachable: retried up to `retry_s`, then raised."""
+        positions its fills made. Redis unreachable: retried up to `retry_s`, then raised; the
+        units changed at each of `SEED_ATTEMPTS` attempts: `SeedConflict`."""
         prefix = self.unit_key(wallet_unit(wallet, ""))
-        while True:
-            found: list[str] = await self._retrying(partial(self._scan, f"{prefix}*"))
-            markets = {key[len(prefix) :] for key in found} | set(positions)
-            units = sorted(wallet_unit(wallet, market) for market in markets)
-            keys = [self.unit_key(unit) for unit in units]
+        # The wallet's units: found once, by one scan of the lane's keys with a large COUNT (few
+        # round trips, however many keys Redis holds), and the ones the snapshot names.
+        found: list[str] = await self._retrying(partial(self._scan, f"{prefix}*"))
+        markets = {key[len(prefix) :] for key in found} | set(positions)
+        units = sorted(wallet_unit(wallet, market) for market in markets)
+        keys = [self.unit_key(unit) for unit in units]
+        script_keys = [self.unit_key(seed_unit(wallet)), *keys]
+        for _ in range(SEED_ATTEMPTS):
+            # A unit changed meanwhile (an order of the wallet applied): only the values again.
             values: list[Any] = (
                 await self._retrying(partial(self.client.mget, keys)) if keys else []
             )
@@ -413,15 +429,17 @@ class DetectorState:
                 written = b"" if after is None else after.dump()
                 ttl = 0 if after is not None and after.positions else self.done_ttl_s
                 args += [value or b"", written, ttl]
-            script_keys = [self.unit_key(seed_unit(wallet)), *keys]
             held = int(await self._retrying(partial(self._seed, keys=script_keys, args=args)))
             if held == SEED_REMOVED:
                 return None
             if held != SEED_CONFLICT:
                 return held
+        raise SeedConflict(f"{wallet}: its units changed at each of {SEED_ATTEMPTS} attempts")
 
     async def _scan(self, pattern: str) -> list[str]:
-        return [key.decode() async for key in self.client.scan_iter(match=pattern)]
+        return [
+            key.decode() async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT)
+        ]
 
     async def look(
         self, group: str, units: Sequence[str]
