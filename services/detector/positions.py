@@ -75,8 +75,8 @@ def _holding(item: object) -> tuple[str, str, int] | None:
     object, no token, a size that is not a finite number)."""
     if not isinstance(item, Mapping):
         return None
-    token, size = item.get("asset"), item.get("size")
-    if not isinstance(token, str | int) or isinstance(token, bool) or token == "":
+    asset, size = item.get("asset"), item.get("size")
+    if not isinstance(asset, str | int) or isinstance(asset, bool) or asset == "":
         return None
     if isinstance(size, bool) or not isinstance(size, int | float | str):
         return None
@@ -88,8 +88,8 @@ def _holding(item: object) -> tuple[str, str, int] | None:
         return None
     # Condition ids are lower-cased at the boundary (`shared.models.ConditionId`).
     condition = str(item.get("conditionId") or "").lower()
-    market = condition or str(item.get("slug") or token)
-    return market, str(token), round(shares * 10**SHARE_DECIMALS)
+    market = condition or str(item.get("slug") or asset)
+    return market, str(asset), round(shares * 10**SHARE_DECIMALS)
 
 
 def positions_of(items: Iterable[object], wallet: str = "") -> dict[str, dict[str, int]]:
