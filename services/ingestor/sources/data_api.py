@@ -49,8 +49,6 @@ from services.ingestor.settings import IngestorSettings
 from services.ingestor.sources.listing import (
     DEFAULT_BOUNDS,
     Listing,
-    next_request,
-    settle,
     to_order,
 )
 from shared.data_api import order_from_data_api
@@ -172,29 +170,24 @@ class DataApiHistory:
 
     async def read_since(self, wallet: str, since: int) -> AsyncIterator[list[Any]]:
         open_end = int(self._clock()) + END_SLACK_S
-        end: int | None = None
-        cursor: str | None = None
-        limit = self._limit
-        where = {"source": self.source.value, "wallet": wallet}
-        while True:
-            rows, pagination = await self._page(wallet, since, (end, open_end), limit, cursor)
-            more = bool(pagination.get("has_more"))
-            listed = self.listing.rows(rows, wallet)
-            cut, limit = settle(
-                listed,
-                since=since,
-                above=end,
-                hold=more,
-                limit=limit,
-                limit_max=LIMIT_MAX,
-                where=where,
-            )
-            if cut is None:
-                continue
-            yield self.listing.hand_on(cut)
-            if cut.reached or not more:
-                return
-            end, cursor = next_request(TRADES_PATH, end, cut, pagination, "next_cursor")
+
+        async def fetch(
+            end: int | None, limit: int, cursor: str | None
+        ) -> tuple[list[Any], dict[str, Any]]:
+            return await self._page(wallet, since, (end, open_end), limit, cursor)
+
+        pages = self.listing.walk(
+            wallet,
+            since,
+            fetch,
+            limit=self._limit,
+            limit_max=LIMIT_MAX,
+            path=TRADES_PATH,
+            cursor_field="next_cursor",
+            source=self.source.value,
+        )
+        async for page in pages:
+            yield page
 
     async def _page(
         self,

@@ -25,8 +25,6 @@ from services.ingestor.settings import IngestorSettings
 from services.ingestor.sources.listing import (
     DEFAULT_BOUNDS,
     Listing,
-    next_request,
-    settle,
     to_order,
 )
 from shared.models import DomeOrder, ExchangeTimeBounds, FeedOrder, Source
@@ -57,29 +55,23 @@ class DomeRestHistory:
         self.listing = Listing(FeedOrder.model_validate, bounds)
 
     async def read_since(self, wallet: str, since: int) -> AsyncIterator[list[Any]]:
-        end: int | None = None
-        key: str | None = None
-        limit = self._limit
-        where = {"source": self.source.value, "wallet": wallet}
-        while True:
-            orders, pagination = await self._page(wallet, since, end, limit, key)
-            more = bool(pagination.get("has_more"))
-            rows = self.listing.rows(orders, wallet)
-            cut, limit = settle(
-                rows,
-                since=since,
-                above=end,
-                hold=more,
-                limit=limit,
-                limit_max=LIMIT_MAX,
-                where=where,
-            )
-            if cut is None:
-                continue
-            yield self.listing.hand_on(cut)
-            if cut.reached or not more:
-                return
-            end, key = next_request(ORDERS_PATH, end, cut, pagination, "pagination_key")
+        async def fetch(
+            end: int | None, limit: int, key: str | None
+        ) -> tuple[list[Any], dict[str, Any]]:
+            return await self._page(wallet, since, end, limit, key)
+
+        pages = self.listing.walk(
+            wallet,
+            since,
+            fetch,
+            limit=self._limit,
+            limit_max=LIMIT_MAX,
+            path=ORDERS_PATH,
+            cursor_field="pagination_key",
+            source=self.source.value,
+        )
+        async for page in pages:
+            yield page
 
     async def _page(
         self, wallet: str, since: int, end: int | None, limit: int, key: str | None

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +147,10 @@ def _goes_on(stamp: int | None, since: int, above: int | None, edge: int | None)
     return since <= stamp and (above is None or stamp <= above) and stamp != edge
 
 
+# One request of a listing: (end bound, page limit, cursor) -> (its items, its pagination).
+Fetch = Callable[[int | None, int, str | None], Awaitable[tuple[list[Any], dict[str, Any]]]]
+
+
 class Listing:
     """Rows from the raw items of one API, and what of a cut is handed on."""
 
@@ -163,6 +167,43 @@ class Listing:
         self._clock = clock
         self._dead: OrderedDict[bytes, None] = OrderedDict()
         self._dead_memory = dead_memory
+
+    async def walk(
+        self,
+        wallet: str,
+        since: int,
+        fetch: Fetch,
+        *,
+        limit: int,
+        limit_max: int,
+        path: str,
+        cursor_field: str,
+        source: str,
+    ) -> AsyncIterator[list[Any]]:
+        """A wallet's listing back to `since`, newest first, one cut at a time: each page is cut
+        at its oldest whole second (`settle`), and the next asked up to that second, or by the
+        server's cursor (named `cursor_field`) when one second filled the largest page."""
+        end: int | None = None
+        cursor: str | None = None
+        where = {"source": source, "wallet": wallet}
+        while True:
+            items, pagination = await fetch(end, limit, cursor)
+            more = bool(pagination.get("has_more"))
+            cut, limit = settle(
+                self.rows(items, wallet),
+                since=since,
+                above=end,
+                hold=more,
+                limit=limit,
+                limit_max=limit_max,
+                where=where,
+            )
+            if cut is None:
+                continue
+            yield self.hand_on(cut)
+            if cut.reached or not more:
+                return
+            end, cursor = next_request(path, end, cut, pagination, cursor_field)
 
     def rows(self, items: Sequence[Any], wallet: str) -> list[Row]:
         now = self._clock()
