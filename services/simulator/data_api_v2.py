@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from services.simulator.data_api import data_api_trade
 from services.simulator.history import History, QueryError
 from services.simulator.trades import Trade
 
@@ -202,28 +204,12 @@ def _candidates(history: History, query: FeedQuery) -> Sequence[Trade]:
 
 
 def trade_row(trade: Trade) -> dict[str, Any]:
-    """One emitted trade as a `/v2/trades` row (the v1 item's fields in snake_case)."""
-    return {
-        "proxy_wallet": trade.user,
-        "side": trade.side,
-        "asset": trade.token_id,
-        "condition_id": trade.condition_id,
-        "size": trade.shares_normalized,
-        "price": trade.price,
-        "timestamp": trade.timestamp,
-        "title": trade.title,
-        "slug": trade.market_slug,
-        "icon": "",
-        "event_slug": "",
-        "outcome": trade.token_label,
-        "outcome_index": 1 if trade.token_label.lower() == "no" else 0,
-        "name": "",
-        "pseudonym": "",
-        "bio": "",
-        "profile_image": "",
-        "profile_image_optimized": "",
-        "transaction_hash": trade.tx_hash,
-    }
+    """One emitted trade as a `/v2/trades` row: the v1 item's fields in snake_case."""
+    return {_snake(name): value for name, value in data_api_trade(trade).items()}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
 
 
 def activity_row(trade: Trade) -> dict[str, Any]:
