@@ -284,6 +284,25 @@ def inflate(raw: bytes, max_bytes: int) -> bytes | Rejected:
     return text
 
 
+def oversized(raw: bytes | str, max_bytes: int) -> Rejected | None:
+    """The rejection of a frame larger than `max_bytes` (UTF-8), else None."""
+    size = frame_size(raw)
+    if size <= max_bytes:
+        return None
+    return Rejected(RejectKind.OVERSIZED, f"frame of {size} bytes exceeds the limit of {max_bytes}")
+
+
+def json_object(raw: bytes | str) -> dict[str, Any] | Rejected:
+    """The frame's JSON object, or why it is none."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Rejected(RejectKind.BAD_JSON, f"not JSON: {exc}")
+    if not isinstance(message, dict):
+        return Rejected(RejectKind.NOT_AN_OBJECT, f"a JSON {type(message).__name__}, not an object")
+    return message
+
+
 def parse_frame(
     raw: bytes | str,
     *,
@@ -298,17 +317,11 @@ def parse_frame(
     """Classify one frame. `tracked` and `ignored` hold lower-case wallet addresses; `twins`
     (one per process, so every connection counts alike) tells identical fills apart; `dialect`
     names the provider, whose `Source` the fills carry."""
-    size = frame_size(raw)
-    if size > max_bytes:
-        return Rejected(
-            RejectKind.OVERSIZED, f"frame of {size} bytes exceeds the limit of {max_bytes}"
-        )
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return Rejected(RejectKind.BAD_JSON, f"not JSON: {exc}")
-    if not isinstance(message, dict):
-        return Rejected(RejectKind.NOT_AN_OBJECT, f"a JSON {type(message).__name__}, not an object")
+    if (too_big := oversized(raw, max_bytes)) is not None:
+        return too_big
+    message = json_object(raw)
+    if isinstance(message, Rejected):
+        return message
     reader = _EventReader(tracked, ignored, received_at, bounds, twins, dialect)
     return _classify(message, reader)
 

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
-from services.ingestor.frames import Rejected, RejectKind, frame_size
+from services.ingestor.frames import Rejected, RejectKind, json_object, oversized
 from shared.data_api import order_from_data_api
 from shared.errors import validation_reason
 from shared.models import DomeOrder, ExchangeTimeBounds, OrderFill, Source, base_key
@@ -105,22 +104,16 @@ def parse_rtds_frame(
     bounds: ExchangeTimeBounds = DEFAULT_BOUNDS,
 ) -> RtdsFrame:
     """Classify one frame; `tracked` holds lower-case wallet addresses."""
-    size = frame_size(raw)
-    if size > max_bytes:
-        return Rejected(
-            RejectKind.OVERSIZED, f"frame of {size} bytes exceeds the limit of {max_bytes}"
-        )
+    if (too_big := oversized(raw, max_bytes)) is not None:
+        return too_big
     text = raw.strip()
     if not text:
         return Skipped(SkipKind.EMPTY)
     if text in ("pong", b"pong"):
         return Skipped(SkipKind.PONG)
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return Rejected(RejectKind.BAD_JSON, f"not JSON: {exc}")
-    if not isinstance(message, dict):
-        return Rejected(RejectKind.NOT_AN_OBJECT, f"a JSON {type(message).__name__}, not an object")
+    message = json_object(raw)
+    if isinstance(message, Rejected):
+        return message
     if message.get("payload") is None:
         return Skipped(SkipKind.NO_PAYLOAD)
     kind = message.get("type")
